@@ -1,0 +1,160 @@
+"""Typed configuration: one schema per section, then YAML, then `key=value` overrides.
+
+    recipe = load_config("recipes/tiny.yaml", ["generation.temperature=0.8"])
+
+Every field has a default and a description; an unknown key, a wrong type or an out-of-range value is a
+UserError that names the key (with a did-you-mean for typos). Components take plain arguments, not this
+object: the CLI and the stage mains unpack it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from thinkforge.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("runs/tiny-model", description="Hugging Face hub id or local folder of a causal LM (or a PEFT adapter folder).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Only when you trust it.")
+    load_in_4bit: bool = Field(False, description="4-bit NF4 base weights via bitsandbytes (QLoRA); needs CUDA.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose.")
+    prompt_format: Literal["auto", "phi2", "phi4", "chat_template", "plain"] = Field(
+        "auto", description="auto = the tokenizer's chat template if it has one, else phi2."
+    )
+    system_prompt: str | None = Field(None, description="System text; None = the Infused Phi-2 card's think/answer prompt.")
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank (Infused Phi-2: 16).")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (Infused Phi-2: 32).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (Infused Phi-2: 0.05).")
+    target_modules: list[str] | None = Field(None, description="Module names; None = the architecture's default (see models.py).")
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(384, ge=1, description="Tokens generated per sample at most.")
+    temperature: float = Field(0.6, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    batch_size: int = Field(16, ge=1, description="Sequences generated together.")
+
+
+class EvalConfig(_Section):
+    benchmarks: list[str] = Field(["synthetic"], description="Benchmarks to evaluate (see `thinkforge eval --help`).")
+    samples: int = Field(1, ge=1, description="Samples per problem; pass@1 is averaged over them.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
+    data_path: str | None = Field(None, description="Local JSONL/Parquet file or folder to read instead of the hub.")
+    columns: dict[str, str] = Field({}, description="Column mapping for local files: question=..., answer=..., id=...")
+
+
+class SyntheticConfig(_Section):
+    difficulty: int = Field(1, ge=1, le=4, description="1-4: operations per problem and size of the numbers.")
+    n_train: int = Field(2000, ge=1, description="Training problems generated.")
+    n_test: int = Field(200, ge=1, description="Held-out test problems generated (disjoint by construction).")
+
+
+class RewardsConfig(_Section):
+    weights: dict[str, float] = Field(
+        {"correctness": 1.0, "reasoning": 0.7, "format": 0.3},
+        description="Reward name -> weight; names from rewards.REWARDS or `module:function` import paths.",
+    )
+
+
+class Recipe(_Section):
+    seed: int = Field(0, description="Seed for data order, sampling and init.")
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    generation: GenerationConfig = GenerationConfig()
+    eval: EvalConfig = EvalConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    rewards: RewardsConfig = RewardsConfig()
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set `a.b.c=value` entries (values parsed as YAML scalars/lists) in a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value; write e.g. generation.temperature=0.8")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise UserError(f"override {item!r}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for name in loc:
+        field = schema.model_fields.get(str(name))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        schema = ann
+    return schema
+
+
+def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(str(x) for x in e["loc"])
+    key = ".".join(loc)
+    if e["type"] == "extra_forbidden":
+        parent = _section_at(schema, loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else f"known keys: {', '.join(known)}"
+        return f"{source}: unknown config key {key!r}; {hint}"
+    return f"{source}: config key {key!r}: {e['msg']} (got {e.get('input')!r})"
+
+
+def validate(data: dict, schema: type[BaseModel] = Recipe, source: str = "config") -> BaseModel:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_explain(err, schema, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), schema: type[BaseModel] = Recipe):
+    """YAML recipe (optional) + dotted overrides -> validated schema instance."""
+    data: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"recipe {path} not found; pass an existing YAML file (see recipes/)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a recipe is a YAML mapping of sections, got {type(data).__name__}")
+        source = str(path)
+    data = apply_overrides(data, list(overrides))
+    return validate(data, schema, source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

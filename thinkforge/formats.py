@@ -1,0 +1,163 @@
+"""Prompt rendering and the reasoning format: `<think>` reasoning `</think>` then `<answer>` answer `</answer>`.
+
+Two prompt formats from the seeds (SPEC 1), or the tokenizer's own chat template:
+- phi2: `<|system|>\\n{system}\\n<|user|>\\n{question}\\n<|assistant|>\\n` (Infused Phi-2 card)
+- phi4: `<|system|>{system}<|end|><|user|>{question}<|end|><|assistant|>` (Phi-4-mini card)
+
+`parse(completion)` splits a completion into thinking and answer and reports the format status. It is linear
+in the input (str.find, no backtracking regex over the whole text) so megabyte outputs cannot hang it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+    "tags, respectively."
+)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+FORMATS = ("auto", "phi2", "phi4", "chat_template", "plain")
+
+
+def render_prompt(question: str, fmt: str = "phi2", system: str | None = None, tokenizer=None) -> str:
+    """The prompt text that precedes the model's completion."""
+    system = SYSTEM_PROMPT if system is None else system
+    if fmt == "auto":
+        fmt = "chat_template" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "phi2"
+    if fmt == "phi2":
+        return f"<|system|>\n{system}\n<|user|>\n{question}\n<|assistant|>\n"
+    if fmt == "phi4":
+        return f"<|system|>{system}<|end|><|user|>{question}<|end|><|assistant|>"
+    if fmt == "plain":
+        return f"{system}\n\nQuestion: {question}\nAnswer: "
+    if fmt == "chat_template":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format chat_template needs a tokenizer that has a chat template")
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def format_completion(thinking: str, answer: str) -> str:
+    """The target text of a well-formed response."""
+    return f"{THINK_OPEN}\n{thinking.strip()}\n{THINK_CLOSE}\n{ANSWER_OPEN}\n{answer.strip()}\n{ANSWER_CLOSE}"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A completion split into its parts.
+
+    thinking: text inside <think> (or before a lone </think>), "" if none.
+    answer: the final answer string, None when there is none (e.g. cut off inside <think>).
+    format_ok: both tag pairs present once each, balanced, thinking before answer.
+    source: where the answer came from: answer_tag, boxed, final_answer, hashes, after_think, none.
+    """
+
+    thinking: str
+    answer: str | None
+    format_ok: bool
+    source: str
+    truncated_in_think: bool = False
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if absent or unbalanced."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        start = text.rfind("\\boxed ")
+        if start < 0:
+            return None
+        rest = text[start + len("\\boxed ") :].strip()
+        return rest.split("$")[0].split()[0] if rest else None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+_FINAL_RE = re.compile(r"final answer is[:\s]*", re.IGNORECASE)
+
+
+def extract_answer(text: str) -> tuple[str | None, str]:
+    """Best answer string from untagged text: last \\boxed{}, "The final answer is X", "#### X"."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip(), "boxed"
+    tail = text[-2000:]
+    matches = list(_FINAL_RE.finditer(tail))
+    if matches:
+        rest = tail[matches[-1].end() :].strip()
+        rest = rest.split("\n")[0].strip()
+        rest = re.sub(r"^\$+|\$+$", "", rest).strip()
+        rest = rest.rstrip(".").strip()
+        if rest:
+            return rest, "final_answer"
+    pos = tail.rfind("####")
+    if pos >= 0:
+        rest = tail[pos + 4 :].strip().split("\n")[0].strip()
+        if rest:
+            return rest, "hashes"
+    return None, "none"
+
+
+def _clean_answer(answer: str) -> str:
+    """An answer tag may itself hold \\boxed{} or 'The final answer is X': reduce to X."""
+    inner, source = extract_answer(answer)
+    return inner if inner is not None and source in ("boxed", "final_answer", "hashes") else answer.strip()
+
+
+def parse(completion: str) -> Parsed:
+    """Split a completion into thinking and answer, tolerating format variations."""
+    text = completion
+    n_to, n_tc = text.count(THINK_OPEN), text.count(THINK_CLOSE)
+    n_ao, n_ac = text.count(ANSWER_OPEN), text.count(ANSWER_CLOSE)
+    tc = text.find(THINK_CLOSE)
+    to = text.find(THINK_OPEN)
+    ao = text.find(ANSWER_OPEN, max(tc, 0))
+    format_ok = (
+        n_to == n_tc == n_ao == n_ac == 1
+        and to < tc < ao < text.find(ANSWER_CLOSE)
+        and text[:to].strip() == ""
+    )
+
+    # Thinking: inside <think>...</think>; a lone </think> (templates that pre-fill <think>) counts too.
+    if tc >= 0:
+        start = to + len(THINK_OPEN) if 0 <= to < tc else 0
+        thinking = text[start:tc].strip()
+        after = text[tc + len(THINK_CLOSE) :]
+    elif to >= 0:
+        # Opened <think> and never closed: the response was cut off while thinking. No answer.
+        return Parsed(text[to + len(THINK_OPEN) :].strip(), None, False, "none", truncated_in_think=True)
+    else:
+        thinking, after = "", text
+
+    # Answer: the last <answer>...</answer> after the thinking, else fallbacks on the text after thinking.
+    a_open = after.rfind(ANSWER_OPEN)
+    if a_open >= 0:
+        a_close = after.find(ANSWER_CLOSE, a_open)
+        body = after[a_open + len(ANSWER_OPEN) : a_close if a_close >= 0 else len(after)]
+        answer = _clean_answer(body)
+        return Parsed(thinking, answer if answer else None, format_ok, "answer_tag")
+    answer, source = extract_answer(after)
+    if answer is None and after.strip() and tc >= 0:
+        last_line = after.strip().splitlines()[-1].strip()
+        if len(last_line) <= 200:
+            answer, source = last_line, "after_think"
+    return Parsed(thinking, answer, format_ok, source)
+
+
+def words(text: str) -> int:
+    return len(text.split())

@@ -1,0 +1,260 @@
+"""Is an answer right? One grader for training rewards and evaluation alike (PITFALLS 9).
+
+- Math: plain numbers (commas, units, currency, percent, fractions, decimals) are compared exactly as
+  rationals in-process; anything else (LaTeX expressions, intervals, sets, tuples) goes to math-verify in a
+  separate worker process with a per-item time budget, so grading never hangs and needs no signals (it works
+  off the main thread and inside worker processes).
+- Multiple choice: exactly one option letter must be named; a response naming several is wrong.
+- Only the answer part is graded, never text inside <think> (formats.parse decides what the answer is).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+from fractions import Fraction
+
+from thinkforge.formats import parse
+
+MAX_ANSWER_CHARS = 400  # longer "answers" are not answers; they are also the cheapest way to stall sympy
+MAX_NESTING = 40
+
+
+def gsm8k_reference(solution: str) -> str:
+    """GSM8K's answer field ends in `#### N`: return N without thousands commas."""
+    pos = solution.rfind("####")
+    tail = solution[pos + 4 :] if pos >= 0 else solution
+    return tail.strip().replace(",", "")
+
+
+# ---------------------------------------------------------------- numbers
+
+_LATEX_NOISE = re.compile(r"\\[,!;: ]|\\left|\\right|\\displaystyle|\{,\}")
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
+_PLAIN = re.compile(rf"^({_NUM})$")
+_SLASH = re.compile(rf"^({_NUM})\s*/\s*({_NUM})$")
+_FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
+_FRAC_SHORT = re.compile(r"^(-?)\\[dt]?frac(\d)(\d)$")
+_CURRENCY = "$€£¥₹"
+_UNIT_WORDS = re.compile(r"^[A-Za-z][A-Za-z .'/-]*$")  # "dollars", "cm", "apples per box", "sq. ft"
+_LEAD = re.compile(r"^(?:[a-zA-Z]\s*=|(?:the )?answer(?: is)?:?|approximately|about|≈|=)\s*", re.IGNORECASE)
+
+
+def _strip(s: str) -> str:
+    s = s.strip().strip("$").strip()
+    s = _TEXT_WRAP.sub(r"\1", s)
+    s = _LATEX_NOISE.sub("", s)
+    s = s.replace("\\$", "$").replace("\\%", "%").replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "")
+    s = _LEAD.sub("", s).strip()
+    return s.rstrip(".").strip()
+
+
+def _to_fraction(token: str) -> Fraction | None:
+    token = token.replace(",", "")
+    if token in ("", "-", ".", "-."):
+        return None
+    try:
+        return Fraction(token)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def as_number(text: str) -> Fraction | None:
+    """A single number written in any of the usual ways, else None.
+
+    >>> as_number("$1,234.50") == Fraction("1234.5")
+    True
+    >>> as_number("\\\\frac{3}{4}") == Fraction(3, 4)
+    True
+    >>> as_number("12 apples")
+    Fraction(12, 1)
+    >>> as_number("12 or 13") is None
+    True
+    """
+    s = _strip(text)
+    if len(s) > 60:
+        return None
+    s = s.lstrip(_CURRENCY).strip()
+    if s.startswith("-") and len(s) > 1 and s[1] in _CURRENCY:
+        s = "-" + s[2:].strip()
+    s = s.rstrip("%").strip()
+    m = _FRAC.match(s) or _FRAC_SHORT.match(s)
+    if m:
+        sign, num, den = m.groups()
+        if int(den) == 0:
+            return None
+        value = Fraction(int(num), int(den))
+        return -value if sign else value
+    m = _PLAIN.match(s)
+    if m:
+        return _to_fraction(m.group(1))
+    m = _SLASH.match(s)
+    if m:
+        num, den = _to_fraction(m.group(1)), _to_fraction(m.group(2))
+        return num / den if num is not None and den else None
+    # A number followed by unit words: "18 dollars", "5 cm", "3 apples per box".
+    m = re.match(rf"^({_NUM})\s*(.*)$", s)
+    if m and m.group(1) and _UNIT_WORDS.match(m.group(2) or "x"):
+        return _to_fraction(m.group(1))
+    return None
+
+
+_ANY_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+
+
+# ---------------------------------------------------------------- math-verify, time-bounded
+
+
+class _Verifier:
+    """A math-verify worker process; an item over budget kills and restarts it. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.timeouts = 0
+
+    def _start(self) -> None:
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "thinkforge._verify_worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        )
+        if self._readline(60.0) != "ready":
+            self._kill()
+            raise RuntimeError("math-verify worker did not start; is math-verify installed?")
+
+    def _readline(self, timeout: float) -> str | None:
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self._proc.stdout.readline()
+        return line.strip() if line else None
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def warm(self) -> None:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+
+    def __call__(self, gold: str, pred: str, timeout: float) -> bool:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+            try:
+                self._proc.stdin.write(json.dumps([gold, pred]) + "\n")
+                self._proc.stdin.flush()
+            except BrokenPipeError:
+                self._kill()
+                return False
+            line = self._readline(timeout)
+            if line is None:
+                self.timeouts += 1
+                self._kill()
+                return False
+            return line == "true"
+
+
+_verifier = _Verifier()
+
+
+def warm_up() -> None:
+    """Start the math-verify worker now, so the first graded item pays no start-up time."""
+    _verifier.warm()
+
+
+def _nesting(s: str) -> int:
+    depth = best = 0
+    for c in s:
+        if c in "({[":
+            depth += 1
+            best = max(best, depth)
+        elif c in ")}]":
+            depth -= 1
+    return best
+
+
+_HUGE_POWER = re.compile(r"(\^|\*\*)\s*[{(]?\s*-?\d{4,}|(\^|\*\*)[^$]*(\^|\*\*)[^$]*(\^|\*\*)|!\s*!|\d{7,}\s*!")
+
+
+def _hostile(s: str) -> bool:
+    return len(s) > MAX_ANSWER_CHARS or _nesting(s) > MAX_NESTING or bool(_HUGE_POWER.search(s))
+
+
+# ---------------------------------------------------------------- public graders
+
+
+def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
+    """Is the answer string `pred` mathematically equal to the reference `gold`?
+
+    >>> math_equal("1,000", "1000"), math_equal("$18.00", "18"), math_equal("0.5", "\\\\frac{1}{2}")
+    (True, True, True)
+    >>> math_equal("42 or 43", "42")
+    False
+    """
+    if pred is None or not gold.strip():
+        return False
+    pred, gold = pred.strip(), gold.strip()
+    if len(pred) > MAX_ANSWER_CHARS:
+        return False
+    g = as_number(gold)
+    if g is not None:
+        p = as_number(pred)
+        if p is None and "=" in pred:
+            p = as_number(pred.rsplit("=", 1)[1])
+        if p is not None:
+            return p == g
+        # Hedging ("12 or 13", "3, 4, 5") against a single-number reference is wrong.
+        if len(set(_ANY_NUMBER.findall(pred))) > 1:
+            return False
+    if _strip(pred) == _strip(gold):
+        return True
+    if _hostile(pred) or _hostile(gold):
+        return False
+    return _verifier(gold, pred, timeout)
+
+
+_OPTION = re.compile(r"(?<![A-Za-z0-9])\(?([A-J])\)?(?![A-Za-z0-9])")
+
+
+def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> bool:
+    """Multiple choice: the answer names exactly one option letter, and it is the right one.
+
+    >>> mcq_equal("(B)", "B"), mcq_equal("B or C", "B"), mcq_equal("The answer is C", "C")
+    (True, False, True)
+    """
+    if pred is None:
+        return False
+    pred = _TEXT_WRAP.sub(r"\1", pred.strip())[:MAX_ANSWER_CHARS]
+    letters = {m.group(1) for m in _OPTION.finditer(pred)}
+    if "A" in letters and re.match(r"^\s*A\s+[a-z]", pred):
+        letters.discard("A")  # the article "A ..." is not option A
+    if len(letters) == 1:
+        return letters.pop() == gold.strip().upper()
+    if not letters and choices:
+        idx = ord(gold.strip().upper()) - ord("A")
+        norm = " ".join(pred.lower().split()).rstrip(".")
+        return 0 <= idx < len(choices) and norm == " ".join(choices[idx].lower().split()).rstrip(".")
+    return False
+
+
+def grade(completion: str, reference: str, kind: str = "math", choices: list[str] | None = None) -> bool:
+    """Grade a whole completion against a reference (kind: math, gsm8k or mcq)."""
+    answer = parse(completion).answer
+    if kind == "gsm8k":
+        return math_equal(answer, gsm8k_reference(reference))
+    if kind == "mcq":
+        return mcq_equal(answer, reference, choices)
+    if kind == "math":
+        return math_equal(answer, reference)
+    raise ValueError(f"unknown answer kind {kind!r}; use math, gsm8k or mcq")
