@@ -1,0 +1,407 @@
+"""The `thinkforge` command: parse options, load the config, call one function per subcommand.
+
+Every job reads an optional YAML recipe (--config) plus dotted overrides (`generation.temperature=0.8`);
+options such as --model are shortcuts for the same keys. A UserError becomes one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from thinkforge.errors import UserError
+
+CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _quiet_hf() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def config_options(f):
+    """--config and trailing key=value overrides."""
+    f = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="YAML recipe; trailing KEY=VALUE arguments override its keys (e.g. generation.top_p=0.9).")(f)
+    return f
+
+
+def model_options(f):
+    opts = [
+        click.option("--model", "-m", default=None, help="Hub id or local folder of the model (or a PEFT adapter folder). [model.name_or_path]"),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
+                     help="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU. [model.dtype]"),
+        click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps. [model.device]"),
+        click.option("--trust-remote-code", is_flag=True, default=None, help="Run code shipped with a hub model; only when you trust it."),
+        click.option("--prompt-format", type=click.Choice(["auto", "phi2", "phi4", "chat_template", "plain"]), default=None,
+                     help="Prompt layout; auto = the tokenizer's chat template if it has one, else phi2. [model.prompt_format]"),
+        click.option("--system-prompt", default=None, help="System text; default: the Infused Phi-2 card's think/answer prompt."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--max-new-tokens", type=int, default=None, help="Tokens generated per sample at most. [generation.max_new_tokens]"),
+        click.option("--temperature", "-t", type=float, default=None, help="Sampling temperature; 0 = greedy. [generation.temperature]"),
+        click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1]. [generation.top_p]"),
+        click.option("--top-k", type=int, default=None, help="Top-k sampling; 0 = off. [generation.top_k]"),
+        click.option("--batch-size", type=int, default=None, help="Sequences generated together. [generation.batch_size]"),
+        click.option("--seed", type=int, default=None, help="Random seed. [seed]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+_KEYS = {
+    "model": "model.name_or_path", "dtype": "model.dtype", "device": "model.device",
+    "trust_remote_code": "model.trust_remote_code", "prompt_format": "model.prompt_format",
+    "system_prompt": "model.system_prompt", "max_new_tokens": "generation.max_new_tokens",
+    "temperature": "generation.temperature", "top_p": "generation.top_p", "top_k": "generation.top_k",
+    "batch_size": "generation.batch_size", "seed": "seed", "samples": "eval.samples", "limit": "eval.limit",
+    "data_path": "eval.data_path", "difficulty": "synthetic.difficulty",
+}
+
+
+def recipe_from(config_path, overrides, **options):
+    """Load the recipe, then apply options that were given (as overrides, so they are validated alike)."""
+    import json
+
+    from thinkforge.config import load_config
+
+    extra = [f"{_KEYS[k]}={json.dumps(v)}" for k, v in options.items() if v is not None and k in _KEYS]
+    return load_config(config_path, [*overrides, *extra])
+
+
+def load_model(recipe):
+    from thinkforge import models
+
+    _quiet_hf()
+    m = recipe.model
+    return models.load(m.name_or_path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
+                       attn_implementation=m.attn_implementation)
+
+
+def sampling(recipe):
+    from thinkforge.rollout.types import SamplingParams
+
+    g = recipe.generation
+    return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed)
+
+
+def prompt_fn(recipe, tokenizer):
+    from thinkforge.formats import render_prompt
+
+    return functools.partial(render_prompt, fmt=recipe.model.prompt_format, system=recipe.model.system_prompt,
+                             tokenizer=tokenizer)
+
+
+@click.group(context_settings=CTX)
+@click.version_option(package_name="thinkforge")
+def cli():
+    """thinkforge: turn a small language model into a step-by-step reasoner, and prove it with numbers."""
+
+
+# ---------------------------------------------------------------- init-model
+
+
+@cli.command("init-model", context_settings=CTX)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--arch", type=click.Choice(["phi", "phi3", "qwen2", "llama"]), default="phi3", show_default=True,
+              help="Real transformers architecture to initialise at random.")
+@click.option("--hidden", type=int, default=64, show_default=True, help="Hidden size.")
+@click.option("--layers", type=int, default=2, show_default=True, help="Number of transformer layers.")
+@click.option("--heads", type=int, default=4, show_default=True, help="Attention heads (must divide --hidden).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and of the tokenizer's corpus.")
+def init_model(out_dir, arch, hidden, layers, heads, seed):
+    """Write a random-initialised tiny model with a locally built tokenizer (chat template, reasoning tags)."""
+    from thinkforge import models
+
+    _quiet_hf()
+    path = models.init_tiny(out_dir, arch, hidden, layers, heads, seed)
+    click.echo(f"wrote a tiny {arch} model to {path}")
+
+
+# ---------------------------------------------------------------- grade
+
+
+@cli.command(context_settings=CTX)
+@click.argument("input_path", metavar="IN.jsonl", type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output JSONL: each input row plus `correct` (true/false).")
+@click.option("--kind", type=click.Choice(["math", "gsm8k", "mcq"]), default="math", show_default=True,
+              help="Answer kind for rows without a `kind` column (gsm8k: reference is a solution ending in '#### N').")
+def grade(input_path, out_path, kind):
+    """Grade completions: each row has `completion`, `reference`, optionally `kind` and `choices`."""
+    from thinkforge import grading
+    from thinkforge.io import read_jsonl, write_jsonl
+
+    rows = read_jsonl(input_path, required=["completion", "reference"])
+    for i, row in enumerate(rows, 1):
+        k = row.get("kind", kind)
+        if k not in ("math", "gsm8k", "mcq"):
+            raise UserError(f"{input_path}: row {i}: unknown kind {k!r}; use math, gsm8k or mcq")
+        if not isinstance(row["completion"], str) or not isinstance(row["reference"], (str, int, float)):
+            raise UserError(f"{input_path}: row {i}: completion must be a string and reference a string or number")
+    out = []
+    for row in rows:
+        ok = grading.grade(row["completion"], str(row["reference"]), row.get("kind", kind), row.get("choices"))
+        out.append({**row, "correct": ok})
+    write_jsonl(out_path, out)
+    n_right = sum(r["correct"] for r in out)
+    click.echo(f"accuracy {n_right / max(1, len(out)):.4f} ({n_right}/{len(out)}) -> {out_path}")
+
+
+# ---------------------------------------------------------------- eval
+
+
+@cli.command("eval", context_settings=CTX)
+@model_options
+@sampling_options
+@click.option("--benchmark", "-b", "benchmarks", multiple=True,
+              help="gsm8k, math500, aime24, gpqa_diamond, synthetic or local (repeatable). [eval.benchmarks]")
+@click.option("--samples", "-k", type=int, default=None, help="Samples per problem; pass@1 is averaged over them. [eval.samples]")
+@click.option("--limit", type=int, default=None, help="Only the first N problems. [eval.limit]")
+@click.option("--data-path", default=None, help="Local JSONL/Parquet (file or folder) in the benchmark's schema, instead of the hub.")
+@click.option("--column", "columns", multiple=True, metavar="FIELD=COLUMN",
+              help="Column mapping for --benchmark local: question=..., answer=..., id=...")
+@click.option("--difficulty", type=int, default=None, help="Synthetic task difficulty 1-4. [synthetic.difficulty]")
+@click.option("--out", "out_dir", default="runs/eval", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for <benchmark>.samples.jsonl and <benchmark>.summary.json.")
+@config_options
+def eval_cmd(benchmarks, columns, out_dir, config_path, overrides, **options):
+    """Evaluate a model: pass@1, format compliance, reasoning presence, thinking length."""
+    from thinkforge import evaluate
+    from thinkforge.data.sources import load_benchmark
+    from thinkforge.rollout.hf import HFGenerator
+
+    extra = list(overrides)
+    if benchmarks:
+        extra.append("eval.benchmarks=[" + ",".join(benchmarks) + "]")
+    for c in columns:
+        if "=" not in c:
+            raise UserError(f"--column {c!r} is not FIELD=COLUMN; e.g. --column question=prompt")
+        extra.append(f"eval.columns.{c}")
+    recipe = recipe_from(config_path, extra, **options)
+    ev = recipe.eval
+    # Load every benchmark before the model: a bad name or file fails in a second, not after loading.
+    problems = {b: load_benchmark(b, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
+                                  recipe.synthetic.n_test) for b in ev.benchmarks}
+    model, tok = load_model(recipe)
+    gen = HFGenerator(model, tok, recipe.generation.batch_size)
+    results = {}
+    for name, probs in problems.items():
+        rows, summary = evaluate.evaluate(gen, probs, prompt_fn(recipe, tok), sampling(recipe), ev.samples)
+        summary.update(benchmark=name, model=recipe.model.name_or_path)
+        evaluate.write(out_dir, name, rows, summary)
+        results[name] = summary
+    click.echo(evaluate.table(results))
+    click.echo(f"samples and summaries in {out_dir}/")
+
+
+# ---------------------------------------------------------------- generate / chat
+
+
+@cli.command(context_settings=CTX)
+@model_options
+@sampling_options
+@click.option("--prompt", "-p", "prompts", multiple=True, help="A question (repeatable); wrapped in the prompt format.")
+@click.option("--input", "input_path", default=None, type=click.Path(dir_okay=False),
+              help="JSONL with a `question` (or `prompt`) column, instead of --prompt.")
+@click.option("--samples", "-n", "n", type=int, default=1, show_default=True, help="Completions per prompt.")
+@click.option("--raw", is_flag=True, help="Send prompts as they are, without the prompt format.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Write JSONL rows (prompt, completion, thinking, answer, finish_reason) instead of printing.")
+@config_options
+def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **options):
+    """Generate completions for questions and show thinking and answer apart."""
+    from thinkforge.formats import parse
+    from thinkforge.io import read_jsonl, write_jsonl
+    from thinkforge.rollout.hf import HFGenerator
+
+    questions = list(prompts)
+    if input_path:
+        for i, row in enumerate(read_jsonl(input_path), 1):
+            q = row.get("question", row.get("prompt"))
+            if not isinstance(q, str):
+                raise UserError(f"{input_path}: row {i}: needs a `question` or `prompt` string column")
+            questions.append(q)
+    if not questions:
+        raise UserError("nothing to generate: pass --prompt TEXT or --input FILE.jsonl")
+    if n < 1:
+        raise UserError("--samples must be at least 1")
+    recipe = recipe_from(config_path, overrides, **options)
+    model, tok = load_model(recipe)
+    render = prompt_fn(recipe, tok)
+    texts = questions if raw else [render(q) for q in questions]
+    completions = HFGenerator(model, tok, recipe.generation.batch_size).generate(texts, n, sampling(recipe))
+    rows = []
+    for c in completions:
+        p = parse(c.text)
+        rows.append({"question": questions[c.prompt_index], "completion": c.text, "thinking": p.thinking,
+                     "answer": p.answer, "format_ok": p.format_ok, "finish_reason": c.finish_reason})
+    if out_path:
+        write_jsonl(out_path, rows)
+        click.echo(f"wrote {len(rows)} completions to {out_path}")
+        return
+    for r in rows:
+        click.echo(click.style("question: ", bold=True) + r["question"])
+        click.echo(click.style("thinking: ", fg="cyan") + (r["thinking"] or "(none)"))
+        click.echo(click.style("answer:   ", fg="green") + str(r["answer"]) + f"   [{r['finish_reason']}]\n")
+
+
+class _ThinkingPrinter:
+    """Prints a streamed completion with thinking and answer in separate, labelled sections."""
+
+    LABELS = {"<think>": "thinking", "</think>": None, "<answer>": "answer", "</answer>": None}
+
+    def __init__(self, echo):
+        self.echo, self.buffer, self.section = echo, "", None
+
+    def feed(self, piece: str) -> None:
+        self.buffer += piece
+        while True:
+            hits = [(self.buffer.find(t), t) for t in self.LABELS if t in self.buffer]
+            if not hits:
+                # Hold back a possible partial tag at the end of the buffer.
+                cut = self.buffer.rfind("<")
+                safe = self.buffer if cut < 0 or ">" in self.buffer[cut:] else self.buffer[:cut]
+                self._text(safe)
+                self.buffer = self.buffer[len(safe):]
+                return
+            pos, tag = min(hits)
+            self._text(self.buffer[:pos])
+            self.buffer = self.buffer[pos + len(tag):]
+            label = self.LABELS[tag]
+            if label:
+                self.echo(click.style(f"\n[{label}]\n", fg="cyan" if label == "thinking" else "green", bold=True), nl=False)
+            self.section = label
+
+    def _text(self, text: str) -> None:
+        if text:
+            self.echo(text, nl=False)
+
+    def close(self) -> None:
+        self._text(self.buffer)
+        self.buffer = ""
+        self.echo("")
+
+
+@cli.command(context_settings=CTX)
+@model_options
+@sampling_options
+@config_options
+def chat(config_path, overrides, **options):
+    """Chat in the terminal: each question's answer streams, thinking and answer shown apart. Ctrl-D ends."""
+    from thinkforge.rollout.hf import HFGenerator
+
+    recipe = recipe_from(config_path, overrides, **options)
+    model, tok = load_model(recipe)
+    gen, render, params = HFGenerator(model, tok), prompt_fn(recipe, tok), sampling(recipe)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo(click.style("you> ", bold=True), nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        printer = _ThinkingPrinter(click.echo)
+        for piece in gen.stream(render(line.strip()), params):
+            printer.feed(piece)
+        printer.close()
+
+
+# ---------------------------------------------------------------- serve
+
+
+@cli.command(context_settings=CTX)
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 127.0.0.1 keeps it to this machine.")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0 = any free port).")
+@click.option("--api-key", default=None, envvar="THINKFORGE_API_KEY",
+              help="Require `Authorization: Bearer KEY` (or set THINKFORGE_API_KEY).")
+@click.option("--served-model-name", default=None, help="Model id reported by /v1/models; default: the --model value.")
+@click.option("--batch-size", type=int, default=None, help="Sequences generated together for n > 1. [generation.batch_size]")
+@config_options
+def serve(host, port, api_key, served_model_name, config_path, overrides, **options):
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
+    from thinkforge.rollout.hf import HFGenerator
+    from thinkforge.serve import make_server
+
+    recipe = recipe_from(config_path, overrides, **options)
+    model, tok = load_model(recipe)
+    name = served_model_name or recipe.model.name_or_path
+    try:
+        server = make_server(HFGenerator(model, tok, recipe.generation.batch_size), tok, name, host, port, api_key,
+                             recipe.model.prompt_format, recipe.model.system_prompt)
+    except OSError as e:
+        raise UserError(f"cannot bind {host}:{port} ({e.strerror}); pick another --port") from None
+    click.echo(f"serving {name} on http://{server.server_address[0]}:{server.server_address[1]}/v1 (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ---------------------------------------------------------------- demo
+
+
+@cli.command(context_settings=CTX)
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder: the tiny model and the evaluation.")
+@click.option("--limit", type=int, default=100, show_default=True, help="Held-out synthetic problems evaluated.")
+def demo(out_dir, limit):
+    """The CPU demo: a fresh tiny model on the held-out synthetic task (until the pipeline lands: the baseline)."""
+    from thinkforge import evaluate, models
+    from thinkforge.data.sources import load_benchmark
+    from thinkforge.rollout.hf import HFGenerator
+    from thinkforge.rollout.types import SamplingParams
+
+    _quiet_hf()
+    out = Path(out_dir)
+    model_dir = out / "model"
+    if not (model_dir / "config.json").is_file():
+        models.init_tiny(model_dir, "phi3")
+    model, tok = models.load(str(model_dir))
+    params = SamplingParams(max_new_tokens=64, temperature=0.0)
+    problems = load_benchmark("synthetic", limit=limit)
+    rows, summary = evaluate.evaluate(HFGenerator(model, tok, 32), problems, prompt_fn_default(tok), params)
+    summary.update(benchmark="synthetic", model=str(model_dir), stage="fresh tiny model (random init)")
+    evaluate.write(out / "eval", "synthetic", rows, summary)
+    click.echo(evaluate.table({"fresh tiny model": summary}))
+
+
+def prompt_fn_default(tokenizer):
+    from thinkforge.formats import render_prompt
+
+    return functools.partial(render_prompt, fmt="auto", tokenizer=tokenizer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="thinkforge", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"thinkforge: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("thinkforge: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

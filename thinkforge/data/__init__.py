@@ -1,0 +1,1 @@
+"""Data: benchmark and dataset loaders (sources), the synthetic task (synthetic)."""

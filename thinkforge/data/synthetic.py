@@ -1,0 +1,132 @@
+"""The synthetic task: templated word problems in GSM8K's style, with whole-number answers.
+
+A problem starts with a person holding some objects and applies 1-4 operations among + - x / (buying,
+giving away, filling boxes, sharing equally). Difficulty sets the number of operations and the size of the
+numbers. Generation is seeded. The test split is disjoint from training *by construction*: a problem's
+arithmetic (start value and operations, names ignored) hashes to one split only, so no test problem's
+arithmetic is ever seen in training under any name.
+
+Rows follow GSM8K's schema: `question`, and `answer` = worked solution ending in `#### N`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+NAMES = ["Mia", "Leo", "Ava", "Noah", "Ivy", "Omar", "Zoe", "Ravi", "Lena", "Tom", "Nina", "Sam", "Yuki", "Ben", "Ana", "Kai"]
+OBJECTS = ["apples", "stickers", "marbles", "books", "pencils", "cookies", "shells", "coins", "cards", "eggs"]
+TEST_SHARE = 5  # one key in five (hash % 5 == 0) belongs to the test split
+# difficulty -> (operations, largest operand)
+LEVELS = {1: (1, 10), 2: (2, 20), 3: (3, 50), 4: (4, 100)}
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # add | sub | mul | div
+    value: int
+
+
+def _key(start: int, ops: tuple[Op, ...]) -> int:
+    text = f"{start}|" + "|".join(f"{o.kind}{o.value}" for o in ops)
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16)
+
+
+def is_test(start: int, ops: tuple[Op, ...]) -> bool:
+    return _key(start, ops) % TEST_SHARE == 0
+
+
+def _ops(rng: random.Random, n_ops: int, top: int) -> tuple[int, tuple[Op, ...]] | None:
+    start = rng.randint(2, top)
+    value, ops = start, []
+    for _ in range(n_ops):
+        kind = rng.choice(["add", "sub", "mul", "div"])
+        if kind == "add":
+            x = rng.randint(1, top)
+            value += x
+        elif kind == "sub":
+            if value < 2:
+                return None
+            x = rng.randint(1, min(value - 1, top))
+            value -= x
+        elif kind == "mul":
+            x = rng.randint(2, min(9, max(2, top // 5)))
+            if value * x > 10 * top:
+                return None
+            value *= x
+        else:
+            divisors = [d for d in range(2, min(value, 12) + 1) if value % d == 0 and value // d >= 1]
+            if not divisors:
+                return None
+            x = rng.choice(divisors)
+            value //= x
+        ops.append(Op(kind, x))
+    return start, tuple(ops)
+
+
+def _render(name: str, obj: str, start: int, ops: tuple[Op, ...]) -> tuple[str, list[str], int]:
+    """Question text, the solution's steps, and the answer."""
+    sentences = [f"{name} has {start} {obj}."]
+    steps = [f"{name} starts with {start} {obj}."]
+    value = start
+    for op in ops:
+        if op.kind == "add":
+            sentences.append(f"Then {name} gets {op.value} more {obj}.")
+            new = value + op.value
+            steps.append(f"After getting {op.value} more: {value} + {op.value} = {new}.")
+        elif op.kind == "sub":
+            sentences.append(f"Then {name} gives away {op.value} {obj}.")
+            new = value - op.value
+            steps.append(f"After giving away {op.value}: {value} - {op.value} = {new}.")
+        elif op.kind == "mul":
+            sentences.append(f"Then the number of {obj} becomes {op.value} times as many.")
+            new = value * op.value
+            steps.append(f"{op.value} times as many: {value} * {op.value} = {new}.")
+        else:
+            sentences.append(f"Then {name} shares them equally among {op.value} friends and keeps one share.")
+            new = value // op.value
+            steps.append(f"One share of {op.value}: {value} / {op.value} = {new}.")
+        value = new
+    sentences.append(f"How many {obj} does {name} have now?")
+    return " ".join(sentences), steps, value
+
+
+def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0) -> list[dict]:
+    """`n` distinct problems of one split, GSM8K schema plus `id`, `difficulty`, `final`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    n_ops, top = LEVELS[difficulty]
+    rng = random.Random(f"{seed}-{split}-{difficulty}")
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 200 * n + 10000:
+            raise ValueError(f"could not make {n} distinct {split} problems at difficulty {difficulty}; ask for fewer")
+        made = _ops(rng, n_ops, top)
+        if made is None:
+            continue
+        start, ops = made
+        if is_test(start, ops) != (split == "test"):
+            continue
+        name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+        question, steps, value = _render(name, obj, start, ops)
+        if question in seen:
+            continue
+        seen.add(question)
+        steps.append(f"So {name} has {value} {obj}.")
+        rows.append({
+            "id": f"synthetic-{split}-d{difficulty}-{len(rows)}",
+            "question": question,
+            "answer": "\n".join(steps) + f"\n#### {value}",
+            "final": str(value),
+            "difficulty": difficulty,
+        })
+    return rows
+
+
+def worked_solution(row: dict) -> tuple[str, str]:
+    """(thinking, answer) of the reference solution, for SFT targets and the programmatic teacher."""
+    body, _, final = row["answer"].rpartition("####")
+    return body.strip(), final.strip()

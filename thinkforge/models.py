@@ -1,0 +1,269 @@
+"""Loading, adapting and saving causal LMs; tiny random models with a locally built tokenizer.
+
+- load(name_or_path, ...): any Hugging Face causal LM by hub id or local folder, or a PEFT adapter folder
+  (its base is loaded first). 4-bit NF4 (QLoRA) through bitsandbytes only where CUDA is present.
+- add_lora(model, ...): PEFT LoRA with per-architecture default targets (LORA_TARGETS).
+- save(model, tokenizer, out): a standard folder, full weights or a PEFT adapter (optionally merged),
+  written to a temporary folder and renamed, safetensors only.
+- init_tiny(out, arch): random init of a real architecture (phi, phi3, qwen2, llama) at a tiny size, with a
+  byte-level BPE tokenizer trained here on the synthetic task, a chat template and the reasoning tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from thinkforge.errors import UserError
+
+# Per-architecture LoRA targets. Phi-2 as the Infused Phi-2 card; Phi-3/Phi-4 fuse q, k, v into qkv_proj.
+LORA_TARGETS = {
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+ARCHS = ("phi", "phi3", "qwen2", "llama")
+# Tokens of the tiny tokenizer. Role markers are special (never decoded into answers); the reasoning tags are
+# ordinary added tokens so that `skip_special_tokens=True` (the Infused Phi-2 snippet) still shows them.
+ROLE_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for but CUDA is not available here; use device=cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _check_source(name_or_path: str) -> None:
+    p = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or p.exists() or name_or_path.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise UserError(f"model folder {name_or_path} not found; pass a folder from `thinkforge init-model` or a hub id")
+    if p.is_dir() and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        raise UserError(f"{name_or_path} holds no config.json or adapter_config.json; it is not a model folder")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_source(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # generation appends on the right; training builds its own batches
+    return tok
+
+
+def load(
+    name_or_path: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    load_in_4bit: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+    trainable_adapter: bool = False,
+):
+    """(model, tokenizer). A folder with adapter_config.json loads its base, then the adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_source(name_or_path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    adapter_cfg = Path(name_or_path) / "adapter_config.json"
+    base = name_or_path
+    if adapter_cfg.is_file():
+        base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
+        _check_source(base)
+    kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        if not torch.cuda.is_available():
+            raise UserError("model.load_in_4bit needs CUDA (bitsandbytes 4-bit); set model.load_in_4bit=false on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'thinkforge[gpu]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {base!r}: {str(e).splitlines()[0]}") from None
+    if not load_in_4bit:
+        model.to(device)
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable_adapter)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    tok_source = name_or_path if (Path(name_or_path) / "tokenizer_config.json").is_file() else base
+    return model, load_tokenizer(tok_source, trust_remote_code)
+
+
+def default_lora_targets(model) -> list[str]:
+    kind = getattr(model.config, "model_type", "")
+    if kind not in LORA_TARGETS:
+        raise UserError(
+            f"no default LoRA targets for architecture {kind!r}; set lora.target_modules "
+            f"(e.g. [q_proj, v_proj]); known: {', '.join(LORA_TARGETS)}"
+        )
+    return LORA_TARGETS[kind]
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: list[str] | None = None):
+    """Wrap `model` in a trainable PEFT LoRA adapter (Infused Phi-2 defaults: r 16, alpha 32, dropout 0.05)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules or default_lora_targets(model)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UserError(f"LoRA target modules {missing} are not in this model; it has e.g. {sorted(names)[:12]}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_adapter(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def save(model, tokenizer, out: str | Path, merged: bool = False) -> Path:
+    """Save a loadable folder atomically. An adapter is saved as a PEFT folder (or merged into full weights).
+
+    The adapter's `base_model_name_or_path` is made absolute when the base is a local folder, so that
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)` works from any directory.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if is_adapter(model) and merged:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "adapter_config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text())
+            base = cfg.get("base_model_name_or_path") or ""
+            if base and Path(base).is_dir():
+                cfg["base_model_name_or_path"] = str(Path(base).resolve())
+                cfg_path.write_text(json.dumps(cfg, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+    """A byte-level BPE tokenizer trained on synthetic-task text; digits split one per token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from thinkforge.data.synthetic import generate
+    from thinkforge.formats import SYSTEM_PROMPT
+
+    corpus = [SYSTEM_PROMPT, "The final answer is", "Let me check. Wait, so the answer is"]
+    for level in (1, 2, 3, 4):
+        corpus += [r["question"] + "\n" + r["answer"] for r in generate(300, "train", level, seed)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=ROLE_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|end|>", pad_token="<|endoftext|>",
+        unk_token=None, additional_special_tokens=ROLE_TOKENS[1:4],
+    )
+    fast.add_tokens(TAG_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_len: int = 1024, **ids):
+    from transformers import LlamaConfig, Phi3Config, PhiConfig, Qwen2Config
+
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=max_len, **ids,
+    )
+    if arch == "phi":
+        return PhiConfig(**common, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    if arch == "phi3":
+        return Phi3Config(**common, num_key_value_heads=heads, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(**common, num_key_value_heads=max(1, heads // 2), tie_word_embeddings=True)
+    return LlamaConfig(**common, num_key_value_heads=max(1, heads // 2))
+
+
+def init_tiny(out: str | Path, arch: str = "phi3", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """Write a random-initialised model of a real architecture with the local tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if hidden % heads:
+        raise UserError(f"hidden size {hidden} is not divisible by {heads} heads")
+    tok = build_tokenizer(seed=seed)
+    ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = tiny_config(arch, len(tok), hidden, layers, heads, **ids)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(**ids)
+    return save(model, tok, out)

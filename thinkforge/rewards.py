@@ -1,0 +1,152 @@
+"""Reward functions: plain `(completion, reference, kind) -> float`, found in the REWARDS dict.
+
+- verifiable: the Phi-4-mini-reasoning RLVR reward, +1 if the graded answer is right, -1 otherwise.
+- the Infused Phi-2 set, weighted in the recipe (card: correctness 1.0, reasoning 0.7, format 0.3):
+  correctness (1 exact, partial credit for numerically close answers), reasoning (thinking present, steps,
+  calculations, a length bonus), format (tags present, ordered, balanced, not repeated).
+A user reward is any function of that signature, named by import path `package.module:function`.
+Training and evaluation call the same grader (grading.grade).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable
+
+from thinkforge.errors import UserError
+from thinkforge.formats import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, parse
+from thinkforge.grading import as_number, grade, gsm8k_reference
+
+RewardFn = Callable[..., float]
+
+PARTIAL_CREDIT_MAX = 0.5  # a close-but-wrong number never earns more than half of a right one
+PARTIAL_CREDIT_RANGE = 0.1  # relative error beyond which partial credit is 0
+LENGTH_BONUS_WORDS = 60  # thinking of this many words earns the full length bonus
+
+
+def verifiable(completion: str, reference: str, kind: str = "math") -> float:
+    """+1 for a verified correct final answer, -1 otherwise (SPEC 2, stage 4).
+
+    >>> verifiable("<think>2+2=4</think><answer>4</answer>", "4"), verifiable("<think>2+2", "4")
+    (1.0, -1.0)
+    """
+    return 1.0 if grade(completion, reference, kind) else -1.0
+
+
+def correctness(completion: str, reference: str, kind: str = "math") -> float:
+    """1 if right; partial credit up to 0.5 for a number within 10% of the reference; else 0.
+
+    >>> correctness("<answer>100</answer>", "100"), correctness("<answer>98</answer>", "100")
+    (1.0, 0.4)
+    """
+    if grade(completion, reference, kind):
+        return 1.0
+    if kind == "mcq":
+        return 0.0
+    answer = parse(completion).answer
+    gold = as_number(gsm8k_reference(reference) if kind == "gsm8k" else reference)
+    pred = as_number(answer) if answer is not None else None
+    if gold is None or pred is None:
+        return 0.0
+    rel = abs(float(pred - gold)) / max(abs(float(gold)), 1.0)
+    return round(PARTIAL_CREDIT_MAX * max(0.0, 1.0 - rel / PARTIAL_CREDIT_RANGE), 6)
+
+
+_STEP = re.compile(r"^\s*(?:step\s*\d+|\d+[.)]|[-*•]|first|second|then|next|finally|so\b)", re.IGNORECASE | re.MULTILINE)
+_CALC = re.compile(r"\d\s*[-+*/×x÷]\s*\d[\d.,]*\s*=\s*-?\d")
+
+
+def reasoning(completion: str, reference: str = "", kind: str = "math") -> float:
+    """Reasoning quality in [0, 1]: thinking present 0.4, steps 0.2, calculations 0.2, length bonus 0.2.
+
+    >>> reasoning("<answer>4</answer>", "4")
+    0.0
+    >>> reasoning("<think>First, 2 + 2 = 4.\\nThen check.</think><answer>4</answer>", "4") > 0.8
+    True
+    """
+    thinking = parse(completion).thinking
+    if not thinking:
+        return 0.0
+    score = 0.4
+    if len(_STEP.findall(thinking)) >= 2 or thinking.count("\n") >= 2:
+        score += 0.2
+    if _CALC.search(thinking):
+        score += 0.2
+    score += 0.2 * min(1.0, len(thinking.split()) / LENGTH_BONUS_WORDS)
+    return round(score, 6)
+
+
+def format_reward(completion: str, reference: str = "", kind: str = "math") -> float:
+    """Format in [0, 1]: 1 for exactly `<think>..</think><answer>..</answer>`; a quarter per property otherwise.
+
+    >>> format_reward("<think>a</think><answer>b</answer>"), format_reward("b")
+    (1.0, 0.0)
+    """
+    p = parse(completion)
+    if p.format_ok:
+        return 1.0
+    counts = [completion.count(t) for t in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)]
+    score = 0.0
+    if counts[0] >= 1 and counts[1] >= 1:
+        score += 0.25
+    if counts[2] >= 1 and counts[3] >= 1:
+        score += 0.25
+    if 0 <= completion.find(THINK_CLOSE) < completion.find(ANSWER_OPEN):
+        score += 0.25
+    if all(c == 1 for c in counts):
+        score += 0.25
+    return score
+
+
+REWARDS: dict[str, RewardFn] = {
+    "verifiable": verifiable,
+    "correctness": correctness,
+    "reasoning": reasoning,
+    "format": format_reward,
+}
+
+
+def resolve(name: str) -> RewardFn:
+    """A reward by name from REWARDS, or a user function by import path `module:function`."""
+    if name in REWARDS:
+        return REWARDS[name]
+    if ":" not in name:
+        raise UserError(f"unknown reward {name!r}; use one of {', '.join(REWARDS)} or an import path module:function")
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"reward {name!r} cannot be imported ({e}); check the module is on PYTHONPATH") from None
+    if not callable(fn):
+        raise UserError(f"reward {name!r} is not a function")
+    return fn
+
+
+def _accepts_kind(fn: RewardFn) -> bool:
+    """User rewards may take (completion, reference) only; ours also take kind."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+class WeightedRewards:
+    """Sum of weighted rewards; `score` also returns each function's value for logging."""
+
+    def __init__(self, weights: dict[str, float]):
+        if not weights:
+            raise UserError("rewards.weights is empty; name at least one reward (e.g. verifiable: 1.0)")
+        self.weights = dict(weights)
+        self.fns = {name: resolve(name) for name in weights}
+        self._takes_kind = {name: _accepts_kind(fn) for name, fn in self.fns.items()}
+
+    def score(self, completion: str, reference: str, kind: str = "math") -> tuple[float, dict[str, float]]:
+        parts = {}
+        for name, fn in self.fns.items():
+            args = (completion, reference, kind) if self._takes_kind[name] else (completion, reference)
+            parts[name] = float(fn(*args))
+        return sum(self.weights[n] * v for n, v in parts.items()), parts
