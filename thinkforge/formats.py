@@ -101,8 +101,8 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     if matches:
         rest = tail[matches[-1].end() :].strip()
         rest = rest.split("\n")[0].strip()
-        rest = re.sub(r"^\$+|\$+$", "", rest).strip()
         rest = rest.rstrip(".").strip()
+        rest = re.sub(r"^\$+|\$+$", "", rest).strip().rstrip(".").strip()
         if rest:
             return rest, "final_answer"
     pos = tail.rfind("####")
@@ -117,6 +117,18 @@ def _clean_answer(answer: str) -> str:
     """An answer tag may itself hold \\boxed{} or 'The final answer is X': reduce to X."""
     inner, source = extract_answer(answer)
     return inner if inner is not None and source in ("boxed", "final_answer", "hashes") else answer.strip()
+
+
+def _answer_bodies(text: str) -> list[str]:
+    bodies, pos = [], text.find(ANSWER_OPEN)
+    while pos >= 0:
+        start = pos + len(ANSWER_OPEN)
+        close = text.find(ANSWER_CLOSE, start)
+        nxt = text.find(ANSWER_OPEN, start)
+        end = min(e for e in (close, nxt, len(text)) if e >= 0)
+        bodies.append(text[start:end])
+        pos = nxt
+    return bodies
 
 
 def parse(completion: str) -> Parsed:
@@ -145,11 +157,10 @@ def parse(completion: str) -> Parsed:
         thinking, after = "", text
 
     # Answer: the last <answer>...</answer> after the thinking, else fallbacks on the text after thinking.
-    a_open = after.rfind(ANSWER_OPEN)
-    if a_open >= 0:
-        a_close = after.find(ANSWER_CLOSE, a_open)
-        body = after[a_open + len(ANSWER_OPEN) : a_close if a_close >= 0 else len(after)]
-        answer = _clean_answer(body)
+    if ANSWER_OPEN in after:
+        answers = {_clean_answer(body) for body in _answer_bodies(after)}
+        # Several different answers is hedging, not an answer.
+        answer = answers.pop() if len(answers) == 1 else None
         return Parsed(thinking, answer if answer else None, format_ok, "answer_tag")
     answer, source = extract_answer(after)
     if answer is None and after.strip() and tc >= 0:

@@ -105,7 +105,8 @@ def as_number(text: str) -> Fraction | None:
     return None
 
 
-_ANY_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+_ANY_NUMBER = re.compile(r"\d")
+_LIST_SEP = re.compile(r",\s|;|\bor\b|\band\b|\n", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- math-verify, time-bounded
@@ -215,7 +216,8 @@ def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
         if p is not None:
             return p == g
         # Hedging ("12 or 13", "3, 4, 5") against a single-number reference is wrong.
-        if len(set(_ANY_NUMBER.findall(pred))) > 1:
+        parts = [x for x in _LIST_SEP.split(pred) if _ANY_NUMBER.search(x)]
+        if len(parts) > 1:
             return False
     if _strip(pred) == _strip(gold):
         return True

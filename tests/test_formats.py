@@ -1,0 +1,53 @@
+from thinkforge.formats import SYSTEM_PROMPT, format_completion, parse, render_prompt
+
+
+def test_phi2_prompt_is_the_cards_layout():
+    assert render_prompt("Q?", "phi2") == f"<|system|>\n{SYSTEM_PROMPT}\n<|user|>\nQ?\n<|assistant|>\n"
+
+
+def test_phi4_prompt_layout_and_chat_template_agree(tiny_loaded):
+    _, tok = tiny_loaded
+    phi4 = render_prompt("Q?", "phi4", "S")
+    assert phi4 == "<|system|>S<|end|><|user|>Q?<|end|><|assistant|>"
+    assert render_prompt("Q?", "chat_template", "S", tok) == phi4
+    assert render_prompt("Q?", "auto", "S", tok) == phi4  # a tokenizer's own template wins
+    assert render_prompt("Q?", "auto", "S") == render_prompt("Q?", "phi2", "S")
+
+
+def test_well_formed_completion():
+    p = parse(format_completion("2 + 2 = 4", "4"))
+    assert p.format_ok and p.answer == "4" and p.thinking == "2 + 2 = 4" and p.source == "answer_tag"
+
+
+def test_format_status_flags_problems():
+    assert not parse("<answer>4</answer><think>x</think>").format_ok  # out of order
+    assert not parse("<think>x</think><think>y</think><answer>4</answer>").format_ok  # repeated
+    assert not parse("<think>x</think><answer>4").format_ok  # unbalanced
+    assert not parse("hi <think>x</think><answer>4</answer>").format_ok  # text before thinking
+
+
+def test_tolerated_variations():
+    assert parse("no tags, so \\boxed{\\frac{1}{2}}.").answer == "\\frac{1}{2}"
+    assert parse("Thus the final answer is $12$.").answer == "12"
+    assert parse("step one\n#### 1,234").answer == "1,234"
+    assert parse("x</think>\nThe final answer is 7").thinking == "x"  # template pre-filled <think>
+    assert parse("<think>x</think><answer>The final answer is \\boxed{3}</answer>").answer == "3"
+
+
+def test_cut_off_inside_think_has_no_answer():
+    p = parse("<think>so the answer is \\boxed{42} and")
+    assert p.answer is None and p.truncated_in_think
+
+
+def test_answer_inside_think_is_not_the_answer():
+    assert parse("<think>\\boxed{42}</think><answer>I am not sure</answer>").answer == "I am not sure"
+
+
+def test_different_answers_in_several_tags_are_no_answer():
+    assert parse("<think>x</think><answer>41</answer><answer>42</answer>").answer is None
+    assert parse("<think>x</think><answer>42</answer><answer>42</answer>").answer == "42"
+
+
+def test_megabyte_input_parses():
+    p = parse("<think>" + "a " * 500_000 + "</think><answer>1</answer>")
+    assert p.answer == "1" and p.format_ok
