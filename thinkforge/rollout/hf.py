@@ -37,9 +37,11 @@ class HFGenerator:
         try:
             for start in range(0, len(prompts), prompts_per_batch):
                 chunk = prompts[start : start + prompts_per_batch]
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                # Each prompt repeated n times (a group): works for greedy too, unlike num_return_sequences.
+                expanded = [p for p in chunk for _ in range(n)]
+                enc = tok(expanded, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
                 with torch.no_grad():
-                    seqs = model.generate(**enc, num_return_sequences=n, **self._kwargs(params))
+                    seqs = model.generate(**enc, **self._kwargs(params))
                 new = seqs[:, enc["input_ids"].shape[1] :]  # (len(chunk)*n, T)
                 for row, ids in enumerate(new.tolist()):
                     ids = _trim(ids, tok.pad_token_id, tok.eos_token_id)

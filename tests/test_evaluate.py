@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from thinkforge.data.sources import Problem
+from thinkforge.evaluate import evaluate, summarize
+from thinkforge.rollout.types import Completion, SamplingParams
+
+
+class ScriptedGenerator:
+    """Returns fixed completions: for prompt i, sample j -> script[question][j]."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def generate(self, prompts, n, params):
+        self.calls.append((len(prompts), n, params))
+        return [Completion(i, self.script[p][j], (1, 2, 3), "stop" if "</answer>" in self.script[p][j] else "length")
+                for i, p in enumerate(prompts) for j in range(n)]
+
+
+def test_pass_at_1_averages_samples_per_problem_then_problems():
+    good = "<think>" + "step " * 6 + "</think><answer>4</answer>"
+    script = {
+        "q1": [good, good, "<think>x</think><answer>5</answer>", "<think>cut off"],  # 2 of 4 right
+        "q2": [good] * 4,  # 4 of 4
+    }
+    problems = [Problem("1", "q1", "4"), Problem("2", "q2", "4")]
+    gen = ScriptedGenerator(script)
+    rows, s = evaluate(gen, problems, lambda q: q, SamplingParams(temperature=0.6), samples=4, progress=False)
+    assert len(rows) == 8 and gen.calls[0][1] == 4
+    assert s["accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert s["format_rate"] == pytest.approx(7 / 8)
+    assert s["reasoning_rate"] == pytest.approx(6 / 8)
+    assert s["truncated_rate"] == pytest.approx(1 / 8)
+    assert s["avg_think_words"] == pytest.approx((6 * 6 + 1 + 2) / 8)
+    assert s["n"] == 2 and s["protocol"]["samples_per_problem"] == 4 and s["protocol"]["temperature"] == 0.6
+
+
+def test_summary_of_nothing_is_zero():
+    assert summarize([], 0)["accuracy"] == 0
+
+
+def test_eval_cli_on_tiny_model_writes_samples_and_summary(tiny_model, tmp_path, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["eval", "-m", tiny_model, "-b", "synthetic", "--limit", "6", "-k", "2",
+                              "--max-new-tokens", "8", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "synthetic.summary.json").read_text())
+    rows = (tmp_path / "synthetic.samples.jsonl").read_text().splitlines()
+    assert len(rows) == 12 and summary["n"] == 6 and summary["samples"] == 12
+    assert summary["accuracy"] < 0.2  # a random model is an honest near-zero baseline
+    assert summary["protocol"]["max_new_tokens"] == 8
+    assert "| synthetic |" in out

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from thinkforge import models
+from thinkforge.errors import UserError
+
+
+@pytest.mark.parametrize("arch,targets", [
+    ("phi", ["q_proj", "k_proj", "v_proj", "dense"]),
+    ("phi3", ["qkv_proj", "o_proj"]),
+    ("qwen2", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+])
+def test_every_architecture_inits_loads_and_takes_lora(tmp_path, arch, targets):
+    path = models.init_tiny(tmp_path / arch, arch, hidden=32, layers=1, heads=2)
+    model, tok = models.load(str(path))
+    assert model.config.model_type == arch
+    assert models.default_lora_targets(model) == targets
+    peft_model = models.add_lora(model, r=4, alpha=8)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert set(targets) <= {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_A." in n}
+
+
+def test_tokenizer_has_template_and_visible_reasoning_tags(tiny_loaded):
+    _, tok = tiny_loaded
+    assert tok.chat_template
+    ids = tok("<think>1 + 2 = 3</think><answer>3</answer>", add_special_tokens=False).input_ids
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        assert tok.convert_tokens_to_ids(tag) in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>1 + 2 = 3</think><answer>3</answer>"
+    assert tok.convert_ids_to_tokens(tok("123", add_special_tokens=False).input_ids) == ["1", "2", "3"]
+
+
+def _card_snippet_load(base, adapter):
+    """The Infused Phi-2 card's loading code, pointed at our folders."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(base_model, adapter)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def test_adapter_folder_loads_with_the_card_snippet_and_merges(tiny_model, tmp_path, monkeypatch):
+    model, tok = models.load(tiny_model)
+    lora = models.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # make the adapter change the output
+    lora.eval()  # LoRA dropout off
+    ids = tok("Mia has 3 apples.", return_tensors="pt").input_ids
+    want = lora(ids).logits
+    adapter_dir = models.save(lora, tok, tmp_path / "adapter")
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"].startswith("/")  # loadable from any directory
+    assert not list(adapter_dir.glob("*.bin")) and list(adapter_dir.glob("*.safetensors"))
+
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = _card_snippet_load(cfg["base_model_name_or_path"], str(adapter_dir))
+    assert torch.allclose(loaded(ids).logits, want, atol=1e-5)
+    via_ours, _ = models.load(str(adapter_dir))
+    assert torch.allclose(via_ours(ids).logits, want, atol=1e-5)
+
+    merged_dir = models.save(lora, tok, tmp_path / "merged", merged=True)
+    assert not (merged_dir / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert torch.allclose(plain(ids).logits, want, atol=1e-4)
+
+
+def test_four_bit_without_cuda_is_a_clear_error(tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: 4-bit loading is allowed")
+    with pytest.raises(UserError, match="load_in_4bit needs CUDA"):
+        models.load(tiny_model, load_in_4bit=True)
+
+
+def test_gradient_checkpointing_is_switched_on(tiny_model):
+    model, _ = models.load(tiny_model, gradient_checkpointing=True)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+
+def test_missing_and_bad_folders(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        models.load(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model folder"):
+        models.load(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="unknown architecture"):
+        models.init_tiny(tmp_path / "x", "gpt5")
+
+
+def test_unknown_architecture_needs_explicit_lora_targets(tiny_loaded):
+    model, _ = tiny_loaded
+    with pytest.raises(UserError, match="not in this model"):
+        models.add_lora(model, target_modules=["c_attn"])

@@ -1,0 +1,57 @@
+import pytest
+
+from thinkforge.errors import UserError
+from thinkforge.rewards import REWARDS, WeightedRewards, correctness, format_reward, reasoning, resolve, verifiable
+
+GOOD = "<think>First, 5 + 4 = 9.\nThen I check: 9 - 4 = 5.\nSo it is 9.</think><answer>9</answer>"
+
+
+def test_verifiable_is_plus_or_minus_one():
+    assert verifiable(GOOD, "9") == 1.0
+    assert verifiable(GOOD, "10") == -1.0
+    assert verifiable("<think>5 + 4", "9") == -1.0
+
+
+def test_correctness_partial_credit_for_close_numbers():
+    assert correctness("<answer>100</answer>", "100") == 1.0
+    assert correctness("<answer>98</answer>", "100") == pytest.approx(0.4)  # 2% off: 0.5 * (1 - 0.02/0.1)
+    assert correctness("<answer>150</answer>", "100") == 0.0
+    assert correctness("<answer>cat</answer>", "100") == 0.0
+    assert correctness("<answer>B</answer>", "C", "mcq") == 0.0
+
+
+def test_reasoning_rewards_thinking_steps_and_calculations():
+    assert reasoning("<answer>9</answer>") == 0.0
+    bare = reasoning("<think>hmm</think><answer>9</answer>")
+    rich = reasoning(GOOD)
+    assert 0.4 <= bare < rich <= 1.0
+    assert rich >= 0.8
+
+
+def test_format_reward_grades_structure():
+    assert format_reward(GOOD) == 1.0
+    assert format_reward("9") == 0.0
+    assert format_reward("<think>x</think>9") == 0.25
+    assert 0 < format_reward("<answer>9</answer><think>x</think>") < 1
+
+
+def test_weighted_set_uses_recipe_weights():
+    rewards = WeightedRewards({"correctness": 1.0, "reasoning": 0.7, "format": 0.3})
+    total, parts = rewards.score(GOOD, "9")
+    assert parts["correctness"] == 1.0 and parts["format"] == 1.0
+    assert total == pytest.approx(1.0 + 0.7 * parts["reasoning"] + 0.3)
+
+
+def test_user_reward_by_import_path():
+    rewards = WeightedRewards({"user_rewards:shorter_is_better": 2.0, "verifiable": 1.0})
+    total, parts = rewards.score("<answer>9</answer>", "9")
+    assert parts["user_rewards:shorter_is_better"] == pytest.approx(-0.18)
+    assert total == pytest.approx(2 * -0.18 + 1.0)
+
+
+def test_unknown_rewards_are_clear_errors():
+    with pytest.raises(UserError, match="unknown reward 'corectness'"):
+        resolve("corectness")
+    with pytest.raises(UserError, match="cannot be imported"):
+        resolve("no_such_module:fn")
+    assert set(REWARDS) == {"verifiable", "correctness", "reasoning", "format"}

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from thinkforge.data import synthetic
+from thinkforge.data.sources import load_benchmark
+from thinkforge.errors import UserError
+
+FIX = Path(__file__).parent / "fixtures"
+
+
+def test_gsm8k_schema_reference_is_the_number_after_hashes():
+    probs = load_benchmark("gsm8k", str(FIX / "gsm8k_test.jsonl"))
+    assert [p.reference for p in probs] == ["22", "1000", "63"]
+    assert probs[0].kind == "math" and "####" in probs[0].meta["solution"]
+
+
+def test_math500_and_aime_schemas():
+    math = load_benchmark("math500", str(FIX / "math500_test.jsonl"))
+    assert math[0].id == "test/prealgebra/1.json" and math[0].reference == "\\frac{3}{4}"
+    assert math[1].meta["level"] == 2
+    aime = load_benchmark("aime24", str(FIX / "aime24_train.jsonl"))
+    assert [p.reference for p in aime] == ["9", "30"]
+
+
+def test_gpqa_options_shuffled_with_a_fixed_seed(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from thinkforge.io import read_jsonl
+
+    rows = read_jsonl(FIX / "gpqa_diamond_train.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gpqa.parquet")  # the hub ships parquet
+    a = load_benchmark("gpqa_diamond", str(tmp_path / "gpqa.parquet"))
+    b = load_benchmark("gpqa_diamond", str(FIX / "gpqa_diamond_train.jsonl"))
+    assert [(p.reference, p.choices) for p in a] == [(p.reference, p.choices) for p in b]
+    for p, row in zip(a, rows):
+        assert p.kind == "mcq" and p.choices["ABCD".index(p.reference)] == row["Correct Answer"]
+        assert f"({p.reference}) {row['Correct Answer']}" in p.question
+    assert {p.reference for p in load_benchmark("gpqa_diamond", str(FIX / "gpqa_diamond_train.jsonl"))} != {"A"}
+
+
+def test_local_file_with_column_mapping():
+    probs = load_benchmark("local", str(FIX / "custom.jsonl"), {"question": "prompt", "answer": "target", "id": "uid"})
+    assert [(p.id, p.question, p.reference) for p in probs] == [("c1", "What is 3 + 4?", "7"), ("c2", "What is 10 / 4?", "2.5")]
+
+
+def test_bad_benchmark_inputs_are_clear():
+    with pytest.raises(UserError, match="did you mean 'gsm8k'"):
+        load_benchmark("gsm8")
+    with pytest.raises(UserError, match="missing column 'problem'"):
+        load_benchmark("math500", str(FIX / "gsm8k_test.jsonl"))
+    with pytest.raises(UserError, match="not found"):
+        load_benchmark("gsm8k", str(FIX / "nope.jsonl"))
+    with pytest.raises(UserError, match="needs a file"):
+        load_benchmark("local")
+
+
+def test_hub_unreachable_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="cannot load openai/gsm8k.*--data-path"):
+        load_benchmark("gsm8k")
+
+
+def test_synthetic_is_seeded_and_test_split_is_disjoint_by_construction():
+    assert synthetic.generate(20, "train", 2, seed=1) == synthetic.generate(20, "train", 2, seed=1)
+    assert synthetic.generate(20, "train", 2, seed=1) != synthetic.generate(20, "train", 2, seed=2)
+    for level in (1, 2, 3, 4):
+        train = synthetic.generate(300, "train", level, seed=0)
+        test = synthetic.generate(60, "test", level, seed=0)
+        def arithmetic(r):  # the equations, without names or objects
+            return tuple(line.split(": ", 1)[1] for line in r["answer"].splitlines()[1:-2])
+
+        assert not {arithmetic(r) for r in train} & {arithmetic(r) for r in test}
+        assert all(r["answer"].count(" = ") == synthetic.LEVELS[level][0] for r in train)
+
+
+def test_synthetic_answers_are_whole_and_right():
+    for r in synthetic.generate(200, "train", 4, seed=3):
+        value = None
+        for line in r["answer"].splitlines()[1:-2]:
+            lhs, rhs = line.split(": ", 1)[1].rstrip(".").split(" = ")
+            a, op, b = lhs.split()
+            assert value is None or int(a) == value
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) // int(b)}[op]
+            assert op != "/" or int(a) % int(b) == 0
+            assert int(rhs) == value >= 0
+        assert str(value) == r["final"]
