@@ -1,7 +1,15 @@
 import pytest
 
 from thinkforge.errors import UserError
-from thinkforge.rewards import REWARDS, WeightedRewards, correctness, format_reward, reasoning, resolve, verifiable
+from thinkforge.rewards import (
+    REWARDS,
+    WeightedRewards,
+    correctness,
+    format_reward,
+    reasoning,
+    resolve,
+    verifiable,
+)
 
 GOOD = "<think>First, 5 + 4 = 9.\nThen I check: 9 - 4 = 5.\nSo it is 9.</think><answer>9</answer>"
 

@@ -34,7 +34,7 @@ def test_gpqa_options_shuffled_with_a_fixed_seed(tmp_path):
     a = load_benchmark("gpqa_diamond", str(tmp_path / "gpqa.parquet"))
     b = load_benchmark("gpqa_diamond", str(FIX / "gpqa_diamond_train.jsonl"))
     assert [(p.reference, p.choices) for p in a] == [(p.reference, p.choices) for p in b]
-    for p, row in zip(a, rows):
+    for p, row in zip(a, rows, strict=True):
         assert p.kind == "mcq" and p.choices["ABCD".index(p.reference)] == row["Correct Answer"]
         assert f"({p.reference}) {row['Correct Answer']}" in p.question
     assert {p.reference for p in load_benchmark("gpqa_diamond", str(FIX / "gpqa_diamond_train.jsonl"))} != {"A"}

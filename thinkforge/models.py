@@ -111,8 +111,8 @@ def load(
         if not torch.cuda.is_available():
             raise UserError("model.load_in_4bit needs CUDA (bitsandbytes 4-bit); set model.load_in_4bit=false on CPU")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'thinkforge[gpu]'") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -1,0 +1,101 @@
+"""The command line: --help everywhere, and bad input is one line, exit 2, no traceback, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import click
+import pytest
+from conftest import run_cli
+
+from thinkforge.cli import cli
+
+COMMANDS = ["eval", "grade", "generate", "chat", "serve", "init-model"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_explains_every_option(name, capsys):
+    code, out, _ = run_cli([name, "--help"], capsys)
+    assert code == 0 and "Usage: thinkforge" in out
+    command = cli.commands[name]
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{name} {param.opts} has no help"
+            assert param.opts[0] in out
+
+
+def _bad(args, capsys, expect):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert expect in err
+    return err
+
+
+def test_malformed_jsonl_line(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"completion": "<answer>1</answer>", "reference": "1"}\n{"completion": oops}\n')
+    _bad(["grade", str(src), "--out", str(out)], capsys, "in.jsonl:2: not valid JSON")
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl*"))
+
+
+def test_missing_column(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"completion": "x"}\n')
+    _bad(["grade", str(src), "--out", str(out)], capsys, "missing column 'reference'")
+    assert not out.exists()
+
+
+def test_unknown_benchmark_fails_before_loading_a_model(tmp_path, capsys):
+    _bad(["eval", "-m", str(tmp_path / "no-model"), "-b", "gsm9k"], capsys, "unknown benchmark 'gsm9k'; did you mean 'gsm8k'?")
+
+
+def test_config_typo(tiny_model, capsys):
+    _bad(["eval", "-m", tiny_model, "generation.max_new_tokns=3"], capsys, "did you mean 'generation.max_new_tokens'")
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    _bad(["generate", "-m", str(tmp_path / "missing"), "-p", "hi"], capsys, "model folder")
+
+
+def test_missing_recipe(tmp_path, capsys):
+    _bad(["eval", "--config", str(tmp_path / "nope.yaml")], capsys, "recipe")
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "thinkforge", "grade", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_generate_writes_jsonl(tiny_model, tmp_path, capsys):
+    out = tmp_path / "gen.jsonl"
+    code, stdout, err = run_cli(["generate", "-m", tiny_model, "-p", "Mia has 3 apples.", "-p", "Leo has 2 books.",
+                                 "-n", "2", "--max-new-tokens", "6", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["question"] for r in rows] == ["Mia has 3 apples."] * 2 + ["Leo has 2 books."] * 2
+    assert set(rows[0]) >= {"completion", "thinking", "answer", "format_ok", "finish_reason"}
+
+
+def test_chat_streams_thinking_and_answer_apart():
+    from thinkforge.cli import _ThinkingPrinter
+
+    shown = []
+    printer = _ThinkingPrinter(lambda text, nl=True: shown.append(click.unstyle(text) + ("\n" if nl else "")))
+    for piece in ["<thi", "nk>2 + 2", " = 4</th", "ink><answer>", "4</answer>"]:
+        printer.feed(piece)
+    printer.close()
+    assert "".join(shown) == "\n[thinking]\n2 + 2 = 4\n[answer]\n4\n"
+
+
+def test_chat_command_reads_questions_from_stdin(tiny_model):
+    r = subprocess.run([sys.executable, "-m", "thinkforge", "chat", "-m", tiny_model, "--max-new-tokens", "5"],
+                       input="Mia has 3 apples.\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_init_model_cli(tmp_path, capsys):
+    code, out, _ = run_cli(["init-model", str(tmp_path / "m"), "--arch", "qwen2", "--hidden", "32", "--heads", "2"], capsys)
+    assert code == 0 and (tmp_path / "m" / "config.json").is_file()
+    _bad(["init-model", str(tmp_path / "n"), "--hidden", "30", "--heads", "4"], capsys, "not divisible")

@@ -1,0 +1,105 @@
+"""`thinkforge serve` speaks the OpenAI API: the official client, real HTTP, loopback only."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+
+from thinkforge.rollout.hf import HFGenerator
+from thinkforge.serve import make_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_loaded):
+    model, tok = tiny_loaded
+    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0, api_key="sekret")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def client(url, key="sekret"):
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=60)
+
+
+def test_binds_loopback_by_default(tiny_loaded):
+    model, tok = tiny_loaded
+    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0)
+    try:
+        assert srv.server_address[0] == "127.0.0.1"
+    finally:
+        srv.server_close()
+
+
+def test_models_and_completions(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = c.completions.create(model="tiny", prompt=["Mia has", "Leo has"], max_tokens=5, temperature=0, n=2)
+    assert len(r.choices) == 4 and r.choices[0].text == r.choices[1].text
+    assert r.usage.completion_tokens > 0 and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_completion_and_stream_agree(server):
+    c = client(server)
+    msgs = [{"role": "user", "content": "Mia has 3 apples. How many?"}]
+    full = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
+    assert full.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_cut_the_text(server):
+    c = client(server)
+    free = c.completions.create(model="tiny", prompt="Mia has", max_tokens=8, temperature=0).choices[0].text
+    stop = free[2:4]
+    if not stop.strip():
+        pytest.skip("greedy text has no usable stop string")
+    cut = c.completions.create(model="tiny", prompt="Mia has", max_tokens=8, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == free[: free.find(stop)] and cut.finish_reason == "stop"
+
+
+def test_wrong_key_and_bad_requests(server):
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "wrong").models.list()
+    with pytest.raises(openai.BadRequestError):
+        client(server).chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client(server).completions.create(model="tiny", prompt="x", max_tokens=2, top_p=5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_command_as_a_process(tiny_model):
+    port = _free_port()
+    env = dict(os.environ, THINKFORGE_API_KEY="k2")
+    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "-m", tiny_model, "--port", str(port)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0, timeout=30)
+        deadline = time.time() + 60
+        while True:
+            try:
+                c.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+                time.sleep(0.3)
+        r = c.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.choices[0].message.content is not None
+    finally:
+        proc.terminate()
+        proc.wait(10)
