@@ -20,7 +20,7 @@ demo: $(VENV)/.stamp
 	$(PY) -m thinkforge demo --out runs/demo
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check thinkforge tests benchmarks
+	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.stamp lint
 	$(PY) -m pytest -q -x --durations=10
