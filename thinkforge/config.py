@@ -67,6 +67,33 @@ class SyntheticConfig(_Section):
     n_test: int = Field(200, ge=1, description="Held-out test problems generated (disjoint by construction).")
 
 
+class SFTConfig(_Section):
+    """Stage 2 (SPEC 2): next-token loss on a harder subset, no packing so the model learns to stop."""
+
+    data: str | None = Field(None, description="JSONL of accepted rollouts: `question` and `completion` columns.")
+    packing: bool = Field(False, description="Pack several documents per row (no attention across them).")
+    max_len: int = Field(20480, ge=8, description="Tokens per row (packed) or per document at most.")
+    epochs: int = Field(5, ge=1, description="Passes over the data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None = all epochs).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (recipe: 1e-5).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup (recipe: 10%).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of the peak.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
+    batch_size: int = Field(4, ge=1, description="Rows per micro-batch.")
+    grad_accum: int = Field(32, ge=1, description="Micro-batches per optimizer step (recipe batch 128 = 4 x 32).")
+    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+
+
+class MidtrainConfig(SFTConfig):
+    """Stage 1 (SPEC 2): distillation mid-training on verified chain-of-thought, with sequence packing."""
+
+    packing: bool = Field(True, description="Pack several documents per row (no attention across them).")
+    max_len: int = Field(16384, ge=8, description="Tokens per packed row (recipe: 16K).")
+
+
 class RewardsConfig(_Section):
     weights: dict[str, float] = Field(
         {"correctness": 1.0, "reasoning": 0.7, "format": 0.3},
@@ -82,6 +109,8 @@ class Recipe(_Section):
     eval: EvalConfig = EvalConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     rewards: RewardsConfig = RewardsConfig()
+    midtrain: MidtrainConfig = MidtrainConfig()
+    sft: SFTConfig = SFTConfig()
 
 
 def _parse_value(text: str) -> Any:

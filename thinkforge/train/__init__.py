@@ -1,0 +1,1 @@
+"""Training stages (sft, dpo, rl) and the mechanics they share (loop)."""

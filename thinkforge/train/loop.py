@@ -1,0 +1,201 @@
+"""Mechanics every training stage shares: optimizer, schedule, data order, checkpoints, resume, metrics.
+
+Stages call these functions; they do not inherit from them. Resume is exact: a checkpoint holds the model
+(a standard HF or PEFT folder), the optimizer state (safetensors + JSON, no pickle), the RNG states and the
+step; the learning rate and the data order are pure functions of (seed, step), so a resumed run replays
+nothing and skips nothing (PITFALLS 7).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from thinkforge.io import write_json
+
+CHECKPOINT_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and norms (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine down to min_ratio * peak at `total`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of n items used in `epoch`: a pure function, so resume needs no saved sampler."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: str, mixed_precision: str):
+    """bf16 autocast on CUDA (fp32 master weights), nothing on CPU unless asked."""
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and device.startswith("cuda")):
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{idx}/{key}"] = value
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2) -> Path:
+    """Write run_dir/step-N atomically (temporary folder, then rename); keep the newest `keep`."""
+    from safetensors.torch import save_file
+
+    from thinkforge import models
+
+    run_dir = Path(run_dir)
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = run_dir / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    models.save(model, tokenizer, tmp / "model")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    write_json(tmp / "trainer_state.json", {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def restore(checkpoint: Path, optimizer) -> dict:
+    """Load optimizer and RNG state from a checkpoint (the model was loaded from checkpoint/model)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((checkpoint / "trainer_state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), meta["optimizer"]))
+    _set_rng_state(load_file(str(checkpoint / "rng.safetensors")), meta["rng"])
+    return meta
+
+
+# ---------------------------------------------------------------- metrics
+
+
+class Metrics:
+    """Metrics to metrics.jsonl (appended, so a resumed run continues the file) and TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and resume_step >= 0:
+            # Drop rows past the checkpoint we resume from: they will be produced again.
+            kept = [line for line in self.path.read_text().splitlines() if _row_step(line) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; only a broken install lands here
+                self._tb = None
+        self.start = time.time()
+
+    def log(self, step: int, values: dict) -> None:
+        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, ValueError, TypeError):
+        return 1 << 62  # a torn last line: drop it

@@ -1,0 +1,149 @@
+"""Supervised fine-tuning: stage 1 (mid-training, packed) and stage 2 (SFT, unpacked).
+
+    L = -(1/N) sum over completion tokens of log pi(y_t | x, y_<t)      (SPEC 4; N = the step's tokens)
+
+Reads top to bottom as the algorithm: tokenise -> (pack) -> for each step: micro-batches -> loss ->
+backward -> clip -> update -> log -> checkpoint. A rerun with the same run folder resumes from the newest
+checkpoint at the same step with the same data order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from thinkforge import models
+from thinkforge.config import Recipe, SFTConfig
+from thinkforge.data.packing import Example, collate_packed, collate_padded, pack, tokenize
+from thinkforge.errors import UserError
+from thinkforge.formats import render_prompt
+from thinkforge.io import read_jsonl
+from thinkforge.losses import IGNORE, sft_loss
+from thinkforge.train import loop
+
+
+def load_examples(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Example]:
+    rows = read_jsonl(path, required=["question", "completion"])
+    if not rows:
+        raise UserError(f"{path}: no training rows")
+    m = recipe.model
+    return [tokenize(tokenizer, render_prompt(r["question"], m.prompt_format, m.system_prompt, tokenizer),
+                     r["completion"], max_len) for r in rows]
+
+
+def build_rows(examples: list[Example], cfg: SFTConfig) -> list:
+    """Training rows: bins of examples (packed) or the examples themselves."""
+    return pack(examples, cfg.max_len) if cfg.packing else examples
+
+
+def collate(rows: list, cfg: SFTConfig, pad_id: int) -> dict:
+    if cfg.packing:
+        ids, labels, pos = collate_packed(rows, cfg.max_len, pad_id)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}  # no attention_mask: see packing.py
+    ids, labels, attn = collate_padded(rows, pad_id)
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def step_rows(n_rows: int, cfg: SFTConfig, seed: int, step: int) -> list[int]:
+    """Indices of the rows of optimizer step `step` (a pure function of seed and step)."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = math.ceil(n_rows / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    return loop.epoch_order(n_rows, seed, epoch)[k * per_step : (k + 1) * per_step]
+
+
+def total_steps(n_rows: int, cfg: SFTConfig) -> int:
+    steps = cfg.epochs * math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def forward_loss(model, batch: dict, n_tokens: float) -> torch.Tensor:
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    return sft_loss(logits, batch["labels"].to(model.device), n_tokens)
+
+
+def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
+         stop_after: int | None = None) -> Path | None:
+    """Train stage `stage` ("midtrain" or "sft") into run_dir; returns the final model folder.
+
+    stop_after: checkpoint and return None after that many steps, as an interruption would (the schedule
+    still spans the whole run, so a rerun continues exactly).
+    """
+    from tqdm import tqdm
+
+    cfg: SFTConfig = getattr(recipe, stage)
+    data = data or cfg.data
+    if not data:
+        raise UserError(f"{stage}.data is not set: pass --data FILE.jsonl (rows with question and completion)")
+    run_dir = Path(run_dir)
+    final_dir = run_dir / "final"
+    m = recipe.model
+    loop.seed_everything(recipe.seed)
+
+    ckpt = loop.latest_checkpoint(run_dir)
+    source = str(ckpt / "model") if ckpt else m.name_or_path
+    model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
+                             m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
+    if recipe.lora.enabled and not models.is_adapter(model):
+        model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    model.train()
+
+    examples = load_examples(data, tok, recipe, cfg.max_len)
+    rows = build_rows(examples, cfg)
+    n_steps = total_steps(len(rows), cfg)
+    warmup = int(cfg.warmup_ratio * n_steps)
+    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = 0
+    if ckpt:
+        start = loop.restore(ckpt, optimizer)["step"]
+    metrics = loop.Metrics(run_dir, resume_step=start)
+    if start == 0:
+        n_tok = sum(len(e) for e in examples)
+        metrics.log(0, {"event": "start", "documents": len(examples), "rows": len(rows), "steps": n_steps,
+                        "tokens": n_tok, "packing": cfg.packing})
+
+    device = str(model.device)
+    bar = tqdm(total=n_steps, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start, n_steps):
+        t0 = time.time()
+        idx = step_rows(len(rows), cfg, recipe.seed, step)
+        micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        batches = [collate([rows[i] for i in mb], cfg, tok.pad_token_id) for mb in micro]
+        n_tokens = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
+        loss_sum = 0.0
+        for batch in batches:
+            with loop.autocast(device, cfg.mixed_precision):
+                loss = forward_loss(model, batch, n_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
+        lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.time() - t0
+        n_in = sum(int(b["input_ids"].numel()) for b in batches)
+        nonpad = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in batches)
+        metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
+                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(n_tokens)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+        done = step + 1
+        if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps:
+            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": stage, "steps": n_steps},
+                                 cfg.keep_checkpoints)
+        if stop_after is not None and done >= stop_after and done < n_steps:
+            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": stage, "steps": n_steps},
+                                 cfg.keep_checkpoints)
+            bar.close()
+            metrics.close()
+            return None
+    bar.close()
+    metrics.close()
+    models.save(model, tok, final_dir)
+    return final_dir
