@@ -358,6 +358,95 @@ def serve(host, port, api_key, served_model_name, config_path, overrides, **opti
         server.server_close()
 
 
+# ---------------------------------------------------------------- data and training stages
+
+
+@cli.group(context_settings=CTX)
+def data():
+    """Make training data: teacher rollouts (distill) and rejection sampling (select)."""
+
+
+@data.command("distill", context_settings=CTX)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output JSONL (appended; a rerun skips finished problems).")
+@click.option("--teacher", type=click.Choice(["synthetic", "hf", "openai"]), default=None,
+              help="synthetic (programmatic, with slips), hf (local model) or openai (any compatible endpoint). [distill.teacher]")
+@click.option("--teacher-model", default=None, help="Model folder / hub id (hf) or served model name (openai). [distill.teacher_model]")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1. [distill.base_url]")
+@click.option("--samples", "-n", type=int, default=None, help="Rollouts per problem. [distill.samples]")
+@click.option("--problems", type=int, default=None, help="Number of problems. [distill.n_problems]")
+@click.option("--slip-rate", type=float, default=None, help="Synthetic teacher's share of flawed rollouts. [distill.slip_rate]")
+@config_options
+def data_distill(out_path, teacher, teacher_model, base_url, samples, problems, slip_rate, config_path, overrides):
+    """Ask a teacher for N chain-of-thought rollouts per problem and grade each (all kept, with grades)."""
+    import json as _json
+
+    from thinkforge.data import distill
+
+    given = {"teacher": teacher, "teacher_model": teacher_model, "base_url": base_url, "samples": samples,
+             "n_problems": problems, "slip_rate": slip_rate}
+    extra = [f"distill.{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
+    recipe = recipe_from(config_path, [*overrides, *extra])
+    _quiet_hf()
+    cfg = recipe.distill
+    probs = distill.problems_for(cfg, recipe.seed)
+    stats = distill.main(probs, distill.teacher_for(cfg, recipe), cfg.samples, out_path)
+    click.echo(f"{stats['rollouts']} new rollouts, acceptance {stats['acceptance']:.3f}, "
+               f"{stats['skipped_done']} problems already done -> {out_path}")
+
+
+@data.command("select", context_settings=CTX)
+@click.argument("input_path", metavar="ROLLOUTS.jsonl", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for accepted.jsonl, rejected.jsonl, hard.jsonl, stats.json, pass_rates.json.")
+@click.option("--max-pass-rate", type=float, default=None, help="Hard subset: teacher pass rate at most this. [select.max_pass_rate]")
+@click.option("--min-difficulty", type=int, default=None, help="Hard subset: difficulty level at least this. [select.min_difficulty]")
+@click.option("--min-words", type=int, default=None, help="Hard subset: rollouts at least this many words. [select.min_words]")
+@config_options
+def data_select(input_path, out_dir, max_pass_rate, min_difficulty, min_words, config_path, overrides):
+    """Rejection sampling: keep correct rollouts (deduplicated), keep incorrect ones for DPO, pick the hard subset."""
+    import json as _json
+
+    from thinkforge.data import selection
+
+    given = {"max_pass_rate": max_pass_rate, "min_difficulty": min_difficulty, "min_words": min_words}
+    extra = [f"select.{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
+    cfg = recipe_from(config_path, [*overrides, *extra]).select
+    stats = selection.main(input_path, out_dir, cfg.max_pass_rate, cfg.min_difficulty, cfg.min_words)
+    click.echo(f"accepted {stats['accepted']} ({stats['duplicates_dropped']} duplicates dropped), rejected "
+               f"{stats['rejected']}, hard {stats['hard']} from {stats['hard_problems']} problems -> {out_dir}")
+
+
+@cli.command(context_settings=CTX)
+@click.option("--stage", type=click.Choice(["midtrain", "sft"]), default="sft", show_default=True,
+              help="midtrain: stage 1 with sequence packing; sft: stage 2 without packing. Reads that recipe section.")
+@click.option("--data", "data_path", default=None, help="JSONL with question and completion columns. [<stage>.data]")
+@click.option("--model", "-m", default=None, help="Starting model (hub id or folder). [model.name_or_path]")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.jsonl, tensorboard/, final/. A rerun resumes from it.")
+@click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter instead of all weights. [lora.enabled]")
+@config_options
+def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
+    """Supervised fine-tuning on completion tokens (prompt masked): stage 1 packed, stage 2 unpacked."""
+    import json as _json
+
+    from thinkforge.config import dump_config
+    from thinkforge.io import atomic_write
+    from thinkforge.train import sft as sft_stage
+
+    extra = [f"{stage}.data={_json.dumps(data_path)}"] if data_path else []
+    if model:
+        extra.append(f"model.name_or_path={_json.dumps(model)}")
+    if lora is not None:
+        extra.append(f"lora.enabled={str(lora).lower()}")
+    recipe = recipe_from(config_path, [*overrides, *extra])
+    _quiet_hf()
+    with atomic_write(Path(out_dir) / "config.yaml") as f:
+        f.write(dump_config(recipe))
+    final = sft_stage.main(recipe, stage, out_dir)
+    click.echo(f"{stage} finished: model in {final}")
+
+
 # ---------------------------------------------------------------- demo
 
 

@@ -94,6 +94,36 @@ class MidtrainConfig(SFTConfig):
     max_len: int = Field(16384, ge=8, description="Tokens per packed row (recipe: 16K).")
 
 
+class DistillConfig(_Section):
+    """Stage-1 data: N teacher rollouts per problem, graded (SPEC 2: about 8 per problem)."""
+
+    teacher: Literal["synthetic", "hf", "openai"] = Field("synthetic", description="Who writes the chains of thought.")
+    teacher_model: str | None = Field(None, description="hf: model folder or hub id; openai: the served model name.")
+    base_url: str | None = Field(None, description="openai: endpoint base, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
+    concurrency: int = Field(8, ge=1, description="openai: requests in flight at most.")
+    max_retries: int = Field(5, ge=0, description="openai: retries on errors and rate limits (exponential backoff).")
+    timeout: float = Field(600.0, gt=0, description="openai: seconds per request.")
+    source: str = Field("synthetic", description="Problems: synthetic, gsm8k, math500, aime24, local (train splits for hub sets need data_path).")
+    data_path: str | None = Field(None, description="Local JSONL/Parquet of problems (for source=local or a local hub copy).")
+    columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
+    n_problems: int = Field(2000, ge=1, description="Problems to distill (synthetic: generated).")
+    difficulties: list[int] = Field([1, 2], description="Synthetic difficulty levels mixed in equal shares.")
+    samples: int = Field(8, ge=1, description="Rollouts per problem.")
+    slip_rate: float = Field(0.3, ge=0, le=1, description="Synthetic teacher: share of rollouts with a mistake.")
+    max_new_tokens: int = Field(32768, ge=1, description="Teacher tokens per rollout at most.")
+    temperature: float = Field(0.6, ge=0, description="Teacher sampling temperature (R1 protocol: 0.6).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Teacher nucleus mass (R1 protocol: 0.95).")
+
+
+class SelectConfig(_Section):
+    """Rejection sampling and the stage-2 harder subset."""
+
+    max_pass_rate: float = Field(1.0, ge=0, le=1, description="Hard subset: problems the teacher solved at most this often.")
+    min_difficulty: int | None = Field(None, description="Hard subset: problems at this difficulty level or above.")
+    min_words: int = Field(0, ge=0, description="Hard subset: rollouts at least this long.")
+
+
 class RewardsConfig(_Section):
     weights: dict[str, float] = Field(
         {"correctness": 1.0, "reasoning": 0.7, "format": 0.3},
@@ -109,6 +139,8 @@ class Recipe(_Section):
     eval: EvalConfig = EvalConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     rewards: RewardsConfig = RewardsConfig()
+    distill: DistillConfig = DistillConfig()
+    select: SelectConfig = SelectConfig()
     midtrain: MidtrainConfig = MidtrainConfig()
     sft: SFTConfig = SFTConfig()
 

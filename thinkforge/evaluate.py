@@ -78,7 +78,7 @@ def evaluate(
                          "completion": c.text, "finish_reason": c.finish_reason,
                          **score_sample(problem, c.text, c.finish_reason)})
         bar.update(len(batch))
-        bar.set_postfix(acc=f"{summarize(rows, 0)['accuracy']:.3f}")
+        bar.set_postfix(acc=f"{summarize(rows, 0)['accuracy']:.3f}", refresh=False)
     bar.close()
     summary = summarize(rows, len(problems))
     summary["protocol"] = {**asdict(params), "samples_per_problem": samples}

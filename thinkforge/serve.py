@@ -164,6 +164,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._error(404, f"no route {self.path}")
         except BadRequest as e:
             self._error(400, str(e))
+        except Exception as e:  # a generation failure must answer 500, so clients can retry
+            self._error(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
 
     def _complete(self, body: dict, chat: bool) -> None:
         srv = self.server

@@ -12,6 +12,7 @@ Rows follow GSM8K's schema: `question`, and `answer` = worked solution ending in
 from __future__ import annotations
 
 import hashlib
+import re
 import random
 from dataclasses import dataclass
 
@@ -130,3 +131,51 @@ def worked_solution(row: dict) -> tuple[str, str]:
     """(thinking, answer) of the reference solution, for SFT targets and the programmatic teacher."""
     body, _, final = row["answer"].rpartition("####")
     return body.strip(), final.strip()
+
+
+# ---------------------------------------------------------------- the programmatic teacher
+
+OPENERS = ["Let me work through this step by step.", "Step by step:", "I will follow the changes in order.", ""]
+SLIPS = ("arithmetic", "answer", "truncated")
+
+
+_STEP = re.compile(r"^(.*: )(-?\d+) ([-+*/]) (\d+) = (-?\d+)\.$")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+
+
+def teacher_completion(row: dict, rng: random.Random, slip_rate: float = 0.0) -> tuple[str, str | None]:
+    """A chain of thought in <think>/<answer> form for a synthetic row, and the slip it contains (or None).
+
+    Slips, so that verification has something to reject: "arithmetic" (one step's result off by a little,
+    carried through to a wrong answer), "answer" (right steps, wrong final answer), "truncated" (cut off
+    inside <think>). Correct rollouts vary in wording, and some end with a self-check.
+    """
+    from thinkforge.formats import format_completion
+
+    thinking, answer = worked_solution(row)
+    lines = thinking.splitlines()
+    slip = rng.choice(SLIPS) if rng.random() < slip_rate else None
+    if slip == "arithmetic":
+        steps = [i for i, line in enumerate(lines) if _STEP.match(line)]
+        k = rng.choice(steps)
+        value = None
+        for i in steps[steps.index(k):]:
+            head, a, op, b, c = _STEP.match(lines[i]).groups()
+            a = int(a) if value is None else value  # later steps carry the mistake forward
+            value = _apply(a, op, int(b)) + (rng.choice([-3, -2, -1, 1, 2, 3]) if i == k else 0)
+            lines[i] = f"{head}{a} {op} {b} = {value}."
+        answer = str(value)
+        lines[-1] = re.sub(r"-?\d+(?=\D*$)", answer, lines[-1])
+    elif slip == "answer":
+        answer = str(int(answer) + rng.choice([-10, -2, -1, 1, 2, 10]))
+    opener = rng.choice(OPENERS)
+    if opener:
+        lines.insert(0, opener)
+    if slip is None and rng.random() < 0.3:
+        lines.append(f"Let me check: the last step gives {answer}. Yes.")
+    if slip == "truncated":
+        return "<think>\n" + "\n".join(lines[: max(1, len(lines) // 2)]), slip
+    return format_completion("\n".join(lines), answer), slip

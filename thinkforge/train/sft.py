@@ -132,7 +132,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
                                "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(n_tokens)})
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
         done = step + 1
         if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps:
             loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": stage, "steps": n_steps},

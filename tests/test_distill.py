@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from thinkforge.data import distill, selection, sources
+from thinkforge.errors import UserError
+from thinkforge.rollout.hf import HFGenerator
+from thinkforge.rollout.openai import OpenAIClient, ServerError
+from thinkforge.rollout.types import SamplingParams
+from thinkforge.serve import make_server
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_synthetic_teacher_rows_are_graded_and_slips_rejected(tmp_path):
+    probs = sources.synthetic("train", 40, 2, seed=0)
+    out = tmp_path / "d.jsonl"
+    stats = distill.main(probs, distill.SyntheticTeacher(slip_rate=0.5, seed=0), 4, out, progress=False)
+    rows = _rows(out)
+    assert len(rows) == 160 and stats["rollouts"] == 160
+    assert set(rows[0]) >= {"problem_id", "question", "reference", "completion", "correct", "teacher", "length"}
+    assert 0.3 < stats["acceptance"] < 0.85  # about half the rollouts carry a slip
+    assert all(r["correct"] == ("<answer>" in r["completion"] and r["completion"].strip().endswith("</answer>")) or
+               not r["correct"] for r in rows)
+    assert not any(r["correct"] for r in rows if "</think>" not in r["completion"])  # truncated ones
+
+
+def test_rerun_skips_finished_problems_and_completes_partial_ones(tmp_path):
+    probs = sources.synthetic("train", 10, 1, seed=0)
+    teacher = distill.SyntheticTeacher(0.3, 0)
+    full = tmp_path / "full.jsonl"
+    distill.main(probs, teacher, 3, full, progress=False)
+    part = tmp_path / "part.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:7]) + lines[7][:25])  # a kill mid-write: a torn line
+    stats = distill.main(probs, teacher, 3, part, progress=False)
+    assert stats["skipped_done"] == 2
+    assert sorted(part.read_text().splitlines()) == sorted(full.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_a_killed_distill_resumes(tmp_path):
+    out = tmp_path / "d.jsonl"
+    cmd = [sys.executable, "-m", "thinkforge", "data", "distill", "--out", str(out), "--problems", "3000", "-n", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while (not out.exists() or out.stat().st_size < 20_000) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_before = len(out.read_text().splitlines())
+    assert 0 < n_before < 24_000
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = _rows(out)
+    assert len(rows) == 24_000
+    counts = {}
+    for r in rows:
+        counts[r["problem_id"]] = counts.get(r["problem_id"], 0) + 1
+    assert set(counts.values()) == {8} and len(counts) == 3000
+
+
+class FlakyGenerator:
+    """Fails the first `failures` calls (the server answers 500), then generates normally."""
+
+    def __init__(self, inner, failures):
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def generate(self, prompts, n, params):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("out of memory (simulated)")
+        return self.inner.generate(prompts, n, params)
+
+    def stream(self, prompt, params):
+        return self.inner.stream(prompt, params)
+
+
+@pytest.fixture
+def flaky_server(tiny_loaded):
+    model, tok = tiny_loaded
+    gen = FlakyGenerator(HFGenerator(model, tok), failures=1)
+    srv = make_server(gen, tok, "tiny-teacher", port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", gen
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_openai_teacher_against_thinkforge_serve_retries_a_server_error(flaky_server, tmp_path):
+    url, gen = flaky_server
+    client = OpenAIClient(url, "tiny-teacher", timeout=60, max_retries=3, backoff=0.01, concurrency=2)
+    teacher = distill.OpenAITeacher(client, SamplingParams(max_new_tokens=6, temperature=1.0))
+    probs = sources.synthetic("train", 3, 1, seed=0)
+    out = tmp_path / "d.jsonl"
+    stats = distill.main(probs, teacher, 2, out, progress=False)
+    assert stats["rollouts"] == 6 and client.retries == 1 and gen.calls == 4
+    rows = _rows(out)
+    assert {r["teacher"] for r in rows} == {"tiny-teacher"} and all(isinstance(r["correct"], bool) for r in rows)
+
+
+def test_openai_client_gives_up_after_retries_and_reports_client_errors(flaky_server):
+    url, gen = flaky_server
+    gen.failures = 100
+    client = OpenAIClient(url, "tiny-teacher", max_retries=2, backoff=0.01)
+    with pytest.raises(ServerError, match="after 3 attempts.*500"):
+        client.chat([{"role": "user", "content": "hi"}], 1, SamplingParams(max_new_tokens=2))
+    with pytest.raises(UserError, match="400"):
+        client.chat([], 1, SamplingParams(max_new_tokens=2))
+    refused = OpenAIClient("http://127.0.0.1:9/v1", "x", max_retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(ServerError, match="after 2 attempts"):
+        refused.chat([{"role": "user", "content": "hi"}], 1, SamplingParams(max_new_tokens=2))
+
+
+def test_hf_teacher(tiny_loaded, tmp_path):
+    model, tok = tiny_loaded
+    teacher = distill.HFTeacher(HFGenerator(model, tok), lambda q: q, SamplingParams(max_new_tokens=4), "tiny")
+    stats = distill.main(sources.synthetic("train", 3, 1), teacher, 2, tmp_path / "d.jsonl", progress=False)
+    assert stats["rollouts"] == 6
+
+
+def test_select_accepts_dedupes_keeps_rejects_and_picks_hard(tmp_path):
+    rows = []
+    for pid, grades, diff in [("easy", [1, 1, 1, 1], 1), ("mid", [1, 1, 0, 0], 2), ("hard", [1, 0, 0, 0], 2), ("none", [0, 0], 2)]:
+        for i, g in enumerate(grades):
+            text = f"<think>{pid}</think><answer>{'right' if g else i}</answer>"
+            rows.append({"problem_id": pid, "question": pid, "completion": text, "correct": bool(g), "difficulty": diff})
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = selection.main(src, tmp_path / "sel", max_pass_rate=0.5, min_difficulty=2)
+    accepted = _rows(tmp_path / "sel" / "accepted.jsonl")
+    assert [r["problem_id"] for r in accepted] == ["easy", "mid", "hard"]  # identical correct texts deduplicated
+    assert stats["duplicates_dropped"] == 4 and stats["rejected"] == 7
+    assert [r["problem_id"] for r in _rows(tmp_path / "sel" / "hard.jsonl")] == ["mid", "hard"]
+    assert stats["problems_with_both"] == 2
+    assert json.loads((tmp_path / "sel" / "pass_rates.json").read_text())["mid"] == 0.5

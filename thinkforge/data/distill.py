@@ -1,0 +1,174 @@
+"""Stage-1 data: ask a teacher for N chain-of-thought rollouts per problem, grade each, write them all.
+
+Every rollout is kept with its grade (rejection sampling happens in `select`), so the incorrect ones can
+become the rejected side of DPO pairs. Output rows: problem_id, question, reference, completion, correct,
+teacher, length (words), finish_reason, difficulty. The output file is appended problem by problem: a
+rerun skips problems that are done, and a kill loses at most the rollouts in flight.
+
+Teachers (each yields (problem, [(completion, finish_reason), ...]) as results arrive):
+- SyntheticTeacher: the synthetic task's programmatic teacher with a slip rate (the demo's).
+- HFTeacher: a local Hugging Face model, batched.
+- OpenAITeacher: any OpenAI-compatible endpoint (DeepSeek-R1's API, vLLM, SGLang, `thinkforge serve`),
+  with bounded concurrency, retries and timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from thinkforge.data.sources import Problem
+from thinkforge.errors import UserError
+from thinkforge.grading import grade
+from thinkforge.rollout.types import SamplingParams
+
+Result = tuple[Problem, list[tuple[str, str]]]
+
+
+class SyntheticTeacher:
+    name = "synthetic"
+
+    def __init__(self, slip_rate: float = 0.3, seed: int = 0):
+        self.slip_rate, self.seed = slip_rate, seed
+
+    def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
+        from thinkforge.data.synthetic import teacher_completion
+
+        for p in problems:
+            if "solution" not in p.meta:
+                raise UserError(f"the synthetic teacher needs synthetic problems; {p.id} has no worked solution")
+            rng = random.Random(f"{self.seed}-{p.id}")  # per problem: reruns give the same rollouts
+            row = {"answer": p.meta["solution"]}
+            yield p, [(teacher_completion(row, rng, self.slip_rate)[0], "stop") for _ in range(n)]
+
+
+class HFTeacher:
+    def __init__(self, generator, prompt_fn, params: SamplingParams, name: str, chunk: int = 8):
+        self.generator, self.prompt_fn, self.params, self.name, self.chunk = generator, prompt_fn, params, name, chunk
+
+    def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
+        for i in range(0, len(problems), self.chunk):
+            batch = problems[i : i + self.chunk]
+            outs = self.generator.generate([self.prompt_fn(p.question) for p in batch], n, self.params)
+            for j, p in enumerate(batch):
+                yield p, [(c.text, c.finish_reason) for c in outs if c.prompt_index == j]
+
+
+class OpenAITeacher:
+    def __init__(self, client, params: SamplingParams, system: str | None = None):
+        self.client, self.params, self.system = client, params, system
+        self.name = client.model
+
+    def _one(self, p: Problem, n: int) -> Result:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": p.question}]
+        return p, self.client.chat(messages, n, self.params)
+
+    def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
+        with ThreadPoolExecutor(self.client.concurrency) as pool:
+            futures = [pool.submit(self._one, p, n) for p in problems]
+            for f in as_completed(futures):
+                yield f.result()
+
+
+def done_counts(out_path: Path) -> dict[str, int]:
+    """Rollouts already written per problem; a torn last line (a kill mid-write) is cut off."""
+    counts: dict[str, int] = {}
+    if not out_path.exists():
+        return counts
+    good_bytes = 0
+    with out_path.open("rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            counts[row["problem_id"]] = counts.get(row["problem_id"], 0) + 1
+            good_bytes += len(line)
+    if good_bytes != out_path.stat().st_size:
+        with out_path.open("r+b") as f:
+            f.truncate(good_bytes)
+    return counts
+
+
+def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progress: bool = True) -> dict:
+    """Distill `n` graded rollouts per problem into out_path (JSONL, appended); returns counts."""
+    from tqdm import tqdm
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = done_counts(out_path)
+    partial = {pid for pid, k in done.items() if k < n}
+    if partial:  # a torn write: redo those problems whole, so reruns match an uninterrupted run
+        from thinkforge.io import read_jsonl, write_jsonl
+
+        write_jsonl(out_path, [r for r in read_jsonl(out_path) if r["problem_id"] not in partial])
+        done = {pid: k for pid, k in done.items() if pid not in partial}
+    todo = [p for p in problems if done.get(p.id, 0) < n]
+    stats = {"problems": len(problems), "skipped_done": len(problems) - len(todo), "rollouts": 0, "correct": 0}
+    bar = tqdm(total=len(problems), initial=stats["skipped_done"], desc="distill", unit="problem",
+               disable=not progress, dynamic_ncols=True)
+    with out_path.open("a", encoding="utf-8") as f:
+        for problem, outs in teacher.solve(todo, n):
+            lines = []
+            for text, finish in outs[:n]:
+                ok = grade(text, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
+                stats["rollouts"] += 1
+                stats["correct"] += ok
+                lines.append(json.dumps({
+                    "problem_id": problem.id, "question": problem.question, "reference": problem.reference,
+                    "kind": problem.kind, "completion": text, "correct": ok, "teacher": teacher.name,
+                    "length": len(text.split()), "finish_reason": finish,
+                    "difficulty": problem.meta.get("difficulty", problem.meta.get("level")),
+                }, ensure_ascii=False) + "\n")
+            f.write("".join(lines))  # one problem at a time: a kill tears at most this write
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(1)
+            bar.set_postfix(accept=f"{stats['correct'] / max(1, stats['rollouts']):.2f}", refresh=False)
+    bar.close()
+    stats["acceptance"] = stats["correct"] / max(1, stats["rollouts"])
+    return stats
+
+
+def problems_for(cfg, seed: int) -> list[Problem]:
+    """The problems a DistillConfig names: synthetic training problems, or a benchmark / local file."""
+    from thinkforge.data import sources
+
+    if cfg.source == "synthetic":
+        per_level = max(1, cfg.n_problems // len(cfg.difficulties))
+        return [p for d in cfg.difficulties for p in sources.synthetic("train", per_level, d, seed)]
+    return sources.load_benchmark(cfg.source, cfg.data_path, cfg.columns, cfg.n_problems, seed)
+
+
+def teacher_for(cfg, recipe):
+    """Build the teacher a DistillConfig names."""
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, recipe.seed)
+    if cfg.teacher == "synthetic":
+        return SyntheticTeacher(cfg.slip_rate, recipe.seed)
+    if not cfg.teacher_model:
+        raise UserError(f"distill.teacher={cfg.teacher} needs distill.teacher_model")
+    if cfg.teacher == "hf":
+        import functools
+
+        from thinkforge import models
+        from thinkforge.formats import render_prompt
+        from thinkforge.rollout.hf import HFGenerator
+
+        model, tok = models.load(cfg.teacher_model, recipe.model.dtype, recipe.model.device, recipe.model.trust_remote_code)
+        prompt_fn = functools.partial(render_prompt, fmt=recipe.model.prompt_format, system=recipe.model.system_prompt,
+                                      tokenizer=tok)
+        return HFTeacher(HFGenerator(model, tok, recipe.generation.batch_size), prompt_fn, params, cfg.teacher_model)
+    from thinkforge.rollout.openai import OpenAIClient
+
+    if not cfg.base_url:
+        raise UserError("distill.teacher=openai needs distill.base_url (e.g. http://127.0.0.1:8000/v1)")
+    client = OpenAIClient(cfg.base_url, cfg.teacher_model, os.environ.get(cfg.api_key_env), cfg.timeout,
+                          cfg.max_retries, concurrency=cfg.concurrency)
+    return OpenAITeacher(client, params, recipe.model.system_prompt)
