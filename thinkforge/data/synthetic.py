@@ -12,8 +12,8 @@ Rows follow GSM8K's schema: `question`, and `answer` = worked solution ending in
 from __future__ import annotations
 
 import hashlib
-import re
 import random
+import re
 from dataclasses import dataclass
 
 NAMES = ["Mia", "Leo", "Ava", "Noah", "Ivy", "Omar", "Zoe", "Ravi", "Lena", "Tom", "Nina", "Sam", "Yuki", "Ben", "Ana", "Kai"]
