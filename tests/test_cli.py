@@ -10,14 +10,16 @@ from conftest import run_cli
 
 from thinkforge.cli import cli
 
-COMMANDS = ["eval", "grade", "generate", "chat", "serve", "init-model"]
+COMMANDS = ["eval", "grade", "generate", "chat", "serve", "init-model", "sft", "data distill", "data select"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_help_explains_every_option(name, capsys):
-    code, out, _ = run_cli([name, "--help"], capsys)
+    code, out, _ = run_cli([*name.split(), "--help"], capsys)
     assert code == 0 and "Usage: thinkforge" in out
-    command = cli.commands[name]
+    command = cli
+    for part in name.split():
+        command = command.commands[part]
     for param in command.params:
         if isinstance(param, click.Option):
             assert param.help, f"{name} {param.opts} has no help"
@@ -99,3 +101,16 @@ def test_init_model_cli(tmp_path, capsys):
     code, out, _ = run_cli(["init-model", str(tmp_path / "m"), "--arch", "qwen2", "--hidden", "32", "--heads", "2"], capsys)
     assert code == 0 and (tmp_path / "m" / "config.json").is_file()
     _bad(["init-model", str(tmp_path / "n"), "--hidden", "30", "--heads", "4"], capsys, "not divisible")
+
+
+def test_distill_select_sft_from_the_command_line(tiny_model, tmp_path, capsys):
+    d, sel, run = tmp_path / "d.jsonl", tmp_path / "sel", tmp_path / "run"
+    code, out, err = run_cli(["data", "distill", "--out", str(d), "--problems", "20", "-n", "2"], capsys)
+    assert code == 0 and "40 new rollouts" in out, err
+    code, out, err = run_cli(["data", "select", str(d), "--out", str(sel), "--max-pass-rate", "0.5"], capsys)
+    assert code == 0 and (sel / "accepted.jsonl").is_file(), err
+    code, out, err = run_cli(["sft", "--stage", "midtrain", "--data", str(sel / "accepted.jsonl"), "-m", tiny_model,
+                              "--out", str(run), "midtrain.max_len=256", "midtrain.batch_size=2",
+                              "midtrain.grad_accum=1", "midtrain.epochs=1"], capsys)
+    assert code == 0 and (run / "final" / "config.json").is_file() and (run / "config.yaml").is_file(), err
+    _bad(["sft", "--out", str(tmp_path / "x"), "-m", tiny_model], capsys, "sft.data is not set")

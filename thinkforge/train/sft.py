@@ -130,7 +130,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         n_in = sum(int(b["input_ids"].numel()) for b in batches)
         nonpad = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in batches)
         metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
-                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(n_tokens)})
+                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(n_tokens),
+                               "tokens": nonpad, "step_seconds": seconds})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
         done = step + 1
