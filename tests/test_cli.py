@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from thinkforge.cli import cli
 
-COMMANDS = ["eval", "grade", "generate", "chat", "serve", "init-model", "sft", "data distill", "data select"]
+COMMANDS = ["eval", "grade", "generate", "chat", "serve", "init-model", "sft", "data distill", "data select", "data pairs", "dpo"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -114,3 +114,16 @@ def test_distill_select_sft_from_the_command_line(tiny_model, tmp_path, capsys):
                               "midtrain.grad_accum=1", "midtrain.epochs=1"], capsys)
     assert code == 0 and (run / "final" / "config.json").is_file() and (run / "config.yaml").is_file(), err
     _bad(["sft", "--out", str(tmp_path / "x"), "-m", tiny_model], capsys, "sft.data is not set")
+
+
+def test_pairs_and_dpo_from_the_command_line(tiny_model, tmp_path, capsys):
+    d, p, run = tmp_path / "d.jsonl", tmp_path / "pairs.jsonl", tmp_path / "dpo"
+    assert run_cli(["data", "distill", "--out", str(d), "--problems", "10", "-n", "4", "--slip-rate", "0.5"], capsys)[0] == 0
+    code, out, err = run_cli(["data", "pairs", "--rollouts", str(d), "-m", tiny_model, "--samples", "2",
+                              "--problems", "3", "--out", str(p), "generation.max_new_tokens=8"], capsys)
+    assert code == 0 and "pairs ->" in out, err
+    policy = [json.loads(x) for x in p.with_suffix(".policy-rollouts.jsonl").read_text().splitlines()]
+    assert len(policy) == 6 and {r["teacher"] for r in policy} == {"policy"}
+    code, out, err = run_cli(["dpo", "--data", str(p), "-m", tiny_model, "--out", str(run), "dpo.max_len=256",
+                              "dpo.batch_size=2", "dpo.grad_accum=1"], capsys)
+    assert code == 0 and (run / "final" / "config.json").is_file(), err

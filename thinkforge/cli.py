@@ -417,6 +417,89 @@ def data_select(input_path, out_dir, max_pass_rate, min_difficulty, min_words, c
                f"{stats['rejected']}, hard {stats['hard']} from {stats['hard_problems']} problems -> {out_dir}")
 
 
+@data.command("pairs", context_settings=CTX)
+@click.option("--rollouts", "rollout_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Graded rollouts JSONL (from `data distill`); repeatable. Their problems are also the ones --model samples.")
+@click.option("--model", "-m", default=None, help="Also sample the model's own rollouts from this checkpoint and grade them.")
+@click.option("--samples", type=int, default=None, help="With --model: samples per problem. [pairs.policy_samples]")
+@click.option("--problems", type=int, default=None, help="With --model: sample only the first N problems.")
+@click.option("--per-problem", type=int, default=None, help="Pairs per problem at most. [pairs.per_problem]")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output JSONL: question, chosen, rejected, chosen_source, rejected_source.")
+@config_options
+def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, config_path, overrides):
+    """Build DPO pairs: a correct (chosen) and an incorrect (rejected) rollout of the same problem."""
+    from thinkforge.data import pairs as pairs_mod
+
+    extra = [f"pairs.policy_samples={samples}"] if samples else []
+    extra += [f"pairs.per_problem={per_problem}"] if per_problem else []
+    recipe = recipe_from(config_path, [*overrides, *extra])
+    files = list(rollout_files)
+    if not files and not model:
+        raise UserError("nothing to pair: pass --rollouts FILE.jsonl and/or --model CHECKPOINT")
+    if model:
+        own = Path(out_path).with_suffix(".policy-rollouts.jsonl")
+        sample_policy_rollouts(recipe, model, files, problems, own)
+        files.append(str(own))
+    stats = pairs_mod.main(files, out_path, recipe.pairs.per_problem, recipe.pairs.similar_length, recipe.seed)
+    click.echo(f"{stats['problems_with_both']} of {stats['problems']} problems have both sides; "
+               f"{stats['pairs']} pairs -> {out_path}")
+
+
+def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], limit: int | None, out: Path) -> dict:
+    """Sample the model's own graded rollouts on the problems of `rollout_files` (or the distill problems)."""
+    from thinkforge import models
+    from thinkforge.data import distill
+    from thinkforge.data.sources import Problem
+    from thinkforge.io import read_jsonl
+    from thinkforge.rollout.hf import HFGenerator
+
+    _quiet_hf()
+    if rollout_files:
+        seen: dict[str, Problem] = {}
+        for f in rollout_files:
+            for r in read_jsonl(f, required=["problem_id", "question", "reference"]):
+                seen.setdefault(r["problem_id"], Problem(r["problem_id"], r["question"], str(r["reference"]), r.get("kind", "math")))
+        problems = list(seen.values())
+    else:
+        problems = distill.problems_for(recipe.distill, recipe.seed)
+    problems = problems[:limit] if limit else problems
+    m = recipe.model
+    net, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
+    teacher = distill.HFTeacher(HFGenerator(net, tok, recipe.generation.batch_size), prompt_fn(recipe, tok),
+                                sampling(recipe), "policy")
+    return distill.main(problems, teacher, recipe.pairs.policy_samples, out)
+
+
+@cli.command(context_settings=CTX)
+@click.option("--data", "data_path", default=None, help="Pairs JSONL (question, chosen, rejected). [dpo.data]")
+@click.option("--model", "-m", default=None, help="Starting model and reference: the stage-2 checkpoint. [model.name_or_path]")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: reference log-probs, checkpoints, metrics.jsonl, tensorboard/, final/. A rerun resumes.")
+@click.option("--loss", type=click.Choice(["sigmoid", "ipo"]), default=None, help="sigmoid = DPO, ipo = IPO. [dpo.loss]")
+@click.option("--beta", type=float, default=None, help="DPO beta. [dpo.beta]")
+@click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter instead of all weights. [lora.enabled]")
+@config_options
+def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
+    """Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference."""
+    import json as _json
+
+    from thinkforge.config import dump_config
+    from thinkforge.io import atomic_write
+    from thinkforge.train import dpo as dpo_stage
+
+    given = {"dpo.data": data_path, "model.name_or_path": model, "dpo.loss": loss, "dpo.beta": beta}
+    extra = [f"{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
+    if lora is not None:
+        extra.append(f"lora.enabled={str(lora).lower()}")
+    recipe = recipe_from(config_path, [*overrides, *extra])
+    _quiet_hf()
+    with atomic_write(Path(out_dir) / "config.yaml") as f:
+        f.write(dump_config(recipe))
+    final = dpo_stage.main(recipe, out_dir)
+    click.echo(f"dpo finished: model in {final}")
+
+
 @cli.command(context_settings=CTX)
 @click.option("--stage", type=click.Choice(["midtrain", "sft"]), default="sft", show_default=True,
               help="midtrain: stage 1 with sequence packing; sft: stage 2 without packing. Reads that recipe section.")

@@ -94,6 +94,35 @@ class MidtrainConfig(SFTConfig):
     max_len: int = Field(16384, ge=8, description="Tokens per packed row (recipe: 16K).")
 
 
+class DPOConfig(_Section):
+    """Stage 3 (SPEC 2): DPO on correct (chosen) vs incorrect (rejected) rollouts, stage-2 model as reference."""
+
+    data: str | None = Field(None, description="JSONL of pairs: question, chosen, rejected (see `thinkforge data pairs`).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO (Rafailov et al.); ipo = IPO (Azar et al.).")
+    beta: float = Field(0.1, gt=0, description="Strength of the reference tie. Not published for Phi-4-mini-reasoning; 0.1 is DPO's usual value.")
+    max_len: int = Field(16384, ge=8, description="Tokens per prompt + completion at most (recipe: 16K).")
+    epochs: int = Field(1, ge=1, description="Passes over the pairs (recipe: 1).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    lr: float = Field(5e-7, gt=0, description="Peak learning rate (recipe: 5e-7).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of the peak.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
+    batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
+    grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+
+
+class PairsConfig(_Section):
+    """Building DPO pairs from graded rollouts."""
+
+    per_problem: int = Field(1, ge=1, description="Pairs per problem at most (each rollout used once).")
+    similar_length: bool = Field(True, description="Prefer pairs of similar length, so DPO learns correctness, not length.")
+    policy_samples: int = Field(4, ge=1, description="With --model: samples per problem from that checkpoint.")
+
+
 class DistillConfig(_Section):
     """Stage-1 data: N teacher rollouts per problem, graded (SPEC 2: about 8 per problem)."""
 
@@ -143,6 +172,8 @@ class Recipe(_Section):
     select: SelectConfig = SelectConfig()
     midtrain: MidtrainConfig = MidtrainConfig()
     sft: SFTConfig = SFTConfig()
+    pairs: PairsConfig = PairsConfig()
+    dpo: DPOConfig = DPOConfig()
 
 
 def _parse_value(text: str) -> Any:

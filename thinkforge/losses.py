@@ -62,3 +62,35 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None 
     if n_tokens is None:
         return aggregate(-logp, mask, "token")
     return aggregate(-logp, mask, "constant", n_tokens)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log pi(y | x) summed over completion tokens. logits (B, T, V), labels (B, T) unshifted -> (B,)."""
+    logp, _ = token_logprobs(logits, shift_labels(labels))
+    return logp.sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid") -> tuple[torch.Tensor, dict]:
+    """DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) on sequence log-probs, each (B,).
+
+    h_w = log pi(y_w|x) - log pi_ref(y_w|x), h_l likewise (sums over tokens)            (SPEC 4)
+    sigmoid: L = -log sigmoid(beta (h_w - h_l));   ipo: L = (h_w - h_l - 1/(2 beta))^2
+    Returns the mean loss and the metrics: implicit rewards beta*h, their margin, preference accuracy.
+    """
+    h_w = policy_chosen - ref_chosen  # (B,)
+    h_l = policy_rejected - ref_rejected  # (B,)
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * (h_w - h_l))
+    elif kind == "ipo":
+        losses = (h_w - h_l - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}: sigmoid or ipo")
+    with torch.no_grad():
+        metrics = {
+            "reward_chosen": (beta * h_w).mean().item(),
+            "reward_rejected": (beta * h_l).mean().item(),
+            "margin": (beta * (h_w - h_l)).mean().item(),
+            "preference_accuracy": (h_w > h_l).float().mean().item(),
+        }
+    return losses.mean(), metrics

@@ -56,6 +56,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def step_indices(n_rows: int, per_step: int, seed: int, step: int) -> list[int]:
+    """Rows of optimizer step `step`: consecutive slices of each epoch's permutation (the last may be short)."""
+    steps_per_epoch = math.ceil(n_rows / per_step)
+    epoch, k = divmod(step, steps_per_epoch)
+    return epoch_order(n_rows, seed, epoch)[k * per_step : (k + 1) * per_step]
+
+
+def total_steps(n_rows: int, per_step: int, epochs: int, max_steps: int | None = None) -> int:
+    steps = epochs * math.ceil(n_rows / per_step)
+    return min(steps, max_steps) if max_steps else steps
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -9,7 +9,6 @@ checkpoint at the same step with the same data order.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -47,19 +46,6 @@ def collate(rows: list, cfg: SFTConfig, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
-def step_rows(n_rows: int, cfg: SFTConfig, seed: int, step: int) -> list[int]:
-    """Indices of the rows of optimizer step `step` (a pure function of seed and step)."""
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = math.ceil(n_rows / per_step)
-    epoch, k = divmod(step, steps_per_epoch)
-    return loop.epoch_order(n_rows, seed, epoch)[k * per_step : (k + 1) * per_step]
-
-
-def total_steps(n_rows: int, cfg: SFTConfig) -> int:
-    steps = cfg.epochs * math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-
 def forward_loss(model, batch: dict, n_tokens: float) -> torch.Tensor:
     inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits  # (B, T, V)
@@ -94,7 +80,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
 
     examples = load_examples(data, tok, recipe, cfg.max_len)
     rows = build_rows(examples, cfg)
-    n_steps = total_steps(len(rows), cfg)
+    per_step = cfg.batch_size * cfg.grad_accum
+    n_steps = loop.total_steps(len(rows), per_step, cfg.epochs, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * n_steps)
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
@@ -110,7 +97,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     bar = tqdm(total=n_steps, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(start, n_steps):
         t0 = time.time()
-        idx = step_rows(len(rows), cfg, recipe.seed, step)
+        idx = loop.step_indices(len(rows), per_step, recipe.seed, step)
         micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         batches = [collate([rows[i] for i in mb], cfg, tok.pad_token_id) for mb in micro]
         n_tokens = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))

@@ -1,0 +1,136 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from thinkforge.config import load_config
+from thinkforge.data import pairs as pairs_mod
+from thinkforge.losses import IGNORE, dpo_loss, sequence_logprobs
+
+
+def test_dpo_loss_matches_the_formula_by_hand():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
+    rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.0, -5.0])
+    beta = 0.5
+    loss, m = dpo_loss(pc, pr, rc, rr, beta)
+    # h_w = [0.5, 0.0], h_l = [-1.0, 0.5]; beta (h_w - h_l) = [0.75, -0.25]
+    want = (-math.log(1 / (1 + math.exp(-0.75))) - math.log(1 / (1 + math.exp(0.25)))) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert m["reward_chosen"] == pytest.approx(0.5 * (0.5 + 0.0) / 2)
+    assert m["reward_rejected"] == pytest.approx(0.5 * (-1.0 + 0.5) / 2)
+    assert m["margin"] == pytest.approx((0.75 - 0.25) / 2)
+    assert m["preference_accuracy"] == 0.5
+    ipo, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo")
+    assert ipo.item() == pytest.approx(((1.5 - 1.0) ** 2 + (-0.5 - 1.0) ** 2) / 2)
+
+
+def test_sequence_logprobs_sum_completion_tokens_only():
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 1]])
+    lp = F.log_softmax(logits[0], -1)
+    assert sequence_logprobs(logits, labels).item() == pytest.approx((lp[1, 3] + lp[2, 1]).item(), abs=1e-6)
+
+
+def test_loss_matches_trl_dpo_on_the_same_batch_and_model(tiny_model, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a reference that differs from the policy
+    rows = [{"prompt": "Mia has 3 apples. ", "chosen": "<think>3 + 1 = 4</think><answer>4</answer>",
+             "rejected": "<think>3 + 1 = 5</think><answer>5</answer>"},
+            {"prompt": "Leo has 7 books. ", "chosen": "<think>7 - 2 = 5</think><answer>5</answer>",
+             "rejected": "<answer>9</answer>"}]
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, per_device_train_batch_size=2, report_to="none",
+                     use_cpu=True, precompute_ref_log_probs=False)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    policy.eval()
+    ref.eval()
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(policy, batch, False)
+        trl_loss = trl_loss[0] if isinstance(trl_loss, tuple) else trl_loss
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
+        ours = []
+        for model in (policy, ref):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ours.append(sequence_logprobs(logits, labels).chunk(2))
+    loss, _ = dpo_loss(ours[0][0], ours[0][1], ours[1][0], ours[1][1], beta=0.1)
+    assert abs(loss.item() - math.log(2)) > 1e-3  # not the trivial policy == reference value
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+
+
+def test_pairs_prefer_similar_lengths_and_skip_one_sided_problems():
+    rows = [
+        {"problem_id": "a", "question": "q", "completion": "right short", "correct": True, "teacher": "t"},
+        {"problem_id": "a", "question": "q", "completion": "right and a much much longer text", "correct": True, "teacher": "policy"},
+        {"problem_id": "a", "question": "q", "completion": "wrong long text of similar size ok", "correct": False, "teacher": "policy"},
+        {"problem_id": "a", "question": "q", "completion": "wrong", "correct": False, "teacher": "t"},
+        {"problem_id": "b", "question": "q", "completion": "only right", "correct": True, "teacher": "t"},
+    ]
+    pairs, stats = pairs_mod.build(rows, per_problem=2)
+    assert stats == {"problems": 2, "problems_with_both": 1, "skipped_missing_side": 1, "pairs": 2}
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) in {("right short", "wrong"),
+                                                           ("right and a much much longer text", "wrong long text of similar size ok")}
+    assert {p["chosen"] for p in pairs} == {"right short", "right and a much much longer text"}  # each used once
+    assert pairs[0]["chosen_source"] in ("t", "policy")
+
+
+def _pairs_file(tmp_path, n=12):
+    from thinkforge.data import synthetic
+
+    out = tmp_path / "pairs.jsonl"
+    with out.open("w") as f:
+        for r in synthetic.generate(n, "train", 1, seed=2):
+            thinking, answer = synthetic.worked_solution(r)
+            f.write(json.dumps({"question": r["question"], "chosen": f"<think>{thinking}</think><answer>{answer}</answer>",
+                                "rejected": f"<think>{thinking}</think><answer>{int(answer) + 1}</answer>"}) + "\n")
+    return out
+
+
+def _recipe(tiny_model, data, **extra):
+    over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", f"dpo.data={data}", "dpo.max_len=256",
+            "dpo.batch_size=2", "dpo.grad_accum=2", "dpo.lr=1e-3", "dpo.epochs=3", "dpo.warmup_ratio=0"]
+    return load_config(None, over + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_dpo_raises_preference_for_chosen_and_resumes_exactly(tiny_model, tmp_path):
+    from thinkforge.train import dpo
+
+    data = _pairs_file(tmp_path)
+    straight = dpo.main(_recipe(tiny_model, data), tmp_path / "a", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
+    assert rows[-1]["margin"] > rows[0]["margin"] + 0.1 and rows[-1]["preference_accuracy"] >= 0.75
+
+    assert dpo.main(_recipe(tiny_model, data), tmp_path / "b", progress=False, stop_after=4) is None
+    dpo.main(_recipe(tiny_model, data), tmp_path / "b", progress=False)
+    other = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in other]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lora_dpo_reference_is_the_starting_model(tiny_model, tmp_path):
+    from thinkforge import models
+    from thinkforge.train import dpo
+
+    data = _pairs_file(tmp_path, 4)
+    recipe = _recipe(tiny_model, data, **{"lora.enabled": "true", "lora.r": 4, "dpo.epochs": 1})
+    final = dpo.main(recipe, tmp_path / "r", progress=False)
+    assert (final / "adapter_config.json").is_file()
+    model, tok = models.load(tiny_model)
+    pairs = dpo.load_pairs(str(data), tok, recipe, 256)
+    from safetensors.torch import load_file
+
+    ref = load_file(str(tmp_path / "r" / "reference_logps.safetensors"))["logps"]
+    assert torch.allclose(ref, dpo.reference_logprobs(model, pairs, tok.pad_token_id, 2), atol=1e-5)

@@ -1,0 +1,153 @@
+"""Stage 3: rollout preference learning with DPO (or IPO) against the stage-2 model as reference.
+
+    h_w = log pi(y_w|x) - log pi_ref(y_w|x),  h_l likewise;  L = -log sigmoid(beta (h_w - h_l))   (SPEC 4)
+
+The reference log-probabilities are computed once, before the first update, with the starting weights (the
+stage-2 model; with a fresh LoRA adapter that is the base with the adapter at zero), and saved in the run
+folder: no second model is kept in memory and a resumed run uses the same reference.
+Reads top to bottom: tokenise pairs -> reference pass -> for each step: micro-batches of [chosen; rejected]
+-> sequence log-probs -> loss -> backward -> clip -> update -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from thinkforge import models
+from thinkforge.config import DPOConfig, Recipe
+from thinkforge.data.packing import Example, collate_padded, tokenize
+from thinkforge.errors import UserError
+from thinkforge.formats import render_prompt
+from thinkforge.io import read_jsonl
+from thinkforge.losses import dpo_loss, sequence_logprobs
+from thinkforge.train import loop
+
+Pair = tuple[Example, Example]  # (chosen, rejected), same prompt
+
+
+def load_pairs(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Pair]:
+    rows = read_jsonl(path, required=["question", "chosen", "rejected"])
+    if not rows:
+        raise UserError(f"{path}: no preference pairs")
+    m = recipe.model
+    out = []
+    for r in rows:
+        prompt = render_prompt(r["question"], m.prompt_format, m.system_prompt, tokenizer)
+        out.append((tokenize(tokenizer, prompt, r["chosen"], max_len), tokenize(tokenizer, prompt, r["rejected"], max_len)))
+    return out
+
+
+def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of chosen and rejected completions, one forward over [chosen; rejected]. -> (B,), (B,)"""
+    ids, labels, attn = collate_padded([c for c, _ in pairs] + [r for _, r in pairs], pad_id)  # (2B, T)
+    logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device), use_cache=False).logits
+    logp = sequence_logprobs(logits, labels.to(model.device))  # (2B,)
+    return logp[: len(pairs)], logp[len(pairs) :]
+
+
+@torch.no_grad()
+def reference_logprobs(model, pairs: list[Pair], pad_id: int, batch_size: int) -> torch.Tensor:
+    """(N, 2) reference log-probs [chosen, rejected] with the current weights, dropout off."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_logprobs(model, pairs[i : i + batch_size], pad_id)
+        out.append(torch.stack([c, r], -1).float().cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def preference_accuracy(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int, beta: float, batch_size: int = 8) -> dict:
+    """Share of pairs whose implicit reward prefers the chosen side, and the mean margin (held-out pairs)."""
+    was = model.training
+    model.eval()
+    pol = reference_logprobs(model, pairs, pad_id, batch_size)
+    model.train(was)
+    h = (pol - ref)  # (N, 2)
+    return {"preference_accuracy": (h[:, 0] > h[:, 1]).float().mean().item(),
+            "margin": (beta * (h[:, 0] - h[:, 1])).mean().item()}
+
+
+def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress: bool = True,
+         stop_after: int | None = None) -> Path | None:
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+
+    cfg: DPOConfig = recipe.dpo
+    data = data or cfg.data
+    if not data:
+        raise UserError("dpo.data is not set: pass --data PAIRS.jsonl (rows with question, chosen, rejected)")
+    run_dir = Path(run_dir)
+    m = recipe.model
+    loop.seed_everything(recipe.seed)
+    ckpt = loop.latest_checkpoint(run_dir)
+    source = str(ckpt / "model") if ckpt else m.name_or_path
+    model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
+                             m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
+    if recipe.lora.enabled and not models.is_adapter(model):
+        model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+
+    pairs = load_pairs(data, tok, recipe, cfg.max_len)
+    ref_path = run_dir / "reference_logps.safetensors"
+    if ref_path.is_file():
+        ref = load_file(str(ref_path))["logps"]
+        if len(ref) != len(pairs):
+            raise UserError(f"{ref_path} holds {len(ref)} pairs but {data} has {len(pairs)}; use a new run folder")
+    else:
+        if ckpt:
+            raise UserError(f"{run_dir} has checkpoints but no reference log-probs; use a new run folder")
+        ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_file({"logps": ref}, str(ref_path))
+    model.train()
+
+    per_step = cfg.batch_size * cfg.grad_accum
+    n_steps = loop.total_steps(len(pairs), per_step, cfg.epochs, cfg.max_steps)
+    warmup = int(cfg.warmup_ratio * n_steps)
+    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
+    metrics = loop.Metrics(run_dir, resume_step=start)
+    device = str(model.device)
+    bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in range(start, n_steps):
+        t0 = time.time()
+        idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)
+        totals: dict[str, float] = {}
+        for i in range(0, len(idx), cfg.batch_size):
+            mb = idx[i : i + cfg.batch_size]
+            with loop.autocast(device, cfg.mixed_precision):
+                chosen, rejected = pair_logprobs(model, [pairs[j] for j in mb], tok.pad_token_id)
+            r = ref[mb].to(chosen.device)
+            loss, parts = dpo_loss(chosen.float(), rejected.float(), r[:, 0], r[:, 1], cfg.beta, cfg.loss)
+            share = len(mb) / len(idx)  # micro-batches x accumulation == one batch of len(idx) pairs
+            (loss * share).backward()
+            for k, v in {"loss": loss.item(), **parts}.items():
+                totals[k] = totals.get(k, 0.0) + v * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
+        lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
+        loop.set_lr(optimizer, lr)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.time() - t0
+        metrics.log(step + 1, {**totals, "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / seconds,
+                               "step_seconds": seconds})
+        bar.update(1)
+        bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['preference_accuracy']:.2f}", refresh=False)
+        done = step + 1
+        if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps or (stop_after and done >= stop_after):
+            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": "dpo", "steps": n_steps},
+                                 cfg.keep_checkpoints)
+        if stop_after is not None and done >= stop_after and done < n_steps:
+            bar.close()
+            metrics.close()
+            return None
+    bar.close()
+    metrics.close()
+    final = run_dir / "final"
+    models.save(model, tok, final)
+    return final
