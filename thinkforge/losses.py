@@ -94,3 +94,100 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             "preference_accuracy": (h_w > h_l).float().mean().item(),
         }
     return losses.mean(), metrics
+
+
+# ---------------------------------------------------------------- RL (GRPO, Dr. GRPO, DAPO, PPO)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (DeepSeekMath GRPO): A_i = (r_i - mean(r)) / (std(r) + eps) within each group.
+
+    rewards (B*G,) ordered group by group. scale=False gives Dr. GRPO's A_i = r_i - mean(r) (Liu et al. 2025).
+    std is the unbiased sample std, as in DeepSeekMath and TRL; a zero-variance group gets advantage 0.
+    """
+    r = rewards.view(-1, group_size)  # (B, G)
+    adv = r - r.mean(-1, keepdim=True)
+    if scale:
+        denom = r.std(-1, keepdim=True) + eps
+        adv = adv / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return adv.reshape(-1)  # (B*G,)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token (Schulman 2020): exp(l_ref - l) - (l_ref - l) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.2, ref_logp: torch.Tensor | None = None,
+                beta: float = 0.0, agg: str = "sequence", constant: float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped policy-gradient loss of GRPO / DAPO / Dr. GRPO / PPO (SPEC 4).
+
+    logp, old_logp, ref_logp, mask: (N, T); advantages (N,) per sequence or (N, T) per token (PPO).
+    per token: min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) - beta KL_k3,  rho = exp(logp - old_logp)
+    loss = -aggregate(per-token objective, mask, agg): sequence (GRPO), token (DAPO), constant (Dr. GRPO).
+    With mu = 1 and on-policy data, old_logp = logp.detach(): rho = 1 but its gradient is not zero.
+    The metrics keep the policy-gradient term, the KL and the clip fraction apart (PITFALLS 1).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (N, 1) or (N, T)
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    pg = torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+    objective = pg
+    kl = None
+    if ref_logp is not None and beta != 0.0:
+        kl = kl_k3(logp, ref_logp)
+        objective = pg - beta * kl
+    loss = -aggregate(objective, mask, agg, constant)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+        metrics = {
+            "pg_loss": -aggregate(pg, mask, agg, constant).item(),
+            "kl": ((kl * mask).sum() / n).item() if kl is not None else 0.0,
+            "clip_fraction": ((is_clipped.float() * mask).sum() / n).item(),
+            "ratio_mean": ((ratio * mask).sum() / n).item(),
+        }
+    return loss, metrics
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to max_len - cache, then falling linearly to -1 at max_len."""
+    start = max_len - cache
+    return -((lengths.float() - start) / max(1, cache)).clamp(0.0, 1.0)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over completion tokens (Schulman et al. 2016).
+
+    rewards, values, mask: (N, T). delta_t = r_t + gamma V_{t+1} - V_t; A_t = sum_k (gamma lam)^k delta_{t+k};
+    returns R_t = A_t + V_t. Positions outside the mask are 0 and end the recursion (V after the end = 0).
+    """
+    n, t_max = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(t_max)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * m
+        adv[:, t] = last
+        next_value = torch.where(m > 0, values[:, t], next_value * 0)
+    return adv, (adv + values) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2) -> torch.Tensor:
+    """PPO's clipped value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return aggregate(per_token, mask, "token")
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy of the policy over masked positions (PITFALLS 12). logits (N, T, V)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    ent = -(logp.exp() * logp).sum(-1)  # (N, T)
+    return (ent * mask).sum() / mask.sum().clamp(min=1)
