@@ -530,6 +530,34 @@ def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
     click.echo(f"{stage} finished: model in {final}")
 
 
+@cli.command(context_settings=CTX)
+@click.option("--algo", type=click.Choice(["grpo", "ppo"]), default=None, help="grpo or ppo. [rl.algo]")
+@click.option("--model", "-m", default=None, help="Starting checkpoint (and reference). [model.name_or_path]")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints, metrics.jsonl (with aha events), tensorboard/, final/. A rerun resumes.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps. [rl.steps]")
+@click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter; the reference is the adapter disabled. [lora.enabled]")
+@config_options
+def rl(algo, model, out_dir, steps, lora, config_path, overrides):
+    """RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring."""
+    import json as _json
+
+    from thinkforge.config import dump_config
+    from thinkforge.io import atomic_write
+    from thinkforge.train import rl as rl_stage
+
+    given = {"rl.algo": algo, "model.name_or_path": model, "rl.steps": steps}
+    extra = [f"{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
+    if lora is not None:
+        extra.append(f"lora.enabled={str(lora).lower()}")
+    recipe = recipe_from(config_path, [*overrides, *extra])
+    _quiet_hf()
+    with atomic_write(Path(out_dir) / "config.yaml") as f:
+        f.write(dump_config(recipe))
+    final = rl_stage.main(recipe, out_dir)
+    click.echo(f"rl finished: model in {final}")
+
+
 # ---------------------------------------------------------------- demo
 
 

@@ -123,6 +123,65 @@ class PairsConfig(_Section):
     policy_samples: int = Field(4, ge=1, description="With --model: samples per problem from that checkpoint.")
 
 
+class RLConfig(_Section):
+    """Stage 4 (SPEC 2-4): RL with verifiable reward, GRPO or PPO, with the Phi-4 stability recipe.
+
+    Values not published for Phi-4-mini-reasoning say where they come from: DeepSeekMath GRPO (KL 0.04,
+    lr 1e-6), DAPO (clip 0.2/0.28, token aggregation, dynamic sampling), Dr. GRPO (no std, constant).
+    """
+
+    algo: Literal["grpo", "ppo"] = Field("grpo", description="grpo (group-relative, no critic) or ppo (value head + GAE).")
+    source: str = Field("synthetic", description="Prompts: synthetic (training split) or a benchmark name with data_path.")
+    data_path: str | None = Field(None, description="Local JSONL/Parquet of prompts with references.")
+    columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
+    n_problems: int = Field(2000, ge=1, description="Prompt pool size (Infused Phi-2: 2,000 GSM8K problems).")
+    difficulties: list[int] = Field([1, 2], description="Synthetic difficulty levels of the prompt pool.")
+    steps: int = Field(200, ge=1, description="Optimizer steps (one rollout batch each).")
+    prompts_per_step: int = Field(8, ge=1, description="B: prompts (groups) per step after filtering.")
+    group_size: int = Field(8, ge=2, description="G: samples per prompt (Infused Phi-2: 3; DAPO: 16; DeepSeekMath: 64).")
+    mu: int = Field(1, ge=1, description="Policy updates per rollout batch; 1 = on-policy (old log-probs need no extra pass).")
+    micro_batch: int = Field(16, ge=1, description="Sequences per forward/backward.")
+    lr: float = Field(5e-7, gt=0, description="Learning rate (Phi-4-mini-reasoning RLVR: 5e-7).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warmup (Infused Phi-2: 3%).")
+    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine floor as a share of the peak; 1.0 = constant lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient, k3 estimator (DeepSeekMath: 0.04; DAPO: 0). 0 = no reference pass.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio clip below 1 (PPO/GRPO: 0.2).")
+    clip_high: float = Field(0.28, ge=0, description="Ratio clip above 1 (DAPO clip-higher: 0.28).")
+    loss_agg: Literal["sequence", "token", "constant"] = Field(
+        "token", description="sequence = GRPO, token = DAPO, constant = Dr. GRPO (G x max new tokens).")
+    scale_advantages: bool = Field(True, description="Divide group advantages by their std (GRPO); false = Dr. GRPO.")
+    reward: Literal["verifiable", "weighted"] = Field(
+        "verifiable", description="verifiable = +1/-1 (Phi-4 recipe); weighted = rewards.weights (Infused Phi-2).")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups with zero reward variance and sample more prompts.")
+    max_refills: int = Field(3, ge=0, description="Extra sampling rounds per step to refill dropped groups.")
+    oversample: float = Field(1.0, ge=1.0, description="Prompts sampled per step as a multiple of prompts_per_step (re-balancing).")
+    drop_easy: bool = Field(False, description="Easy-prompt filtering: drop groups whose samples are all correct.")
+    drop_all_wrong: bool = Field(False, description="Also drop groups whose samples are all wrong.")
+    balance: bool = Field(False, description="Reward re-balancing: keep every positive-advantage sample and as many negative ones.")
+    uniform_length: float | None = Field(None, gt=0, description="Keep prompts whose response lengths vary at most this much (coefficient of variation).")
+    truncation: Literal["mask", "penalize", "none"] = Field(
+        "penalize", description="Responses cut at max_new_tokens: mask (no loss), penalize (reward -1 / 0), none.")
+    overlong_cache: int = Field(0, ge=0, description="DAPO overlong shaping: penalty ramps to -1 over the last N tokens (0 = off).")
+    max_new_tokens: int = Field(384, ge=1, description="Tokens per response (Infused Phi-2: 384).")
+    temperature: float = Field(0.6, gt=0, description="Sampling temperature after annealing (Phi-4 recipe: 0.6).")
+    temperature_start: float | None = Field(1.0, gt=0, description="Annealing start (Phi-4 recipe: 1.0); None = no annealing.")
+    anneal_steps: int = Field(0, ge=0, description="Steps of linear annealing start -> temperature (recipe: first half of training).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass for rollouts (1.0 keeps log-probs exact).")
+    gen_batch: int = Field(64, ge=1, description="Sequences generated together; halved on out-of-memory.")
+    gamma: float = Field(1.0, ge=0, le=1, description="PPO discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="PPO GAE lambda.")
+    value_clip: float = Field(0.2, gt=0, description="PPO value clipping.")
+    vf_coef: float = Field(0.5, ge=0, description="PPO value-loss weight.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (Infused Phi-2: 50); 0 = only at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")
+    aha_rise: float = Field(0.3, ge=0, description="Relative rise over the window mean that flags an aha moment.")
+    truncation_warn: float = Field(0.5, ge=0, le=1, description="Warn when this share of responses is truncated (PITFALLS 2).")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+
+
 class DistillConfig(_Section):
     """Stage-1 data: N teacher rollouts per problem, graded (SPEC 2: about 8 per problem)."""
 
@@ -174,6 +233,7 @@ class Recipe(_Section):
     sft: SFTConfig = SFTConfig()
     pairs: PairsConfig = PairsConfig()
     dpo: DPOConfig = DPOConfig()
+    rl: RLConfig = RLConfig()
 
 
 def _parse_value(text: str) -> Any:

@@ -138,13 +138,10 @@ def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progres
 
 
 def problems_for(cfg, seed: int) -> list[Problem]:
-    """The problems a DistillConfig names: synthetic training problems, or a benchmark / local file."""
-    from thinkforge.data import sources
+    """The problems a DistillConfig names."""
+    from thinkforge.data.sources import training_problems
 
-    if cfg.source == "synthetic":
-        per_level = max(1, cfg.n_problems // len(cfg.difficulties))
-        return [p for d in cfg.difficulties for p in sources.synthetic("train", per_level, d, seed)]
-    return sources.load_benchmark(cfg.source, cfg.data_path, cfg.columns, cfg.n_problems, seed)
+    return training_problems(cfg.source, cfg.n_problems, cfg.difficulties, seed, cfg.data_path, cfg.columns)
 
 
 def teacher_for(cfg, recipe):

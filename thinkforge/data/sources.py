@@ -166,3 +166,13 @@ def load_benchmark(name: str, path: str | None = None, columns: dict[str, str] |
     if not problems:
         raise UserError(f"benchmark {name!r} has no problems")
     return problems[:limit] if limit else problems
+
+
+def training_problems(source: str, n: int, difficulties: list[int], seed: int, data_path: str | None = None,
+                      columns: dict[str, str] | None = None) -> list[Problem]:
+    """Problems to train on: synthetic training problems (equal shares per difficulty), or a local file /
+    a local copy of a hub set. Never a test split of the synthetic task."""
+    if source == "synthetic":
+        per_level = max(1, n // len(difficulties))
+        return [p for d in difficulties for p in synthetic("train", per_level, d, seed)]
+    return load_benchmark(source, data_path, columns, n, seed)

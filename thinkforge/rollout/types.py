@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -40,3 +43,23 @@ class Generator(Protocol):
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Text pieces of one completion as they are generated."""
         ...
+
+
+@dataclass
+class Rollout:
+    """A batch of N = B*G scored completions, ordered group by group, ready for the loss.
+
+    input_ids, attention_mask, labels: (N, L) prompt + completion, right-padded; labels hold the completion
+    ids and IGNORE elsewhere. rewards (N,) float; correct, truncated (N,) bool; group (N,) prompt index.
+    texts: the N completion texts. group_size: G.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    group: torch.Tensor
+    truncated: torch.Tensor
+    texts: list[str]
+    group_size: int

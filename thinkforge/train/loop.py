@@ -121,8 +121,12 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2) -> Path:
-    """Write run_dir/step-N atomically (temporary folder, then rename); keep the newest `keep`."""
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2,
+                    extras: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write run_dir/step-N atomically (temporary folder, then rename); keep the newest `keep`.
+
+    extras: more tensors to keep with the checkpoint (e.g. PPO's value head), read back by `load_extras`.
+    """
     from safetensors.torch import save_file
 
     from thinkforge import models
@@ -137,6 +141,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    if extras:
+        save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / "extras.safetensors"))
     write_json(tmp / "trainer_state.json", {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta})
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -155,6 +161,13 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def load_extras(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = checkpoint / "extras.safetensors"
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def restore(checkpoint: Path, optimizer) -> dict:

@@ -1,0 +1,151 @@
+import json
+import random
+
+import pytest
+import torch
+
+from thinkforge.config import load_config
+from thinkforge.data.packing import Example, collate_padded
+from thinkforge.losses import IGNORE, policy_loss, shift_labels
+from thinkforge.rollout.types import Rollout
+from thinkforge.train import rl
+
+
+def _rollout(tok, texts, rewards, group_size):
+    prompt = tuple(tok("Mia has 3 apples.", add_special_tokens=False).input_ids)
+    ex = [Example(prompt, tuple(tok(t, add_special_tokens=False).input_ids) + (tok.eos_token_id,)) for t in texts]
+    ids, labels, attn = collate_padded(ex, tok.pad_token_id)
+    n = len(texts)
+    return Rollout(ids, attn, labels, torch.tensor(rewards), torch.tensor([r > 0 for r in rewards]),
+                   torch.arange(n) // group_size, torch.zeros(n, dtype=torch.bool), list(texts), group_size)
+
+
+def test_one_grpo_update_raises_logprob_of_positive_advantage_samples(tiny_model):
+    from thinkforge import models
+    from thinkforge.losses import group_advantages
+
+    model, tok = models.load(tiny_model)
+    model.train()
+    texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<think>3 + 1 = 5</think><answer>5</answer>",
+             "<answer>7</answer>", "<think>so 4</think><answer>4</answer>"]
+    ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0], 4)
+    mask = (shift_labels(ro.labels) != IGNORE).float()
+    adv = group_advantages(ro.rewards, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def seq_logp():
+        with torch.no_grad():
+            lp, _, _ = rl.forward_logp(model, ro, slice(0, 4), 1.0)
+        return (lp * mask).sum(-1)
+
+    before = seq_logp()
+    logp, _, _ = rl.forward_logp(model, ro, slice(0, 4), 1.0)
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, agg="sequence")
+    loss.backward()
+    opt.step()
+    after = seq_logp()
+    assert (after - before)[adv > 0].min() > 0
+    assert (after - before)[adv < 0].max() < 0
+
+
+def test_rollout_logprobs_equal_a_fresh_forward_at_the_sampling_temperature(tiny_loaded):
+    model, tok = tiny_loaded
+    model.eval()
+    prompt = "Mia has 3 apples."
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=6,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    new = out.sequences[0, enc.input_ids.shape[1]:]
+    sampler = torch.stack([torch.log_softmax(s[0], -1)[t] for s, t in zip(out.scores, new, strict=True)])
+    ex = Example(tuple(enc.input_ids[0].tolist()), tuple(new.tolist()))
+    ids, labels, attn = collate_padded([ex], tok.pad_token_id)
+    ro = Rollout(ids, attn, labels, torch.zeros(1), torch.zeros(1, dtype=torch.bool), torch.zeros(1),
+                 torch.zeros(1, dtype=torch.bool), [""], 1)
+    with torch.no_grad():
+        lp, _, _ = rl.forward_logp(model, ro, slice(0, 1), 0.7)
+    mask = shift_labels(labels) != IGNORE
+    assert torch.allclose(lp[mask], sampler, atol=1e-4)
+
+
+def test_temperature_anneals_linearly_then_stays():
+    cfg = load_config(None, ["rl.temperature_start=1.0", "rl.temperature=0.6", "rl.anneal_steps=10"]).rl
+    assert [round(rl.temperature_at(s, cfg), 3) for s in (0, 5, 10, 50)] == [1.0, 0.8, 0.6, 0.6]
+
+
+def test_group_filters():
+    cfg = load_config(None, ["rl.drop_easy=true", "rl.dynamic_sampling=true", "rl.uniform_length=0.5"]).rl
+    assert rl.keep_group([1, 1], [True, True], [10, 10], cfg) == "easy"
+    assert rl.keep_group([-1, -1], [False, False], [10, 10], cfg) == "zero_variance"
+    assert rl.keep_group([1, -1], [True, False], [10, 40], cfg) == "length_spread"
+    assert rl.keep_group([1, -1], [True, False], [10, 12], cfg) is None
+    cfg2 = load_config(None, ["rl.drop_all_wrong=true"]).rl
+    assert rl.keep_group([-1, -1], [False, False], [1, 1], cfg2) == "all_wrong"
+
+
+def test_balance_keeps_all_positives_and_as_many_negatives():
+    keep = rl.balance_mask(torch.tensor([1.0, -0.5, -0.5, -0.5, 0.0, 2.0]), random.Random(0))
+    assert keep[0] == keep[5] == 1 and keep[4] == 0 and int(keep[1:4].sum()) == 2
+
+
+def _recipe(model, algo, **extra):
+    over = [f"model.name_or_path={model}", "model.system_prompt=Think.", f"rl.algo={algo}", "rl.steps=4",
+            "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12", "rl.lr=1e-3", "rl.micro_batch=3",
+            "rl.save_every=2", "rl.truncation=none", "rl.temperature=1.0", "rl.temperature_start=null"]
+    return load_config(None, over + [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.mark.parametrize("algo,extra", [("grpo", {"rl.beta": 0.04}), ("ppo", {"rl.beta": 0.0}),
+                                         ("grpo", {"lora.enabled": "true", "rl.loss_agg": "sequence", "rl.mu": 2})])
+def test_rl_runs_logs_and_resumes_exactly(tiny_model, tmp_path, algo, extra):
+    straight = rl.main(_recipe(tiny_model, algo, **extra), tmp_path / "a", progress=False)
+    assert rl.main(_recipe(tiny_model, algo, **extra), tmp_path / "b", progress=False, stop_after=2) is None
+    rl.main(_recipe(tiny_model, algo, **extra), tmp_path / "b", progress=False)
+
+    def rows(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert len(a) == 4
+    for key in ("reward", "loss", "pg_loss", "kl", "clip_fraction", "entropy", "truncated_rate", "think_words",
+                "format_rate", "reward_verifiable", "zero_variance_share"):
+        assert key in a[0], key
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+    assert (straight / ("adapter_config.json" if "lora.enabled" in extra else "config.json")).is_file()
+    if algo == "ppo":
+        assert "value_loss" in a[0]
+
+
+def test_lora_reference_is_the_adapter_disabled(tiny_model):
+    from thinkforge import models
+
+    base, tok = models.load(tiny_model)
+    lora, _ = models.load(tiny_model)
+    lora = models.add_lora(lora, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
+    ref = rl.no_grad_logp(lora, ro, 2, 1.0, disable_adapter=True)
+    want = rl.no_grad_logp(base, ro, 2, 1.0)
+    assert torch.allclose(ref, want, atol=1e-5)
+    assert not torch.allclose(rl.no_grad_logp(lora, ro, 2, 1.0), want, atol=1e-3)
+
+
+def test_generation_failure_is_retried_smaller_then_skipped():
+    from thinkforge.rollout.types import Completion, SamplingParams
+
+    class Flaky:
+        batch_size = 8
+
+        def generate(self, prompts, n, params):
+            if len(prompts) * n > 2 or prompts[0] == "bad":
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return [Completion(i, "x", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
+
+    stats = {}
+    out = rl.generate_groups(Flaky(), ["a", "bad", "c"], 2, SamplingParams(), stats)
+    assert out[1] is None and len(out[0]) == 2 and len(out[2]) == 2
+    assert stats["generation_failures"] == 1 and stats["generation_retries"] >= 1
