@@ -61,7 +61,7 @@ def run_trl(model_dir, data, work, max_len, batch, system):
             for r in read_jsonl(data)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = SFTConfig(output_dir=str(work / "trl"), packing=True, max_length=max_len, per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=1, learning_rate=1e-3, warmup_ratio=0.05, num_train_epochs=1,
+                     gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=0.05, num_train_epochs=1,
                      lr_scheduler_type="cosine", logging_steps=1, report_to="none", save_strategy="no",
                      dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
