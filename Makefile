@@ -17,7 +17,7 @@ $(VENV)/.stamp: pyproject.toml
 venv: $(VENV)/.stamp
 
 demo: $(VENV)/.stamp
-	$(PY) -m thinkforge demo --out runs/demo
+	$(PY) -m thinkforge run recipes/tiny.yaml --out runs/demo
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .

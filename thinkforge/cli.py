@@ -562,34 +562,37 @@ def rl(algo, model, out_dir, steps, lora, config_path, overrides):
 
 
 @cli.command(context_settings=CTX)
-@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Run folder: the tiny model and the evaluation.")
-@click.option("--limit", type=int, default=100, show_default=True, help="Held-out synthetic problems evaluated.")
-def demo(out_dir, limit):
-    """The CPU demo: a fresh tiny model on the held-out synthetic task (until the pipeline lands: the baseline)."""
-    from thinkforge import evaluate, models
-    from thinkforge.data.sources import load_benchmark
-    from thinkforge.rollout.hf import HFGenerator
-    from thinkforge.rollout.types import SamplingParams
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Run folder (default: runs/<recipe name>). A rerun skips finished stages and resumes the cut one.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def run(recipe_path, out_dir, overrides):
+    """Run a recipe's stages in order (distill, mid-training, SFT, DPO, RL), evaluating after each."""
+    from thinkforge import pipeline
+    from thinkforge.config import load_config
+    from thinkforge.report import stage_table
 
+    recipe = load_config(recipe_path, list(overrides))
     _quiet_hf()
-    out = Path(out_dir)
-    model_dir = out / "model"
-    if not (model_dir / "config.json").is_file():
-        models.init_tiny(model_dir, "phi3")
-    model, tok = models.load(str(model_dir))
-    params = SamplingParams(max_new_tokens=64, temperature=0.0)
-    problems = load_benchmark("synthetic", limit=limit)
-    rows, summary = evaluate.evaluate(HFGenerator(model, tok, 32), problems, prompt_fn_default(tok), params)
-    summary.update(benchmark="synthetic", model=str(model_dir), stage="fresh tiny model (random init)")
-    evaluate.write(out / "eval", "synthetic", rows, summary)
-    click.echo(evaluate.table({"fresh tiny model": summary}))
+    out = Path(out_dir or Path("runs") / Path(recipe_path).stem)
+    summary = pipeline.main(recipe, out)
+    click.echo("")
+    click.echo(stage_table(summary))
+    click.echo(f"\nwall time {summary['wall_seconds']:.0f} s; final model {summary['final_model']}; report {out / 'report.md'}")
 
 
-def prompt_fn_default(tokenizer):
-    from thinkforge.formats import render_prompt
+@cli.command(context_settings=CTX)
+@click.option("--out", "out_dir", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder of the demo.")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def demo(out_dir, overrides):
+    """The CPU demo: the whole four-stage recipe (recipes/tiny.yaml) on a tiny model and the synthetic task."""
+    from importlib import resources
 
-    return functools.partial(render_prompt, fmt="auto", tokenizer=tokenizer)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+    if not recipe.is_file():
+        recipe = Path(str(resources.files("thinkforge") / "recipes" / "tiny.yaml"))
+    run.main(args=[str(recipe), "--out", out_dir, *overrides], standalone_mode=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -219,6 +219,24 @@ class RewardsConfig(_Section):
     )
 
 
+class InitConfig(_Section):
+    """Make the starting model with `init-model` when model.name_or_path does not exist yet (the tiny recipe)."""
+
+    arch: Literal["phi", "phi3", "qwen2", "llama"] = Field("phi3", description="Architecture to initialise at random.")
+    hidden: int = Field(128, ge=8, description="Hidden size.")
+    layers: int = Field(4, ge=1, description="Transformer layers.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+
+
+class PipelineConfig(_Section):
+    """`thinkforge run`: which stages, in order, each feeding the next."""
+
+    stages: list[Literal["distill", "midtrain", "sft", "dpo", "rl"]] = Field(
+        ["distill", "midtrain", "sft", "dpo", "rl"], description="Stages to run, in recipe order.")
+    policy_problems: int = Field(500, ge=1, description="DPO pairs: problems on which the SFT model samples its own rollouts.")
+    eval_after_each: bool = Field(True, description="Evaluate on eval.benchmarks after every stage (the stage table).")
+
+
 class Recipe(_Section):
     seed: int = Field(0, description="Seed for data order, sampling and init.")
     model: ModelConfig = ModelConfig()
@@ -234,6 +252,8 @@ class Recipe(_Section):
     pairs: PairsConfig = PairsConfig()
     dpo: DPOConfig = DPOConfig()
     rl: RLConfig = RLConfig()
+    init: InitConfig | None = None
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def _parse_value(text: str) -> Any:

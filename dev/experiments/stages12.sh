@@ -5,7 +5,7 @@
 #   bash dev/experiments/stages12.sh OUT_DIR SEED
 set -euo pipefail
 OUT=$1; SEED=$2
-TF=${TF:-.venv/bin/thinkforge}
+TF=${TF:-$(pwd)/.venv/bin/thinkforge}
 SYS='model.system_prompt="Solve it step by step."'
 mkdir -p "$OUT"; cd "$OUT"
 ev() {  # ev MODEL NAME

@@ -1,0 +1,75 @@
+"""`thinkforge run` end to end on a minimal recipe, and a run killed mid-stage that resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAST = [
+    "init.hidden=32", "init.layers=1", "init.heads=2", "eval.limit=12", "generation.max_new_tokens=48",
+    "distill.n_problems=40", "distill.samples=2", "midtrain.epochs=1", "midtrain.max_len=512",
+    "sft.epochs=1", "pipeline.policy_problems=6", "pairs.policy_samples=2", "dpo.batch_size=4", "dpo.grad_accum=1",
+    "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=24", "rl.save_every=1",
+    "rl.anneal_steps=1",
+]
+
+
+@pytest.mark.slow
+def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["base", "midtrain", "sft", "dpo", "rl"]
+    for s in summary["stages"]:
+        assert set(s) >= {"name", "accuracy", "format_rate", "reasoning_rate", "avg_think_words", "n"}
+    assert summary["wall_seconds"] > 0 and summary["example_question"]
+    assert "| +RLVR |" in stdout and "| base |" in stdout
+    report = (out / "report.md").read_text()
+    assert "staircase.png" in report and (out / "staircase.png").is_file() and (out / "rl_curves.png").is_file()
+    final = Path(summary["final_model"])
+    card = (final / "README.md").read_text()
+    assert "## How to get started" in card and "| +rollout DPO |" in card
+
+    # The card's snippet runs with plain transformers and answers.
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_new_tokens=48", "max_new_tokens=8")
+    r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert r.returncode == 0, r.stderr
+
+    # A rerun skips everything that is finished.
+    start = time.time()
+    code, _, _ = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST], capsys)
+    assert code == 0 and time.time() - start < 30
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_stage_resumes_and_finishes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "thinkforge", "run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST,
+           "midtrain.save_every=1", "midtrain.epochs=4", "midtrain.max_len=128", "midtrain.batch_size=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "midtrain").glob("step-000000[3-9]")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "midtrain" / "final").exists()
+    steps_before = len(list((out / "midtrain").glob("step-*")))
+    assert steps_before >= 1
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["base", "midtrain", "sft", "dpo", "rl"]
+    metrics = [json.loads(x) for x in (out / "midtrain" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))  # no step lost, none repeated

@@ -1,0 +1,190 @@
+"""`thinkforge run`: the four-stage recipe end to end, each stage feeding the next, evaluated after each.
+
+    distill -> select -> midtrain (stage 1, packed) -> sft (stage 2, harder subset)
+            -> pairs (SFT model's own rollouts + teacher's) -> dpo (stage 3) -> rl (stage 4)
+
+The run folder holds the resolved config, each stage's run folder (checkpoints, metrics, final model) and
+evaluation, `state.json`, and at the end `summary.json`, `report.md` with PNG plots and a model card in the
+final model folder. A rerun skips finished stages and resumes the one that was cut off (each stage resumes
+from its own newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+from thinkforge import evaluate, models
+from thinkforge.config import Recipe, dump_config
+from thinkforge.data import distill, pairs, selection
+from thinkforge.data.sources import load_benchmark
+from thinkforge.errors import UserError
+from thinkforge.formats import render_prompt
+from thinkforge.io import atomic_write, write_json
+from thinkforge.rollout.hf import HFGenerator
+from thinkforge.rollout.types import SamplingParams
+
+LABELS = {"base": "base", "midtrain": "+mid-training", "sft": "+fine-tuning", "dpo": "+rollout DPO", "rl": "+RLVR"}
+
+
+class Run:
+    """The run folder and its state file (stage -> {model, eval, seconds})."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.state_path = out / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}, "seconds": 0.0}
+
+    def done(self, stage: str) -> dict | None:
+        return self.state["stages"].get(stage)
+
+    def record(self, stage: str, **info) -> None:
+        self.state["stages"][stage] = info
+        write_json(self.state_path, self.state)
+
+    def add_seconds(self, seconds: float) -> None:
+        self.state["seconds"] = self.state.get("seconds", 0.0) + seconds
+        write_json(self.state_path, self.state)
+
+
+def with_model(recipe: Recipe, path: str) -> Recipe:
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": path})}, deep=True)
+
+
+def evaluate_model(recipe: Recipe, model_path: str, out_dir: Path) -> dict[str, dict]:
+    """Evaluate one model on every recipe benchmark; the same grader and generation path as training."""
+    m, g, ev = recipe.model, recipe.generation, recipe.eval
+    model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
+    gen = HFGenerator(model, tok, g.batch_size)
+    prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
+    params = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed)
+    results = {}
+    for name in ev.benchmarks:
+        problems = load_benchmark(name, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
+                                  recipe.synthetic.n_test)
+        rows, summary = evaluate.evaluate(gen, problems, prompt_fn, params, ev.samples, progress=False)
+        summary.update(benchmark=name, model=model_path)
+        evaluate.write(out_dir, name, rows, summary)
+        results[name] = summary
+    return results
+
+
+def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_stage: str | None = None) -> dict:
+    from thinkforge.train import dpo as dpo_stage
+    from thinkforge.train import rl as rl_stage
+    from thinkforge.train import sft as sft_stage
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "config.yaml") as f:
+        f.write(dump_config(recipe))
+    run = Run(out)
+    t_start = time.time()
+    log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+
+    base = recipe.model.name_or_path
+    if recipe.init is not None and not Path(base).exists():
+        base = str(out / "base-model")
+        if not (Path(base) / "config.json").is_file():
+            models.init_tiny(base, recipe.init.arch, recipe.init.hidden, recipe.init.layers, recipe.init.heads, recipe.seed)
+    current = base
+
+    def stage_eval(name: str, model_path: str) -> None:
+        if recipe.pipeline.eval_after_each or name == order[-1]:
+            results = evaluate_model(recipe, model_path, out / name / "eval")
+            first = next(iter(results.values()))
+            log(f"[{name}] accuracy {first['accuracy']:.3f}  format {first['format_rate']:.3f}  "
+                f"think words {first['avg_think_words']:.1f}")
+            run.record(name, model=model_path, eval=results)
+        else:
+            run.record(name, model=model_path, eval=None)
+
+    order = ["base", *[s for s in recipe.pipeline.stages if s != "distill"]]
+    if not run.done("base"):
+        stage_eval("base", base)
+
+    data_dir = out / "data"
+    rollouts = data_dir / "rollouts.jsonl"
+    if "distill" in recipe.pipeline.stages or any(s in recipe.pipeline.stages for s in ("midtrain", "sft")):
+        if not run.done("distill"):
+            log("[distill] teacher rollouts, graded")
+            problems = distill.problems_for(recipe.distill, recipe.seed)
+            stats = distill.main(problems, distill.teacher_for(recipe.distill, recipe), recipe.distill.samples, rollouts, progress)
+            sel = recipe.select
+            stats["select"] = selection.main(rollouts, data_dir / "sel", sel.max_pass_rate, sel.min_difficulty, sel.min_words)
+            run.record("distill", stats=stats)
+
+    for stage in recipe.pipeline.stages:
+        if stage == "distill":
+            continue
+        info = run.done(stage)
+        if info:
+            current = info["model"]
+            continue
+        log(f"[{stage}] from {current}")
+        stage_recipe = with_model(recipe, current)
+        if stage in ("midtrain", "sft"):
+            data = data_dir / "sel" / ("accepted.jsonl" if stage == "midtrain" else "hard.jsonl")
+            final = sft_stage.main(stage_recipe, stage, out / stage, data=str(data), progress=progress)
+        elif stage == "dpo":
+            pairs_path = data_dir / "pairs.jsonl"
+            if not pairs_path.exists():
+                own = data_dir / "policy-rollouts.jsonl"
+                teacher_rows = rollouts if rollouts.exists() else None
+                problems = distill.problems_for(recipe.distill, recipe.seed)[: recipe.pipeline.policy_problems]
+                sample_own(stage_recipe, current, problems, own, progress)
+                files = [own] + ([teacher_rows] if teacher_rows else [])
+                stats = pairs.main(files, pairs_path, recipe.pairs.per_problem, recipe.pairs.similar_length, recipe.seed)
+                log(f"[pairs] {stats['pairs']} pairs from {stats['problems_with_both']} problems")
+            final = dpo_stage.main(stage_recipe, out / stage, data=str(pairs_path), progress=progress)
+        elif stage == "rl":
+            final = rl_stage.main(stage_recipe, out / stage, progress=progress)
+        else:
+            raise UserError(f"unknown stage {stage!r}")
+        current = str(final)
+        stage_eval(stage, current)
+        if stop_after_stage == stage:
+            break
+    run.add_seconds(time.time() - t_start)
+    summary = write_outputs(recipe, out, run, base, current)
+    return summary
+
+
+def sample_own(recipe: Recipe, model_path: str, problems, out: Path, progress: bool) -> dict:
+    """The current model's own graded rollouts (the policy side of DPO pairs)."""
+    m = recipe.model
+    model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
+    prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
+    g = recipe.generation
+    params = SamplingParams(g.max_new_tokens, recipe.rl.temperature, 1.0, 0, recipe.seed)
+    teacher = distill.HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_fn, params, "policy")
+    return distill.main(problems, teacher, recipe.pairs.policy_samples, out, progress)
+
+
+def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: str) -> dict:
+    from thinkforge import report
+
+    stages = []
+    for name in ["base", *[s for s in recipe.pipeline.stages if s != "distill"]]:
+        info = run.done(name)
+        if not info or not info.get("eval"):
+            continue
+        first = next(iter(info["eval"].values()))
+        stages.append({"name": name, "label": LABELS[name], "accuracy": first["accuracy"], "format_rate": first["format_rate"],
+                       "reasoning_rate": first["reasoning_rate"], "avg_think_words": first["avg_think_words"],
+                       "n": first["n"], "benchmarks": {b: {k: s[k] for k in ("accuracy", "format_rate", "n")}
+                                                        for b, s in info["eval"].items()}})
+    example = None
+    if recipe.eval.benchmarks:
+        example = load_benchmark(recipe.eval.benchmarks[0], recipe.eval.data_path, recipe.eval.columns, 1, recipe.seed,
+                                 recipe.synthetic.difficulty, recipe.synthetic.n_test)[0].question
+    summary = {"stages": stages, "wall_seconds": round(run.state.get("seconds", 0.0), 1),
+               "final_model": str(Path(final_model).resolve()), "example_question": example,
+               "protocol": {"temperature": recipe.generation.temperature, "top_p": recipe.generation.top_p,
+                            "max_new_tokens": recipe.generation.max_new_tokens, "samples": recipe.eval.samples,
+                            "benchmarks": recipe.eval.benchmarks}}
+    write_json(out / "summary.json", summary)
+    report.write(recipe, out, summary, base)
+    return summary

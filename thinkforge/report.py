@@ -1,0 +1,184 @@
+"""The run's report: report.md with the stage table and PNG plots, and a model card in the final model folder
+(structured like the Infused Phi-2 card: details, training, data, results, how to load it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from thinkforge.io import atomic_write
+
+
+def stage_table(summary: dict) -> str:
+    lines = ["| stage | accuracy | format | reasoning | think words | n |", "|---|---|---|---|---|---|"]
+    for s in summary["stages"]:
+        lines.append(f"| {s['label']} | {100 * s['accuracy']:.1f} | {100 * s['format_rate']:.1f} | "
+                     f"{100 * s['reasoning_rate']:.1f} | {s['avg_think_words']:.1f} | {s['n']} |")
+    return "\n".join(lines)
+
+
+def _rl_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    path = out / "rl" / "metrics.jsonl"
+    if not path.exists():
+        return [], []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if "reward" in r and "event" not in r], [r for r in rows if r.get("event") == "aha"]
+
+
+def plots(out: Path, summary: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if summary["stages"]:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [s["label"] for s in summary["stages"]]
+        acc = [100 * s["accuracy"] for s in summary["stages"]]
+        ax.bar(labels, acc, color="#4a7bb7")
+        for i, v in enumerate(acc):
+            ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=9)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title("accuracy after each stage (held-out)")
+        fig.tight_layout()
+        fig.savefig(out / "staircase.png", dpi=110)
+        plt.close(fig)
+        made.append("staircase.png")
+    rows, aha = _rl_rows(out)
+    if rows:
+        steps = [r["step"] for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        for ax, key, title in zip(axes, ("reward", "accuracy", "think_words"), ("reward", "training accuracy", "thinking words"), strict=True):
+            ax.plot(steps, [r[key] for r in rows], color="#4a7bb7")
+            ax.set_title(title)
+            ax.set_xlabel("RL step")
+            for e in aha:
+                ax.axvline(e["step"], color="#d95f02", alpha=0.6, linestyle="--")
+        if aha:
+            axes[2].plot([], [], color="#d95f02", linestyle="--", label="aha moment")
+            axes[2].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "rl_curves.png", dpi=110)
+        plt.close(fig)
+        made.append("rl_curves.png")
+    return made
+
+
+def model_card(recipe, summary: dict, base: str) -> str:
+    final = Path(summary["final_model"])
+    adapter = (final / "adapter_config.json").is_file()
+    base_ref = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else base
+    stages = [s for s in recipe.pipeline.stages]
+    hp = []
+    if "midtrain" in stages:
+        c = recipe.midtrain
+        hp.append(f"- Mid-training (stage 1): next-token loss on verified chains of thought, packing {c.packing}, "
+                  f"sequence length {c.max_len}, lr {c.lr}, epochs {c.epochs}, warmup {c.warmup_ratio:.0%}, "
+                  f"batch {c.batch_size} x {c.grad_accum}")
+    if "sft" in stages:
+        c = recipe.sft
+        hp.append(f"- Fine-tuning (stage 2): harder subset, packing {c.packing}, sequence length {c.max_len}, lr {c.lr}, "
+                  f"epochs {c.epochs}, batch {c.batch_size} x {c.grad_accum}")
+    if "dpo" in stages:
+        c = recipe.dpo
+        hp.append(f"- Rollout DPO (stage 3): loss {c.loss}, beta {c.beta}, lr {c.lr}, epochs {c.epochs}, "
+                  f"reference = the stage-2 model")
+    if "rl" in stages:
+        c = recipe.rl
+        hp.append(f"- RLVR (stage 4): {c.algo}, reward {c.reward}, {c.steps} steps, {c.prompts_per_step} prompts x "
+                  f"{c.group_size} samples, lr {c.lr}, beta {c.beta}, clip {c.clip_low}/{c.clip_high}, aggregation "
+                  f"{c.loss_agg}, temperature {c.temperature_start} -> {c.temperature} over {c.anneal_steps} steps, "
+                  f"max new tokens {c.max_new_tokens}")
+    if recipe.lora.enabled:
+        hp.append(f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, dropout {recipe.lora.dropout}, "
+                  f"targets {recipe.lora.target_modules or 'architecture default'}")
+    load = f'''from transformers import AutoModelForCausalLM, AutoTokenizer
+{"from peft import PeftModel" + chr(10) if adapter else ""}import torch
+
+base_model = AutoModelForCausalLM.from_pretrained("{base_ref if adapter else final}", torch_dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained("{final}")
+{f'model = PeftModel.from_pretrained(base_model, "{final}")' if adapter else "model = base_model"}
+model.eval()
+if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+
+system_prompt = {json.dumps(recipe.model.system_prompt or "")}
+question = {json.dumps(summary.get("example_question") or "What is 2 + 3?")}
+messages = [{{"role": "system", "content": system_prompt}}, {{"role": "user", "content": question}}]
+if tokenizer.chat_template:
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+else:
+    prompt = f"<|system|>\\n{{system_prompt}}\\n<|user|>\\n{{question}}\\n<|assistant|>\\n"
+inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+outputs = model.generate(**inputs, max_new_tokens={recipe.generation.max_new_tokens}, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+print(tokenizer.decode(outputs[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))'''
+    p = summary["protocol"]
+    return f"""# Model card: {final.name} (thinkforge)
+
+A reasoning model trained with the thinkforge four-stage recipe (Phi-4-mini-reasoning: distillation
+mid-training, fine-tuning, rollout DPO, RL with verifiable reward). It answers in the form
+`<think> reasoning </think> <answer> final answer </answer>`.
+
+## Model details
+- Base model: {base}
+- Training method: {", ".join(LABEL.get(s, s) for s in stages)}
+- Output: {"a PEFT LoRA adapter" if adapter else "full weights (safetensors)"}
+- Prompt format: {recipe.model.prompt_format}; system prompt: {json.dumps(recipe.model.system_prompt)}
+
+## Training details
+### Data
+- Teacher: {recipe.distill.teacher}{f" ({recipe.distill.teacher_model})" if recipe.distill.teacher_model else ""}, {recipe.distill.samples} rollouts per problem, source {recipe.distill.source}, graded and rejection-sampled (only verified-correct rollouts in stages 1-2; incorrect ones as DPO rejected side).
+- RL prompts: {recipe.rl.source}, difficulties {recipe.rl.difficulties if recipe.rl.source == "synthetic" else "n/a"}.
+### Hyperparameters
+{chr(10).join(hp)}
+
+## Results
+Held-out benchmarks {", ".join(p["benchmarks"])}; temperature {p["temperature"]}, top-p {p["top_p"]}, max new tokens
+{p["max_new_tokens"]}, {p["samples"]} sample(s) per problem; accuracy is pass@1.
+
+{stage_table(summary)}
+
+Metrics as in the Infused Phi-2 card: accuracy (correctness rate), format compliance rate, reasoning
+presence rate (thinking of at least 5 words), average thinking length in words.
+
+## How to get started
+```python
+{load}
+```
+"""
+
+
+LABEL = {"distill": "teacher distillation", "midtrain": "mid-training", "sft": "fine-tuning", "dpo": "rollout DPO", "rl": "RLVR"}
+
+
+def write(recipe, out: Path, summary: dict, base: str) -> None:
+    made = plots(out, summary)
+    rows, aha = _rl_rows(out)
+    aha_lines = [f"- step {e['step']}: {e['statistic']} {e['value']:.2f} (previous mean {e['previous_mean']:.2f})" for e in aha]
+    p = summary["protocol"]
+    text = f"""# thinkforge run report
+
+Wall time {summary['wall_seconds']:.0f} s. Final model: `{summary['final_model']}`.
+Evaluation: {", ".join(p['benchmarks'])}, held out; temperature {p['temperature']}, top-p {p['top_p']},
+max new tokens {p['max_new_tokens']}, {p['samples']} sample(s) per problem (pass@1).
+
+## Accuracy per stage
+
+{stage_table(summary)}
+
+{"![accuracy per stage](staircase.png)" if "staircase.png" in made else ""}
+
+## RL
+{"![reward, accuracy and thinking length over RL steps; dashed lines mark aha moments](rl_curves.png)" if "rl_curves.png" in made else "No RL stage in this run."}
+
+{"Aha moments:" + chr(10) + chr(10).join(aha_lines) if aha_lines else ("No aha moment was flagged." if rows else "")}
+"""
+    with atomic_write(out / "report.md") as f:
+        f.write(text)
+    final = Path(summary["final_model"])
+    if final.is_dir():
+        with atomic_write(final / "README.md") as f:
+            f.write(model_card(recipe, summary, base))
