@@ -86,3 +86,13 @@ def test_synthetic_answers_are_whole_and_right():
             assert op != "/" or int(a) % int(b) == 0
             assert int(rhs) == value >= 0
         assert str(value) == r["final"]
+
+
+def test_training_never_reads_a_benchmark_test_split():
+    from thinkforge.data.sources import training_problems
+
+    with pytest.raises(UserError, match="test split"):
+        training_problems("math500", 10, [1], 0)
+    probs = training_problems("gsm8k", 2, [1], 0, data_path=str(FIX / "gsm8k_test.jsonl"))
+    assert len(probs) == 2
+    assert all(p.id.startswith("synthetic-train") for p in training_problems("synthetic", 10, [1, 2], 0))

@@ -175,4 +175,9 @@ def training_problems(source: str, n: int, difficulties: list[int], seed: int, d
     if source == "synthetic":
         per_level = max(1, n // len(difficulties))
         return [p for d in difficulties for p in synthetic("train", per_level, d, seed)]
-    return load_benchmark(source, data_path, columns, n, seed)
+    if data_path or source == "local":
+        return load_benchmark(source, data_path, columns, n, seed)
+    if source == "gsm8k":  # the hub's training split, never the test split we evaluate on
+        return _gsm8k(_read_hub("openai/gsm8k", "main", "train"), "openai/gsm8k train")[:n]
+    raise UserError(f"training on {source!r} from the hub would train on its test split; pass a local file of "
+                    f"training problems (data_path) in its schema")
