@@ -149,3 +149,29 @@ def test_generation_failure_is_retried_smaller_then_skipped():
     out = rl.generate_groups(Flaky(), ["a", "bad", "c"], 2, SamplingParams(), stats)
     assert out[1] is None and len(out[0]) == 2 and len(out[2]) == 2
     assert stats["generation_failures"] == 1 and stats["generation_retries"] >= 1
+
+
+@pytest.mark.parametrize("agg", ["sequence", "token", "constant"])
+def test_micro_batches_give_the_full_batch_gradient(tiny_model, agg):
+    from thinkforge import models
+    from thinkforge.losses import group_advantages
+
+    model, tok = models.load(tiny_model)
+    model.eval()  # no dropout: the two passes must see the same function
+    texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>", "<think>long " * 5 + "</think>",
+             "<answer>4</answer>", "<think>a</think><answer>4</answer>", "<answer>7</answer>"]
+    ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0, 1.0, -1.0], 3)
+    mask = (shift_labels(ro.labels) != IGNORE).float()
+    adv = group_advantages(ro.rewards, 3)
+
+    def grads(micro):
+        cfg = load_config(None, [f"rl.loss_agg={agg}", f"rl.micro_batch={micro}", "rl.group_size=3", "rl.beta=0"]).rl
+        model.zero_grad()
+        stats = rl.accumulate_gradients(model, ro, mask, adv, cfg, 1.0)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), stats
+
+    full, s_full = grads(6)
+    split, s_split = grads(4)
+    assert torch.allclose(full, split, atol=1e-6)
+    assert s_full["loss"] == pytest.approx(s_split["loss"], abs=1e-6)
+    assert s_full["pg_loss"] == pytest.approx(s_split["pg_loss"], abs=1e-6)

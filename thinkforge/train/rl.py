@@ -262,7 +262,6 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
     warmup = int(cfg.warmup_ratio * cfg.steps)
-    device = str(model.device)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"rl/{cfg.algo}", unit="step", disable=not progress, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -273,7 +272,6 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
             bar.update(1)
             continue
         temperature = stats["temperature"]
-        n = len(rollout.texts)
         mask = completion_mask(rollout, cfg)  # (N, L)
         adv_seq = group_advantages(rollout.rewards, cfg.group_size, cfg.scale_advantages)  # (N,)
         if cfg.balance:
@@ -287,48 +285,19 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         if cfg.algo == "ppo":
             adv_tok, returns, old_values = ppo_targets(model, value_head, rollout, mask, cfg, temperature, ref_logp)
 
-        n_kept = int((mask.sum(-1) > 0).sum().item())
-        constant = {"sequence": None, "token": float(mask.sum()), "constant": float(max(1, n_kept) * cfg.max_new_tokens)}[cfg.loss_agg]
         totals: dict[str, float] = {}
         for _ in range(cfg.mu):
-            for i in range(0, n, cfg.micro_batch):
-                rows = slice(i, i + cfg.micro_batch)
-                mb_mask = mask[rows].to(model.device)
-                if mb_mask.sum() == 0:
-                    continue
-                with loop.autocast(device, cfg.mixed_precision):
-                    logp, logits, values = forward_logp(model, rollout, rows, temperature, value_head)
-                old = old_logp[rows].to(logp.device) if old_logp is not None else logp.detach()
-                ref = ref_logp[rows].to(logp.device) if ref_logp is not None else None
-                if cfg.algo == "ppo":
-                    adv, agg, kl_beta = adv_tok[rows].to(logp.device), "token", 0.0  # KL is in the PPO reward
-                    c = float(mask.sum())
-                else:
-                    adv, agg, kl_beta, c = adv_seq[rows].to(logp.device), cfg.loss_agg, cfg.beta, constant
-                mb_agg, mb_const, share = agg, c, 1.0
-                if agg == "sequence":  # mean over kept samples of per-sample means, across micro-batches
-                    share = float((mb_mask.sum(-1) > 0).sum()) / max(1, n_kept)
-                else:
-                    mb_agg = "constant"
-                loss, parts = policy_loss(logp, old, adv, mb_mask, cfg.clip_low, cfg.clip_high, ref, kl_beta, mb_agg, mb_const)
-                loss = loss * share
-                if cfg.algo == "ppo":
-                    vl = value_loss(values, old_values[rows].to(values.device), returns[rows].to(values.device), mb_mask, cfg.value_clip)
-                    loss = loss + cfg.vf_coef * vl * float(mb_mask.sum()) / float(mask.sum())
-                    parts["value_loss"] = vl.item()
-                (loss / cfg.mu).backward()
-                w = float(mb_mask.sum()) / float(mask.sum()) / cfg.mu
-                for k, v in {"loss": loss.item() / max(share, 1e-9) if agg == "sequence" else loss.item(), **parts}.items():
-                    totals[k] = totals.get(k, 0.0) + v * w
-                if "entropy" not in totals:
-                    with torch.no_grad():
-                        totals["entropy"] = entropy(logits, mb_mask).item()
+            parts = accumulate_gradients(model, rollout, mask, adv_seq, cfg, temperature, old_logp, ref_logp,
+                                         value_head, adv_tok, old_values, returns)
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.mu
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
             loop.set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        n_kept = int((mask.sum(-1) > 0).sum())
         truncated = rollout.truncated.float().mean().item()
         group_r = rollout.rewards.view(-1, cfg.group_size)
         row = {
@@ -365,6 +334,58 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     final = run_dir / "final"
     models.save(model, tok, final)
     return final
+
+
+def accumulate_gradients(model, rollout: Rollout, mask: torch.Tensor, adv_seq: torch.Tensor, cfg: RLConfig,
+                         temperature: float, old_logp=None, ref_logp=None, value_head=None, adv_tok=None,
+                         old_values=None, returns=None) -> dict[str, float]:
+    """One pass of backward over the rollout in micro-batches; the gradient equals one full-batch pass.
+
+    Normalisation is decided once: per-sample means for "sequence" (scaled by the micro-batch's share of
+    kept samples), and a single constant for "token" (all masked tokens of the batch) and "constant"
+    (Dr. GRPO: kept samples x max new tokens). Returns the step's loss statistics.
+    """
+    n = len(rollout.texts)
+    device = str(model.device)
+    n_kept = int((mask.sum(-1) > 0).sum().item())
+    total_tokens = float(mask.sum())
+    constant = {"sequence": None, "token": total_tokens, "constant": float(max(1, n_kept) * cfg.max_new_tokens)}[cfg.loss_agg]
+    totals: dict[str, float] = {}
+    for i in range(0, n, cfg.micro_batch):
+        rows = slice(i, i + cfg.micro_batch)
+        mb_mask = mask[rows].to(model.device)
+        if mb_mask.sum() == 0:
+            continue
+        with loop.autocast(device, cfg.mixed_precision):
+            logp, logits, values = forward_logp(model, rollout, rows, temperature, value_head)
+        old = old_logp[rows].to(logp.device) if old_logp is not None else logp.detach()
+        ref = ref_logp[rows].to(logp.device) if ref_logp is not None else None
+        if cfg.algo == "ppo":  # per-token advantages; the KL is in the PPO reward, not the loss
+            adv, agg, kl_beta, c = adv_tok[rows].to(logp.device), "constant", 0.0, total_tokens
+            share = 1.0
+        elif cfg.loss_agg == "sequence":
+            adv, agg, kl_beta, c = adv_seq[rows].to(logp.device), "sequence", cfg.beta, None
+            share = float((mb_mask.sum(-1) > 0).sum()) / max(1, n_kept)
+        else:
+            adv, agg, kl_beta, c = adv_seq[rows].to(logp.device), "constant", cfg.beta, constant
+            share = 1.0
+        loss, parts = policy_loss(logp, old, adv, mb_mask, cfg.clip_low, cfg.clip_high, ref, kl_beta, agg, c)
+        loss = loss * share
+        if cfg.algo == "ppo":
+            vl = value_loss(values, old_values[rows].to(values.device), returns[rows].to(values.device), mb_mask, cfg.value_clip)
+            loss = loss + cfg.vf_coef * vl * float(mb_mask.sum()) / total_tokens
+            parts["value_loss"] = vl.item()
+        loss.backward()
+        # Scaled micro-batch losses add up to the full batch's; per-token statistics are token-weighted.
+        w = float(mb_mask.sum()) / total_tokens
+        totals["loss"] = totals.get("loss", 0.0) + loss.item()
+        totals["pg_loss"] = totals.get("pg_loss", 0.0) + parts.pop("pg_loss") * share
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v * w
+        if "entropy" not in totals:
+            with torch.no_grad():
+                totals["entropy"] = entropy(logits, mb_mask).item()
+    return totals
 
 
 @torch.no_grad()
