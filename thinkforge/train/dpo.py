@@ -83,14 +83,8 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     if not data:
         raise UserError("dpo.data is not set: pass --data PAIRS.jsonl (rows with question, chosen, rejected)")
     run_dir = Path(run_dir)
-    m = recipe.model
     loop.seed_everything(recipe.seed)
-    ckpt = loop.latest_checkpoint(run_dir)
-    source = str(ckpt / "model") if ckpt else m.name_or_path
-    model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
-                             m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
-    if recipe.lora.enabled and not models.is_adapter(model):
-        model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    model, tok, ckpt = loop.load_for_training(recipe, run_dir)
 
     pairs = load_pairs(data, tok, recipe, cfg.max_len)
     ref_path = run_dir / "reference_logps.safetensors"

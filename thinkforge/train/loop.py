@@ -80,6 +80,24 @@ def autocast(device: str, mixed_precision: str):
     return nullcontext()
 
 
+# ---------------------------------------------------------------- model
+
+
+def load_for_training(recipe, run_dir: str | Path):
+    """(model, tokenizer, checkpoint): the newest checkpoint of run_dir if any, else recipe.model (fp32
+    master weights unless a dtype is set), wrapped in a LoRA adapter when recipe.lora.enabled."""
+    from thinkforge import models
+
+    m = recipe.model
+    ckpt = latest_checkpoint(run_dir)
+    source = str(ckpt / "model") if ckpt else m.name_or_path
+    model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
+                             m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
+    if recipe.lora.enabled and not models.is_adapter(model):
+        model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    return model, tok, ckpt
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

@@ -67,15 +67,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         raise UserError(f"{stage}.data is not set: pass --data FILE.jsonl (rows with question and completion)")
     run_dir = Path(run_dir)
     final_dir = run_dir / "final"
-    m = recipe.model
     loop.seed_everything(recipe.seed)
 
-    ckpt = loop.latest_checkpoint(run_dir)
-    source = str(ckpt / "model") if ckpt else m.name_or_path
-    model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
-                             m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
-    if recipe.lora.enabled and not models.is_adapter(model):
-        model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     model.train()
 
     examples = load_examples(data, tok, recipe, cfg.max_len)
