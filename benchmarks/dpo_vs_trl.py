@@ -1,0 +1,98 @@
+"""DPO throughput: thinkforge vs TRL's DPOTrainer, same tiny model, pairs and batch, in one run.
+
+    python benchmarks/dpo_vs_trl.py [--hidden 128 --layers 4 --pairs 256 --batch 8]
+
+Both precompute the reference log-probs before training (TRL: precompute_ref_log_probs=True) and train one
+epoch, sigmoid loss, beta 0.1, fp32. Pairs/s counts training only (thinkforge: the sum of step times in
+metrics.jsonl; TRL: trainer.train()). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SYSTEM = "Solve it step by step."
+
+
+def make_pairs(work: Path, n: int, hidden: int, layers: int, heads: int):
+    from thinkforge import models
+    from thinkforge.data import distill, pairs, sources
+
+    model_dir = models.init_tiny(work / "model", "phi3", hidden, layers, heads)
+    probs = sources.synthetic("train", 2 * n, 2, seed=0)
+    distill.main(probs, distill.SyntheticTeacher(0.5, 0), 4, work / "d.jsonl", progress=False)
+    stats = pairs.main([work / "d.jsonl"], work / "pairs.jsonl")
+    lines = (work / "pairs.jsonl").read_text().splitlines()[:n]
+    (work / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return str(model_dir), work / "pairs.jsonl", min(n, stats["pairs"])
+
+
+def run_thinkforge(model_dir, data, work, batch) -> dict:
+    from thinkforge.config import load_config
+    from thinkforge.train import dpo
+
+    recipe = load_config(None, [f"model.name_or_path={model_dir}", f"model.system_prompt={SYSTEM}", "dpo.max_len=512",
+                                f"dpo.batch_size={batch}", "dpo.grad_accum=1", "dpo.lr=1e-5", "dpo.epochs=1"])
+    dpo.main(recipe, work / "tf", data=str(data), progress=False)
+    rows = [json.loads(x) for x in (work / "tf" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return {"seconds": sum(r["step_seconds"] for r in rows), "steps": len(rows)}
+
+
+def run_trl(model_dir, data, work, batch) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from thinkforge.formats import render_prompt
+    from thinkforge.io import read_jsonl
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [{"prompt": render_prompt(r["question"], "auto", SYSTEM, tok), "chosen": r["chosen"], "rejected": r["rejected"]}
+            for r in read_jsonl(data)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = DPOConfig(output_dir=str(work / "trl"), beta=0.1, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                     learning_rate=1e-5, num_train_epochs=1, report_to="none", save_strategy="no", use_cpu=True,
+                     precompute_ref_log_probs=True, disable_tqdm=True, logging_steps=10, seed=0, max_length=512)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    start = time.time()
+    out = trainer.train()
+    return {"seconds": time.time() - start, "steps": out.global_step}
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    a = ap.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir, data, n = make_pairs(work, a.pairs, a.hidden, a.layers, a.heads)
+        tf = run_thinkforge(model_dir, data, work, a.batch)
+        trl = run_trl(model_dir, data, work, a.batch)
+    rate = {"tf": n / tf["seconds"], "trl": n / trl["seconds"]}
+    print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, phi3 hidden {a.hidden} x {a.layers} layers, "
+          f"{n} pairs, batch {a.batch}, one epoch")
+    print("| run | seconds | steps | pairs/s |\n|---|---|---|---|")
+    print(f"| thinkforge dpo | {tf['seconds']:.1f} | {tf['steps']} | {rate['tf']:.1f} |")
+    print(f"| TRL DPOTrainer | {trl['seconds']:.1f} | {trl['steps']} | {rate['trl']:.1f} |")
+    print(json.dumps({"metric": "dpo_pairs_per_s", "thinkforge": round(rate["tf"], 2), "peer": round(rate["trl"], 2),
+                      "ratio": round(rate["tf"] / rate["trl"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
