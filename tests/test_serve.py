@@ -60,9 +60,7 @@ def test_chat_completion_and_stream_agree(server):
 def test_stop_strings_cut_the_text(server):
     c = client(server)
     free = c.completions.create(model="tiny", prompt="Mia has", max_tokens=8, temperature=0).choices[0].text
-    stop = free[2:4]
-    if not stop.strip():
-        pytest.skip("greedy text has no usable stop string")
+    stop = next(c for c in free[1:] if not c.isspace())  # a character the greedy text really contains
     cut = c.completions.create(model="tiny", prompt="Mia has", max_tokens=8, temperature=0, stop=[stop]).choices[0]
     assert cut.text == free[: free.find(stop)] and cut.finish_reason == "stop"
 
