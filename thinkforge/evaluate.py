@@ -19,6 +19,7 @@ from pathlib import Path
 from thinkforge.data.sources import Problem
 from thinkforge.formats import parse, words
 from thinkforge.grading import grade
+from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import Generator, SamplingParams
 
 REASONING_MIN_WORDS = 5
@@ -63,11 +64,10 @@ def evaluate(
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
     """(per-sample rows, summary) of `samples` completions per problem."""
-    from tqdm import tqdm
 
     rows: list[dict] = []
     start = time.time()
-    bar = tqdm(total=len(problems), desc="eval", unit="problem", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(problems), "eval", "problem", progress)
     for i in range(0, len(problems), chunk):
         batch = problems[i : i + chunk]
         params_i = SamplingParams(**{**asdict(params), "seed": params.seed + i})

@@ -59,3 +59,14 @@ class AhaDetector:
                                    "previous_mean": round(mean, 4), "example": example})
             past.append(value)
         return events
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar with ETA; redrawn at most every 10 s when stderr is not a terminal (logs stay small)."""
+    import sys
+
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.1 if interactive else 10.0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from thinkforge.data.sources import Problem
 from thinkforge.errors import UserError
 from thinkforge.grading import grade
+from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import SamplingParams
 
 Result = tuple[Problem, list[tuple[str, str]]]
@@ -99,7 +100,6 @@ def done_counts(out_path: Path) -> dict[str, int]:
 
 def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progress: bool = True) -> dict:
     """Distill `n` graded rollouts per problem into out_path (JSONL, appended); returns counts."""
-    from tqdm import tqdm
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,7 @@ def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progres
         done = {pid: k for pid, k in done.items() if pid not in partial}
     todo = [p for p in problems if done.get(p.id, 0) < n]
     stats = {"problems": len(problems), "skipped_done": len(problems) - len(todo), "rollouts": 0, "correct": 0}
-    bar = tqdm(total=len(problems), initial=stats["skipped_done"], desc="distill", unit="problem",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(problems), "distill", "problem", progress, stats["skipped_done"])
     with out_path.open("a", encoding="utf-8") as f:
         for problem, outs in teacher.solve(todo, n):
             lines = []

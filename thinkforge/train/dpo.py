@@ -23,6 +23,7 @@ from thinkforge.errors import UserError
 from thinkforge.formats import render_prompt
 from thinkforge.io import read_jsonl
 from thinkforge.losses import dpo_loss, sequence_logprobs
+from thinkforge.monitor import progress_bar
 from thinkforge.train import loop
 
 Pair = tuple[Example, Example]  # (chosen, rejected), same prompt
@@ -76,7 +77,6 @@ def preference_accuracy(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int
 def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress: bool = True,
          stop_after: int | None = None) -> Path | None:
     from safetensors.torch import load_file, save_file
-    from tqdm import tqdm
 
     cfg: DPOConfig = recipe.dpo
     data = data or cfg.data
@@ -107,7 +107,7 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start)
     device = str(model.device)
-    bar = tqdm(total=n_steps, initial=start, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(n_steps, "dpo", "step", progress, start)
     for step in range(start, n_steps):
         t0 = time.time()
         idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)

@@ -38,7 +38,7 @@ from thinkforge.losses import (
     token_logprobs,
     value_loss,
 )
-from thinkforge.monitor import AhaDetector, sample_stats
+from thinkforge.monitor import AhaDetector, progress_bar, sample_stats
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.hf import HFGenerator
 from thinkforge.rollout.types import Rollout, SamplingParams
@@ -215,7 +215,6 @@ def no_grad_logp(model, rollout: Rollout, micro: int, temperature: float, disabl
 
 
 def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> Path | None:
-    from tqdm import tqdm
 
     cfg: RLConfig = recipe.rl
     run_dir = Path(run_dir)
@@ -257,7 +256,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
     warmup = int(cfg.warmup_ratio * cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"rl/{cfg.algo}", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress, start)
     for step in range(start, cfg.steps):
         t0 = time.time()
         rollout, stats = collect(step, problems, generator, tok, recipe, rewards, prompt_fn)

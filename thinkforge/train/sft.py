@@ -21,6 +21,7 @@ from thinkforge.errors import UserError
 from thinkforge.formats import render_prompt
 from thinkforge.io import read_jsonl
 from thinkforge.losses import IGNORE, sft_loss
+from thinkforge.monitor import progress_bar
 from thinkforge.train import loop
 
 
@@ -59,7 +60,6 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     stop_after: checkpoint and return None after that many steps, as an interruption would (the schedule
     still spans the whole run, so a rerun continues exactly).
     """
-    from tqdm import tqdm
 
     cfg: SFTConfig = getattr(recipe, stage)
     data = data or cfg.data
@@ -88,7 +88,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         "tokens": n_tok, "packing": cfg.packing})
 
     device = str(model.device)
-    bar = tqdm(total=n_steps, initial=start, desc=stage, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(n_steps, stage, "step", progress, start)
     for step in range(start, n_steps):
         t0 = time.time()
         idx = loop.step_indices(len(rows), per_step, recipe.seed, step)
