@@ -122,21 +122,16 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
             (loss * share).backward()
             for k, v in {"loss": loss.item(), **parts}.items():
                 totals[k] = totals.get(k, 0.0) + v * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
-        loop.set_lr(optimizer, lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
         seconds = time.time() - t0
         metrics.log(step + 1, {**totals, "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / seconds,
                                "step_seconds": seconds})
         bar.update(1)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['preference_accuracy']:.2f}", refresh=False)
         done = step + 1
-        if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps or (stop_after and done >= stop_after):
-            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": "dpo", "steps": n_steps},
-                                 cfg.keep_checkpoints)
-        if stop_after is not None and done >= stop_after and done < n_steps:
+        if loop.end_of_step(run_dir, done, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
+                            model, tok, optimizer, "dpo"):
             bar.close()
             metrics.close()
             return None

@@ -50,6 +50,15 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def apply_update(params, optimizer, clip: float, lr: float) -> float:
+    """Clip the gradient norm, set the learning rate, step, zero the gradients; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The permutation of n items used in `epoch`: a pure function, so resume needs no saved sampler."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -167,6 +176,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer,
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def end_of_step(run_dir, done: int, total: int, save_every: int, keep: int, stop_after: int | None,
+                model, tokenizer, optimizer, stage: str, extras: dict[str, torch.Tensor] | None = None) -> bool:
+    """Checkpoint when due (every save_every steps, at the end, or at a planned stop); True means stop now
+    (stop_after reached before the end: the run is interrupted as a kill would, and a rerun continues)."""
+    stop = stop_after is not None and stop_after <= done < total
+    if (save_every and done % save_every == 0) or done == total or stop:
+        save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"stage": stage, "steps": total}, keep, extras)
+    return stop
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -285,11 +285,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                                          value_head, adv_tok, old_values, returns)
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
-            loop.set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = loop.apply_update(params, optimizer, cfg.clip, lr)
 
         n_kept = int((mask.sum(-1) > 0).sum())
         truncated = rollout.truncated.float().mean().item()
@@ -316,10 +313,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.3f}", refresh=False)
         done = step + 1
         extras = {f"value_head.{k}": v for k, v in value_head.state_dict().items()} if value_head is not None else None
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or (stop_after and done >= stop_after):
-            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": "rl", "steps": cfg.steps},
-                                 cfg.keep_checkpoints, extras)
-        if stop_after is not None and done >= stop_after and done < cfg.steps:
+        if loop.end_of_step(run_dir, done, cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
+                            model, tok, optimizer, "rl", extras):
             bar.close()
             metrics.close()
             return None

@@ -101,11 +101,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 loss = forward_loss(model, batch, n_tokens)
             loss.backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
-        loop.set_lr(optimizer, lr)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
 
         seconds = time.time() - t0
         n_in = sum(int(b["input_ids"].numel()) for b in batches)
@@ -116,12 +113,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
         done = step + 1
-        if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps:
-            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": stage, "steps": n_steps},
-                                 cfg.keep_checkpoints)
-        if stop_after is not None and done >= stop_after and done < n_steps:
-            loop.save_checkpoint(run_dir, done, model, tok, optimizer, {"stage": stage, "steps": n_steps},
-                                 cfg.keep_checkpoints)
+        if loop.end_of_step(run_dir, done, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
+                            model, tok, optimizer, stage):
             bar.close()
             metrics.close()
             return None
