@@ -84,6 +84,15 @@ def recipe_from(config_path, overrides, **options):
     return load_config(config_path, [*overrides, *extra])
 
 
+def save_resolved(recipe, out_dir) -> None:
+    """The resolved config beside a run's outputs (run_dir/config.yaml)."""
+    from thinkforge.config import dump_config
+    from thinkforge.io import atomic_write
+
+    with atomic_write(Path(out_dir) / "config.yaml") as f:
+        f.write(dump_config(recipe))
+
+
 def load_model(recipe):
     from thinkforge import models
 
@@ -484,8 +493,6 @@ def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
     """Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference."""
     import json as _json
 
-    from thinkforge.config import dump_config
-    from thinkforge.io import atomic_write
     from thinkforge.train import dpo as dpo_stage
 
     given = {"dpo.data": data_path, "model.name_or_path": model, "dpo.loss": loss, "dpo.beta": beta}
@@ -494,8 +501,7 @@ def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
         extra.append(f"lora.enabled={str(lora).lower()}")
     recipe = recipe_from(config_path, [*overrides, *extra])
     _quiet_hf()
-    with atomic_write(Path(out_dir) / "config.yaml") as f:
-        f.write(dump_config(recipe))
+    save_resolved(recipe, out_dir)
     final = dpo_stage.main(recipe, out_dir)
     click.echo(f"dpo finished: model in {final}")
 
@@ -513,8 +519,6 @@ def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
     """Supervised fine-tuning on completion tokens (prompt masked): stage 1 packed, stage 2 unpacked."""
     import json as _json
 
-    from thinkforge.config import dump_config
-    from thinkforge.io import atomic_write
     from thinkforge.train import sft as sft_stage
 
     extra = [f"{stage}.data={_json.dumps(data_path)}"] if data_path else []
@@ -524,8 +528,7 @@ def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
         extra.append(f"lora.enabled={str(lora).lower()}")
     recipe = recipe_from(config_path, [*overrides, *extra])
     _quiet_hf()
-    with atomic_write(Path(out_dir) / "config.yaml") as f:
-        f.write(dump_config(recipe))
+    save_resolved(recipe, out_dir)
     final = sft_stage.main(recipe, stage, out_dir)
     click.echo(f"{stage} finished: model in {final}")
 
@@ -542,8 +545,6 @@ def rl(algo, model, out_dir, steps, lora, config_path, overrides):
     """RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring."""
     import json as _json
 
-    from thinkforge.config import dump_config
-    from thinkforge.io import atomic_write
     from thinkforge.train import rl as rl_stage
 
     given = {"rl.algo": algo, "model.name_or_path": model, "rl.steps": steps}
@@ -552,8 +553,7 @@ def rl(algo, model, out_dir, steps, lora, config_path, overrides):
         extra.append(f"lora.enabled={str(lora).lower()}")
     recipe = recipe_from(config_path, [*overrides, *extra])
     _quiet_hf()
-    with atomic_write(Path(out_dir) / "config.yaml") as f:
-        f.write(dump_config(recipe))
+    save_resolved(recipe, out_dir)
     final = rl_stage.main(recipe, out_dir)
     click.echo(f"rl finished: model in {final}")
 
