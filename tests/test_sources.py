@@ -96,3 +96,25 @@ def test_training_never_reads_a_benchmark_test_split():
     probs = training_problems("gsm8k", 2, [1], 0, data_path=str(FIX / "gsm8k_test.jsonl"))
     assert len(probs) == 2
     assert all(p.id.startswith("synthetic-train") for p in training_problems("synthetic", 10, [1, 2], 0))
+
+
+def test_rl_and_policy_problems_are_draws_the_distillation_did_not_make():
+    from thinkforge.config import load_config
+    from thinkforge.data import distill
+    from thinkforge.data.distill import policy_problems
+    from thinkforge.data.sources import training_problems
+
+    recipe = load_config(None, ["distill.n_problems=400", "distill.difficulties=[2]", "pipeline.policy_problems=100"])
+    distilled = {p.question for p in distill.problems_for(recipe.distill, recipe.seed)}
+    rl_pool = training_problems("synthetic", 100, [2], recipe.seed, stream="rl")
+    own = policy_problems(recipe)
+    assert len(own) == 100 and all(p.id.startswith("synthetic-train-policy-d2-") for p in own)
+    assert all(p.id.startswith("synthetic-train-rl-d2-") for p in rl_pool)
+    # independent draws: at most chance collisions in a space of tens of thousands of problems
+    assert len(distilled & {p.question for p in rl_pool}) <= 2
+    assert len(distilled & {p.question for p in own}) <= 2
+    # the default stream is unchanged, and `policy_fresh: false` samples on the distilled problems
+    assert training_problems("synthetic", 4, [2], 0) == training_problems("synthetic", 4, [2], 0, stream="")
+    stale = policy_problems(load_config(None, ["distill.n_problems=400", "distill.difficulties=[2]",
+                                               "pipeline.policy_problems=100", "pipeline.policy_fresh=false"]))
+    assert {p.question for p in stale} <= distilled

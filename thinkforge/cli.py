@@ -456,7 +456,7 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
 
 
 def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], limit: int | None, out: Path) -> dict:
-    """Sample the model's own graded rollouts on the problems of `rollout_files` (or the distill problems)."""
+    """Sample the model's own graded rollouts on the problems of `rollout_files` (or `policy_problems`)."""
     from thinkforge import models
     from thinkforge.data import distill
     from thinkforge.data.sources import Problem
@@ -471,7 +471,7 @@ def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], li
                 seen.setdefault(r["problem_id"], Problem(r["problem_id"], r["question"], str(r["reference"]), r.get("kind", "math")))
         problems = list(seen.values())
     else:
-        problems = distill.problems_for(recipe.distill, recipe.seed)
+        problems = distill.policy_problems(recipe)
     problems = problems[:limit] if limit else problems
     m = recipe.model
     net, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)

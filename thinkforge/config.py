@@ -121,6 +121,8 @@ class PairsConfig(_Section):
     per_problem: int = Field(1, ge=1, description="Pairs per problem at most (each rollout used once).")
     similar_length: bool = Field(True, description="Prefer pairs of similar length, so DPO learns correctness, not length.")
     policy_samples: int = Field(4, ge=1, description="With --model: samples per problem from that checkpoint.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy's own rollouts (1.0 = its full "
+                               "distribution: more problems with both a correct and a wrong rollout).")
 
 
 class RLConfig(_Section):
@@ -136,6 +138,8 @@ class RLConfig(_Section):
     columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
     n_problems: int = Field(2000, ge=1, description="Prompt pool size (Infused Phi-2: 2,000 GSM8K problems).")
     difficulties: list[int] = Field([1, 2], description="Synthetic difficulty levels of the prompt pool.")
+    fresh_prompts: bool = Field(True, description="Synthetic prompts from their own draw, not the distillation's problems "
+                                "(whose answers stages 1-2 memorized: no reward variance, nothing to learn).")
     steps: int = Field(200, ge=1, description="Optimizer steps (one rollout batch each).")
     prompts_per_step: int = Field(8, ge=1, description="B: prompts (groups) per step after filtering.")
     group_size: int = Field(8, ge=2, description="G: samples per prompt (Infused Phi-2: 3; DAPO: 16; DeepSeekMath: 64).")
@@ -234,6 +238,11 @@ class PipelineConfig(_Section):
     stages: list[Literal["distill", "midtrain", "sft", "dpo", "rl"]] = Field(
         ["distill", "midtrain", "sft", "dpo", "rl"], description="Stages to run, in recipe order.")
     policy_problems: int = Field(500, ge=1, description="DPO pairs: problems on which the SFT model samples its own rollouts.")
+    policy_fresh: bool = Field(True, description="Synthetic task: the SFT model samples on its own draw of training problems, "
+                               "not on the distilled ones it memorized. Other sources: the first distilled problems.")
+    policy_difficulties: list[int] | None = Field(None, description="Synthetic difficulty levels of those problems (default: distill's).")
+    pair_sources: list[Literal["policy", "teacher"]] = Field(
+        ["policy", "teacher"], min_length=1, description="Rollouts DPO pairs are built from: the SFT model's own and/or the teacher's.")
     eval_after_each: bool = Field(True, description="Evaluate on eval.benchmarks after every stage (the stage table).")
 
 

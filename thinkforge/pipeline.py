@@ -131,11 +131,13 @@ def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_
         elif stage == "dpo":
             pairs_path = data_dir / "pairs.jsonl"
             if not pairs_path.exists():
-                own = data_dir / "policy-rollouts.jsonl"
-                teacher_rows = rollouts if rollouts.exists() else None
-                problems = distill.problems_for(recipe.distill, recipe.seed)[: recipe.pipeline.policy_problems]
-                sample_own(stage_recipe, current, problems, own, progress)
-                files = [own] + ([teacher_rows] if teacher_rows else [])
+                files = []
+                if "policy" in recipe.pipeline.pair_sources:
+                    own = data_dir / "policy-rollouts.jsonl"
+                    sample_own(stage_recipe, current, distill.policy_problems(recipe), own, progress)
+                    files.append(own)
+                if "teacher" in recipe.pipeline.pair_sources and rollouts.exists():
+                    files.append(rollouts)
                 stats = pairs.main(files, pairs_path, recipe.pairs.per_problem, recipe.pairs.similar_length, recipe.seed)
                 log(f"[pairs] {stats['pairs']} pairs from {stats['problems_with_both']} problems")
             final = dpo_stage.main(stage_recipe, out / stage, data=str(pairs_path), progress=progress)
@@ -158,7 +160,7 @@ def sample_own(recipe: Recipe, model_path: str, problems, out: Path, progress: b
     model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
     prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
     g = recipe.generation
-    params = SamplingParams(g.max_new_tokens, recipe.rl.temperature, 1.0, 0, recipe.seed)
+    params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
     teacher = distill.HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_fn, params, "policy")
     return distill.main(problems, teacher, recipe.pairs.policy_samples, out, progress)
 

@@ -143,6 +143,19 @@ def problems_for(cfg, seed: int) -> list[Problem]:
     return training_problems(cfg.source, cfg.n_problems, cfg.difficulties, seed, cfg.data_path, cfg.columns)
 
 
+def policy_problems(recipe) -> list[Problem]:
+    """Problems the SFT model samples its own rollouts on. Synthetic task: its own draw of training problems
+    (`policy_fresh`), because on the distilled problems, whose answers stages 1-2 memorized, nearly every
+    rollout is right and the pairs teach nothing that transfers. Other sources: the first distilled problems."""
+    from thinkforge.data.sources import training_problems
+
+    p, d = recipe.pipeline, recipe.distill
+    if d.source == "synthetic" and p.policy_fresh:
+        return training_problems("synthetic", p.policy_problems, p.policy_difficulties or d.difficulties, recipe.seed,
+                                 stream="policy")
+    return problems_for(d, recipe.seed)[: p.policy_problems]
+
+
 def teacher_for(cfg, recipe):
     """Build the teacher a DistillConfig names."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, recipe.seed)

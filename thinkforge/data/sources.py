@@ -113,11 +113,11 @@ def _gpqa(rows: list[dict], where: str) -> list[Problem]:
     return out
 
 
-def synthetic(split: str = "test", n: int = 200, difficulty: int = 1, seed: int = 0) -> list[Problem]:
+def synthetic(split: str = "test", n: int = 200, difficulty: int = 1, seed: int = 0, stream: str = "") -> list[Problem]:
     from thinkforge.data import synthetic as task
 
     return [Problem(r["id"], r["question"], r["final"], "math", meta={"solution": r["answer"], "difficulty": r["difficulty"]})
-            for r in task.generate(n, split, difficulty, seed)]
+            for r in task.generate(n, split, difficulty, seed, stream)]
 
 
 # name -> (hub repo, config, split, converter)
@@ -169,12 +169,12 @@ def load_benchmark(name: str, path: str | None = None, columns: dict[str, str] |
 
 
 def training_problems(source: str, n: int, difficulties: list[int], seed: int, data_path: str | None = None,
-                      columns: dict[str, str] | None = None) -> list[Problem]:
-    """Problems to train on: synthetic training problems (equal shares per difficulty), or a local file /
-    a local copy of a hub set. Never a test split of the synthetic task."""
+                      columns: dict[str, str] | None = None, stream: str = "") -> list[Problem]:
+    """Problems to train on: synthetic training problems (equal shares per difficulty; `stream` names an
+    independent draw), or a local file / a local copy of a hub set. Never a test split of the synthetic task."""
     if source == "synthetic":
         per_level = max(1, n // len(difficulties))
-        return [p for d in difficulties for p in synthetic("train", per_level, d, seed)]
+        return [p for d in difficulties for p in synthetic("train", per_level, d, seed, stream)]
     if data_path or source == "local":
         return load_benchmark(source, data_path, columns, n, seed)
     if source == "gsm8k":  # the hub's training split, never the test split we evaluate on

@@ -93,12 +93,15 @@ def _render(name: str, obj: str, start: int, ops: tuple[Op, ...]) -> tuple[str, 
     return " ".join(sentences), steps, value
 
 
-def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0) -> list[dict]:
-    """`n` distinct problems of one split, GSM8K schema plus `id`, `difficulty`, `final`."""
+def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0, stream: str = "") -> list[dict]:
+    """`n` distinct problems of one split, GSM8K schema plus `id`, `difficulty`, `final`. A named `stream` is
+    an independent draw from the same split (ids carry its name): the RL prompts and the policy's own DPO
+    rollouts use their own streams, so they are problems the distillation did not draw."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
     n_ops, top = LEVELS[difficulty]
-    rng = random.Random(f"{seed}-{split}-{difficulty}")
+    rng = random.Random(f"{seed}-{split}-{difficulty}" + (f"-{stream}" if stream else ""))
+    prefix = f"synthetic-{split}" + (f"-{stream}" if stream else "")
     rows, seen = [], set()
     attempts = 0
     while len(rows) < n:
@@ -118,7 +121,7 @@ def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0) -
         seen.add(question)
         steps.append(f"So {name} has {value} {obj}.")
         rows.append({
-            "id": f"synthetic-{split}-d{difficulty}-{len(rows)}",
+            "id": f"{prefix}-d{difficulty}-{len(rows)}",
             "question": question,
             "answer": "\n".join(steps) + f"\n#### {value}",
             "final": str(value),

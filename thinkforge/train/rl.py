@@ -238,7 +238,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
             value_head.load_state_dict({"weight": extras["value_head.weight"], "bias": extras["value_head.bias"]})
     model.train()
 
-    problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns)
+    problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns,
+                                 stream="rl" if cfg.fresh_prompts else "")
     rewards = WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None
     generator = HFGenerator(model, tok, cfg.gen_batch)
 
