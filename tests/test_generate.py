@@ -44,3 +44,68 @@ def test_stream_yields_the_same_text_as_greedy_generate(tiny_loaded):
     gen = HFGenerator(model, tok)
     p = SamplingParams(max_new_tokens=6, temperature=0.0)
     assert "".join(gen.stream("Mia has", p)) == gen.generate(["Mia has"], 1, p)[0].text
+
+
+def test_own_decode_loop_matches_transformers_generate_greedy(tiny_loaded):
+    """Prefill once per prompt, cache repeated per sample, stopped rows leaving the batch: same tokens as
+    `model.generate` on a left-padded batch of prompts of different lengths."""
+    model, tok = tiny_loaded
+    gen = HFGenerator(model, tok, batch_size=64)
+    prompts = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam.", "Ava"]
+    p = SamplingParams(max_new_tokens=12, temperature=0.0)
+    assert gen.own_loop
+    ours = gen.generate(prompts, 2, p)
+    gen.own_loop = False
+    try:
+        theirs = gen.generate(prompts, 2, p)
+    finally:
+        gen.own_loop = True
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert [c.finish_reason for c in ours] == [c.finish_reason for c in theirs]
+
+
+def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded):
+    from thinkforge.rollout.hf import decode
+
+    model, tok = tiny_loaded
+    eos = tok.eos_token_id
+    prompts = [tok("Mia has 3 apples.").input_ids, tok("Leo has 10 books.").input_ids]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    alone = decode(model.eval(), prompts[1:], 1, greedy, [eos], tok.pad_token_id, None)
+    first = decode(model, prompts, 1, greedy, [eos], tok.pad_token_id, None)[0]
+    # Declare the first row's third token a stop token: that row stops after 3 tokens, leaves the batch,
+    # and the second row still decodes exactly as it does alone (unless it emits that token itself).
+    stop = first[2]
+    both = decode(model, prompts, 1, greedy, [eos, stop], tok.pad_token_id, None)
+    assert both[0] == first[:3]
+    expect = alone[0][: alone[0].index(stop) + 1] if stop in alone[0] else alone[0]
+    assert both[1] == expect
+
+
+def test_sampling_filters_and_min_new_tokens(tiny_loaded):
+    import torch
+
+    from thinkforge.rollout.hf import decode, pick
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    top1 = SamplingParams(temperature=1.0, top_k=1, top_p=1.0)
+    draws = {int(pick(logits, top1, torch.Generator().manual_seed(s))) for s in range(20)}
+    assert draws == {1}
+    nucleus = SamplingParams(temperature=1.0, top_k=0, top_p=0.5)  # token 1 alone holds ~50.6% of the mass
+    assert {int(pick(logits, nucleus, torch.Generator().manual_seed(s))) for s in range(20)} == {1}
+    both = SamplingParams(temperature=1.0, top_k=0, top_p=0.9)  # tokens 1 and 3 together exceed 0.9
+    assert {int(pick(logits, both, torch.Generator().manual_seed(s))) for s in range(50)} == {1, 3}
+
+    model, tok = tiny_loaded
+    eos = tok.eos_token_id
+    prompt = [tok("Mia").input_ids]
+    with torch.no_grad():
+        saved = model.lm_head.weight[eos].clone()
+        model.lm_head.weight[eos] += 100.0
+    try:
+        out = decode(model.eval(), prompt, 2, SamplingParams(max_new_tokens=6, temperature=0.0), [eos],
+                     tok.pad_token_id, None, min_new_tokens=4)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[eos] = saved
+    assert [len(r) for r in out] == [5, 5] and all(r[-1] == eos and eos not in r[:-1] for r in out)

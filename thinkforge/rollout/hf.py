@@ -1,7 +1,14 @@
-"""Generation with Hugging Face transformers: KV cache, left-padded batches, a group's samples together."""
+"""Generation with Hugging Face transformers: KV cache, left-padded batches, a group's samples together.
+
+`generate` runs its own decode loop over the model's forward (the model and its KV cache are transformers'):
+each distinct prompt is prefilled once and its cache repeated for the n samples of its group, and rows that
+have stopped leave the batch, so a group costs one prompt pass and the batch shrinks as samples finish.
+`model.generate` serves streaming and models whose forward does not take explicit positions.
+"""
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator
 
@@ -15,10 +22,22 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
+        forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
+        self.own_loop = {"position_ids", "past_key_values"} <= set(forward.parameters)
+
+    def stop_ids(self) -> list[int]:
+        """The tokenizer's eos and every eos of the model's generation config (Phi-4-mini lists two)."""
+        ids: list[int] = []
+        sources = (self.tokenizer.eos_token_id, getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))
+        for src in sources:
+            for i in src if isinstance(src, (list, tuple)) else [src]:
+                if i is not None and i not in ids:
+                    ids.append(int(i))
+        return ids
 
     def _kwargs(self, params: SamplingParams) -> dict:
         tok = self.tokenizer
-        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids())
         if params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
@@ -30,27 +49,37 @@ class HFGenerator:
 
         tok, model = self.tokenizer, self.model
         prompts_per_batch = max(1, self.batch_size // n)
+        stop = set(self.stop_ids())
         out: list[Completion] = []
-        torch.manual_seed(params.seed)
+        rng = torch.Generator(device=model.device).manual_seed(params.seed)
         was_training = model.training
         model.eval()
         try:
             for start in range(0, len(prompts), prompts_per_batch):
                 chunk = prompts[start : start + prompts_per_batch]
-                # Each prompt repeated n times (a group): works for greedy too, unlike num_return_sequences.
-                expanded = [p for p in chunk for _ in range(n)]
-                enc = tok(expanded, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-                with torch.no_grad():
-                    seqs = model.generate(**enc, **self._kwargs(params))
-                new = seqs[:, enc["input_ids"].shape[1] :]  # (len(chunk)*n, T)
-                for row, ids in enumerate(new.tolist()):
-                    ids = _trim(ids, tok.pad_token_id, tok.eos_token_id)
-                    stopped = bool(ids) and ids[-1] == tok.eos_token_id
+                encoded = [tok(p, add_special_tokens=False).input_ids for p in chunk]
+                if self.own_loop:
+                    rows = decode(model, encoded, n, params, self.stop_ids(), _pad_id(tok), rng)
+                else:
+                    rows = self._hf_generate(encoded, n, params, rng)
+                for row, ids in enumerate(rows):
+                    stopped = bool(ids) and ids[-1] in stop
                     text = tok.decode(ids, skip_special_tokens=True)
                     out.append(Completion(start + row // n, text, tuple(ids), "stop" if stopped else "length"))
         finally:
             model.train(was_training)
         return out
+
+    def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, rng) -> list[list[int]]:
+        """Fallback through `model.generate` (each prompt repeated n times: works for greedy too)."""
+        import torch
+
+        tok, model = self.tokenizer, self.model
+        ids, mask = left_pad([e for e in encoded for _ in range(n)], _pad_id(tok))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng, device=rng.device)))
+        with torch.no_grad():
+            seqs = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **self._kwargs(params))
+        return [_trim(r, set(self.stop_ids())) for r in seqs[:, ids.shape[1] :].tolist()]
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         import torch
@@ -70,10 +99,102 @@ class HFGenerator:
         thread.join()
 
 
-def _trim(ids: list[int], pad_id: int, eos_id: int) -> list[int]:
-    """Cut after the first eos; drop right padding (generate pads finished rows with pad_id)."""
-    if eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    while ids and ids[-1] == pad_id and pad_id != eos_id:
-        ids = ids[:-1]
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """(ids, attention_mask), both (B, L), sequences aligned to the right."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def pick(logits, params: SamplingParams, rng):
+    """Next token per row (B,) from logits (B, V): argmax at temperature 0, else top-k, top-p and a draw."""
+    import torch
+
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > params.top_p  # the smallest prefix whose mass reaches top_p stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
+
+
+def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int, rng,
+           min_new_tokens: int | None = None) -> list[list[int]]:
+    """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
+
+    The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
+    each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
+    it has stopped (the cache rows are selected, not recomputed).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = model.device
+    if min_new_tokens is None:
+        min_new_tokens = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
+    ids, mask = left_pad(encoded, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache = out.past_key_values
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1, :].float().repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(n, 0)
+        next_pos = pos[:, -1:].repeat_interleave(n, 0) + 1
+        total = logits.shape[0]
+        rows = torch.arange(total, device=device)  # the output row of each batch row
+        alive = torch.ones(total, dtype=torch.bool, device=device)
+        tokens = torch.full((total, max(1, params.max_new_tokens)), pad_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(total, dtype=torch.long, device=device)
+        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        for t in range(params.max_new_tokens):
+            if t < min_new_tokens:
+                logits[:, stop] = float("-inf")
+            nxt = torch.where(alive, pick(logits, params, rng), pad_id)
+            tokens[rows[alive], t] = nxt[alive]
+            lengths[rows[alive]] = t + 1
+            alive = alive & ~torch.isin(nxt, stop)
+            live = int(alive.sum())
+            if live == 0 or t == params.max_new_tokens - 1:
+                break
+            if live <= 0.75 * alive.numel():
+                keep = alive.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, alive, nxt, mask, next_pos = rows[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+    return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _trim(ids: list[int], stop: set[int]) -> list[int]:
+    """Cut after the first stop token. `generate` pads a row only after it stopped, so a row without a stop
+    token is all real tokens (a sampled pad id included)."""
+    for i, t in enumerate(ids):
+        if t in stop:
+            return ids[: i + 1]
     return ids
