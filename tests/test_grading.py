@@ -83,3 +83,13 @@ def test_mcq_rejects_several_options():
     assert not mcq_equal("A and B", "A")
     assert mcq_equal("A", "A")
     assert not mcq_equal(None, "A")
+
+
+def test_an_answer_without_digits_against_a_number_is_wrong_without_the_verifier(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("the verifier was called")
+
+    monkeypatch.setattr(grading, "_verifier", forbidden)
+    assert math_equal("the apples", "7") is False
+    assert math_equal("\\frac{x}{y}", "7") is False
+    assert math_equal("7", "7") is True

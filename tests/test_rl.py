@@ -5,19 +5,20 @@ import pytest
 import torch
 
 from thinkforge.config import load_config
-from thinkforge.data.packing import Example, collate_padded
-from thinkforge.losses import IGNORE, policy_loss, shift_labels
+from thinkforge.losses import policy_loss
 from thinkforge.rollout.types import Rollout
 from thinkforge.train import rl
 
+PROMPTS = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam."]
+
 
 def _rollout(tok, texts, rewards, group_size):
-    prompt = tuple(tok("Mia has 3 apples.", add_special_tokens=False).input_ids)
-    ex = [Example(prompt, tuple(tok(t, add_special_tokens=False).input_ids) + (tok.eos_token_id,)) for t in texts]
-    ids, labels, attn = collate_padded(ex, tok.pad_token_id)
+    """Groups of group_size completions; groups alternate between two prompts of different lengths."""
     n = len(texts)
-    return Rollout(ids, attn, labels, torch.tensor(rewards), torch.tensor([r > 0 for r in rewards]),
-                   torch.arange(n) // group_size, torch.zeros(n, dtype=torch.bool), list(texts), group_size)
+    prompts = [tok(PROMPTS[g % 2], add_special_tokens=False).input_ids for g in range(n // group_size)]
+    comps = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
+    return Rollout.build(prompts, comps, [i // group_size for i in range(n)], tok.pad_token_id, rewards,
+                         [r > 0 for r in rewards], [False] * n, texts, group_size)
 
 
 def test_one_grpo_update_raises_logprob_of_positive_advantage_samples(tiny_model):
@@ -29,7 +30,7 @@ def test_one_grpo_update_raises_logprob_of_positive_advantage_samples(tiny_model
     texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<think>3 + 1 = 5</think><answer>5</answer>",
              "<answer>7</answer>", "<think>so 4</think><answer>4</answer>"]
     ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0], 4)
-    mask = (shift_labels(ro.labels) != IGNORE).float()
+    mask = ro.completion_mask.float()
     adv = group_advantages(ro.rewards, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
 
@@ -58,14 +59,12 @@ def test_rollout_logprobs_equal_a_fresh_forward_at_the_sampling_temperature(tiny
                          output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
     new = out.sequences[0, enc.input_ids.shape[1]:]
     sampler = torch.stack([torch.log_softmax(s[0], -1)[t] for s, t in zip(out.scores, new, strict=True)])
-    ex = Example(tuple(enc.input_ids[0].tolist()), tuple(new.tolist()))
-    ids, labels, attn = collate_padded([ex], tok.pad_token_id)
-    ro = Rollout(ids, attn, labels, torch.zeros(1), torch.zeros(1, dtype=torch.bool), torch.zeros(1),
-                 torch.zeros(1, dtype=torch.bool), [""], 1)
-    with torch.no_grad():
-        lp, _, _ = rl.forward_logp(model, ro, slice(0, 1), 0.7)
-    mask = shift_labels(labels) != IGNORE
-    assert torch.allclose(lp[mask], sampler, atol=1e-4)
+    ro = Rollout.build([enc.input_ids[0].tolist()], [new.tolist()], [0], tok.pad_token_id, [0.0], [False], [False],
+                       [""], 1)
+    for share in (True, False):
+        with torch.no_grad():
+            lp, _, _ = rl.forward_logp(model, ro, slice(0, 1), 0.7, share_prompt=share)
+        assert torch.allclose(lp[0], sampler, atol=1e-4)
 
 
 def test_temperature_anneals_linearly_then_stays():
@@ -161,7 +160,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model, agg):
     texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>", "<think>long " * 5 + "</think>",
              "<answer>4</answer>", "<think>a</think><answer>4</answer>", "<answer>7</answer>"]
     ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0, 1.0, -1.0], 3)
-    mask = (shift_labels(ro.labels) != IGNORE).float()
+    mask = ro.completion_mask.float()
     adv = group_advantages(ro.rewards, 3)
 
     def grads(micro):
@@ -175,3 +174,32 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model, agg):
     assert torch.allclose(full, split, atol=1e-6)
     assert s_full["loss"] == pytest.approx(s_split["loss"], abs=1e-6)
     assert s_full["pg_loss"] == pytest.approx(s_split["pg_loss"], abs=1e-6)
+
+
+def test_prompt_run_once_per_group_gives_the_same_logprobs_values_and_gradients(tiny_model):
+    """The shared-prompt pass (prompt once, its cache repeated for the group) equals one pass per row over
+    prompt + completion: log-probs, PPO values and the gradient of a loss, with prompts of two lengths."""
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model)
+    model.eval()  # no dropout: both passes must see the same function
+    texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>", "<think>long " * 5 + "</think>",
+             "<answer>4</answer>", "<think>a</think><answer>4</answer>", "<answer>7</answer>"]
+    ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0, 1.0, -1.0], 3)
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    mask = ro.completion_mask.float()
+
+    def run(share, rows):
+        model.zero_grad()
+        head.zero_grad()
+        logp, logits, values = rl.forward_logp(model, ro, rows, 0.8, head, share_prompt=share)
+        ((logp * mask[rows]).sum() + (values * mask[rows]).sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in [*model.parameters(), *head.parameters()] if p.grad is not None])
+        return logp.detach() * mask[rows], values.detach() * mask[rows], grads
+
+    for rows in (slice(0, 6), slice(2, 5)):  # whole groups, and a micro-batch that splits both groups
+        lp_a, v_a, g_a = run(True, rows)
+        lp_b, v_b, g_b = run(False, rows)
+        assert torch.isfinite(g_a).all()
+        assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(v_a, v_b, atol=1e-5)
+        assert torch.allclose(g_a, g_b, atol=1e-4, rtol=1e-4)

@@ -8,6 +8,7 @@ have stopped leave the batch, so a group costs one prompt pass and the batch shr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from collections.abc import Iterator
@@ -141,6 +142,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
     """
     import torch
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     device = model.device
     if min_new_tokens is None:
@@ -149,6 +151,8 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    reserved = reserved_layer()
+    cache.layers = [reserved(ids.shape[1] + params.max_new_tokens) if type(x) is DynamicLayer else x for x in cache.layers]
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                     logits_to_keep=1)
@@ -185,6 +189,51 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
     return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+@functools.cache
+def reserved_layer():
+    """The ReservedLayer class (made on first use: transformers is imported lazily)."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A full-attention cache layer with its length reserved up front: each step writes in place and
+        attention reads a view, where the default layer concatenates (copies the whole cache) every step —
+        half of a decode step at 256 rows x 150 positions on CPU."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.dtype, self.device = key_states.dtype, key_states.device
+                b, h, _, d = key_states.shape
+                self.k_buf = key_states.new_empty((b, h, self.capacity, d))
+                self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+                self.is_initialized = True
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:  # never in `decode`; kept correct for any caller
+                grow = lambda buf: torch.cat([buf, buf.new_empty((*buf.shape[:2], end - self.capacity, buf.shape[-1]))], -2)  # noqa: E731
+                self.k_buf, self.v_buf, self.capacity = grow(self.k_buf), grow(self.v_buf), end
+            self.k_buf[:, :, self.length : end] = key_states
+            self.v_buf[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self.k_buf, self.v_buf = self.k_buf.repeat_interleave(repeats, 0), self.v_buf.repeat_interleave(repeats, 0)
+                self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized:
+                self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+                self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+    return ReservedLayer
 
 
 def _pad_id(tok) -> int:

@@ -49,17 +49,40 @@ class Generator(Protocol):
 class Rollout:
     """A batch of N = B*G scored completions, ordered group by group, ready for the loss.
 
-    input_ids, attention_mask, labels: (N, L) prompt + completion, right-padded; labels hold the completion
-    ids and IGNORE elsewhere. rewards (N,) float; correct, truncated (N,) bool; group (N,) prompt index.
-    texts: the N completion texts. group_size: G.
+    prompt_ids, prompt_mask: (B, P) the B distinct prompts, left-padded (a group's prompt is stored once and
+    run once). completion_ids, completion_mask: (N, C) the completions, right-padded, eos included when the
+    model stopped. group (N,): the prompt row of each completion. rewards (N,) float; correct, truncated (N,)
+    bool. texts: the N completion texts. group_size: G.
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
     rewards: torch.Tensor
     correct: torch.Tensor
     group: torch.Tensor
     truncated: torch.Tensor
     texts: list[str]
     group_size: int
+
+    @classmethod
+    def build(cls, prompts: list[list[int]], completions: list[list[int]], group: list[int], pad_id: int,
+              rewards, correct, truncated, texts: list[str], group_size: int) -> Rollout:
+        """Pad token-id lists into the layout above (prompts left, completions right)."""
+        import torch
+
+        p_width, c_width = max(len(p) for p in prompts), max(len(c) for c in completions)
+        p_ids = torch.full((len(prompts), p_width), pad_id, dtype=torch.long)
+        p_mask = torch.zeros_like(p_ids)
+        for i, p in enumerate(prompts):
+            p_ids[i, p_width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            p_mask[i, p_width - len(p) :] = 1
+        c_ids = torch.full((len(completions), c_width), pad_id, dtype=torch.long)
+        c_mask = torch.zeros_like(c_ids)
+        for i, c in enumerate(completions):
+            c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            c_mask[i, : len(c)] = 1
+        return cls(p_ids, p_mask, c_ids, c_mask, torch.as_tensor(rewards, dtype=torch.float),
+                   torch.as_tensor(correct, dtype=torch.bool), torch.as_tensor(group, dtype=torch.long),
+                   torch.as_tensor(truncated, dtype=torch.bool), list(texts), group_size)

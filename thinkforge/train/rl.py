@@ -23,7 +23,6 @@ import torch
 
 from thinkforge import models
 from thinkforge.config import Recipe, RLConfig
-from thinkforge.data.packing import Example, collate_padded
 from thinkforge.data.sources import Problem, training_problems
 from thinkforge.formats import render_prompt
 from thinkforge.grading import grade
@@ -34,7 +33,6 @@ from thinkforge.losses import (
     group_advantages,
     overlong_penalty,
     policy_loss,
-    shift_labels,
     token_logprobs,
     value_loss,
 )
@@ -145,25 +143,23 @@ def collect(step: int, problems: list[Problem], generator: HFGenerator, tok, rec
     if not kept:
         return None, stats
 
-    examples, rewards_t, correct, group, texts, finish, parts = [], [], [], [], [], [], []
+    prompts, completions, rewards_t, correct, group, texts, finish, parts = [], [], [], [], [], [], [], []
     for gi, (p, comps, r, pr, corr) in enumerate(kept):
-        prompt_ids = tuple(tok(prompt_fn(p.question), add_special_tokens=False).input_ids)
+        prompts.append(tok(prompt_fn(p.question), add_special_tokens=False).input_ids)
         for c, ri, pi, ci in zip(comps, r, pr, corr, strict=True):
-            examples.append(Example(prompt_ids, tuple(c.token_ids) or (tok.eos_token_id,)))
+            completions.append(list(c.token_ids) or [tok.eos_token_id])
             rewards_t.append(ri)
             parts.append(pi)
             correct.append(ci)
             group.append(gi)
             texts.append(c.text)
             finish.append(c.finish_reason)
-    ids, labels, attn = collate_padded(examples, tok.pad_token_id)
-    lengths = torch.tensor([len(e.completion) for e in examples])
+    lengths = torch.tensor([len(c) for c in completions])
     r = torch.tensor(rewards_t)
     if cfg.overlong_cache:
         r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
-    rollout = Rollout(input_ids=ids, attention_mask=attn, labels=labels, rewards=r, correct=torch.tensor(correct),
-                      group=torch.tensor(group), truncated=torch.tensor([f == "length" for f in finish]),
-                      texts=texts, group_size=g)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rollout = Rollout.build(prompts, completions, group, pad, r, correct, [f == "length" for f in finish], texts, g)
     stats.update(sample_stats(texts))
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()
@@ -174,8 +170,8 @@ def collect(step: int, problems: list[Problem], generator: HFGenerator, tok, rec
 
 
 def completion_mask(rollout: Rollout, cfg: RLConfig) -> torch.Tensor:
-    """(N, L) mask of the tokens that carry loss, aligned with shift_labels(labels)."""
-    mask = (shift_labels(rollout.labels) != IGNORE).float()
+    """(N, C) mask of the completion tokens that carry loss."""
+    mask = rollout.completion_mask.float()
     if cfg.truncation == "mask":
         mask = mask * (~rollout.truncated).float().unsqueeze(-1)
     return mask
@@ -191,14 +187,46 @@ def balance_mask(adv: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return keep
 
 
-def forward_logp(model, rollout: Rollout, rows: slice, temperature: float, value_head=None):
-    """Token log-probs (n, L) under the sampling temperature (PITFALLS 5), logits, and values for PPO."""
-    ids = rollout.input_ids[rows].to(model.device)
-    attn = rollout.attention_mask[rows].to(model.device)
-    out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=value_head is not None)
-    logp, _ = token_logprobs(out.logits, shift_labels(rollout.labels[rows]).to(model.device), temperature)
-    values = value_head(out.hidden_states[-1].float()).squeeze(-1) if value_head is not None else None  # (n, L)
-    return logp, out.logits, values
+def forward_logp(model, rollout: Rollout, rows: slice, temperature: float, value_head=None, share_prompt: bool | None = None):
+    """Log-probs of the completion tokens (n, C) under the sampling temperature (PITFALLS 5), the logits that
+    predict them (n, C, V), and the values before each of them (n, C) for PPO.
+
+    A group's prompt is run once: its KV cache is repeated for the group's completions, which run on top of
+    it (gradients flow into the prompt pass through the cache). Under gradient checkpointing, which drops the
+    cache in training, each row runs prompt + completion in one pass instead; the numbers are the same.
+    """
+    dev = model.device
+    comp = rollout.completion_ids[rows].to(dev)
+    c_mask = rollout.completion_mask[rows].to(dev)
+    needed, row_prompt = torch.unique(rollout.group[rows], return_inverse=True)  # the prompts these rows continue
+    p_ids, p_mask = rollout.prompt_ids[needed].to(dev), rollout.prompt_mask[needed].to(dev)
+    row_prompt = row_prompt.to(dev)
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = value_head is not None
+    if share_prompt is None:
+        share_prompt = not (model.training and any(getattr(x, "gradient_checkpointing", False) is True for x in model.modules()))
+    if share_prompt:
+        from transformers import DynamicCache
+
+        first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=DynamicCache(config=model.config),
+                      use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
+        cache = first.past_key_values
+        cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
+        c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
+        out = model(input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1), position_ids=c_pos,
+                    past_key_values=cache, use_cache=True, output_hidden_states=hidden)
+        logits = torch.cat([first.logits[row_prompt, -1:], out.logits[:, :-1]], 1)
+        states = torch.cat([first.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1][:, :-1]], 1) if hidden else None
+    else:
+        mask = torch.cat([p_mask[row_prompt], c_mask], -1)
+        out = model(input_ids=torch.cat([p_ids[row_prompt], comp], -1), attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False, output_hidden_states=hidden)
+        start = p_ids.shape[1] - 1  # the last prompt position predicts the first completion token
+        logits = out.logits[:, start:-1]
+        states = out.hidden_states[-1][:, start:-1] if hidden else None
+    logp, _ = token_logprobs(logits, comp.masked_fill(c_mask == 0, IGNORE), temperature)
+    values = value_head(states.float()).squeeze(-1) if hidden else None  # (n, C)
+    return logp, logits, values
 
 
 @torch.no_grad()
