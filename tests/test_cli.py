@@ -124,6 +124,11 @@ def test_pairs_and_dpo_from_the_command_line(tiny_model, tmp_path, capsys):
     assert code == 0 and "pairs ->" in out, err
     policy = [json.loads(x) for x in p.with_suffix(".policy-rollouts.jsonl").read_text().splitlines()]
     assert len(policy) == 6 and {r["teacher"] for r in policy} == {"policy"}
+    # sampled at pairs.temperature (1.0), not at the greedy generation.temperature: a problem's samples differ
+    by_problem: dict = {}
+    for r in policy:
+        by_problem.setdefault(r["problem_id"], []).append(r["completion"])
+    assert any(len(set(c)) > 1 for c in by_problem.values())
     code, out, err = run_cli(["dpo", "--data", str(p), "-m", tiny_model, "--out", str(run), "dpo.max_len=256",
                               "dpo.batch_size=2", "dpo.grad_accum=1"], capsys)
     assert code == 0 and (run / "final" / "config.json").is_file(), err

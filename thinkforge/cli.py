@@ -457,11 +457,9 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
 
 def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], limit: int | None, out: Path) -> dict:
     """Sample the model's own graded rollouts on the problems of `rollout_files` (or `policy_problems`)."""
-    from thinkforge import models
     from thinkforge.data import distill
     from thinkforge.data.sources import Problem
     from thinkforge.io import read_jsonl
-    from thinkforge.rollout.hf import HFGenerator
 
     _quiet_hf()
     if rollout_files:
@@ -472,12 +470,7 @@ def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], li
         problems = list(seen.values())
     else:
         problems = distill.policy_problems(recipe)
-    problems = problems[:limit] if limit else problems
-    m = recipe.model
-    net, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
-    teacher = distill.HFTeacher(HFGenerator(net, tok, recipe.generation.batch_size), prompt_fn(recipe, tok),
-                                sampling(recipe), "policy")
-    return distill.main(problems, teacher, recipe.pairs.policy_samples, out)
+    return distill.sample_policy(recipe, model_path, problems[:limit] if limit else problems, out)
 
 
 @cli.command(context_settings=CTX)

@@ -134,7 +134,7 @@ def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_
                 files = []
                 if "policy" in recipe.pipeline.pair_sources:
                     own = data_dir / "policy-rollouts.jsonl"
-                    sample_own(stage_recipe, current, distill.policy_problems(recipe), own, progress)
+                    distill.sample_policy(stage_recipe, current, distill.policy_problems(recipe), own, progress)
                     files.append(own)
                 if "teacher" in recipe.pipeline.pair_sources and rollouts.exists():
                     files.append(rollouts)
@@ -152,17 +152,6 @@ def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_
     run.add_seconds(time.time() - t_start)
     summary = write_outputs(recipe, out, run, base, current)
     return summary
-
-
-def sample_own(recipe: Recipe, model_path: str, problems, out: Path, progress: bool) -> dict:
-    """The current model's own graded rollouts (the policy side of DPO pairs)."""
-    m = recipe.model
-    model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
-    prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
-    g = recipe.generation
-    params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
-    teacher = distill.HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_fn, params, "policy")
-    return distill.main(problems, teacher, recipe.pairs.policy_samples, out, progress)
 
 
 def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: str) -> dict:

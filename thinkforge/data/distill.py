@@ -156,6 +156,23 @@ def policy_problems(recipe) -> list[Problem]:
     return problems_for(d, recipe.seed)[: p.policy_problems]
 
 
+def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, progress: bool = True) -> dict:
+    """The model's own graded rollouts on `problems` (the policy side of DPO pairs): pairs.policy_samples per
+    problem at pairs.temperature (sampling, so that one problem can give a correct and an incorrect one)."""
+    import functools
+
+    from thinkforge import models
+    from thinkforge.formats import render_prompt
+    from thinkforge.rollout.hf import HFGenerator
+
+    m, g = recipe.model, recipe.generation
+    model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
+    prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
+    params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
+    teacher = HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_fn, params, "policy")
+    return main(problems, teacher, recipe.pairs.policy_samples, out, progress)
+
+
 def teacher_for(cfg, recipe):
     """Build the teacher a DistillConfig names."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, recipe.seed)

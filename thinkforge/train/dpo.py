@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import models
 from thinkforge.config import DPOConfig, Recipe
 from thinkforge.data.packing import Example, collate_padded, tokenize
 from thinkforge.errors import UserError
@@ -132,11 +131,5 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
         done = step + 1
         if loop.end_of_step(run_dir, done, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
                             model, tok, optimizer, "dpo"):
-            bar.close()
-            metrics.close()
-            return None
-    bar.close()
-    metrics.close()
-    final = run_dir / "final"
-    models.save(model, tok, final)
-    return final
+            return loop.finish(bar, metrics)
+    return loop.finish(bar, metrics, model, tok, run_dir / "final")

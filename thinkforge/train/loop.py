@@ -188,6 +188,18 @@ def end_of_step(run_dir, done: int, total: int, save_every: int, keep: int, stop
     return stop
 
 
+def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None) -> Path | None:
+    """Close the progress bar and the metrics; save the final model when given one (a planned stop gives none)."""
+    bar.close()
+    metrics.close()
+    if final is None:
+        return None
+    from thinkforge import models
+
+    models.save(model, tokenizer, final)
+    return final
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -344,14 +344,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         extras = {f"value_head.{k}": v for k, v in value_head.state_dict().items()} if value_head is not None else None
         if loop.end_of_step(run_dir, done, cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
                             model, tok, optimizer, "rl", extras):
-            bar.close()
-            metrics.close()
-            return None
-    bar.close()
-    metrics.close()
-    final = run_dir / "final"
-    models.save(model, tok, final)
-    return final
+            return loop.finish(bar, metrics)
+    return loop.finish(bar, metrics, model, tok, run_dir / "final")
 
 
 def accumulate_gradients(model, rollout: Rollout, mask: torch.Tensor, adv_seq: torch.Tensor, cfg: RLConfig,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import models
 from thinkforge.config import Recipe, SFTConfig
 from thinkforge.data.packing import Example, collate_packed, collate_padded, pack, tokenize
 from thinkforge.errors import UserError
@@ -115,10 +114,5 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         done = step + 1
         if loop.end_of_step(run_dir, done, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
                             model, tok, optimizer, stage):
-            bar.close()
-            metrics.close()
-            return None
-    bar.close()
-    metrics.close()
-    models.save(model, tok, final_dir)
-    return final_dir
+            return loop.finish(bar, metrics)
+    return loop.finish(bar, metrics, model, tok, final_dir)
