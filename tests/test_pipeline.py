@@ -76,3 +76,10 @@ def test_a_run_killed_mid_stage_resumes_and_finishes(tmp_path):
     assert [s["name"] for s in summary["stages"]] == ["base", "midtrain", "sft", "dpo", "rl"]
     metrics = [json.loads(x) for x in (out / "midtrain" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))  # no step lost, none repeated
+
+
+def test_running_mean_of_the_rl_curves():
+    from thinkforge.report import running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0, 4.0], 5) == [2.0, 3.0]

@@ -203,3 +203,13 @@ def test_prompt_run_once_per_group_gives_the_same_logprobs_values_and_gradients(
         assert torch.isfinite(g_a).all()
         assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(v_a, v_b, atol=1e-5)
         assert torch.allclose(g_a, g_b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_ppo_value_head_steps_at_its_own_lr_scale():
+    from thinkforge.train import loop
+
+    policy, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt = loop.make_optimizer(policy, 1e-4)
+    opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0, "lr": 1e-3, "lr_scale": 10.0})
+    loop.set_lr(opt, 2e-5)  # the schedule's lr at some step
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 2e-5, 2e-4])

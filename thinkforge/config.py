@@ -178,6 +178,8 @@ class RLConfig(_Section):
     lam: float = Field(0.95, ge=0, le=1, description="PPO GAE lambda.")
     value_clip: float = Field(0.2, gt=0, description="PPO value clipping.")
     vf_coef: float = Field(0.5, ge=0, description="PPO value-loss weight.")
+    value_lr_scale: float = Field(10.0, gt=0, description="PPO: the value head's lr as a multiple of lr (it starts at zero and "
+                                  "must fit the returns within the run; at 1x it did not in 18 steps, dev/LOG.md).")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (Infused Phi-2: 50); 0 = only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
     aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")

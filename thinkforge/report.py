@@ -25,6 +25,15 @@ def _rl_rows(out: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "reward" in r and "event" not in r], [r for r in rows if r.get("event") == "aha"]
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the window - 1 before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plots(out: Path, summary: dict) -> list[str]:
     import matplotlib
 
@@ -49,13 +58,21 @@ def plots(out: Path, summary: dict) -> list[str]:
     rows, aha = _rl_rows(out)
     if rows:
         steps = [r["step"] for r in rows]
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        for ax, key, title in zip(axes, ("reward", "accuracy", "think_words"), ("reward", "training accuracy", "thinking words"), strict=True):
-            ax.plot(steps, [r[key] for r in rows], color="#4a7bb7")
+        panels = (("reward", "reward"), ("accuracy", "training accuracy"), ("think_words", "thinking words"), ("kl", "KL to the reference"))
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            values = [r.get(key, 0.0) for r in rows]
+            ax.plot(steps, values, color="#4a7bb7", alpha=0.45, linewidth=1, label="per step")
+            ax.plot(steps, running_mean(values, 5), color="#1f3f73", linewidth=2, label="mean of 5 steps")
             ax.set_title(title)
             ax.set_xlabel("RL step")
             for e in aha:
                 ax.axvline(e["step"], color="#d95f02", alpha=0.6, linestyle="--")
+        if any("temperature" in r for r in rows):  # the annealed sampling temperature explains part of the accuracy
+            twin = axes[1].twinx()
+            twin.plot(steps, [r.get("temperature", 0.0) for r in rows], color="#888888", linestyle=":", label="temperature")
+            twin.set_ylabel("sampling temperature", color="#888888")
+        axes[0].legend(fontsize=8)
         if aha:
             axes[2].plot([], [], color="#d95f02", linestyle="--", label="aha moment")
             axes[2].legend(fontsize=8)
@@ -172,7 +189,7 @@ max new tokens {p['max_new_tokens']}, {p['samples']} sample(s) per problem (pass
 {"![accuracy per stage](staircase.png)" if "staircase.png" in made else ""}
 
 ## RL
-{"![reward, accuracy and thinking length over RL steps; dashed lines mark aha moments](rl_curves.png)" if "rl_curves.png" in made else "No RL stage in this run."}
+{"![reward, training accuracy (with the sampling temperature), thinking length and KL over RL steps; dashed lines mark aha moments](rl_curves.png)" if "rl_curves.png" in made else "No RL stage in this run."}
 
 {"Aha moments:" + chr(10) + chr(10).join(aha_lines) if aha_lines else ("No aha moment was flagged." if rows else "")}
 """

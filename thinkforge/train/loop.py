@@ -46,8 +46,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every group at lr, times its `lr_scale` where it has one (the PPO value head)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def apply_update(params, optimizer, clip: float, lr: float) -> float:

@@ -275,7 +275,10 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         return render_prompt(q, m.prompt_format, m.system_prompt, tok)
 
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
-    optimizer = loop.make_optimizer(torch.nn.ModuleList([model, value_head]) if value_head else model, cfg.lr, cfg.weight_decay)
+    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if value_head is not None:
+        optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
+                                   "lr": cfg.lr * cfg.value_lr_scale, "lr_scale": cfg.value_lr_scale})
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start)
     if start == 0:
