@@ -213,3 +213,23 @@ def test_the_ppo_value_head_steps_at_its_own_lr_scale():
     opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0, "lr": 1e-3, "lr_scale": 10.0})
     loop.set_lr(opt, 2e-5)  # the schedule's lr at some step
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 2e-5, 2e-4])
+
+
+def test_under_gradient_checkpointing_each_row_runs_whole(tiny_model):
+    """Checkpointing drops the KV cache in training, so the shared-prompt pass cannot be used: the automatic
+    choice falls back to one pass per row and gives the same log-probs."""
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model, gradient_checkpointing=True)
+    model.train()
+    for m in model.modules():  # no dropout, so the two passes compare exactly
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ro = _rollout(tok, ["<answer>4</answer>", "<think>3 + 1 = 4</think><answer>4</answer>"], [1.0, -1.0], 2)
+    logp, _, _ = rl.forward_logp(model, ro, slice(0, 2), 1.0)
+    logp.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        want, _, _ = rl.forward_logp(model, ro, slice(0, 2), 1.0, share_prompt=True)
+    mask = ro.completion_mask.bool()
+    assert torch.allclose(logp.detach()[mask], want[mask], atol=1e-5)
