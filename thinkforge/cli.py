@@ -6,7 +6,6 @@ options such as --model are shortcuts for the same keys. A UserError becomes one
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
@@ -110,10 +109,9 @@ def sampling(recipe):
 
 
 def prompt_fn(recipe, tokenizer):
-    from thinkforge.formats import render_prompt
+    from thinkforge.formats import prompt_renderer
 
-    return functools.partial(render_prompt, fmt=recipe.model.prompt_format, system=recipe.model.system_prompt,
-                             tokenizer=tokenizer)
+    return prompt_renderer(recipe.model, tokenizer)
 
 
 @click.group(context_settings=CTX)

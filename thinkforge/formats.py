@@ -24,6 +24,11 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 FORMATS = ("auto", "phi2", "phi4", "chat_template", "plain")
 
 
+def prompt_renderer(model_cfg, tokenizer):
+    """question -> prompt text, in the prompt format and system prompt of a recipe's `model` section."""
+    return lambda question: render_prompt(question, model_cfg.prompt_format, model_cfg.system_prompt, tokenizer)
+
+
 def render_prompt(question: str, fmt: str = "phi2", system: str | None = None, tokenizer=None) -> str:
     """The prompt text that precedes the model's completion."""
     system = SYSTEM_PROMPT if system is None else system

@@ -11,7 +11,6 @@ from its own newest checkpoint).
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from thinkforge.config import Recipe, dump_config
 from thinkforge.data import distill, pairs, selection
 from thinkforge.data.sources import load_benchmark
 from thinkforge.errors import UserError
-from thinkforge.formats import render_prompt
+from thinkforge.formats import prompt_renderer
 from thinkforge.io import atomic_write, write_json
 from thinkforge.rollout.hf import HFGenerator
 from thinkforge.rollout.types import SamplingParams
@@ -58,7 +57,7 @@ def evaluate_model(recipe: Recipe, model_path: str, out_dir: Path) -> dict[str, 
     m, g, ev = recipe.model, recipe.generation, recipe.eval
     model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
     gen = HFGenerator(model, tok, g.batch_size)
-    prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
+    prompt_fn = prompt_renderer(m, tok)
     params = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed)
     results = {}
     for name in ev.benchmarks:

@@ -159,17 +159,14 @@ def policy_problems(recipe) -> list[Problem]:
 def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, progress: bool = True) -> dict:
     """The model's own graded rollouts on `problems` (the policy side of DPO pairs): pairs.policy_samples per
     problem at pairs.temperature (sampling, so that one problem can give a correct and an incorrect one)."""
-    import functools
-
     from thinkforge import models
-    from thinkforge.formats import render_prompt
+    from thinkforge.formats import prompt_renderer
     from thinkforge.rollout.hf import HFGenerator
 
     m, g = recipe.model, recipe.generation
     model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
-    prompt_fn = functools.partial(render_prompt, fmt=m.prompt_format, system=m.system_prompt, tokenizer=tok)
     params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
-    teacher = HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_fn, params, "policy")
+    teacher = HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_renderer(m, tok), params, "policy")
     return main(problems, teacher, recipe.pairs.policy_samples, out, progress)
 
 
@@ -181,16 +178,13 @@ def teacher_for(cfg, recipe):
     if not cfg.teacher_model:
         raise UserError(f"distill.teacher={cfg.teacher} needs distill.teacher_model")
     if cfg.teacher == "hf":
-        import functools
-
         from thinkforge import models
-        from thinkforge.formats import render_prompt
+        from thinkforge.formats import prompt_renderer
         from thinkforge.rollout.hf import HFGenerator
 
         model, tok = models.load(cfg.teacher_model, recipe.model.dtype, recipe.model.device, recipe.model.trust_remote_code)
-        prompt_fn = functools.partial(render_prompt, fmt=recipe.model.prompt_format, system=recipe.model.system_prompt,
-                                      tokenizer=tok)
-        return HFTeacher(HFGenerator(model, tok, recipe.generation.batch_size), prompt_fn, params, cfg.teacher_model)
+        return HFTeacher(HFGenerator(model, tok, recipe.generation.batch_size), prompt_renderer(recipe.model, tok), params,
+                         cfg.teacher_model)
     from thinkforge.rollout.openai import OpenAIClient
 
     if not cfg.base_url:

@@ -13,7 +13,7 @@ import inspect
 import threading
 from collections.abc import Iterator
 
-from thinkforge.rollout.types import Completion, SamplingParams
+from thinkforge.rollout.types import Completion, SamplingParams, left_pad, pad_id
 
 
 class HFGenerator:
@@ -50,7 +50,7 @@ class HFGenerator:
 
         tok, model = self.tokenizer, self.model
         prompts_per_batch = max(1, self.batch_size // n)
-        stop = set(self.stop_ids())
+        stops = self.stop_ids()
         out: list[Completion] = []
         rng = torch.Generator(device=model.device).manual_seed(params.seed)
         was_training = model.training
@@ -60,27 +60,27 @@ class HFGenerator:
                 chunk = prompts[start : start + prompts_per_batch]
                 encoded = [tok(p, add_special_tokens=False).input_ids for p in chunk]
                 if self.own_loop:
-                    rows = decode(model, encoded, n, params, self.stop_ids(), _pad_id(tok), rng)
+                    rows = decode(model, encoded, n, params, stops, pad_id(tok), rng)
                 else:
-                    rows = self._hf_generate(encoded, n, params, rng)
+                    rows = self._hf_generate(encoded, n, params, stops, rng)
                 for row, ids in enumerate(rows):
-                    stopped = bool(ids) and ids[-1] in stop
+                    stopped = bool(ids) and ids[-1] in stops
                     text = tok.decode(ids, skip_special_tokens=True)
                     out.append(Completion(start + row // n, text, tuple(ids), "stop" if stopped else "length"))
         finally:
             model.train(was_training)
         return out
 
-    def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, rng) -> list[list[int]]:
+    def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], rng) -> list[list[int]]:
         """Fallback through `model.generate` (each prompt repeated n times: works for greedy too)."""
         import torch
 
         tok, model = self.tokenizer, self.model
-        ids, mask = left_pad([e for e in encoded for _ in range(n)], _pad_id(tok))
+        ids, mask = left_pad([e for e in encoded for _ in range(n)], pad_id(tok))
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng, device=rng.device)))
         with torch.no_grad():
             seqs = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **self._kwargs(params))
-        return [_trim(r, set(self.stop_ids())) for r in seqs[:, ids.shape[1] :].tolist()]
+        return [_trim(r, set(stops)) for r in seqs[:, ids.shape[1] :].tolist()]
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         import torch
@@ -98,20 +98,6 @@ class HFGenerator:
         thread.start()
         yield from streamer
         thread.join()
-
-
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """(ids, attention_mask), both (B, L), sequences aligned to the right."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-    return ids, mask
 
 
 def pick(logits, params: SamplingParams, rng):
@@ -194,7 +180,6 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
 @functools.cache
 def reserved_layer():
     """The ReservedLayer class (made on first use: transformers is imported lazily)."""
-    import torch
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
@@ -214,9 +199,8 @@ def reserved_layer():
                 self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
                 self.is_initialized = True
             end = self.length + key_states.shape[-2]
-            if end > self.capacity:  # never in `decode`; kept correct for any caller
-                grow = lambda buf: torch.cat([buf, buf.new_empty((*buf.shape[:2], end - self.capacity, buf.shape[-1]))], -2)  # noqa: E731
-                self.k_buf, self.v_buf, self.capacity = grow(self.k_buf), grow(self.v_buf), end
+            if end > self.capacity:
+                raise ValueError(f"KV cache reserved for {self.capacity} positions, asked for {end}")
             self.k_buf[:, :, self.length : end] = key_states
             self.v_buf[:, :, self.length : end] = value_states
             self.length = end
@@ -234,10 +218,6 @@ def reserved_layer():
                 self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
 
     return ReservedLayer
-
-
-def _pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _trim(ids: list[int], stop: set[int]) -> list[int]:

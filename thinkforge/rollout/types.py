@@ -72,12 +72,8 @@ class Rollout:
         """Pad token-id lists into the layout above (prompts left, completions right)."""
         import torch
 
-        p_width, c_width = max(len(p) for p in prompts), max(len(c) for c in completions)
-        p_ids = torch.full((len(prompts), p_width), pad_id, dtype=torch.long)
-        p_mask = torch.zeros_like(p_ids)
-        for i, p in enumerate(prompts):
-            p_ids[i, p_width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            p_mask[i, p_width - len(p) :] = 1
+        p_ids, p_mask = left_pad(prompts, pad_id)
+        c_width = max(len(c) for c in completions)
         c_ids = torch.full((len(completions), c_width), pad_id, dtype=torch.long)
         c_mask = torch.zeros_like(c_ids)
         for i, c in enumerate(completions):
@@ -86,3 +82,22 @@ class Rollout:
         return cls(p_ids, p_mask, c_ids, c_mask, torch.as_tensor(rewards, dtype=torch.float),
                    torch.as_tensor(correct, dtype=torch.bool), torch.as_tensor(group, dtype=torch.long),
                    torch.as_tensor(truncated, dtype=torch.bool), list(texts), group_size)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """(ids, attention_mask), both (B, L) long tensors, sequences aligned to the right."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos where it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -24,7 +24,7 @@ import torch
 from thinkforge import models
 from thinkforge.config import Recipe, RLConfig
 from thinkforge.data.sources import Problem, training_problems
-from thinkforge.formats import render_prompt
+from thinkforge.formats import prompt_renderer
 from thinkforge.grading import grade
 from thinkforge.losses import (
     IGNORE,
@@ -39,7 +39,7 @@ from thinkforge.losses import (
 from thinkforge.monitor import AhaDetector, progress_bar, sample_stats
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.hf import HFGenerator
-from thinkforge.rollout.types import Rollout, SamplingParams
+from thinkforge.rollout.types import Rollout, SamplingParams, pad_id
 from thinkforge.train import loop
 
 
@@ -158,8 +158,7 @@ def collect(step: int, problems: list[Problem], generator: HFGenerator, tok, rec
     r = torch.tensor(rewards_t)
     if cfg.overlong_cache:
         r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rollout = Rollout.build(prompts, completions, group, pad, r, correct, [f == "length" for f in finish], texts, g)
+    rollout = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, [f == "length" for f in finish], texts, g)
     stats.update(sample_stats(texts))
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()
@@ -270,9 +269,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                                  stream="rl" if cfg.fresh_prompts else "")
     rewards = WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None
     generator = HFGenerator(model, tok, cfg.gen_batch)
-
-    def prompt_fn(q):
-        return render_prompt(q, m.prompt_format, m.system_prompt, tok)
+    prompt_fn = prompt_renderer(m, tok)
 
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
