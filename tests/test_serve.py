@@ -74,6 +74,44 @@ def test_wrong_key_and_bad_requests(server):
         client(server).completions.create(model="tiny", prompt="x", max_tokens=2, top_p=5)
 
 
+def test_rejected_body_does_not_poison_the_connection(server):
+    import http.client
+    import json
+    from urllib.parse import urlparse
+
+    u = urlparse(server)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1})
+    conn.request("POST", "/v1/completions", body, {"Authorization": "Bearer wrong", "Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 401 and r.getheader("Connection") == "close"
+    r.read()
+    conn.request("GET", "/v1/models", headers={"Authorization": "Bearer sekret"})  # http.client reconnects
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_server_close_ends_idle_keepalive_connections(tiny_loaded):
+    import http.client
+
+    model, tok = tiny_loaded
+    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0)
+    before = set(threading.enumerate())
+    thread = threading.Thread(target=srv.serve_forever)
+    thread.start()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().read()  # the connection stays open: its handler thread waits for a next request
+    handlers = set(threading.enumerate()) - before - {thread}
+    assert handlers
+    srv.shutdown()
+    thread.join(10)
+    t0 = time.time()
+    srv.server_close()  # shuts the idle connection down and joins its handler
+    assert time.time() - t0 < 10 and not any(t.is_alive() for t in handlers)
+    conn.close()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

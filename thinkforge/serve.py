@@ -10,6 +10,7 @@ speak the same API.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -78,7 +79,11 @@ def _cut_at_stop(text: str, stop) -> tuple[str, bool]:
 
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True
+    """`server_close` ends the open keep-alive connections and waits for their handler threads: a handler
+    left blocked on an idle client socket would otherwise wake during interpreter shutdown (an abort)."""
+
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, addr, generator, tokenizer, model_name: str, api_key: str | None = None,
                  prompt_format: str = "auto", system: str | None = None):
@@ -86,6 +91,28 @@ class Server(ThreadingHTTPServer):
         self.generator, self.tokenizer, self.model_name = generator, tokenizer, model_name
         self.api_key, self.prompt_format, self.system = api_key, prompt_format, system
         self.lock = threading.Lock()
+        self.connections: set = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        with self.connections_lock:
+            open_now = list(self.connections)
+        for conn in open_now:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # the handler's read returns: its thread ends
+            except OSError:
+                pass
+        super().server_close()  # joins the handler threads
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -96,23 +123,26 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # ---- plumbing
-    def _json(self, status: int, obj: dict) -> None:
+    def _json(self, status: int, obj: dict, close: bool = False) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error", close: bool = False) -> None:
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": status}}, close)
 
     def _authorized(self) -> bool:
         if not self.server.api_key:
             return True
         if self.headers.get("Authorization", "") == f"Bearer {self.server.api_key}":
             return True
-        self._error(401, "invalid or missing API key", "authentication_error")
+        # The request body was not read: the connection closes, or its bytes would be parsed as the next request.
+        self._error(401, "invalid or missing API key", "authentication_error", close=True)
         return False
 
     def _body(self) -> dict:
