@@ -7,7 +7,9 @@
 Same tiny model folder, 8 prompts x 8 samples (G = 8), exactly `--max-new-tokens` new tokens per sample
 (min_new_tokens is set in the model's generation_config and in TRL's generation_kwargs), mu = 1
 (num_iterations 1), beta = 0.04, the same +1/-1 verifiable reward, one optimizer step per rollout batch.
-Seconds per step are the mean over steps 2..N (step 1 pays warm-up). Prints a table, then one JSON line.
+The two trainers run in alternating rounds (thinkforge, TRL, thinkforge, TRL, ... `--rounds` each, a fresh
+trainer per round) so that a slow spell of the machine hits both; seconds per step are the median over every
+round's steps 2..N (step 1 pays warm-up). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def make_model(work: Path, a) -> str:
 
 
 def run_thinkforge(model_dir: str, work: Path, a) -> dict:
+    import shutil
+
+    shutil.rmtree(work / "tf", ignore_errors=True)
     from thinkforge.config import load_config
     from thinkforge.train import rl
 
@@ -56,8 +61,7 @@ def run_thinkforge(model_dir: str, work: Path, a) -> dict:
     rl.main(recipe, work / "tf", progress=False)
     rows = [json.loads(x) for x in (work / "tf" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     timed = rows[1:] or rows
-    return {"seconds": sum(r["step_seconds"] for r in timed) / len(timed),
-            "gen_seconds": sum(r["gen_seconds"] for r in timed) / len(timed),
+    return {"times": [r["step_seconds"] for r in timed], "gen_times": [r["gen_seconds"] for r in timed],
             "tokens": rows[-1]["response_tokens"],
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
 
@@ -110,7 +114,7 @@ def run_trl(model_dir: str, work: Path, a) -> dict:
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     timed = timer.times[1:] or timer.times
-    return {"seconds": sum(timed) / len(timed), "tokens": lengths[-1] if lengths else None, "peak_gib": None}
+    return {"times": timed, "tokens": lengths[-1] if lengths else None, "peak_gib": None}
 
 
 def main() -> None:
@@ -127,31 +131,44 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--only", choices=["thinkforge", "trl"], default=None)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of each trainer")
     a = ap.parse_args()
+    import statistics
+
     import transformers
 
     transformers.logging.set_verbosity_error()
+    runs: dict[str, list[dict]] = {"thinkforge": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = make_model(work, a)
-        tf = run_thinkforge(model_dir, work, a) if a.only != "trl" else None
-        trl = run_trl(model_dir, work, a) if a.only != "thinkforge" else None
+        for _ in range(a.rounds):
+            if a.only != "trl":
+                runs["thinkforge"].append(run_thinkforge(model_dir, work, a))
+            if a.only != "thinkforge":
+                runs["trl"].append(run_trl(model_dir, work, a))
+    res = {}
+    for name, rs in runs.items():
+        if rs:
+            times = [t for r in rs for t in r["times"]]
+            peaks = [r["peak_gib"] for r in rs if r["peak_gib"] is not None]
+            res[name] = {"seconds": statistics.median(times), "rounds": [statistics.median(r["times"]) for r in rs],
+                         "tokens": rs[-1]["tokens"], "peak_gib": max(peaks) if peaks else None}
+    tf, trl = res.get("thinkforge"), res.get("trl")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"{device}, torch {torch.__version__}, {a.arch} hidden {a.hidden} x {a.layers} layers, 8 prompts x 8 samples, "
-          f"{a.max_new_tokens} new tokens, mu 1, beta 0.04, lora {a.lora}, bf16 {a.bf16}")
-    print("| run | s/step | new tokens per sample | peak GiB |\n|---|---|---|---|")
+          f"{a.max_new_tokens} new tokens, mu 1, beta 0.04, lora {a.lora}, bf16 {a.bf16}, {a.rounds} rounds x {a.steps} steps")
+    print("| run | s/step (median) | per round | new tokens per sample | peak GiB |\n|---|---|---|---|---|")
     for name, r in (("thinkforge rl (grpo)", tf), ("TRL GRPOTrainer", trl)):
         if r:
-            print(f"| {name} | {r['seconds']:.2f} | {r['tokens']} | {r['peak_gib'] if r['peak_gib'] is None else round(r['peak_gib'], 2)} |")
-    if tf and trl:
-        print(json.dumps({"metric": "grpo_seconds_per_step", "thinkforge": round(tf["seconds"], 3),
-                          "peer": round(trl["seconds"], 3), "ratio": round(trl["seconds"] / tf["seconds"], 3)}))
-    else:
-        r = tf or trl
-        print(json.dumps({"metric": "grpo_seconds_per_step", "thinkforge": round(tf["seconds"], 3) if tf else None,
-                          "peer": round(trl["seconds"], 3) if trl else None, "ratio": None,
-                          "peak_gib": r["peak_gib"]}))
-
+            peak = None if r["peak_gib"] is None else round(r["peak_gib"], 2)
+            print(f"| {name} | {r['seconds']:.2f} | {' / '.join(f'{x:.2f}' for x in r['rounds'])} | {r['tokens']} | {peak} |")
+    line = {"metric": "grpo_seconds_per_step", "thinkforge": round(tf["seconds"], 3) if tf else None,
+            "peer": round(trl["seconds"], 3) if trl else None,
+            "ratio": round(trl["seconds"] / tf["seconds"], 3) if tf and trl else None}
+    if not (tf and trl):
+        line["peak_gib"] = (tf or trl)["peak_gib"]
+    print(json.dumps(line))
 
 if __name__ == "__main__":
     main()

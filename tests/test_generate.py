@@ -95,6 +95,9 @@ def test_sampling_filters_and_min_new_tokens(tiny_loaded):
     assert {int(pick(logits, nucleus, torch.Generator().manual_seed(s))) for s in range(20)} == {1}
     both = SamplingParams(temperature=1.0, top_k=0, top_p=0.9)  # tokens 1 and 3 together exceed 0.9
     assert {int(pick(logits, both, torch.Generator().manual_seed(s))) for s in range(50)} == {1, 3}
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # the draw follows the softmax; a zero-mass token never comes
+    rows = pick(probs.log().expand(20000, 5), SamplingParams(temperature=1.0, top_p=1.0), torch.Generator().manual_seed(0))
+    assert (torch.bincount(rows, minlength=5) / 20000 - probs).abs().max() < 0.015
 
     model, tok = tiny_loaded
     eos = tok.eos_token_id
