@@ -233,3 +233,80 @@ def test_under_gradient_checkpointing_each_row_runs_whole(tiny_model):
         want, _, _ = rl.forward_logp(model, ro, slice(0, 2), 1.0, share_prompt=True)
     mask = ro.completion_mask.bool()
     assert torch.allclose(logp.detach()[mask], want[mask], atol=1e-5)
+
+
+def _shorter(model):
+    """A reward that always varies within a group (the random model never answers right): shorter is better."""
+    recipe = _recipe(model, "grpo", **{"rl.steps": 3, "rl.reward": "weighted", "rl.truncation": "none"})
+    recipe.rewards.weights = {"user_rewards:shorter_is_better": 1.0}
+    return recipe
+
+
+def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_model, tmp_path):
+    """The shape of a server backend (vLLM/SGLang with hot-reload): it generates from its own copy of the
+    weights, which only `load_weights` updates. The run must equal in-process generation, step for step."""
+    import copy
+
+    from thinkforge.rollout.hf import HFGenerator
+
+    class OwnCopy:
+        def __init__(self, model, tok, batch_size):
+            self.inner = HFGenerator(copy.deepcopy(model), tok, batch_size)
+            self.syncs = 0
+            backends.append(self)
+
+        @property
+        def batch_size(self):
+            return self.inner.batch_size
+
+        @batch_size.setter
+        def batch_size(self, value):
+            self.inner.batch_size = value
+
+        def generate(self, prompts, n, params):
+            return self.inner.generate(prompts, n, params)
+
+        def load_weights(self, model):
+            self.inner.model.load_state_dict(model.state_dict())
+            self.syncs += 1
+
+    backends: list = []
+    plain = rl.main(_shorter(tiny_model), tmp_path / "a", progress=False)
+    served = rl.main(_shorter(tiny_model), tmp_path / "b", progress=False, make_generator=OwnCopy)
+
+    def rows(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+
+    def trace(d):  # what the rollouts and the update depend on
+        return [(r["reward"], r["entropy"], r["response_tokens"], r["grad_norm"]) for r in rows(d)]
+
+    assert backends[0].syncs == 3
+    assert trace(tmp_path / "a") == trace(tmp_path / "b")
+    assert plain.is_dir() and served.is_dir()
+
+    class Unsynced(OwnCopy):  # a sync that never arrives: the rollouts come from the start weights
+        def load_weights(self, model):
+            self.syncs += 1
+
+    rl.main(_shorter(tiny_model), tmp_path / "c", progress=False, make_generator=Unsynced)
+    a, c = trace(tmp_path / "a"), trace(tmp_path / "c")
+    assert a[0] == c[0] and a[1:] != c[1:]
+
+
+def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
+    from thinkforge.rollout.types import Completion
+
+    class TextOnly:
+        batch_size = 8
+
+        def __init__(self, *args):
+            pass
+
+        def generate(self, prompts, n, params):
+            return [Completion(i, "<think>2</think><answer>2</answer>", (), "stop") for i in range(len(prompts)) for _ in range(n)]
+
+        def load_weights(self, model):
+            pass
+
+    with pytest.raises(RuntimeError, match="without token ids"):
+        rl.main(_recipe(tiny_model, "grpo"), tmp_path / "t", progress=False, make_generator=TextOnly)

@@ -26,6 +26,10 @@ class HFGenerator:
         forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
         self.own_loop = {"position_ids", "past_key_values"} <= set(forward.parameters)
 
+    def load_weights(self, model) -> None:
+        """Generation runs on the training model itself: its weights are always the current ones."""
+        self.model = model
+
     def stop_ids(self) -> list[int]:
         """The tokenizer's eos and every eos of the model's generation config (Phi-4-mini lists two)."""
         ids: list[int] = []

@@ -36,8 +36,19 @@ class Completion:
 
 
 class Generator(Protocol):
+    """A rollout backend. The RL trainer uses `generate` (token ids required), `batch_size` (sequences per
+    call; halved on out-of-memory) and `load_weights` (after every optimizer step)."""
+
+    batch_size: int
+
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i."""
+        ...
+
+    def load_weights(self, model) -> None:
+        """The policy changed. A backend holding its own copy of the weights (a vLLM or SGLang server with
+        LoRA hot-reload) pushes them here and proves the next generation uses them (PITFALLS 4); an
+        in-process backend generates with the training model itself."""
         ...
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:

@@ -19,7 +19,7 @@ import torch
 from thinkforge.config import DPOConfig, Recipe
 from thinkforge.data.packing import Example, collate_padded, tokenize
 from thinkforge.errors import UserError
-from thinkforge.formats import render_prompt
+from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
 from thinkforge.losses import dpo_loss, sequence_logprobs
 from thinkforge.monitor import progress_bar
@@ -32,10 +32,10 @@ def load_pairs(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Pair]
     rows = read_jsonl(path, required=["question", "chosen", "rejected"])
     if not rows:
         raise UserError(f"{path}: no preference pairs")
-    m = recipe.model
+    render = prompt_renderer(recipe.model, tokenizer)
     out = []
     for r in rows:
-        prompt = render_prompt(r["question"], m.prompt_format, m.system_prompt, tokenizer)
+        prompt = render(r["question"])
         out.append((tokenize(tokenizer, prompt, r["chosen"], max_len), tokenize(tokenizer, prompt, r["rejected"], max_len)))
     return out
 

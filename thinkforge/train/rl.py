@@ -39,7 +39,7 @@ from thinkforge.losses import (
 from thinkforge.monitor import AhaDetector, progress_bar, sample_stats
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.hf import HFGenerator
-from thinkforge.rollout.types import Rollout, SamplingParams, pad_id
+from thinkforge.rollout.types import Generator, Rollout, SamplingParams, pad_id
 from thinkforge.train import loop
 
 
@@ -53,7 +53,7 @@ def temperature_at(step: int, cfg: RLConfig) -> float:
 # ---------------------------------------------------------------- sampling and scoring
 
 
-def generate_groups(generator: HFGenerator, prompts: list[str], n: int, params: SamplingParams, stats: dict) -> list:
+def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams, stats: dict) -> list:
     """n completions per prompt; on out-of-memory the batch is halved and retried, a prompt that still fails
     is skipped and counted (never a crash). Returns per prompt a list of completions or None."""
     out: list = [None] * len(prompts)
@@ -108,7 +108,7 @@ def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cf
     return None
 
 
-def collect(step: int, problems: list[Problem], generator: HFGenerator, tok, recipe: Recipe, rewards, prompt_fn) -> tuple[Rollout, dict]:
+def collect(step: int, problems: list[Problem], generator: Generator, tok, recipe: Recipe, rewards, prompt_fn) -> tuple[Rollout, dict]:
     """Sample, score and filter until prompts_per_step groups are kept (or refills run out)."""
     cfg = recipe.rl
     g = cfg.group_size
@@ -147,6 +147,9 @@ def collect(step: int, problems: list[Problem], generator: HFGenerator, tok, rec
     for gi, (p, comps, r, pr, corr) in enumerate(kept):
         prompts.append(tok(prompt_fn(p.question), add_special_tokens=False).input_ids)
         for c, ri, pi, ci in zip(comps, r, pr, corr, strict=True):
+            if not c.token_ids and c.text:
+                raise RuntimeError("the rollout backend returned text without token ids: the RL loss needs the "
+                                   "sampled ids (re-tokenised text can differ from what was sampled)")
             completions.append(list(c.token_ids) or [tok.eos_token_id])
             rewards_t.append(ri)
             parts.append(pi)
@@ -241,7 +244,10 @@ def no_grad_logp(model, rollout: Rollout, micro: int, temperature: float, disabl
     return torch.cat(outs)
 
 
-def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after: int | None = None) -> Path | None:
+def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after: int | None = None,
+         make_generator=None) -> Path | None:
+    """Run the RL stage into run_dir (resuming from its last checkpoint). `make_generator(model, tokenizer,
+    batch_size)` returns the rollout backend (`rollout.types.Generator`); default: in-process HF generation."""
 
     cfg: RLConfig = recipe.rl
     run_dir = Path(run_dir)
@@ -268,7 +274,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns,
                                  stream="rl" if cfg.fresh_prompts else "")
     rewards = WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None
-    generator = HFGenerator(model, tok, cfg.gen_batch)
+    generator = (make_generator or HFGenerator)(model, tok, cfg.gen_batch)
     prompt_fn = prompt_renderer(m, tok)
 
     params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
@@ -316,6 +322,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
             grad_norm = loop.apply_update(params, optimizer, cfg.clip, lr)
+        generator.load_weights(model)  # a server backend pushes the new weights before the next rollouts
 
         n_kept = int((mask.sum(-1) > 0).sum())
         truncated = rollout.truncated.float().mean().item()

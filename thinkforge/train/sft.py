@@ -17,7 +17,7 @@ import torch
 from thinkforge.config import Recipe, SFTConfig
 from thinkforge.data.packing import Example, collate_packed, collate_padded, pack, tokenize
 from thinkforge.errors import UserError
-from thinkforge.formats import render_prompt
+from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
 from thinkforge.losses import IGNORE, sft_loss
 from thinkforge.monitor import progress_bar
@@ -28,9 +28,8 @@ def load_examples(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Ex
     rows = read_jsonl(path, required=["question", "completion"])
     if not rows:
         raise UserError(f"{path}: no training rows")
-    m = recipe.model
-    return [tokenize(tokenizer, render_prompt(r["question"], m.prompt_format, m.system_prompt, tokenizer),
-                     r["completion"], max_len) for r in rows]
+    prompt = prompt_renderer(recipe.model, tokenizer)
+    return [tokenize(tokenizer, prompt(r["question"]), r["completion"], max_len) for r in rows]
 
 
 def build_rows(examples: list[Example], cfg: SFTConfig) -> list:
