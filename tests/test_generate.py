@@ -24,6 +24,37 @@ def test_sampling_is_seeded(tiny_loaded):
     assert [c.text for c in gen.generate(["Mia"], 4, p)] == [c.text for c in gen.generate(["Mia"], 4, p)]
 
 
+def test_a_sample_does_not_depend_on_its_batch(tiny_loaded):
+    """Each (prompt, sample) draws from its own stream: batch size and neighbours do not change it."""
+    model, tok = tiny_loaded
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+    prompts = ["Mia has 3 apples.", "Leo has 10 books and more words here.", "Ava"]
+    wide = HFGenerator(model, tok, batch_size=64).generate(prompts, 4, p)
+    narrow = HFGenerator(model, tok, batch_size=4).generate(prompts, 4, p)  # one prompt per call
+    assert [c.token_ids for c in wide] == [c.token_ids for c in narrow]
+    assert len({c.token_ids for c in wide}) > 6  # and the streams differ from sample to sample
+
+
+def test_common_random_numbers_keep_samples_of_a_nearby_model(tiny_loaded):
+    """Two close checkpoints sampled with one seed share most samples (the comparison measures the models);
+    independent draws of the same model share few."""
+    import copy
+
+    model, tok = tiny_loaded
+    prompts = [f"Mia has {i} apples." for i in range(8)]
+    p = SamplingParams(max_new_tokens=8, temperature=0.6, seed=11)
+    base = HFGenerator(model, tok, 64).generate(prompts, 4, p)
+    near = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in near.parameters():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 1e-3 * w.std().nan_to_num())
+    moved = HFGenerator(near, tok, 64).generate(prompts, 4, p)
+    other = HFGenerator(model, tok, 64).generate(prompts, 4, SamplingParams(max_new_tokens=8, temperature=0.6, seed=12))
+    same = sum(a.token_ids == b.token_ids for a, b in zip(base, moved, strict=True))
+    chance = sum(a.token_ids == b.token_ids for a, b in zip(base, other, strict=True))
+    assert same >= 24 and chance <= 4  # measured: 28 of 32 and 0
+
+
 def test_finish_reason_stop_when_eos_is_generated(tiny_loaded):
     model, tok = tiny_loaded
     gen = HFGenerator(model, tok)
@@ -89,14 +120,16 @@ def test_sampling_filters_and_min_new_tokens(tiny_loaded):
 
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
     top1 = SamplingParams(temperature=1.0, top_k=1, top_p=1.0)
-    draws = {int(pick(logits, top1, torch.Generator().manual_seed(s))) for s in range(20)}
+    u = torch.rand(50, generator=torch.Generator().manual_seed(0))
+    draws = {int(pick(logits, top1, u[s : s + 1])) for s in range(20)}
     assert draws == {1}
     nucleus = SamplingParams(temperature=1.0, top_k=0, top_p=0.5)  # token 1 alone holds ~50.6% of the mass
-    assert {int(pick(logits, nucleus, torch.Generator().manual_seed(s))) for s in range(20)} == {1}
+    assert {int(pick(logits, nucleus, u[s : s + 1])) for s in range(20)} == {1}
     both = SamplingParams(temperature=1.0, top_k=0, top_p=0.9)  # tokens 1 and 3 together exceed 0.9
-    assert {int(pick(logits, both, torch.Generator().manual_seed(s))) for s in range(50)} == {1, 3}
+    assert {int(pick(logits, both, u[s : s + 1])) for s in range(50)} == {1, 3}
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # the draw follows the softmax; a zero-mass token never comes
-    rows = pick(probs.log().expand(20000, 5), SamplingParams(temperature=1.0, top_p=1.0), torch.Generator().manual_seed(0))
+    rows = pick(probs.log().expand(20000, 5), SamplingParams(temperature=1.0, top_p=1.0),
+                torch.rand(20000, generator=torch.Generator().manual_seed(0)))
     assert (torch.bincount(rows, minlength=5) / 20000 - probs).abs().max() < 0.015
 
     model, tok = tiny_loaded

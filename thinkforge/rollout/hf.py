@@ -50,13 +50,11 @@ class HFGenerator:
         return kw
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
-        import torch
 
         tok, model = self.tokenizer, self.model
         prompts_per_batch = max(1, self.batch_size // n)
         stops = self.stop_ids()
         out: list[Completion] = []
-        rng = torch.Generator(device=model.device).manual_seed(params.seed)
         was_training = model.training
         model.eval()
         try:
@@ -64,9 +62,13 @@ class HFGenerator:
                 chunk = prompts[start : start + prompts_per_batch]
                 encoded = [tok(p, add_special_tokens=False).input_ids for p in chunk]
                 if self.own_loop:
-                    rows = decode(model, encoded, n, params, stops, pad_id(tok), rng)
+                    uniforms = None
+                    if params.temperature > 0:
+                        keys = [(start + p, j) for p in range(len(chunk)) for j in range(n)]
+                        uniforms = row_uniforms(params.seed, keys, params.max_new_tokens).to(model.device)
+                    rows = decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
                 else:
-                    rows = self._hf_generate(encoded, n, params, stops, rng)
+                    rows = self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
                 for row, ids in enumerate(rows):
                     stopped = bool(ids) and ids[-1] in stops
                     text = tok.decode(ids, skip_special_tokens=True)
@@ -75,13 +77,14 @@ class HFGenerator:
             model.train(was_training)
         return out
 
-    def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], rng) -> list[list[int]]:
-        """Fallback through `model.generate` (each prompt repeated n times: works for greedy too)."""
+    def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], seed: int) -> list[list[int]]:
+        """Fallback through `model.generate` (each prompt repeated n times: works for greedy too). Its draws come
+        from the global torch RNG: reproducible, but not per sample as the own loop's."""
         import torch
 
         tok, model = self.tokenizer, self.model
         ids, mask = left_pad([e for e in encoded for _ in range(n)], pad_id(tok))
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng, device=rng.device)))
+        torch.manual_seed(seed)
         with torch.no_grad():
             seqs = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **self._kwargs(params))
         return [_trim(r, set(stops)) for r in seqs[:, ids.shape[1] :].tolist()]
@@ -104,8 +107,25 @@ class HFGenerator:
         thread.join()
 
 
-def pick(logits, params: SamplingParams, rng):
-    """Next token per row (B,) from logits (B, V): argmax at temperature 0, else top-k, top-p and a draw."""
+def row_uniforms(seed: int, keys: list[tuple[int, int]], length: int):
+    """(len(keys), length) float64 uniforms in [0, 1): row r is the stream of sample keys[r] = (prompt, sample).
+
+    Each sample draws from its own stream (numpy's seed sequence of (seed, prompt, sample)), so its tokens do
+    not depend on the batch it ran in (batch size, rows that stopped), and two models sampled with one seed
+    meet the same uniforms: common random numbers, under which a small change of the model changes few
+    samples and a comparison of two checkpoints measures the models rather than the draw.
+    """
+    import numpy as np
+    import torch
+
+    seed = seed % 2**63
+    rows = [np.random.default_rng([seed, prompt, sample]).random(max(1, length)) for prompt, sample in keys]
+    return torch.from_numpy(np.stack(rows))
+
+
+def pick(logits, params: SamplingParams, u):
+    """Next token per row (B,) from logits (B, V) and one uniform per row u (B,): argmax at temperature 0, else
+    top-k, top-p and an inverse-CDF draw."""
     import torch
 
     if params.temperature <= 0:
@@ -122,13 +142,14 @@ def pick(logits, params: SamplingParams, rng):
     # Inverse-CDF draw: one uniform per row (torch.multinomial draws one exponential per vocabulary entry,
     # a tenth of a small model's decode step on CPU). Masked tokens have zero width and are never drawn.
     cdf = logits.softmax(-1, dtype=torch.float64).cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=rng, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    target = u.to(cdf.device, torch.float64).view(-1, 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
-def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int, rng,
-           min_new_tokens: int | None = None) -> list[list[int]]:
+def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int,
+           uniforms=None, min_new_tokens: int | None = None) -> list[list[int]]:
     """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
+    uniforms: (len(encoded) * n, max_new_tokens) draws of each output row (`row_uniforms`); None when greedy.
 
     The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
     each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
@@ -165,7 +186,8 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
         for t in range(params.max_new_tokens):
             if t < min_new_tokens:
                 logits[:, stop] = float("-inf")
-            nxt = torch.where(alive, pick(logits, params, rng), pad_id)
+            u = uniforms[rows, t] if uniforms is not None else None
+            nxt = torch.where(alive, pick(logits, params, u), pad_id)
             tokens[rows[alive], t] = nxt[alive]
             lengths[rows[alive]] = t + 1
             alive = alive & ~torch.isin(nxt, stop)
