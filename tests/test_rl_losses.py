@@ -76,6 +76,10 @@ def test_kl_term_and_sequence_aggregation():
     obj1 = -1.0 - 0.1 * k[1, 0]
     assert loss.item() == pytest.approx(-(obj0 + obj1).item() / 2, abs=1e-6)
     assert m["kl"] == pytest.approx(((k[0, 0] + k[0, 1] + k[1, 0]) / 3).item(), abs=1e-6)
+    # beta 0 with a reference (PPO carries the KL in its reward): the loss has no KL term, the log still has the KL
+    loss0, m0 = policy_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=0.0, agg="sequence")
+    plain, _ = policy_loss(logp, logp.detach(), adv, mask, agg="sequence")
+    assert loss0.item() == pytest.approx(plain.item()) and m0["kl"] == pytest.approx(m["kl"])
 
 
 def test_gae_by_hand():

@@ -135,9 +135,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     pg = torch.minimum(ratio * adv, clipped * adv)  # (N, T)
     objective = pg
-    kl = None
-    if ref_logp is not None and beta != 0.0:
-        kl = kl_k3(logp, ref_logp)
+    kl = kl_k3(logp, ref_logp) if ref_logp is not None else None  # logged whenever a reference is given (PPO
+    if kl is not None and beta != 0.0:                              # puts it in the reward, with beta 0 here)
         objective = pg - beta * kl
     loss = -aggregate(objective, mask, agg, constant)
     with torch.no_grad():
