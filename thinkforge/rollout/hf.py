@@ -50,7 +50,6 @@ class HFGenerator:
         return kw
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
-
         tok, model = self.tokenizer, self.model
         prompts_per_batch = max(1, self.batch_size // n)
         stops = self.stop_ids()
@@ -65,7 +64,7 @@ class HFGenerator:
                     uniforms = None
                     if params.temperature > 0:
                         keys = [(start + p, j) for p in range(len(chunk)) for j in range(n)]
-                        uniforms = row_uniforms(params.seed, keys, params.max_new_tokens).to(model.device)
+                        uniforms = row_uniforms(params.seed, keys, params.max_new_tokens).to(model.device, _draw_dtype(model.device))
                     rows = decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
                 else:
                     rows = self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
@@ -123,6 +122,14 @@ def row_uniforms(seed: int, keys: list[tuple[int, int]], length: int):
     return torch.from_numpy(np.stack(rows))
 
 
+def _draw_dtype(device):
+    """float64 for the CDF and the uniforms (a 200k vocabulary's cumulative sum stays exact), float32 on MPS,
+    which has no float64."""
+    import torch
+
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def pick(logits, params: SamplingParams, u):
     """Next token per row (B,) from logits (B, V) and one uniform per row u (B,): argmax at temperature 0, else
     top-k, top-p and an inverse-CDF draw."""
@@ -141,8 +148,8 @@ def pick(logits, params: SamplingParams, u):
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
     # Inverse-CDF draw: one uniform per row (torch.multinomial draws one exponential per vocabulary entry,
     # a tenth of a small model's decode step on CPU). Masked tokens have zero width and are never drawn.
-    cdf = logits.softmax(-1, dtype=torch.float64).cumsum(-1)
-    target = u.to(cdf.device, torch.float64).view(-1, 1) * cdf[:, -1:]
+    cdf = logits.softmax(-1, dtype=_draw_dtype(logits.device)).cumsum(-1)
+    target = u.to(cdf.device, cdf.dtype).view(-1, 1) * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
