@@ -35,6 +35,23 @@ def test_a_sample_does_not_depend_on_its_batch(tiny_loaded):
     assert len({c.token_ids for c in wide}) > 6  # and the streams differ from sample to sample
 
 
+def test_row_streams_drawn_in_blocks_equal_one_long_draw_per_row():
+    """Memory is rows x block for any max_new_tokens; the numbers are each row's single stream."""
+    import numpy as np
+    import pytest
+
+    from thinkforge.rollout.hf import RowStreams
+
+    keys = [(0, 0), (0, 1), (5, 3)]
+    whole = np.stack([np.random.default_rng([7, p, s]).random(150) for p, s in keys])
+    streams = RowStreams(7, keys, torch.float64, "cpu", block=64)
+    rows = torch.tensor([2, 0])  # live rows only, in any order
+    got = torch.stack([streams.at(rows, t) for t in range(150)], 1).numpy()
+    assert np.array_equal(got, whole[[2, 0]]) and streams.values.shape == (3, 64)
+    with pytest.raises(ValueError, match="step order"):
+        streams.at(rows, 10)
+
+
 def test_common_random_numbers_keep_samples_of_a_nearby_model(tiny_loaded):
     """Two close checkpoints sampled with one seed share most samples (the comparison measures the models);
     independent draws of the same model share few."""
@@ -93,6 +110,18 @@ def test_own_decode_loop_matches_transformers_generate_greedy(tiny_loaded):
         gen.own_loop = True
     assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
     assert [c.finish_reason for c in ours] == [c.finish_reason for c in theirs]
+
+
+def test_transformers_generate_fallback_is_seeded_and_leaves_the_torch_rng_alone(tiny_loaded):
+    model, tok = tiny_loaded
+    gen = HFGenerator(model, tok, batch_size=64)
+    gen.own_loop = False  # the path of models whose forward takes no explicit positions
+    p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = gen.generate(["Mia has 3 apples."], 4, p)
+    assert torch.equal(torch.get_rng_state(), before)  # training's dropout and data order are not moved
+    assert [c.token_ids for c in gen.generate(["Mia has 3 apples."], 4, p)] == [c.token_ids for c in first]
 
 
 def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded):

@@ -8,6 +8,7 @@ have stopped leave the batch, so a group costs one prompt pass and the batch shr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -64,7 +65,7 @@ class HFGenerator:
                     uniforms = None
                     if params.temperature > 0:
                         keys = [(start + p, j) for p in range(len(chunk)) for j in range(n)]
-                        uniforms = row_uniforms(params.seed, keys, params.max_new_tokens).to(model.device, _draw_dtype(model.device))
+                        uniforms = RowStreams(params.seed, keys, _draw_dtype(model.device), model.device)
                     rows = decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
                 else:
                     rows = self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
@@ -78,13 +79,12 @@ class HFGenerator:
 
     def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], seed: int) -> list[list[int]]:
         """Fallback through `model.generate` (each prompt repeated n times: works for greedy too). Its draws come
-        from the global torch RNG: reproducible, but not per sample as the own loop's."""
+        from the torch RNG seeded for the call: reproducible, but not per sample as the own loop's."""
         import torch
 
         tok, model = self.tokenizer, self.model
         ids, mask = left_pad([e for e in encoded for _ in range(n)], pad_id(tok))
-        torch.manual_seed(seed)
-        with torch.no_grad():
+        with _seeded(model.device, seed), torch.no_grad():
             seqs = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **self._kwargs(params))
         return [_trim(r, set(stops)) for r in seqs[:, ids.shape[1] :].tolist()]
 
@@ -94,10 +94,9 @@ class HFGenerator:
 
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        torch.manual_seed(params.seed)
 
         def run():
-            with torch.no_grad():
+            with _seeded(self.model.device, params.seed), torch.no_grad():
                 self.model.generate(**enc, streamer=streamer, **self._kwargs(params))
 
         thread = threading.Thread(target=run, daemon=True)
@@ -106,20 +105,51 @@ class HFGenerator:
         thread.join()
 
 
-def row_uniforms(seed: int, keys: list[tuple[int, int]], length: int):
-    """(len(keys), length) float64 uniforms in [0, 1): row r is the stream of sample keys[r] = (prompt, sample).
+class RowStreams:
+    """The uniforms of each output row: row r draws from the stream of sample keys[r] = (prompt, sample).
 
     Each sample draws from its own stream (numpy's seed sequence of (seed, prompt, sample)), so its tokens do
     not depend on the batch it ran in (batch size, rows that stopped), and two models sampled with one seed
     meet the same uniforms: common random numbers, under which a small change of the model changes few
     samples and a comparison of two checkpoints measures the models rather than the draw.
+
+    `at(rows, t)` gives the uniforms of output rows `rows` at step t (t = 0, 1, 2, ... in order). They are
+    drawn `block` steps at a time for every row, so memory is rows x block whatever max_new_tokens is; the
+    numbers equal one long draw per row (numpy's generators continue their stream across calls).
     """
-    import numpy as np
+
+    def __init__(self, seed: int, keys: list[tuple[int, int]], dtype=None, device=None, block: int = 64):
+        import numpy as np
+
+        seed = seed % 2**63
+        self.streams = [np.random.default_rng([seed, prompt, sample]) for prompt, sample in keys]
+        self.block, self.dtype, self.device = block, dtype, device
+        self.start, self.values = 0, None
+
+    def at(self, rows, t: int):
+        import numpy as np
+        import torch
+
+        if self.values is not None and t >= self.start + self.block:
+            self.start, self.values = self.start + self.block, None
+        if not self.start <= t < self.start + self.block:
+            raise ValueError(f"uniforms are read in step order: step {t} is outside the block from step {self.start}")
+        if self.values is None:
+            drawn = np.stack([s.random(self.block) for s in self.streams])
+            self.values = torch.from_numpy(drawn).to(self.device, self.dtype)
+        return self.values[rows, t - self.start]
+
+
+@contextlib.contextmanager
+def _seeded(device, seed: int):
+    """The torch RNG seeded for one `model.generate` call and restored after it, so generation leaves the
+    training's random stream (dropout, data order) as it found it."""
     import torch
 
-    seed = seed % 2**63
-    rows = [np.random.default_rng([seed, prompt, sample]).random(max(1, length)) for prompt, sample in keys]
-    return torch.from_numpy(np.stack(rows))
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed % 2**63)
+        yield
 
 
 def _draw_dtype(device):
@@ -156,7 +186,7 @@ def pick(logits, params: SamplingParams, u):
 def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int,
            uniforms=None, min_new_tokens: int | None = None) -> list[list[int]]:
     """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
-    uniforms: (len(encoded) * n, max_new_tokens) draws of each output row (`row_uniforms`); None when greedy.
+    uniforms: the draws of each output row (`RowStreams`); None when greedy.
 
     The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
     each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
@@ -193,7 +223,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
         for t in range(params.max_new_tokens):
             if t < min_new_tokens:
                 logits[:, stop] = float("-inf")
-            u = uniforms[rows, t] if uniforms is not None else None
+            u = uniforms.at(rows, t) if uniforms is not None else None
             nxt = torch.where(alive, pick(logits, params, u), pad_id)
             tokens[rows[alive], t] = nxt[alive]
             lengths[rows[alive]] = t + 1
