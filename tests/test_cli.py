@@ -10,7 +10,7 @@ from conftest import run_cli
 
 from thinkforge.cli import cli
 
-COMMANDS = ["eval", "grade", "generate", "chat", "serve", "init-model", "sft", "data distill", "data select", "data pairs", "dpo", "rl"]
+COMMANDS = ["eval", "compare", "grade", "generate", "chat", "serve", "init-model", "sft", "data distill", "data select", "data pairs", "dpo", "rl"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)

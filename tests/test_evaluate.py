@@ -54,3 +54,40 @@ def test_eval_cli_on_tiny_model_writes_samples_and_summary(tiny_model, tmp_path,
     assert summary["accuracy"] < 0.2  # a random model is an honest near-zero baseline
     assert summary["protocol"]["max_new_tokens"] == 8
     assert "| synthetic |" in out
+
+
+def test_paired_change_pairs_by_problem():
+    from thinkforge.evaluate import paired_change
+
+    def rows(shares):  # problem -> correct flags of its samples
+        return [{"problem_id": p, "correct": c} for p, flags in shares.items() for c in flags]
+
+    before = rows({"a": [1, 0], "b": [0, 0], "c": [1, 1], "d": [0, 1]})
+    after = rows({"b": [1, 0], "a": [1, 1], "c": [1, 1], "d": [0, 1], "e": [1, 1]})  # e: not in before, not paired
+    c = paired_change(before, after)
+    d = [0.5, 0.5, 0.0, 0.0]  # a, b, c, d
+    mean = sum(d) / 4
+    se = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5 / 2
+    assert c["n"] == 4 and c["change"] == pytest.approx(0.25) and c["se"] == pytest.approx(se)
+    assert c["ci95"] == pytest.approx([0.25 - 1.96 * se, 0.25 + 1.96 * se])
+    assert (c["before"], c["after"], c["gained"], c["lost"]) == (pytest.approx(0.5), pytest.approx(0.75), 2, 0)
+    with pytest.raises(ValueError, match="share no problem"):
+        paired_change(before, rows({"x": [1]}))
+
+
+def test_compare_cli_reads_eval_folders_and_rejects_what_is_not_one(tmp_path, capsys):
+    from conftest import run_cli
+
+    for name, flags in (("a", [0, 0, 1, 0]), ("b", [1, 0, 1, 1])):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"problem_id": f"p{i // 2}", "correct": bool(f)}) for i, f in enumerate(flags)]
+        (tmp_path / name / "synthetic.samples.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = run_cli(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert "| synthetic | 25.0 | 75.0 | +50.0 | +50.0 to +50.0 | 2 / 0 | 2 |" in out
+    (tmp_path / "empty").mkdir()
+    for args, expect in (([tmp_path / "a", tmp_path / "empty"], "no <benchmark>.samples.jsonl here"),
+                         ([tmp_path / "a", tmp_path / "a" / "x.json"], "no <benchmark>.samples.jsonl here"),
+                         ([tmp_path / "a" / "synthetic.samples.jsonl", __file__], "not a samples file")):
+        code, _, err = run_cli(["compare", *map(str, args)], capsys)
+        assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err

@@ -33,6 +33,9 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     for s in summary["stages"]:
         assert set(s) >= {"name", "accuracy", "format_rate", "reasoning_rate", "avg_think_words", "n"}
     assert summary["wall_seconds"] > 0 and summary["example_question"]
+    for above, s in zip(summary["stages"], summary["stages"][1:], strict=False):  # each stage's gain, paired by problem
+        assert s["change"]["change"] == pytest.approx(s["accuracy"] - above["accuracy"], abs=1e-9)
+        assert s["change"]["ci95"][0] <= s["change"]["change"] <= s["change"]["ci95"][1]
     assert "| +RLVR |" in stdout and "| base |" in stdout
     report = (out / "report.md").read_text()
     assert "staircase.png" in report and (out / "staircase.png").is_file() and (out / "rl_curves.png").is_file()

@@ -217,6 +217,43 @@ def eval_cmd(benchmarks, columns, out_dir, config_path, overrides, **options):
     click.echo(f"samples and summaries in {out_dir}/")
 
 
+@cli.command(context_settings=CTX)
+@click.argument("before", type=click.Path())
+@click.argument("after", type=click.Path())
+def compare(before, after):
+    """Did a stage help? The pass@1 change from BEFORE to AFTER (`thinkforge eval --out` folders or
+    <benchmark>.samples.jsonl files of the same problems), paired by problem, with its 95% interval."""
+    from thinkforge import evaluate
+    from thinkforge.io import read_jsonl
+
+    def samples(path: str) -> dict[str, Path]:
+        p = Path(path)
+        if p.is_file():
+            if not p.name.endswith(".jsonl"):
+                raise UserError(f"{path}: not a samples file; give <benchmark>.samples.jsonl or its `thinkforge eval --out` folder")
+            return {p.name.removesuffix(".jsonl").removesuffix(".samples"): p}
+        found = {f.name.removesuffix(".samples.jsonl"): f for f in sorted(p.glob("*.samples.jsonl"))} if p.is_dir() else {}
+        if not found:
+            raise UserError(f"{path}: no <benchmark>.samples.jsonl here; give a `thinkforge eval --out` folder or a samples file")
+        return found
+
+    a, b = samples(before), samples(after)
+    single = len(a) == 1 and len(b) == 1
+    names = list(a) if single else [n for n in a if n in b]
+    if not names:
+        raise UserError(f"{before} ({', '.join(a)}) and {after} ({', '.join(b)}) share no benchmark")
+    lines = ["| benchmark | before | after | change | 95% interval | problems up / down | n |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        need = ["problem_id", "correct"]
+        try:
+            c = evaluate.paired_change(read_jsonl(a[name], need), read_jsonl(b[name if not single else next(iter(b))], need))
+        except ValueError as e:
+            raise UserError(f"{name}: {e}; compare evaluations of the same benchmark and problems") from None
+        lines.append(f"| {name} | {100 * c['before']:.1f} | {100 * c['after']:.1f} | {100 * c['change']:+.1f} | "
+                     f"{100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f} | {c['gained']} / {c['lost']} | {c['n']} |")
+    click.echo("\n".join(lines))
+
+
 # ---------------------------------------------------------------- generate / chat
 
 

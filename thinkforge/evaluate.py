@@ -54,6 +54,35 @@ def summarize(rows: list[dict], n_problems: int) -> dict:
     }
 
 
+def paired_change(before: list[dict], after: list[dict]) -> dict:
+    """The change of pass@1 from `before` to `after` (per-sample rows of two evaluations of the same problems),
+    paired by problem: d_i = after_i - before_i, each the share of problem i's samples that are correct.
+
+      change = mean(d),  se = sd(d) / sqrt(n),  95% interval = change -+ 1.96 se  (n problems in both)
+
+    Pairing removes the problems' difficulty from the noise; with the per-sample random streams the two
+    models also meet the same draws, so d_i is non-zero only where the models differ. `gained` / `lost`:
+    problems whose share rose / fell.
+    """
+    def shares(rows: list[dict]) -> dict[str, float]:
+        by: dict[str, list[bool]] = {}
+        for r in rows:
+            by.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+        return {k: sum(v) / len(v) for k, v in by.items()}
+
+    a, b = shares(before), shares(after)
+    common = [k for k in a if k in b]
+    if not common:
+        raise ValueError("the two evaluations share no problem (problem_id)")
+    d = [b[k] - a[k] for k in common]
+    n = len(d)
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
+    return {"change": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": n,
+            "before": sum(a[k] for k in common) / n, "after": sum(b[k] for k in common) / n,
+            "gained": sum(x > 0 for x in d), "lost": sum(x < 0 for x in d)}
+
+
 def evaluate(
     generator: Generator,
     problems: list[Problem],

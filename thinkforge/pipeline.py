@@ -21,7 +21,7 @@ from thinkforge.data import distill, pairs, selection
 from thinkforge.data.sources import load_benchmark
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
-from thinkforge.io import atomic_write, write_json
+from thinkforge.io import atomic_write, read_jsonl, write_json
 from thinkforge.rollout.hf import HFGenerator
 from thinkforge.rollout.types import SamplingParams
 
@@ -157,15 +157,22 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
     from thinkforge import report
 
     stages = []
+    previous_samples = None
     for name in ["base", *[s for s in recipe.pipeline.stages if s != "distill"]]:
         info = run.done(name)
         if not info or not info.get("eval"):
             continue
-        first = next(iter(info["eval"].values()))
-        stages.append({"name": name, "label": LABELS[name], "accuracy": first["accuracy"], "format_rate": first["format_rate"],
-                       "reasoning_rate": first["reasoning_rate"], "avg_think_words": first["avg_think_words"],
-                       "n": first["n"], "benchmarks": {b: {k: s[k] for k in ("accuracy", "format_rate", "n")}
-                                                        for b, s in info["eval"].items()}})
+        bench, first = next(iter(info["eval"].items()))
+        stage = {"name": name, "label": LABELS[name], "accuracy": first["accuracy"], "format_rate": first["format_rate"],
+                 "reasoning_rate": first["reasoning_rate"], "avg_think_words": first["avg_think_words"],
+                 "n": first["n"], "benchmarks": {b: {k: s[k] for k in ("accuracy", "format_rate", "n")}
+                                                  for b, s in info["eval"].items()}}
+        samples = out / name / "eval" / f"{bench}.samples.jsonl"
+        samples = read_jsonl(samples) if samples.is_file() else None
+        if samples and previous_samples:  # the stage's gain over the one before, paired by problem
+            stage["change"] = evaluate.paired_change(previous_samples, samples)
+        previous_samples = samples
+        stages.append(stage)
     example = None
     if recipe.eval.benchmarks:
         example = load_benchmark(recipe.eval.benchmarks[0], recipe.eval.data_path, recipe.eval.columns, 1, recipe.seed,

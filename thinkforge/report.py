@@ -10,9 +10,14 @@ from thinkforge.io import atomic_write
 
 
 def stage_table(summary: dict) -> str:
-    lines = ["| stage | accuracy | format | reasoning | think words | n |", "|---|---|---|---|---|---|"]
+    """Accuracy and the card's metrics per stage; `change` is the gain over the stage above, paired by problem,
+    with its 95% interval (an interval that excludes 0 is a change the evaluation resolves)."""
+    lines = ["| stage | accuracy | change (95% interval) | format | reasoning | think words | n |",
+             "|---|---|---|---|---|---|---|"]
     for s in summary["stages"]:
-        lines.append(f"| {s['label']} | {100 * s['accuracy']:.1f} | {100 * s['format_rate']:.1f} | "
+        c = s.get("change")
+        change = f"{100 * c['change']:+.1f} ({100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f})" if c else ""
+        lines.append(f"| {s['label']} | {100 * s['accuracy']:.1f} | {change} | {100 * s['format_rate']:.1f} | "
                      f"{100 * s['reasoning_rate']:.1f} | {s['avg_think_words']:.1f} | {s['n']} |")
     return "\n".join(lines)
 
