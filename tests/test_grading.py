@@ -54,7 +54,7 @@ def test_verifier_timeout_kills_and_recovers(monkeypatch):
     before = grading._verifier.timeouts
     assert grading._verifier("x^2+2x+1", "(x+1)^2", timeout=0.0) is False
     assert grading._verifier.timeouts == before + 1
-    assert math_equal("(x+1)^2", "x^2+2x+1")
+    assert math_equal("(x+1)^2", "x^2+2x+1", timeout=30.0)  # recovered (a generous budget: the restarted worker is cold)
 
 
 def test_grading_works_off_the_main_thread():

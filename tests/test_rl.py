@@ -215,6 +215,21 @@ def test_the_ppo_value_head_steps_at_its_own_lr_scale():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 2e-5, 2e-4])
 
 
+@pytest.mark.parametrize("trunk", [False, True])
+def test_the_ppo_value_loss_reaches_the_model_only_when_asked(tiny_model, trunk):
+    """value_trunk false (the default): the head fits detached features, a separate critic's behaviour."""
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model)
+    head = torch.nn.Linear(model.get_input_embeddings().weight.shape[1], 1)
+    ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
+    _, _, values = rl.forward_logp(model, ro, slice(0, 2), 1.0, head, value_trunk=trunk)
+    (values ** 2).sum().backward()
+    assert head.weight.grad.abs().sum() > 0
+    reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()]
+    assert any(reached) == trunk
+
+
 def test_under_gradient_checkpointing_each_row_runs_whole(tiny_model):
     """Checkpointing drops the KV cache in training, so the shared-prompt pass cannot be used: the automatic
     choice falls back to one pass per row and gives the same log-probs."""

@@ -67,12 +67,20 @@ def test_synthetic_is_seeded_and_test_split_is_disjoint_by_construction():
     assert synthetic.generate(20, "train", 2, seed=1) != synthetic.generate(20, "train", 2, seed=2)
     for level in (1, 2, 3, 4):
         train = synthetic.generate(300, "train", level, seed=0)
-        test = synthetic.generate(60, "test", level, seed=0)
+        test = synthetic.generate(28 if level == 1 else 60, "test", level, seed=0)
         def arithmetic(r):  # the equations, without names or objects
             return tuple(line.split(": ", 1)[1] for line in r["answer"].splitlines()[1:-2])
 
         assert not {arithmetic(r) for r in train} & {arithmetic(r) for r in test}
+        assert len({(r["question"].split(" ")[2], arithmetic(r)) for r in test}) == len(test)  # distinct cases
         assert all(r["answer"].count(" = ") == synthetic.LEVELS[level][0] for r in train)
+
+
+def test_a_synthetic_test_is_independent_cases_and_asking_for_more_is_one_clear_error():
+    assert len(synthetic.generate(28, "test", 1, seed=4)) == 28  # every difficulty-1 test case, once
+    with pytest.raises(UserError, match="difficulty 1 has 28.*higher difficulty"):
+        load_benchmark("synthetic", difficulty=1, n=29)
+    assert len(load_benchmark("synthetic", difficulty=2, n=1000)) == 1000
 
 
 def test_synthetic_answers_are_whole_and_right():

@@ -62,7 +62,8 @@ class EvalConfig(_Section):
 
 
 class SyntheticConfig(_Section):
-    difficulty: int = Field(1, ge=1, le=4, description="1-4: operations per problem and size of the numbers.")
+    difficulty: int = Field(2, ge=1, le=4, description="1-4: operations per problem and size of the numbers (test problems "
+                            "are distinct arithmetic: difficulty 1 has only 28, so tests use 2 and up).")
     n_train: int = Field(2000, ge=1, description="Training problems generated.")
     n_test: int = Field(200, ge=1, description="Held-out test problems generated (disjoint by construction).")
 
@@ -180,6 +181,9 @@ class RLConfig(_Section):
     vf_coef: float = Field(0.5, ge=0, description="PPO value-loss weight.")
     value_lr_scale: float = Field(10.0, gt=0, description="PPO: the value head's lr as a multiple of lr (it starts at zero and "
                                   "must fit the returns within the run; at 1x it did not in 18 steps, dev/LOG.md).")
+    value_trunk: bool = Field(False, description="PPO: the value loss also trains the shared model (true), or only the "
+                              "value head on detached features (false: like a separate critic, it never pulls the "
+                              "policy's weights, and the head's gradient is clipped on its own).")
     save_every: int = Field(50, ge=0, description="Checkpoint every N steps (Infused Phi-2: 50); 0 = only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
     aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")

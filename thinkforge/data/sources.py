@@ -150,7 +150,10 @@ def load_benchmark(name: str, path: str | None = None, columns: dict[str, str] |
                    limit: int | None = None, seed: int = 0, difficulty: int = 1, n: int = 200) -> list[Problem]:
     """Problems of a named benchmark; `path` reads a local copy in the hub schema instead of the hub."""
     if name == "synthetic":
-        problems = synthetic("test", n, difficulty, seed)
+        try:
+            problems = synthetic("test", n, difficulty, seed)
+        except ValueError as e:
+            raise UserError(f"synthetic benchmark (synthetic.n_test={n}, synthetic.difficulty={difficulty}): {e}") from None
     elif name == "local":
         if not path:
             raise UserError("benchmark 'local' needs a file: pass --data-path FILE (and --column question=COL ...)")

@@ -94,7 +94,10 @@ def _render(name: str, obj: str, start: int, ops: tuple[Op, ...]) -> tuple[str, 
 
 
 def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0, stream: str = "") -> list[dict]:
-    """`n` distinct problems of one split, GSM8K schema plus `id`, `difficulty`, `final`. A named `stream` is
+    """`n` distinct problems of one split, GSM8K schema plus `id`, `difficulty`, `final`. Test problems
+    differ in their arithmetic, not only in names: a test of n problems is n independent cases (difficulty 1
+    has 28 of them, difficulty 2 about 5,100), so its accuracy and paired intervals mean what they say.
+    Training problems differ in their text (names and objects vary the same arithmetic). A named `stream` is
     an independent draw from the same split (ids carry its name): the RL prompts and the policy's own DPO
     rollouts use their own streams, so they are problems the distillation did not draw."""
     if split not in ("train", "test"):
@@ -107,7 +110,9 @@ def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0, s
     while len(rows) < n:
         attempts += 1
         if attempts > 200 * n + 10000:
-            raise ValueError(f"could not make {n} distinct {split} problems at difficulty {difficulty}; ask for fewer")
+            hint = " (test problems differ in their arithmetic: difficulty 1 has 28)" if split == "test" else ""
+            raise ValueError(f"could not make {n} distinct {split} problems at difficulty {difficulty}{hint}; "
+                             "ask for fewer or a higher difficulty")
         made = _ops(rng, n_ops, top)
         if made is None:
             continue
@@ -116,9 +121,10 @@ def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0, s
             continue
         name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
         question, steps, value = _render(name, obj, start, ops)
-        if question in seen:
+        key = (start, ops) if split == "test" else question
+        if key in seen:
             continue
-        seen.add(question)
+        seen.add(key)
         steps.append(f"So {name} has {value} {obj}.")
         rows.append({
             "id": f"{prefix}-d{difficulty}-{len(rows)}",

@@ -189,7 +189,8 @@ def balance_mask(adv: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return keep
 
 
-def forward_logp(model, rollout: Rollout, rows: slice, temperature: float, value_head=None, share_prompt: bool | None = None):
+def forward_logp(model, rollout: Rollout, rows: slice, temperature: float, value_head=None, share_prompt: bool | None = None,
+                 value_trunk: bool = True):
     """Log-probs of the completion tokens (n, C) under the sampling temperature (PITFALLS 5), the logits that
     predict them (n, C, V), and the values before each of them (n, C) for PPO.
 
@@ -227,6 +228,8 @@ def forward_logp(model, rollout: Rollout, rows: slice, temperature: float, value
         logits = out.logits[:, start:-1]
         states = out.hidden_states[-1][:, start:-1] if hidden else None
     logp, _ = token_logprobs(logits, comp.masked_fill(c_mask == 0, IGNORE), temperature)
+    if hidden and not value_trunk:
+        states = states.detach()  # the value loss trains the head only
     values = value_head(states.float()).squeeze(-1) if hidden else None  # (n, C)
     return logp, logits, values
 
@@ -277,7 +280,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     generator = (make_generator or HFGenerator)(model, tok, cfg.gen_batch)
     prompt_fn = prompt_renderer(m, tok)
 
-    params = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None else [])
+    # Clipped together: the policy's parameters, and the value head's when its loss also trains the model.
+    clipped = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None and cfg.value_trunk else [])
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     if value_head is not None:
         optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
@@ -321,7 +325,10 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
-            grad_norm = loop.apply_update(params, optimizer, cfg.clip, lr)
+            if value_head is not None and not cfg.value_trunk:  # the head's own clip: its gradient does not scale the policy's
+                norm = torch.nn.utils.clip_grad_norm_(value_head.parameters(), cfg.clip).item()
+                totals["value_grad_norm"] = totals.get("value_grad_norm", 0.0) + norm / cfg.mu
+            grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
         generator.load_weights(model)  # a server backend pushes the new weights before the next rollouts
 
         n_kept = int((mask.sum(-1) > 0).sum())
@@ -376,7 +383,7 @@ def accumulate_gradients(model, rollout: Rollout, mask: torch.Tensor, adv_seq: t
         if mb_mask.sum() == 0:
             continue
         with loop.autocast(device, cfg.mixed_precision):
-            logp, logits, values = forward_logp(model, rollout, rows, temperature, value_head)
+            logp, logits, values = forward_logp(model, rollout, rows, temperature, value_head, value_trunk=cfg.value_trunk)
         old = old_logp[rows].to(logp.device) if old_logp is not None else logp.detach()
         ref = ref_logp[rows].to(logp.device) if ref_logp is not None else None
         if cfg.algo == "ppo":  # per-token advantages; the KL is in the PPO reward, not the loss
