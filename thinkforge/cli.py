@@ -238,15 +238,17 @@ def compare(before, after):
         return found
 
     a, b = samples(before), samples(after)
-    single = len(a) == 1 and len(b) == 1
-    names = list(a) if single else [n for n in a if n in b]
-    if not names:
+    if len(a) == 1 and len(b) == 1:  # two files (or folders) of one benchmark each: compare them whatever their names
+        pairs = [(next(iter(a)), next(iter(a.values())), next(iter(b.values())))]
+    else:
+        pairs = [(name, a[name], b[name]) for name in a if name in b]
+    if not pairs:
         raise UserError(f"{before} ({', '.join(a)}) and {after} ({', '.join(b)}) share no benchmark")
     lines = ["| benchmark | before | after | change | 95% interval | problems up / down | n |", "|---|---|---|---|---|---|---|"]
-    for name in names:
-        need = ["problem_id", "correct"]
+    need = ["problem_id", "correct"]
+    for name, path_a, path_b in pairs:
         try:
-            c = evaluate.paired_change(read_jsonl(a[name], need), read_jsonl(b[name if not single else next(iter(b))], need))
+            c = evaluate.paired_change(read_jsonl(path_a, need), read_jsonl(path_b, need))
         except ValueError as e:
             raise UserError(f"{name}: {e}; compare evaluations of the same benchmark and problems") from None
         lines.append(f"| {name} | {100 * c['before']:.1f} | {100 * c['after']:.1f} | {100 * c['change']:+.1f} | "

@@ -38,13 +38,19 @@ def score_sample(problem: Problem, text: str, finish_reason: str) -> dict:
     }
 
 
-def summarize(rows: list[dict], n_problems: int) -> dict:
-    by_problem: dict[str, list[bool]] = {}
+def problem_shares(rows: list[dict]) -> dict[str, float]:
+    """problem_id -> the share of its samples that are correct (its pass@1)."""
+    by: dict[str, list[bool]] = {}
     for r in rows:
-        by_problem.setdefault(r["problem_id"], []).append(r["correct"])
+        by.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+    return {k: sum(v) / len(v) for k, v in by.items()}
+
+
+def summarize(rows: list[dict], n_problems: int) -> dict:
+    shares = problem_shares(rows)
     n = max(1, len(rows))
     return {
-        "accuracy": sum(sum(v) / len(v) for v in by_problem.values()) / max(1, len(by_problem)),
+        "accuracy": sum(shares.values()) / max(1, len(shares)),
         "format_rate": sum(r["format_ok"] for r in rows) / n,
         "reasoning_rate": sum(r["has_reasoning"] for r in rows) / n,
         "avg_think_words": sum(r["think_words"] for r in rows) / n,
@@ -64,13 +70,7 @@ def paired_change(before: list[dict], after: list[dict]) -> dict:
     models also meet the same draws, so d_i is non-zero only where the models differ. `gained` / `lost`:
     problems whose share rose / fell.
     """
-    def shares(rows: list[dict]) -> dict[str, float]:
-        by: dict[str, list[bool]] = {}
-        for r in rows:
-            by.setdefault(r["problem_id"], []).append(bool(r["correct"]))
-        return {k: sum(v) / len(v) for k, v in by.items()}
-
-    a, b = shares(before), shares(after)
+    a, b = problem_shares(before), problem_shares(after)
     common = [k for k in a if k in b]
     if not common:
         raise ValueError("the two evaluations share no problem (problem_id)")

@@ -167,8 +167,8 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
                  "reasoning_rate": first["reasoning_rate"], "avg_think_words": first["avg_think_words"],
                  "n": first["n"], "benchmarks": {b: {k: s[k] for k in ("accuracy", "format_rate", "n")}
                                                   for b, s in info["eval"].items()}}
-        samples = out / name / "eval" / f"{bench}.samples.jsonl"
-        samples = read_jsonl(samples) if samples.is_file() else None
+        samples_file = out / name / "eval" / f"{bench}.samples.jsonl"
+        samples = read_jsonl(samples_file) if samples_file.is_file() else None
         if samples and previous_samples:  # the stage's gain over the one before, paired by problem
             stage["change"] = evaluate.paired_change(previous_samples, samples)
         previous_samples = samples
