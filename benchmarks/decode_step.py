@@ -44,7 +44,8 @@ def step_ms(model, rows: int, positions: int, reserved: bool) -> float:
 def main() -> None:
     import torch
 
-    from thinkforge import models
+    from thinkforge import models, tiny
+    from thinkforge.config import InitConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=256)
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model, _ = models.load(str(models.init_tiny(Path(tmp) / "m", "phi3", a.hidden, a.layers, 4)))
+        model, _ = models.load(str(tiny.init_model(Path(tmp) / "m", InitConfig(arch="phi3", hidden=a.hidden, layers=a.layers, heads=4))))
     model.eval()
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, phi3 hidden {a.hidden} x {a.layers} layers, {a.rows} rows")
     print("| cached positions | default cache ms/step | reserved cache ms/step |\n|---|---|---|")

@@ -21,10 +21,11 @@ SYSTEM = "Solve it step by step."
 
 
 def make_pairs(work: Path, n: int, hidden: int, layers: int, heads: int):
-    from thinkforge import models
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig
     from thinkforge.data import distill, pairs, sources
 
-    model_dir = models.init_tiny(work / "model", "phi3", hidden, layers, heads)
+    model_dir = tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=hidden, layers=layers, heads=heads))
     probs = sources.synthetic("train", 2 * n, 2, seed=0)
     distill.main(probs, distill.SyntheticTeacher(0.5, 0), 4, work / "d.jsonl", progress=False)
     stats = pairs.main([work / "d.jsonl"], work / "pairs.jsonl")

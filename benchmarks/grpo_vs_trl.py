@@ -28,9 +28,10 @@ SYSTEM = "Solve it step by step."
 def make_model(work: Path, a) -> str:
     from transformers import GenerationConfig
 
-    from thinkforge import models
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig
 
-    path = models.init_tiny(work / "model", a.arch, a.hidden, a.layers, a.heads)
+    path = tiny.init_model(work / "model", InitConfig(arch=a.arch, hidden=a.hidden, layers=a.layers, heads=a.heads))
     gc = GenerationConfig.from_pretrained(path)
     gc.min_new_tokens = a.max_new_tokens  # every sample exactly max_new_tokens long, in both trainers
     gc.save_pretrained(path)

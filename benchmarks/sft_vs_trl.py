@@ -21,10 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_data(work: Path, docs: int, hidden: int, layers: int, heads: int):
-    from thinkforge import models
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig
     from thinkforge.data import distill, selection, sources
 
-    model_dir = models.init_tiny(work / "model", "phi3", hidden, layers, heads)
+    model_dir = tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=hidden, layers=layers, heads=heads))
     probs = sources.synthetic("train", docs // 2, 2, seed=0) + sources.synthetic("train", docs // 2, 1, seed=0)
     distill.main(probs, distill.SyntheticTeacher(0.0, 0), 1, work / "d.jsonl", progress=False)
     selection.main(work / "d.jsonl", work / "sel")

@@ -11,9 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random-initialised tiny Phi3 model folder with the local tokenizer (made once per test session)."""
-    from thinkforge import models
+    from thinkforge import tiny
 
-    return str(models.init_tiny(tmp_path_factory.mktemp("models") / "tiny-phi3", "phi3"))
+    return str(tiny.init_model(tmp_path_factory.mktemp("models") / "tiny-phi3"))
 
 
 @pytest.fixture(scope="session")

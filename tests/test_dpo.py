@@ -14,7 +14,8 @@ def test_dpo_loss_matches_the_formula_by_hand():
     pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
     rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.0, -5.0])
     beta = 0.5
-    loss, m = dpo_loss(pc, pr, rc, rr, beta)
+    losses, m = dpo_loss(pc, pr, rc, rr, beta)
+    loss = losses.mean()
     # h_w = [0.5, 0.0], h_l = [-1.0, 0.5]; beta (h_w - h_l) = [0.75, -0.25]
     want = (-math.log(1 / (1 + math.exp(-0.75))) - math.log(1 / (1 + math.exp(0.25)))) / 2
     assert loss.item() == pytest.approx(want, abs=1e-6)
@@ -23,7 +24,7 @@ def test_dpo_loss_matches_the_formula_by_hand():
     assert m["margin"] == pytest.approx((0.75 - 0.25) / 2)
     assert m["preference_accuracy"] == 0.5
     ipo, _ = dpo_loss(pc, pr, rc, rr, beta, "ipo")
-    assert ipo.item() == pytest.approx(((1.5 - 1.0) ** 2 + (-0.5 - 1.0) ** 2) / 2)
+    assert ipo.mean().item() == pytest.approx(((1.5 - 1.0) ** 2 + (-0.5 - 1.0) ** 2) / 2)
 
 
 def test_sequence_logprobs_sum_completion_tokens_only():
@@ -62,7 +63,8 @@ def test_loss_matches_trl_dpo_on_the_same_batch_and_model(tiny_model, tmp_path):
         for model in (policy, ref):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             ours.append(sequence_logprobs(logits, labels).chunk(2))
-    loss, _ = dpo_loss(ours[0][0], ours[0][1], ours[1][0], ours[1][1], beta=0.1)
+    losses, _ = dpo_loss(ours[0][0], ours[0][1], ours[1][0], ours[1][1], beta=0.1)
+    loss = losses.mean()
     assert abs(loss.item() - math.log(2)) > 1e-3  # not the trivial policy == reference value
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from thinkforge import models
+from thinkforge import models, tiny
+from thinkforge.config import InitConfig, validate
 from thinkforge.errors import UserError
 
 
@@ -14,7 +15,7 @@ from thinkforge.errors import UserError
     ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
 ])
 def test_every_architecture_inits_loads_and_takes_lora(tmp_path, arch, targets):
-    path = models.init_tiny(tmp_path / arch, arch, hidden=32, layers=1, heads=2)
+    path = tiny.init_model(tmp_path / arch, InitConfig(arch=arch, hidden=32, layers=1, heads=2))
     model, tok = models.load(str(path))
     assert model.config.model_type == arch
     assert models.default_lora_targets(model) == targets
@@ -95,8 +96,10 @@ def test_missing_and_bad_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model folder"):
         models.load(str(tmp_path / "empty"))
-    with pytest.raises(UserError, match="unknown architecture"):
-        models.init_tiny(tmp_path / "x", "gpt5")
+    with pytest.raises(UserError, match="init-model: config key 'arch'"):
+        tiny.init_model(tmp_path / "x", validate({"arch": "gpt5"}, InitConfig, "init-model"))
+    with pytest.raises(UserError, match="not divisible"):
+        validate({"hidden": 30, "heads": 4}, InitConfig, "init-model")
 
 
 def test_unknown_architecture_needs_explicit_lora_targets(tiny_loaded):

@@ -5,25 +5,26 @@ import pytest
 import torch
 
 from thinkforge.config import load_config
-from thinkforge.losses import policy_loss
+from thinkforge.errors import UserError
+from thinkforge.losses import grpo_advantages, normaliser, policy_loss
 from thinkforge.rollout.types import Rollout
-from thinkforge.train import rl
+from thinkforge.train import ppo, rl
+from thinkforge.train.forward import forward_logp, logp_no_grad
 
 PROMPTS = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam."]
 
 
-def _rollout(tok, texts, rewards, group_size):
+def _rollout(tok, texts, rewards, group_size, temperature=1.0):
     """Groups of group_size completions; groups alternate between two prompts of different lengths."""
     n = len(texts)
     prompts = [tok(PROMPTS[g % 2], add_special_tokens=False).input_ids for g in range(n // group_size)]
     comps = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
     return Rollout.build(prompts, comps, [i // group_size for i in range(n)], tok.pad_token_id, rewards,
-                         [r > 0 for r in rewards], [False] * n, texts, group_size)
+                         [r > 0 for r in rewards], [False] * n, texts, temperature)
 
 
 def test_one_grpo_update_raises_logprob_of_positive_advantage_samples(tiny_model):
     from thinkforge import models
-    from thinkforge.losses import group_advantages
 
     model, tok = models.load(tiny_model)
     model.train()
@@ -31,17 +32,17 @@ def test_one_grpo_update_raises_logprob_of_positive_advantage_samples(tiny_model
              "<answer>7</answer>", "<think>so 4</think><answer>4</answer>"]
     ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0], 4)
     mask = ro.completion_mask.float()
-    adv = group_advantages(ro.rewards, 4)
+    adv = grpo_advantages(ro.rewards, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
 
     def seq_logp():
         with torch.no_grad():
-            lp, _, _ = rl.forward_logp(model, ro, slice(0, 4), 1.0)
+            lp, _, _ = forward_logp(model, ro, slice(0, 4))
         return (lp * mask).sum(-1)
 
     before = seq_logp()
-    logp, _, _ = rl.forward_logp(model, ro, slice(0, 4), 1.0)
-    loss, _ = policy_loss(logp, logp.detach(), adv, mask, agg="sequence")
+    logp, _, _ = forward_logp(model, ro, slice(0, 4))
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, normaliser(mask, "sequence"))
     loss.backward()
     opt.step()
     after = seq_logp()
@@ -59,11 +60,10 @@ def test_rollout_logprobs_equal_a_fresh_forward_at_the_sampling_temperature(tiny
                          output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
     new = out.sequences[0, enc.input_ids.shape[1]:]
     sampler = torch.stack([torch.log_softmax(s[0], -1)[t] for s, t in zip(out.scores, new, strict=True)])
-    ro = Rollout.build([enc.input_ids[0].tolist()], [new.tolist()], [0], tok.pad_token_id, [0.0], [False], [False],
-                       [""], 1)
+    ro = Rollout.build([enc.input_ids[0].tolist()], [new.tolist()], [0], tok.pad_token_id, [0.0], temperature=0.7)
     for share in (True, False):
         with torch.no_grad():
-            lp, _, _ = rl.forward_logp(model, ro, slice(0, 1), 0.7, share_prompt=share)
+            lp, _, _ = forward_logp(model, ro, slice(0, 1), share_prompt=share)
         assert torch.allclose(lp[0], sampler, atol=1e-4)
 
 
@@ -127,46 +127,77 @@ def test_lora_reference_is_the_adapter_disabled(tiny_model):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
-    ref = rl.no_grad_logp(lora, ro, 2, 1.0, disable_adapter=True)
-    want = rl.no_grad_logp(base, ro, 2, 1.0)
+    ref = rl.reference_logp(lora, None, ro, 2)
+    want = logp_no_grad(base, ro, 2)
     assert torch.allclose(ref, want, atol=1e-5)
-    assert not torch.allclose(rl.no_grad_logp(lora, ro, 2, 1.0), want, atol=1e-3)
+    assert not torch.allclose(logp_no_grad(lora, ro, 2), want, atol=1e-3)
 
 
-def test_generation_failure_is_retried_smaller_then_skipped():
-    from thinkforge.rollout.types import Completion, SamplingParams
+def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_skipped(tiny_loaded):
+    """The HF backend halves its batch on out-of-memory and retries (the same samples: per-sample streams);
+    the sampler skips and counts a chunk that still does not fit; any other error is a bug and propagates."""
+    from thinkforge.rollout import hf
+    from thinkforge.rollout.types import SamplingParams
 
-    class Flaky:
-        batch_size = 8
+    model, tok = tiny_loaded
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
+    want = hf.HFGenerator(model, tok, 64).generate(["a", "b", "c"], 2, params)
+    gen = hf.HFGenerator(model, tok, 64)
+    real = gen._rows
+
+    def limited(chunk, start, n, p, stops):
+        if len(chunk) * n > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(chunk, start, n, p, stops)
+
+    gen._rows = limited
+    assert gen.generate(["a", "b", "c"], 2, params) == want and gen.batch_size == 2
+
+    class Backend:
+        batch_size = 2
+
+        def __init__(self, error):
+            self.error = error
 
         def generate(self, prompts, n, params):
-            if len(prompts) * n > 2 or prompts[0] == "bad":
-                raise RuntimeError("CUDA out of memory (simulated)")
-            return [Completion(i, "x", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
+            if prompts[0] == "bad":
+                raise self.error
+            return [hf.Completion(i, "x", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
 
     stats = {}
-    out = rl.generate_groups(Flaky(), ["a", "bad", "c"], 2, SamplingParams(), stats)
+    out = rl.generate_groups(Backend(RuntimeError("CUDA out of memory (simulated)")), ["a", "bad", "c"], 2,
+                             SamplingParams(), stats)
     assert out[1] is None and len(out[0]) == 2 and len(out[2]) == 2
-    assert stats["generation_failures"] == 1 and stats["generation_retries"] >= 1
+    assert stats["generation_failures"] == 1
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        rl.generate_groups(Backend(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(), {})
+
+
+def test_steps_that_keep_no_group_stop_the_run_with_the_reasons(tiny_model, tmp_path):
+    """The random model answers nothing right: every group is all wrong, and dropping those keeps none."""
+    recipe = _recipe(tiny_model, "grpo", **{"rl.drop_all_wrong": "true", "rl.max_refills": 0, "rl.steps": 5})
+    with pytest.raises(UserError, match=r"3 steps in a row kept no group \(2 groups sampled, 2 dropped as all_wrong\)"):
+        rl.main(recipe, tmp_path / "r", progress=False)
+    events = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if e["step"] > 0] == ["empty_batch"] * 3
 
 
 @pytest.mark.parametrize("agg", ["sequence", "token", "constant"])
 def test_micro_batches_give_the_full_batch_gradient(tiny_model, agg):
     from thinkforge import models
-    from thinkforge.losses import group_advantages
 
     model, tok = models.load(tiny_model)
     model.eval()  # no dropout: the two passes must see the same function
     texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>", "<think>long " * 5 + "</think>",
              "<answer>4</answer>", "<think>a</think><answer>4</answer>", "<answer>7</answer>"]
     ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0, 1.0, -1.0], 3)
-    mask = ro.completion_mask.float()
-    adv = group_advantages(ro.rewards, 3)
+    ro.loss_mask = ro.completion_mask.float()
+    ro.advantages = grpo_advantages(ro.rewards, 3)
 
     def grads(micro):
         cfg = load_config(None, [f"rl.loss_agg={agg}", f"rl.micro_batch={micro}", "rl.group_size=3", "rl.beta=0"]).rl
         model.zero_grad()
-        stats = rl.accumulate_gradients(model, ro, mask, adv, cfg, 1.0)
+        stats = rl.backward(model, ro, normaliser(ro.loss_mask, agg, cfg.max_new_tokens), cfg, rl.GroupBaseline())
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), stats
 
     full, s_full = grads(6)
@@ -186,13 +217,15 @@ def test_prompt_run_once_per_group_gives_the_same_logprobs_values_and_gradients(
     texts = ["<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>", "<think>long " * 5 + "</think>",
              "<answer>4</answer>", "<think>a</think><answer>4</answer>", "<answer>7</answer>"]
     ro = _rollout(tok, texts, [1.0, -1.0, -1.0, 1.0, 1.0, -1.0], 3)
-    head = torch.nn.Linear(model.config.hidden_size, 1)
+    ro.temperature = 0.8
+    head = ppo.ValueHead(model.config.hidden_size, trunk=True)
+    torch.nn.init.normal_(head.weight, std=0.5)
     mask = ro.completion_mask.float()
 
     def run(share, rows):
         model.zero_grad()
         head.zero_grad()
-        logp, logits, values = rl.forward_logp(model, ro, rows, 0.8, head, share_prompt=share)
+        logp, logits, values = forward_logp(model, ro, rows, head, share_prompt=share)
         ((logp * mask[rows]).sum() + (values * mask[rows]).sum()).backward()
         grads = torch.cat([p.grad.flatten() for p in [*model.parameters(), *head.parameters()] if p.grad is not None])
         return logp.detach() * mask[rows], values.detach() * mask[rows], grads
@@ -205,14 +238,14 @@ def test_prompt_run_once_per_group_gives_the_same_logprobs_values_and_gradients(
         assert torch.allclose(g_a, g_b, atol=1e-4, rtol=1e-4)
 
 
-def test_the_ppo_value_head_steps_at_its_own_lr_scale():
-    from thinkforge.train import loop
-
-    policy, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
-    opt = loop.make_optimizer(policy, 1e-4)
-    opt.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0, "lr": 1e-3, "lr_scale": 10.0})
-    loop.set_lr(opt, 2e-5)  # the schedule's lr at some step
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2e-5, 2e-5, 2e-4])
+def test_the_ppo_value_head_steps_at_its_own_lr_scale(tiny_model, tmp_path):
+    """The optimizer rl.main builds, read back from its checkpoint: the head's group at lr x value_lr_scale."""
+    recipe = _recipe(tiny_model, "ppo", **{"rl.beta": 0.0, "rl.steps": 1, "rl.lr": 2e-5, "rl.value_lr_scale": 7.0})
+    rl.main(recipe, tmp_path / "p", progress=False)
+    state = json.loads((tmp_path / "p" / "step-0000001" / "trainer_state.json").read_text())
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([2e-5, 2e-5, 1.4e-4])
+    assert groups[-1]["weight_decay"] == 0.0 and len(groups[-1]["params"]) == 2  # the head's weight and bias
 
 
 @pytest.mark.parametrize("trunk", [False, True])
@@ -221,9 +254,10 @@ def test_the_ppo_value_loss_reaches_the_model_only_when_asked(tiny_model, trunk)
     from thinkforge import models
 
     model, tok = models.load(tiny_model)
-    head = torch.nn.Linear(model.get_input_embeddings().weight.shape[1], 1)
+    head = ppo.ValueHead(model.get_input_embeddings().weight.shape[1], trunk=trunk)
+    torch.nn.init.normal_(head.weight, std=0.5)  # it starts at zero, which would stop the trunk's gradient anyway
     ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
-    _, _, values = rl.forward_logp(model, ro, slice(0, 2), 1.0, head, value_trunk=trunk)
+    _, _, values = forward_logp(model, ro, slice(0, 2), head)
     (values ** 2).sum().backward()
     assert head.weight.grad.abs().sum() > 0
     reached = [p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()]
@@ -241,11 +275,11 @@ def test_under_gradient_checkpointing_each_row_runs_whole(tiny_model):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     ro = _rollout(tok, ["<answer>4</answer>", "<think>3 + 1 = 4</think><answer>4</answer>"], [1.0, -1.0], 2)
-    logp, _, _ = rl.forward_logp(model, ro, slice(0, 2), 1.0)
+    logp, _, _ = forward_logp(model, ro, slice(0, 2))
     logp.sum().backward()
     model.eval()
     with torch.no_grad():
-        want, _, _ = rl.forward_logp(model, ro, slice(0, 2), 1.0, share_prompt=True)
+        want, _, _ = forward_logp(model, ro, slice(0, 2), share_prompt=True)
     mask = ro.completion_mask.bool()
     assert torch.allclose(logp.detach()[mask], want[mask], atol=1e-5)
 

@@ -6,24 +6,64 @@ import pytest
 import torch
 
 from thinkforge.losses import (
-    aggregate,
-    gae,
-    group_advantages,
+    ADVANTAGES,
+    POLICY_LOSSES,
+    dr_grpo_advantages,
+    grpo_advantages,
     kl_k3,
+    masked_mean,
+    masked_whiten,
+    normaliser,
     overlong_penalty,
     policy_loss,
-    value_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
 )
+from thinkforge.train.ppo import gae, ppo_targets, value_loss
+
+
+def _loss(logp, old, adv, mask, agg="token", **kw):
+    return policy_loss(logp, old, adv, mask, normaliser(mask, agg, mask.shape[1]), **kw)
 
 
 def test_group_advantages_grpo_and_dr_grpo():
     r = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0])  # two groups of 3
-    grpo = group_advantages(r, 3, eps=0.0)
+    grpo = grpo_advantages(r, 3, eps=0.0)
     std = torch.tensor([1.0, -1.0, -1.0]).std().item()  # sample std of the first group
     assert grpo[:3].tolist() == pytest.approx([(1 + 1 / 3) / std, (-1 + 1 / 3) / std, (-1 + 1 / 3) / std])
     assert grpo[3:].tolist() == [0.0, 0.0, 0.0]  # zero variance: no signal
-    dr = group_advantages(r, 3, scale=False)
+    dr = dr_grpo_advantages(r, 3)
     assert dr.tolist() == pytest.approx([4 / 3, -2 / 3, -2 / 3, 0, 0, 0])
+
+
+def test_rloo_is_the_leave_one_out_baseline():
+    r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 6.0])  # groups [1, 0, 0] and [2, 4, 6]
+    # sample 0: 1 - mean(0, 0) = 1; sample 1: 0 - mean(1, 0) = -0.5; sample 3: 2 - mean(4, 6) = -3
+    assert rloo_advantages(r, 3).tolist() == pytest.approx([1.0, -0.5, -0.5, -3.0, 0.0, 3.0])
+    assert rloo_advantages(r, 3).tolist() == pytest.approx((dr_grpo_advantages(r, 3) * 3 / 2).tolist())
+
+
+def test_reinforce_pp_centres_in_the_group_and_scales_by_the_batch():
+    r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 6.0])
+    centered = [2 / 3, -1 / 3, -1 / 3, -2.0, 0.0, 2.0]  # mean 0 over the batch
+    std = math.sqrt(sum(c * c for c in centered) / 6)  # population std over all six samples
+    assert reinforce_pp_advantages(r, 3).tolist() == pytest.approx([c / std for c in centered], rel=1e-6, abs=1e-6)
+
+
+def test_estimators_and_losses_are_found_by_name():
+    assert set(ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    assert set(POLICY_LOSSES) == {"ppo_clip", "gspo", "cispo"}
+
+
+def test_masked_mean_and_whiten_by_hand():
+    v = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert masked_mean(v, m).item() == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+    assert masked_mean(v, m, -1).tolist() == pytest.approx([1.5, 3.0])
+    assert masked_mean(v, torch.zeros_like(m)).item() == 0.0
+    w = masked_whiten(v, m)
+    std = math.sqrt(((1 - 2) ** 2 + 0 + (3 - 2) ** 2) / 3)
+    assert w.flatten().tolist() == pytest.approx([-1 / std, 0.0, 0.0, 1 / std, 0.0, 0.0], abs=1e-6)
 
 
 def test_k3_kl_by_hand():
@@ -36,20 +76,36 @@ def test_k3_kl_by_hand():
 def test_aggregation_modes():
     v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
     m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert aggregate(v, m, "token").item() == pytest.approx(10 / 4)  # DAPO: all tokens together
-    assert aggregate(v, m, "sequence").item() == pytest.approx((2 + 4) / 2)  # GRPO: per-sample means
-    assert aggregate(v, m, "constant", 6.0).item() == pytest.approx(10 / 6)  # Dr. GRPO: G x max length
+    assert normaliser(m, "token")(v, m).item() == pytest.approx(10 / 4)  # DAPO: all tokens together
+    assert normaliser(m, "sequence")(v, m).item() == pytest.approx((2 + 4) / 2)  # GRPO: per-sample means
+    assert normaliser(m, "constant", 3)(v, m).item() == pytest.approx(10 / 6)  # Dr. GRPO: G x max length
+    # an empty row counts in no denominator
+    m0 = torch.cat([m, torch.zeros(1, 3)])
+    v0 = torch.cat([v, torch.full((1, 3), 7.0)])
+    assert normaliser(m0, "sequence")(v0, m0).item() == pytest.approx(3.0)
+    assert normaliser(m0, "constant", 3)(v0, m0).item() == pytest.approx(10 / 6)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence", "constant"])
+def test_two_half_batches_summed_equal_the_full_batch(mode):
+    """What one all-reduce of the normaliser does: two ranks' halves give the full batch's loss."""
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 6.0, 0.0], [7.0, 0.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    full = normaliser(m, mode, 3)
+    halves = normaliser(m[:2], mode, 3) + normaliser(m[2:], mode, 3)  # the all-reduce (sum)
+    assert halves == full
+    assert (full(v[:2], m[:2]) + full(v[2:], m[2:])).item() == pytest.approx(full(v, m).item())
 
 
 def test_clipping_low_high_and_fraction():
     old = torch.zeros(1, 4)
     logp = torch.log(torch.tensor([[0.7, 0.9, 1.2, 1.4]]))  # ratios
     mask = torch.ones(1, 4)
-    loss, m = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28, agg="token")
+    loss, m = _loss(logp, old, torch.tensor([1.0]), mask, clip=(0.2, 0.28))
     # A > 0: min(rho, clip(rho)) = [0.7, 0.9, 1.2, 1.28]
     assert loss.item() == pytest.approx(-(0.7 + 0.9 + 1.2 + 1.28) / 4, abs=1e-6)
     assert m["clip_fraction"] == pytest.approx(0.25)
-    loss, m = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.28, agg="token")
+    loss, m = _loss(logp, old, torch.tensor([-1.0]), mask, clip=(0.2, 0.28))
     # A < 0: min(-rho, -clip(rho)) = -max(rho, clip) = [-0.8, -0.9, -1.2, -1.4]
     assert loss.item() == pytest.approx((0.8 + 0.9 + 1.2 + 1.4) / 4, abs=1e-6)
     assert m["clip_fraction"] == pytest.approx(0.25)
@@ -59,7 +115,7 @@ def test_on_policy_ratio_is_one_but_gradient_is_not_zero():
     logits = torch.tensor([[0.3, -0.2, 0.1]], requires_grad=True)
     logp = torch.log_softmax(logits, -1)[:, :2]  # (1, 2)
     mask = torch.ones(1, 2)
-    loss, m = policy_loss(logp, logp.detach(), torch.tensor([1.0]), mask, beta=0.0)
+    loss, m = _loss(logp, logp.detach(), torch.tensor([1.0]), mask, "sequence", beta=0.0)
     assert m["ratio_mean"] == pytest.approx(1.0) and m["kl"] == 0.0
     loss.backward()
     assert logits.grad.abs().sum() > 0  # PITFALLS 1: loss reads -A but gradients flow
@@ -70,15 +126,15 @@ def test_kl_term_and_sequence_aggregation():
     ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, 0.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     adv = torch.tensor([2.0, -1.0])
-    loss, m = policy_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=0.1, agg="sequence")
+    loss, m = _loss(logp, logp.detach(), adv, mask, "sequence", ref_logp=ref, beta=0.1)
     k = kl_k3(logp, ref)
     obj0 = ((2.0 - 0.1 * k[0, 0]) + (2.0 - 0.1 * k[0, 1])) / 2
     obj1 = -1.0 - 0.1 * k[1, 0]
     assert loss.item() == pytest.approx(-(obj0 + obj1).item() / 2, abs=1e-6)
     assert m["kl"] == pytest.approx(((k[0, 0] + k[0, 1] + k[1, 0]) / 3).item(), abs=1e-6)
     # beta 0 with a reference (PPO carries the KL in its reward): the loss has no KL term, the log still has the KL
-    loss0, m0 = policy_loss(logp, logp.detach(), adv, mask, ref_logp=ref, beta=0.0, agg="sequence")
-    plain, _ = policy_loss(logp, logp.detach(), adv, mask, agg="sequence")
+    loss0, m0 = _loss(logp, logp.detach(), adv, mask, "sequence", ref_logp=ref, beta=0.0)
+    plain, _ = _loss(logp, logp.detach(), adv, mask, "sequence")
     assert loss0.item() == pytest.approx(plain.item()) and m0["kl"] == pytest.approx(m["kl"])
 
 
@@ -107,8 +163,60 @@ def test_gae_stops_at_the_end_of_each_sequence():
 
 def test_value_loss_is_clipped():
     v, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]])
+    mask = torch.ones(1, 1)
     # unclipped (1-2)^2 = 1; clipped V = 0.2 -> (0.2-2)^2 = 3.24; max -> 3.24, times 0.5
-    assert value_loss(v, old, ret, torch.ones(1, 1), clip=0.2).item() == pytest.approx(1.62)
+    assert value_loss(v, old, ret, mask, 0.2, normaliser(mask)).item() == pytest.approx(1.62)
+
+
+def test_ppo_targets_by_hand():
+    """Reward on the last completion token, minus the per-token KL penalty; GAE; whitened over the batch."""
+    rewards = torch.tensor([1.0, -1.0])
+    values = torch.tensor([[0.5, 0.2, 0.0], [0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    penalty = torch.tensor([[0.1, 0.2, 9.0], [0.3, 9.0, 9.0]])
+    adv, ret = ppo_targets(rewards, values, mask, 1.0, 1.0, penalty)
+    # row 0: token rewards [-0.1, 1 - 0.2]; A_1 = 0.8 - 0.2 = 0.6, A_0 = -0.1 + 0.2 - 0.5 + A_1 = 0.2
+    # row 1: token reward [-1 - 0.3]; A_0 = -1.3 - 0.1 = -1.4
+    raw = [0.2, 0.6, -1.4]
+    mean = sum(raw) / 3
+    std = math.sqrt(sum((a - mean) ** 2 for a in raw) / 3)
+    want = [(a - mean) / std for a in raw]
+    assert adv[0, :2].tolist() == pytest.approx(want[:2], abs=1e-5) and adv[1, 0].item() == pytest.approx(want[2], abs=1e-5)
+    assert adv[0, 2] == 0 and adv[1, 1:].abs().sum() == 0
+    assert ret.flatten().tolist() == pytest.approx([0.7, 0.8, 0.0, -1.3, 0.0, 0.0], abs=1e-6)  # A + V, unwhitened
+
+
+def test_gspo_has_one_ratio_per_sequence_and_the_sequence_gradient():
+    logits = torch.tensor([[0.3, -0.2, 0.1, 0.4]], requires_grad=True)
+    logp = torch.log_softmax(logits, -1)[:, :3]  # (1, 3) log-probs of three tokens
+    old = logp.detach() + torch.tensor([[0.1, -0.3, 0.05]])  # the sampler's
+    mask = torch.ones(1, 3)
+    s = math.exp(((logp.detach() - old) * mask).sum().item() / 3)  # exp(mean of the log-ratios)
+    objective, ratio, clipped = POLICY_LOSSES["gspo"](logp, old, torch.tensor([[2.0]]), mask, 0.2, 0.2)
+    assert ratio.flatten().tolist() == pytest.approx([s, s, s], rel=1e-6) and not clipped.any()
+    (objective * mask).sum(-1).div(3).sum().backward()  # sequence aggregation
+    got = logits.grad.clone()
+    logits.grad = None
+    lp = torch.log_softmax(logits, -1)[:, :3]
+    (2.0 * torch.exp((lp - old).mean())).backward()  # the paper: A * s_i, s_i as a function of the policy
+    assert torch.allclose(got, logits.grad, atol=1e-6)
+    # clipped as a whole: far off-policy, every token of the sequence is clipped
+    _, _, clipped = POLICY_LOSSES["gspo"](logp, old - 1.0, torch.tensor([[2.0]]), mask, 0.2, 0.2)
+    assert clipped.all()
+
+
+def test_cispo_clips_a_detached_weight_and_keeps_every_gradient():
+    logits = torch.tensor([[0.3, -0.2, 0.1]], requires_grad=True)
+    logp = torch.log_softmax(logits, -1)[:, :2]  # (1, 2)
+    old = logp.detach() - torch.tensor([[0.0, 1.0]])  # ratios 1 and e: the second beyond 1 + 0.28
+    mask = torch.ones(1, 2)
+    objective, ratio, clipped = POLICY_LOSSES["cispo"](logp, old, torch.tensor([[1.0]]), mask, 0.2, 0.28)
+    assert clipped.tolist() == [[False, True]]
+    assert objective.flatten().tolist() == pytest.approx([1.0 * logp[0, 0].item(), 1.28 * logp[0, 1].item()], rel=1e-6)
+    objective.sum().backward()
+    # the gradient is weight x A x grad log pi: the clipped token still contributes (PPO-clip would drop it)
+    manual = torch.autograd.grad(1.0 * torch.log_softmax(logits, -1)[0, 0] + 1.28 * torch.log_softmax(logits, -1)[0, 1], logits)[0]
+    assert torch.allclose(logits.grad, manual, atol=1e-6)
 
 
 def test_dapo_overlong_penalty():

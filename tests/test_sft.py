@@ -7,7 +7,7 @@ from thinkforge.config import load_config
 from thinkforge.data import synthetic
 from thinkforge.data.packing import collate_packed, collate_padded, pack, tokenize
 from thinkforge.formats import format_completion, render_prompt
-from thinkforge.losses import IGNORE, sft_loss, shift_labels, token_logprobs
+from thinkforge.losses import IGNORE, label_mask, normaliser, sft_loss, shift_labels, token_logprobs
 
 
 def _examples(tok, n=6):
@@ -73,7 +73,7 @@ def test_microbatches_with_accumulation_equal_one_full_batch(tiny_loaded):
 
     def grads(groups):
         model.zero_grad()
-        n = sum(int((collate_padded(g, tok.pad_token_id)[1][:, 1:] != IGNORE).sum()) for g in groups)
+        n = sum(normaliser(label_mask(collate_padded(g, tok.pad_token_id)[1])) for g in groups)
         for g in groups:
             ids, labels, attn = collate_padded(g, tok.pad_token_id)
             sft_loss(model(input_ids=ids, attention_mask=attn).logits, labels, n).backward()

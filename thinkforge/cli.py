@@ -12,9 +12,11 @@ from pathlib import Path
 
 import click
 
+from thinkforge.config import InitConfig
 from thinkforge.errors import UserError
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+_INIT = {name: f.default for name, f in InitConfig.model_fields.items()}  # the tiny model's one default
 
 
 def _quiet_hf() -> None:
@@ -73,13 +75,16 @@ _KEYS = {
 }
 
 
-def recipe_from(config_path, overrides, **options):
-    """Load the recipe, then apply options that were given (as overrides, so they are validated alike)."""
+def recipe_from(config_path, overrides, given: dict | None = None, **options):
+    """The one way CLI options reach the recipe: the YAML, then its KEY=VALUE overrides, then every option
+    that was given (None = not given) as one more override, so all are validated alike. `given` maps config
+    keys to values; `options` are the shared options by name (_KEYS)."""
     import json
 
     from thinkforge.config import load_config
 
-    extra = [f"{_KEYS[k]}={json.dumps(v)}" for k, v in options.items() if v is not None and k in _KEYS]
+    keys = {**{_KEYS[k]: v for k, v in options.items() if k in _KEYS}, **(given or {})}
+    extra = [f"{k}={json.dumps(v)}" for k, v in keys.items() if v is not None]
     return load_config(config_path, [*overrides, *extra])
 
 
@@ -92,26 +97,15 @@ def save_resolved(recipe, out_dir) -> None:
         f.write(dump_config(recipe))
 
 
-def load_model(recipe):
-    from thinkforge import models
-
-    _quiet_hf()
-    m = recipe.model
-    return models.load(m.name_or_path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
-                       attn_implementation=m.attn_implementation)
-
-
-def sampling(recipe):
-    from thinkforge.rollout.types import SamplingParams
-
-    g = recipe.generation
-    return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed)
-
-
-def prompt_fn(recipe, tokenizer):
+def load_generator(recipe):
+    """(generator, tokenizer, prompt renderer, sampling params) of the recipe's model, for generate/chat/serve."""
+    from thinkforge import rollout
+    from thinkforge.evaluate import sampling_params
     from thinkforge.formats import prompt_renderer
 
-    return prompt_renderer(recipe.model, tokenizer)
+    _quiet_hf()
+    gen, tok = rollout.load_generator(recipe.model, recipe.model.name_or_path, recipe.generation.batch_size)
+    return gen, tok, prompt_renderer(recipe.model, tok), sampling_params(recipe)
 
 
 @click.group(context_settings=CTX)
@@ -125,18 +119,20 @@ def cli():
 
 @cli.command("init-model", context_settings=CTX)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["phi", "phi3", "qwen2", "llama"]), default="phi3", show_default=True,
+@click.option("--arch", type=click.Choice(["phi", "phi3", "qwen2", "llama"]), default=_INIT["arch"], show_default=True,
               help="Real transformers architecture to initialise at random.")
-@click.option("--hidden", type=int, default=64, show_default=True, help="Hidden size.")
-@click.option("--layers", type=int, default=2, show_default=True, help="Number of transformer layers.")
-@click.option("--heads", type=int, default=4, show_default=True, help="Attention heads (must divide --hidden).")
+@click.option("--hidden", type=int, default=_INIT["hidden"], show_default=True, help="Hidden size (at least 8).")
+@click.option("--layers", type=int, default=_INIT["layers"], show_default=True, help="Number of transformer layers.")
+@click.option("--heads", type=int, default=_INIT["heads"], show_default=True, help="Attention heads (must divide --hidden).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and of the tokenizer's corpus.")
 def init_model(out_dir, arch, hidden, layers, heads, seed):
     """Write a random-initialised tiny model with a locally built tokenizer (chat template, reasoning tags)."""
-    from thinkforge import models
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig, validate
 
+    size = validate({"arch": arch, "hidden": hidden, "layers": layers, "heads": heads}, InitConfig, "init-model")
     _quiet_hf()
-    path = models.init_tiny(out_dir, arch, hidden, layers, heads, seed)
+    path = tiny.init_model(out_dir, size, seed)
     click.echo(f"wrote a tiny {arch} model to {path}")
 
 
@@ -190,29 +186,16 @@ def grade(input_path, out_path, kind):
 def eval_cmd(benchmarks, columns, out_dir, config_path, overrides, **options):
     """Evaluate a model: pass@1, format compliance, reasoning presence, thinking length."""
     from thinkforge import evaluate
-    from thinkforge.data.sources import load_benchmark
-    from thinkforge.rollout.hf import HFGenerator
 
-    extra = list(overrides)
-    if benchmarks:
-        extra.append("eval.benchmarks=[" + ",".join(benchmarks) + "]")
+    given = {"eval.benchmarks": list(benchmarks) or None}
     for c in columns:
         if "=" not in c:
             raise UserError(f"--column {c!r} is not FIELD=COLUMN; e.g. --column question=prompt")
-        extra.append(f"eval.columns.{c}")
-    recipe = recipe_from(config_path, extra, **options)
-    ev = recipe.eval
-    # Load every benchmark before the model: a bad name or file fails in a second, not after loading.
-    problems = {b: load_benchmark(b, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
-                                  recipe.synthetic.n_test) for b in ev.benchmarks}
-    model, tok = load_model(recipe)
-    gen = HFGenerator(model, tok, recipe.generation.batch_size)
-    results = {}
-    for name, probs in problems.items():
-        rows, summary = evaluate.evaluate(gen, probs, prompt_fn(recipe, tok), sampling(recipe), ev.samples)
-        summary.update(benchmark=name, model=recipe.model.name_or_path)
-        evaluate.write(out_dir, name, rows, summary)
-        results[name] = summary
+        field, column = c.split("=", 1)
+        given[f"eval.columns.{field}"] = column
+    recipe = recipe_from(config_path, overrides, given, **options)
+    _quiet_hf()
+    results = evaluate.run(recipe, recipe.model.name_or_path, out_dir)
     click.echo(evaluate.table(results))
     click.echo(f"samples and summaries in {out_dir}/")
 
@@ -274,7 +257,6 @@ def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **op
     """Generate completions for questions and show thinking and answer apart."""
     from thinkforge.formats import parse
     from thinkforge.io import read_jsonl, write_jsonl
-    from thinkforge.rollout.hf import HFGenerator
 
     questions = list(prompts)
     if input_path:
@@ -288,10 +270,9 @@ def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **op
     if n < 1:
         raise UserError("--samples must be at least 1")
     recipe = recipe_from(config_path, overrides, **options)
-    model, tok = load_model(recipe)
-    render = prompt_fn(recipe, tok)
+    gen, _, render, params = load_generator(recipe)
     texts = questions if raw else [render(q) for q in questions]
-    completions = HFGenerator(model, tok, recipe.generation.batch_size).generate(texts, n, sampling(recipe))
+    completions = gen.generate(texts, n, params)
     rows = []
     for c in completions:
         p = parse(c.text)
@@ -350,11 +331,8 @@ class _ThinkingPrinter:
 @config_options
 def chat(config_path, overrides, **options):
     """Chat in the terminal: each question's answer streams, thinking and answer shown apart. Ctrl-D ends."""
-    from thinkforge.rollout.hf import HFGenerator
-
     recipe = recipe_from(config_path, overrides, **options)
-    model, tok = load_model(recipe)
-    gen, render, params = HFGenerator(model, tok), prompt_fn(recipe, tok), sampling(recipe)
+    gen, _, render, params = load_generator(recipe)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -384,14 +362,13 @@ def chat(config_path, overrides, **options):
 @config_options
 def serve(host, port, api_key, served_model_name, config_path, overrides, **options):
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
-    from thinkforge.rollout.hf import HFGenerator
     from thinkforge.serve import make_server
 
     recipe = recipe_from(config_path, overrides, **options)
-    model, tok = load_model(recipe)
+    gen, tok, _, _ = load_generator(recipe)
     name = served_model_name or recipe.model.name_or_path
     try:
-        server = make_server(HFGenerator(model, tok, recipe.generation.batch_size), tok, name, host, port, api_key,
+        server = make_server(gen, tok, name, host, port, api_key,
                              recipe.model.prompt_format, recipe.model.system_prompt)
     except OSError as e:
         raise UserError(f"cannot bind {host}:{port} ({e.strerror}); pick another --port") from None
@@ -425,14 +402,11 @@ def data():
 @config_options
 def data_distill(out_path, teacher, teacher_model, base_url, samples, problems, slip_rate, config_path, overrides):
     """Ask a teacher for N chain-of-thought rollouts per problem and grade each (all kept, with grades)."""
-    import json as _json
-
     from thinkforge.data import distill
 
-    given = {"teacher": teacher, "teacher_model": teacher_model, "base_url": base_url, "samples": samples,
-             "n_problems": problems, "slip_rate": slip_rate}
-    extra = [f"distill.{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
-    recipe = recipe_from(config_path, [*overrides, *extra])
+    given = {"distill.teacher": teacher, "distill.teacher_model": teacher_model, "distill.base_url": base_url,
+             "distill.samples": samples, "distill.n_problems": problems, "distill.slip_rate": slip_rate}
+    recipe = recipe_from(config_path, overrides, given)
     _quiet_hf()
     cfg = recipe.distill
     probs = distill.problems_for(cfg, recipe.seed)
@@ -451,13 +425,10 @@ def data_distill(out_path, teacher, teacher_model, base_url, samples, problems, 
 @config_options
 def data_select(input_path, out_dir, max_pass_rate, min_difficulty, min_words, config_path, overrides):
     """Rejection sampling: keep correct rollouts (deduplicated), keep incorrect ones for DPO, pick the hard subset."""
-    import json as _json
-
     from thinkforge.data import selection
 
-    given = {"max_pass_rate": max_pass_rate, "min_difficulty": min_difficulty, "min_words": min_words}
-    extra = [f"select.{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
-    cfg = recipe_from(config_path, [*overrides, *extra]).select
+    given = {"select.max_pass_rate": max_pass_rate, "select.min_difficulty": min_difficulty, "select.min_words": min_words}
+    cfg = recipe_from(config_path, overrides, given).select
     stats = selection.main(input_path, out_dir, cfg.max_pass_rate, cfg.min_difficulty, cfg.min_words)
     click.echo(f"accepted {stats['accepted']} ({stats['duplicates_dropped']} duplicates dropped), rejected "
                f"{stats['rejected']}, hard {stats['hard']} from {stats['hard_problems']} problems -> {out_dir}")
@@ -465,10 +436,12 @@ def data_select(input_path, out_dir, max_pass_rate, min_difficulty, min_words, c
 
 @data.command("pairs", context_settings=CTX)
 @click.option("--rollouts", "rollout_files", multiple=True, type=click.Path(dir_okay=False),
-              help="Graded rollouts JSONL (from `data distill`); repeatable. Their problems are also the ones --model samples.")
-@click.option("--model", "-m", default=None, help="Also sample the model's own rollouts from this checkpoint and grade them.")
+              help="Graded rollouts JSONL (from `data distill`: the teacher's); repeatable.")
+@click.option("--model", "-m", default=None,
+              help="Also sample this checkpoint's own rollouts and grade them, on the problems `thinkforge run` uses "
+                   "(pipeline.policy_problems of the synthetic task's own draw, or the first distilled problems).")
 @click.option("--samples", type=int, default=None, help="With --model: samples per problem. [pairs.policy_samples]")
-@click.option("--problems", type=int, default=None, help="With --model: sample only the first N problems.")
+@click.option("--problems", type=int, default=None, help="With --model: how many problems. [pipeline.policy_problems]")
 @click.option("--per-problem", type=int, default=None, help="Pairs per problem at most. [pairs.per_problem]")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Output JSONL: question, chosen, rejected, chosen_source, rejected_source.")
@@ -477,37 +450,14 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
     """Build DPO pairs: a correct (chosen) and an incorrect (rejected) rollout of the same problem."""
     from thinkforge.data import pairs as pairs_mod
 
-    extra = [f"pairs.policy_samples={samples}"] if samples else []
-    extra += [f"pairs.per_problem={per_problem}"] if per_problem else []
-    recipe = recipe_from(config_path, [*overrides, *extra])
-    files = list(rollout_files)
-    if not files and not model:
+    given = {"pairs.policy_samples": samples, "pairs.per_problem": per_problem, "pipeline.policy_problems": problems}
+    recipe = recipe_from(config_path, overrides, given)
+    if not rollout_files and not model:
         raise UserError("nothing to pair: pass --rollouts FILE.jsonl and/or --model CHECKPOINT")
-    if model:
-        own = Path(out_path).with_suffix(".policy-rollouts.jsonl")
-        sample_policy_rollouts(recipe, model, files, problems, own)
-        files.append(str(own))
-    stats = pairs_mod.main(files, out_path, recipe.pairs.per_problem, recipe.pairs.similar_length, recipe.seed)
+    _quiet_hf()
+    stats = pairs_mod.make(recipe, out_path, list(rollout_files), model)
     click.echo(f"{stats['problems_with_both']} of {stats['problems']} problems have both sides; "
                f"{stats['pairs']} pairs -> {out_path}")
-
-
-def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], limit: int | None, out: Path) -> dict:
-    """Sample the model's own graded rollouts on the problems of `rollout_files` (or `policy_problems`)."""
-    from thinkforge.data import distill
-    from thinkforge.data.sources import Problem
-    from thinkforge.io import read_jsonl
-
-    _quiet_hf()
-    if rollout_files:
-        seen: dict[str, Problem] = {}
-        for f in rollout_files:
-            for r in read_jsonl(f, required=["problem_id", "question", "reference"]):
-                seen.setdefault(r["problem_id"], Problem(r["problem_id"], r["question"], str(r["reference"]), r.get("kind", "math")))
-        problems = list(seen.values())
-    else:
-        problems = distill.policy_problems(recipe)
-    return distill.sample_policy(recipe, model_path, problems[:limit] if limit else problems, out)
 
 
 @cli.command(context_settings=CTX)
@@ -521,15 +471,10 @@ def sample_policy_rollouts(recipe, model_path: str, rollout_files: list[str], li
 @config_options
 def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
     """Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference."""
-    import json as _json
-
     from thinkforge.train import dpo as dpo_stage
 
-    given = {"dpo.data": data_path, "model.name_or_path": model, "dpo.loss": loss, "dpo.beta": beta}
-    extra = [f"{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
-    if lora is not None:
-        extra.append(f"lora.enabled={str(lora).lower()}")
-    recipe = recipe_from(config_path, [*overrides, *extra])
+    given = {"dpo.data": data_path, "model.name_or_path": model, "dpo.loss": loss, "dpo.beta": beta, "lora.enabled": lora}
+    recipe = recipe_from(config_path, overrides, given)
     _quiet_hf()
     save_resolved(recipe, out_dir)
     final = dpo_stage.main(recipe, out_dir)
@@ -547,16 +492,9 @@ def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
 @config_options
 def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
     """Supervised fine-tuning on completion tokens (prompt masked): stage 1 packed, stage 2 unpacked."""
-    import json as _json
-
     from thinkforge.train import sft as sft_stage
 
-    extra = [f"{stage}.data={_json.dumps(data_path)}"] if data_path else []
-    if model:
-        extra.append(f"model.name_or_path={_json.dumps(model)}")
-    if lora is not None:
-        extra.append(f"lora.enabled={str(lora).lower()}")
-    recipe = recipe_from(config_path, [*overrides, *extra])
+    recipe = recipe_from(config_path, overrides, {f"{stage}.data": data_path, "model.name_or_path": model, "lora.enabled": lora})
     _quiet_hf()
     save_resolved(recipe, out_dir)
     final = sft_stage.main(recipe, stage, out_dir)
@@ -573,15 +511,10 @@ def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
 @config_options
 def rl(algo, model, out_dir, steps, lora, config_path, overrides):
     """RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring."""
-    import json as _json
-
     from thinkforge.train import rl as rl_stage
 
-    given = {"rl.algo": algo, "model.name_or_path": model, "rl.steps": steps}
-    extra = [f"{k}={_json.dumps(v)}" for k, v in given.items() if v is not None]
-    if lora is not None:
-        extra.append(f"lora.enabled={str(lora).lower()}")
-    recipe = recipe_from(config_path, [*overrides, *extra])
+    given = {"rl.algo": algo, "model.name_or_path": model, "rl.steps": steps, "lora.enabled": lora}
+    recipe = recipe_from(config_path, overrides, given)
     _quiet_hf()
     save_resolved(recipe, out_dir)
     final = rl_stage.main(recipe, out_dir)

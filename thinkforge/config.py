@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from thinkforge.errors import UserError
 
@@ -156,7 +156,12 @@ class RLConfig(_Section):
     clip_high: float = Field(0.28, ge=0, description="Ratio clip above 1 (DAPO clip-higher: 0.28).")
     loss_agg: Literal["sequence", "token", "constant"] = Field(
         "token", description="sequence = GRPO, token = DAPO, constant = Dr. GRPO (G x max new tokens).")
-    scale_advantages: bool = Field(True, description="Divide group advantages by their std (GRPO); false = Dr. GRPO.")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="GRPO family's advantage estimator (losses.ADVANTAGES): grpo = (r - group mean) / group std; "
+        "dr_grpo = r - group mean (Dr. GRPO, Infused Phi-2); rloo = leave-one-out mean; reinforce_pp = REINFORCE++-baseline.")
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field(
+        "ppo_clip", description="Per-token objective (losses.POLICY_LOSSES): ppo_clip (GRPO/DAPO/PPO), gspo (sequence-level "
+        "ratio; the paper clips at 3e-4/4e-4), cispo (clipped, detached importance weight times log-prob).")
     reward: Literal["verifiable", "weighted"] = Field(
         "verifiable", description="verifiable = +1/-1 (Phi-4 recipe); weighted = rewards.weights (Infused Phi-2).")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups with zero reward variance and sample more prompts.")
@@ -190,6 +195,24 @@ class RLConfig(_Section):
     aha_rise: float = Field(0.3, ge=0, description="Relative rise over the window mean that flags an aha moment.")
     truncation_warn: float = Field(0.5, ge=0, le=1, description="Warn when this share of responses is truncated (PITFALLS 2).")
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+
+    @model_validator(mode="after")
+    def _no_setting_the_algorithm_ignores(self) -> RLConfig:
+        """PPO aggregates per token with its own advantages; GRPO has no critic. A setting the chosen algorithm
+        would silently ignore is an error (only values that differ from what it does)."""
+        ignored = PPO_IGNORES if self.algo == "ppo" else GRPO_IGNORES
+        for key, does in ignored.items():
+            if getattr(self, key) != does:
+                other = "GRPO" if self.algo == "ppo" else "PPO"
+                raise ValueError(f"rl.{key}={getattr(self, key)!r} is a {other} setting that rl.algo={self.algo} ignores; "
+                                 f"remove it or set rl.algo={other.lower()}")
+        return self
+
+
+# What each algorithm does where the other has a knob (RLConfig's check above).
+PPO_IGNORES = {"loss_agg": "token", "advantage": "grpo", "balance": False, "policy_loss": "ppo_clip"}
+GRPO_IGNORES = {name: RLConfig.model_fields[name].default for name in
+                ("gamma", "lam", "value_clip", "vf_coef", "value_lr_scale", "value_trunk")}
 
 
 class DistillConfig(_Section):
@@ -233,9 +256,15 @@ class InitConfig(_Section):
     """Make the starting model with `init-model` when model.name_or_path does not exist yet (the tiny recipe)."""
 
     arch: Literal["phi", "phi3", "qwen2", "llama"] = Field("phi3", description="Architecture to initialise at random.")
-    hidden: int = Field(128, ge=8, description="Hidden size.")
-    layers: int = Field(4, ge=1, description="Transformer layers.")
+    hidden: int = Field(64, ge=8, description="Hidden size (a multiple of heads).")
+    layers: int = Field(2, ge=1, description="Transformer layers.")
     heads: int = Field(4, ge=1, description="Attention heads.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> InitConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"init.hidden={self.hidden} is not divisible by init.heads={self.heads}")
+        return self
 
 
 class PipelineConfig(_Section):
@@ -304,10 +333,17 @@ def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return schema
 
 
+RENAMED = {"rl.scale_advantages": "rl.advantage (grpo = divided by the group std, dr_grpo = not)"}
+
+
 def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
     e = err.errors()[0]
     loc = tuple(str(x) for x in e["loc"])
     key = ".".join(loc)
+    if e["type"] == "value_error":  # a check across keys: its message names them
+        return f"{source}: {e['msg'].removeprefix('Value error, ')}"
+    if e["type"] == "extra_forbidden" and key in RENAMED:
+        return f"{source}: config key {key!r} was replaced by {RENAMED[key]}"
     if e["type"] == "extra_forbidden":
         parent = _section_at(schema, loc[:-1])
         known = list(parent.model_fields) if parent else []

@@ -127,6 +127,37 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def sampling_params(recipe) -> SamplingParams:
+    """The recipe's generation settings (generation.*, seed) as the sampler takes them."""
+    g = recipe.generation
+    return SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed)
+
+
+def run(recipe, model_path: str, out_dir: str | Path, progress: bool = True) -> dict[str, dict]:
+    """Evaluate the model at model_path on every benchmark of the recipe (eval.*, generation.*, synthetic.*),
+    writing <benchmark>.samples.jsonl and .summary.json into out_dir; returns benchmark -> summary.
+
+    The one entry point of `thinkforge eval` and of the pipeline's after-stage evaluations. Every benchmark is
+    loaded before the model, so a bad name or file fails in a second, not after loading.
+    """
+    from thinkforge import rollout
+    from thinkforge.data.sources import load_benchmark
+    from thinkforge.formats import prompt_renderer
+
+    ev = recipe.eval
+    problems = {b: load_benchmark(b, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
+                                  recipe.synthetic.n_test) for b in ev.benchmarks}
+    generator, tok = rollout.load_generator(recipe.model, model_path, recipe.generation.batch_size)
+    prompt_fn, params = prompt_renderer(recipe.model, tok), sampling_params(recipe)
+    results = {}
+    for name, probs in problems.items():
+        rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, progress=progress)
+        summary.update(benchmark=name, model=model_path)
+        write(out_dir, name, rows, summary)
+        results[name] = summary
+    return results
+
+
 def write(out_dir: str | Path, name: str, rows: list[dict], summary: dict) -> None:
     from thinkforge.io import write_json, write_jsonl
 

@@ -6,6 +6,8 @@ Masks are 1.0 on completion tokens (the only tokens that carry loss) and 0.0 els
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -31,37 +33,88 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return -nll.view(labels.shape) * mask, mask  # (B, T), (B, T)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token", constant: float | None = None) -> torch.Tensor:
-    """The one place that decides normalisation (STYLE 5). values, mask: (B, T).
+# ---------------------------------------------------------------- masked statistics and the one normaliser
 
-    token:    sum(values * mask) / sum(mask)                    (DAPO; SFT over a batch)
-    sequence: mean over rows of (sum_t values*mask / sum_t mask)  (GRPO)
-    constant: sum(values * mask) / constant                      (Dr. GRPO: constant = G x max length;
-              also SFT with gradient accumulation: constant = completion tokens of the whole step)
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(values * mask) / sum(mask), over `dim` or over everything; 0 where the mask is empty."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / (std + eps) over the masked positions (population std); 0 outside the mask."""
+    mean = masked_mean(values, mask)
+    std = masked_mean((values - mean) ** 2, mask).sqrt()
+    return (values - mean) / (std + eps) * mask
+
+
+AGGREGATIONS = ("token", "sequence", "constant")
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """The one place that decides how per-token values become a step's loss (STYLE 5), for every stage:
+
+        loss = sum over the step's tokens of value * weight / denominator
+
+    token:    weight 1,                      denominator = tokens of the step       (SFT's N, SPEC 4; DAPO)
+    sequence: weight 1 / tokens of its row,  denominator = rows of the step         (GRPO; DPO: a pair is a row)
+    constant: weight 1,                      denominator = rows x max_len            (Dr. GRPO: G x max length)
+
+    A row counts when it has a token. The denominator covers the whole optimizer step, every micro-batch and
+    every rank: built once per step from the whole batch (`normaliser`), and summed over ranks by exactly one
+    all-reduce (`+`), so micro-batches x accumulation x ranks give the full batch's loss and gradient.
     """
-    masked = values * mask
+
+    mode: str
+    denominator: float
+
+    def __call__(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """These rows' share of the step's loss. values, mask (n, T) -> scalar."""
+        masked = values * mask
+        if self.mode == "sequence":
+            masked = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)  # (n,)
+        return masked.sum() / max(self.denominator, 1.0)
+
+    def __add__(self, other: Normaliser) -> Normaliser:
+        if other.mode != self.mode:
+            raise ValueError(f"cannot add a {other.mode} normaliser to a {self.mode} one")
+        return Normaliser(self.mode, self.denominator + other.denominator)
+
+    def __radd__(self, other) -> Normaliser:  # sum(parts) starts from 0
+        return self if other == 0 else other + self
+
+
+def normaliser(mask: torch.Tensor, mode: str = "token", max_len: int | None = None) -> Normaliser:
+    """The normaliser of a batch whose loss-carrying tokens are `mask` (N, T) (see Normaliser)."""
+    rows = float((mask.sum(-1) > 0).sum())
     if mode == "token":
-        return masked.sum() / mask.sum().clamp(min=1.0)
+        return Normaliser(mode, float(mask.sum()))
     if mode == "sequence":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return Normaliser(mode, rows)
     if mode == "constant":
-        if not constant:
-            raise ValueError("aggregate(mode='constant') needs a positive constant")
-        return masked.sum() / constant
-    raise ValueError(f"unknown aggregation {mode!r}: token, sequence or constant")
+        if not max_len:
+            raise ValueError("the constant normaliser needs max_len (Dr. GRPO: the max completion length)")
+        return Normaliser(mode, float(max(1.0, rows) * max_len))
+    raise ValueError(f"unknown aggregation {mode!r}: {', '.join(AGGREGATIONS)}")
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
+def label_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1.0 where a position predicts a completion token (labels unshifted, IGNORE elsewhere)."""
+    return (shift_labels(labels) != IGNORE).float()
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, norm: Normaliser | None = None) -> torch.Tensor:
     """L = -(1/N) sum over completion tokens of log pi(y_t | x, y_<t)   (SPEC 4, SFT).
 
-    logits (B, T, V), labels (B, T) unshifted with IGNORE on prompt and padding. N = n_tokens when given
-    (the completion tokens of the whole optimizer step, so micro-batches x accumulation == one full batch),
-    else the tokens of this batch.
+    logits (B, T, V), labels (B, T) unshifted with IGNORE on prompt and padding. N comes from `norm`: the
+    completion tokens of the whole optimizer step (so micro-batches x accumulation == one full batch), or
+    this batch's when None.
     """
     logp, mask = token_logprobs(logits, shift_labels(labels))
-    if n_tokens is None:
-        return aggregate(-logp, mask, "token")
-    return aggregate(-logp, mask, "constant", n_tokens)
+    return (norm or normaliser(mask, "token"))(-logp, mask)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,7 +129,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
     h_w = log pi(y_w|x) - log pi_ref(y_w|x), h_l likewise (sums over tokens)            (SPEC 4)
     sigmoid: L = -log sigmoid(beta (h_w - h_l));   ipo: L = (h_w - h_l - 1/(2 beta))^2
-    Returns the mean loss and the metrics: implicit rewards beta*h, their margin, preference accuracy.
+    Returns the per-pair losses (B,) (the stage's normaliser averages them over the step) and the metrics:
+    implicit rewards beta*h, their margin, preference accuracy.
     """
     h_w = policy_chosen - ref_chosen  # (B,)
     h_l = policy_rejected - ref_rejected  # (B,)
@@ -93,24 +147,51 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             "margin": (beta * (h_w - h_l)).mean().item(),
             "preference_accuracy": (h_w > h_l).float().mean().item(),
         }
-    return losses.mean(), metrics
+    return losses, metrics
 
 
-# ---------------------------------------------------------------- RL (GRPO, Dr. GRPO, DAPO, PPO)
+# ---------------------------------------------------------------- RL: advantage estimators
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages (DeepSeekMath GRPO): A_i = (r_i - mean(r)) / (std(r) + eps) within each group.
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): A_i = (r_i - mean(r)) / (std(r) + eps) within each group.
 
-    rewards (B*G,) ordered group by group. scale=False gives Dr. GRPO's A_i = r_i - mean(r) (Liu et al. 2025).
-    std is the unbiased sample std, as in DeepSeekMath and TRL; a zero-variance group gets advantage 0.
+    rewards (B*G,) ordered group by group -> (B*G,). std is the unbiased sample std, as in DeepSeekMath and
+    TRL; a zero-variance group gets advantage 0.
     """
     r = rewards.view(-1, group_size)  # (B, G)
     adv = r - r.mean(-1, keepdim=True)
-    if scale:
-        denom = r.std(-1, keepdim=True) + eps
-        adv = adv / torch.where(denom > 0, denom, torch.ones_like(denom))
+    denom = r.std(-1, keepdim=True) + eps
+    adv = adv / torch.where(denom > 0, denom, torch.ones_like(denom))
     return adv.reshape(-1)  # (B*G,)
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = r_i - mean(r), no std."""
+    r = rewards.view(-1, group_size)  # (B, G)
+    return (r - r.mean(-1, keepdim=True)).reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline."""
+    r = rewards.view(-1, group_size)  # (B, G)
+    others = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    return (r - others).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025): A_i = r_i - mean(group), then whitened over the whole batch
+    (the batch's std, population, instead of each group's: no division by a near-zero group std)."""
+    centered = dr_grpo_advantages(rewards, group_size)  # (B*G,)
+    return (centered - centered.mean()) / (centered.std(unbiased=False) + eps)
+
+
+# Estimators by name (rl.advantage). Adding one is adding a function (rewards (B*G,), G) -> (B*G,).
+ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages,
+              "reinforce_pp": reinforce_pp_advantages}
+
+
+# ---------------------------------------------------------------- RL: policy losses
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -119,34 +200,64 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def _clipped(ratio, adv, clip_low, clip_high):
+    """min(rho A, clip(rho, 1 - lo, 1 + hi) A) and where the clip bit, each (N, T)."""
+    objective = torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    return objective, ratio, ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+
+
+def ppo_clip(logp, old_logp, adv, mask, clip_low, clip_high):
+    """PPO-clip per token (Schulman et al. 2017; GRPO, DAPO): min(rho A, clip(rho, 1 - lo, 1 + hi) A),
+    rho = exp(logp - old_logp). Returns (objective, ratio, clipped), each (N, T)."""
+    return _clipped(torch.exp(logp - old_logp), adv, clip_low, clip_high)
+
+
+def gspo(logp, old_logp, adv, mask, clip_low, clip_high):
+    """GSPO (Zheng et al. 2025): one ratio per sequence, s_i = exp(mean_t(logp - old_logp)), clipped as a whole.
+
+    In its token form (GSPO-token) each token carries s_i * pi / sg(pi): the value s_i and the gradient
+    s_i * grad log pi_t, so the sequence aggregation gives the paper's gradient. The paper clips at 3e-4 / 4e-4.
+    """
+    log_s = masked_mean(logp - old_logp, mask, -1).unsqueeze(-1)  # (N, 1)
+    return _clipped(torch.exp(log_s.detach() + logp - logp.detach()), adv, clip_low, clip_high)
+
+
+def cispo(logp, old_logp, adv, mask, clip_low, clip_high):
+    """CISPO (MiniMax-M1, 2025): sg(clip(rho, 1 - lo, 1 + hi)) A log pi per token. The importance weight is
+    clipped and detached, so every token keeps its gradient (PPO-clip zeroes the clipped tokens')."""
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    weight = ratio.clamp(1 - clip_low, 1 + clip_high).detach()
+    return weight * adv * logp, ratio, (ratio < 1 - clip_low) | (ratio > 1 + clip_high)
+
+
+# Policy losses by name (rl.policy_loss): (logp, old_logp, adv, mask, clip_low, clip_high) -> per token
+# (objective to maximise, ratio, clipped), each (N, T). Adding one is adding a function.
+POLICY_LOSSES = {"ppo_clip": ppo_clip, "gspo": gspo, "cispo": cispo}
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_low: float = 0.2, clip_high: float = 0.2, ref_logp: torch.Tensor | None = None,
-                beta: float = 0.0, agg: str = "sequence", constant: float | None = None) -> tuple[torch.Tensor, dict]:
-    """Clipped policy-gradient loss of GRPO / DAPO / Dr. GRPO / PPO (SPEC 4).
+                norm: Normaliser, kind: str = "ppo_clip", clip: tuple[float, float] = (0.2, 0.2),
+                ref_logp: torch.Tensor | None = None, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The RL loss of these rows: -norm(per-token objective - beta KL_k3)   (SPEC 4).
 
     logp, old_logp, ref_logp, mask: (N, T); advantages (N,) per sequence or (N, T) per token (PPO).
-    per token: min(rho A, clip(rho, 1 - clip_low, 1 + clip_high) A) - beta KL_k3,  rho = exp(logp - old_logp)
-    loss = -aggregate(per-token objective, mask, agg): sequence (GRPO), token (DAPO), constant (Dr. GRPO).
-    With mu = 1 and on-policy data, old_logp = logp.detach(): rho = 1 but its gradient is not zero.
+    `kind` names the objective (POLICY_LOSSES), `norm` the step's aggregation: sequence (GRPO), token (DAPO),
+    constant (Dr. GRPO). With mu = 1 and on-policy data old_logp = logp.detach(): rho = 1, its gradient is not 0.
     The metrics keep the policy-gradient term, the KL and the clip fraction apart (PITFALLS 1).
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (N, 1) or (N, T)
-    ratio = torch.exp(logp - old_logp)  # (N, T)
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.minimum(ratio * adv, clipped * adv)  # (N, T)
+    pg, ratio, is_clipped = POLICY_LOSSES[kind](logp, old_logp, adv, mask, *clip)
     objective = pg
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None  # logged whenever a reference is given (PPO
     if kl is not None and beta != 0.0:                              # puts it in the reward, with beta 0 here)
         objective = pg - beta * kl
-    loss = -aggregate(objective, mask, agg, constant)
+    loss = -norm(objective, mask)
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        is_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
         metrics = {
-            "pg_loss": -aggregate(pg, mask, agg, constant).item(),
-            "kl": ((kl * mask).sum() / n).item() if kl is not None else 0.0,
-            "clip_fraction": ((is_clipped.float() * mask).sum() / n).item(),
-            "ratio_mean": ((ratio * mask).sum() / n).item(),
+            "pg_loss": -norm(pg, mask).item(),
+            "kl": masked_mean(kl, mask).item() if kl is not None else 0.0,
+            "clip_fraction": masked_mean(is_clipped.float(), mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
         }
     return loss, metrics
 
@@ -157,36 +268,7 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.T
     return -((lengths.float() - start) / max(1, cache)).clamp(0.0, 1.0)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over completion tokens (Schulman et al. 2016).
-
-    rewards, values, mask: (N, T). delta_t = r_t + gamma V_{t+1} - V_t; A_t = sum_k (gamma lam)^k delta_{t+k};
-    returns R_t = A_t + V_t. Positions outside the mask are 0 and end the recursion (V after the end = 0).
-    """
-    n, t_max = rewards.shape
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
-    next_value = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(t_max)):
-        m = mask[:, t]
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * m
-        adv[:, t] = last
-        next_value = torch.where(m > 0, values[:, t], next_value * 0)
-    return adv, (adv + values) * mask
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2) -> torch.Tensor:
-    """PPO's clipped value loss: 0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean."""
-    clipped = old_values + (values - old_values).clamp(-clip, clip)
-    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return aggregate(per_token, mask, "token")
-
-
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of the policy over masked positions (PITFALLS 12). logits (N, T, V)."""
     logp = torch.log_softmax(logits.float(), -1)
-    ent = -(logp.exp() * logp).sum(-1)  # (N, T)
-    return (ent * mask).sum() / mask.sum().clamp(min=1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)  # mean of (N, T) entropies

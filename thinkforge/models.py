@@ -1,12 +1,11 @@
-"""Loading, adapting and saving causal LMs; tiny random models with a locally built tokenizer.
+"""Loading, adapting and saving causal LMs.
 
 - load(name_or_path, ...): any Hugging Face causal LM by hub id or local folder, or a PEFT adapter folder
   (its base is loaded first). 4-bit NF4 (QLoRA) through bitsandbytes only where CUDA is present.
 - add_lora(model, ...): PEFT LoRA with per-architecture default targets (LORA_TARGETS).
 - save(model, tokenizer, out): a standard folder, full weights or a PEFT adapter (optionally merged),
   written to a temporary folder and renamed, safetensors only.
-- init_tiny(out, arch): random init of a real architecture (phi, phi3, qwen2, llama) at a tiny size, with a
-  byte-level BPE tokenizer trained here on the synthetic task, a chat template and the reasoning tags.
+Tiny random-init models for tests and the demo are in tiny.py.
 """
 
 from __future__ import annotations
@@ -28,15 +27,6 @@ LORA_TARGETS = {
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
-ARCHS = ("phi", "phi3", "qwen2", "llama")
-# Tokens of the tiny tokenizer. Role markers are special (never decoded into answers); the reasoning tags are
-# ordinary added tokens so that `skip_special_tokens=True` (the Infused Phi-2 snippet) still shows them.
-ROLE_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -203,71 +193,3 @@ def save(model, tokenizer, out: str | Path, merged: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-# ---------------------------------------------------------------- tiny models
-
-
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
-    """A byte-level BPE tokenizer trained on synthetic-task text; digits split one per token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from thinkforge.data.synthetic import generate
-    from thinkforge.formats import SYSTEM_PROMPT
-
-    corpus = [SYSTEM_PROMPT, "The final answer is", "Let me check. Wait, so the answer is"]
-    for level in (1, 2, 3, 4):
-        corpus += [r["question"] + "\n" + r["answer"] for r in generate(300, "train", level, seed)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=ROLE_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|end|>", pad_token="<|endoftext|>",
-        unk_token=None, additional_special_tokens=ROLE_TOKENS[1:4],
-    )
-    fast.add_tokens(TAG_TOKENS)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
-    return fast
-
-
-def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_len: int = 1024, **ids):
-    from transformers import LlamaConfig, Phi3Config, PhiConfig, Qwen2Config
-
-    if arch not in ARCHS:
-        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    common = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=max_len, **ids,
-    )
-    if arch == "phi":
-        return PhiConfig(**common, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
-    if arch == "phi3":
-        return Phi3Config(**common, num_key_value_heads=heads, tie_word_embeddings=False)
-    if arch == "qwen2":
-        return Qwen2Config(**common, num_key_value_heads=max(1, heads // 2), tie_word_embeddings=True)
-    return LlamaConfig(**common, num_key_value_heads=max(1, heads // 2))
-
-
-def init_tiny(out: str | Path, arch: str = "phi3", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """Write a random-initialised model of a real architecture with the local tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    if hidden % heads:
-        raise UserError(f"hidden size {hidden} is not divisible by {heads} heads")
-    tok = build_tokenizer(seed=seed)
-    ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = tiny_config(arch, len(tok), hidden, layers, heads, **ids)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(**ids)
-    return save(model, tok, out)

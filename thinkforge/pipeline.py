@@ -15,15 +15,11 @@ import json
 import time
 from pathlib import Path
 
-from thinkforge import evaluate, models
+from thinkforge import evaluate, tiny
 from thinkforge.config import Recipe, dump_config
 from thinkforge.data import distill, pairs, selection
 from thinkforge.data.sources import load_benchmark
-from thinkforge.errors import UserError
-from thinkforge.formats import prompt_renderer
 from thinkforge.io import atomic_write, read_jsonl, write_json
-from thinkforge.rollout.hf import HFGenerator
-from thinkforge.rollout.types import SamplingParams
 
 LABELS = {"base": "base", "midtrain": "+mid-training", "sft": "+fine-tuning", "dpo": "+rollout DPO", "rl": "+RLVR"}
 
@@ -52,24 +48,6 @@ def with_model(recipe: Recipe, path: str) -> Recipe:
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": path})}, deep=True)
 
 
-def evaluate_model(recipe: Recipe, model_path: str, out_dir: Path) -> dict[str, dict]:
-    """Evaluate one model on every recipe benchmark; the same grader and generation path as training."""
-    m, g, ev = recipe.model, recipe.generation, recipe.eval
-    model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
-    gen = HFGenerator(model, tok, g.batch_size)
-    prompt_fn = prompt_renderer(m, tok)
-    params = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, recipe.seed)
-    results = {}
-    for name in ev.benchmarks:
-        problems = load_benchmark(name, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
-                                  recipe.synthetic.n_test)
-        rows, summary = evaluate.evaluate(gen, problems, prompt_fn, params, ev.samples, progress=False)
-        summary.update(benchmark=name, model=model_path)
-        evaluate.write(out_dir, name, rows, summary)
-        results[name] = summary
-    return results
-
-
 def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_stage: str | None = None) -> dict:
     from thinkforge.train import dpo as dpo_stage
     from thinkforge.train import rl as rl_stage
@@ -87,12 +65,12 @@ def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_
     if recipe.init is not None and not Path(base).exists():
         base = str(out / "base-model")
         if not (Path(base) / "config.json").is_file():
-            models.init_tiny(base, recipe.init.arch, recipe.init.hidden, recipe.init.layers, recipe.init.heads, recipe.seed)
+            tiny.init_model(base, recipe.init, recipe.seed)
     current = base
 
     def stage_eval(name: str, model_path: str) -> None:
         if recipe.pipeline.eval_after_each or name == order[-1]:
-            results = evaluate_model(recipe, model_path, out / name / "eval")
+            results = evaluate.run(recipe, model_path, out / name / "eval", progress=False)
             first = next(iter(results.values()))
             log(f"[{name}] accuracy {first['accuracy']:.3f}  format {first['format_rate']:.3f}  "
                 f"think words {first['avg_think_words']:.1f}")
@@ -130,20 +108,13 @@ def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_
         elif stage == "dpo":
             pairs_path = data_dir / "pairs.jsonl"
             if not pairs_path.exists():
-                files = []
-                if "policy" in recipe.pipeline.pair_sources:
-                    own = data_dir / "policy-rollouts.jsonl"
-                    distill.sample_policy(stage_recipe, current, distill.policy_problems(recipe), own, progress)
-                    files.append(own)
-                if "teacher" in recipe.pipeline.pair_sources and rollouts.exists():
-                    files.append(rollouts)
-                stats = pairs.main(files, pairs_path, recipe.pairs.per_problem, recipe.pairs.similar_length, recipe.seed)
+                sources = recipe.pipeline.pair_sources
+                teacher = [rollouts] if "teacher" in sources and rollouts.exists() else []
+                stats = pairs.make(stage_recipe, pairs_path, teacher, current if "policy" in sources else None, progress)
                 log(f"[pairs] {stats['pairs']} pairs from {stats['problems_with_both']} problems")
             final = dpo_stage.main(stage_recipe, out / stage, data=str(pairs_path), progress=progress)
-        elif stage == "rl":
+        else:  # rl (stages are validated by the config)
             final = rl_stage.main(stage_recipe, out / stage, progress=progress)
-        else:
-            raise UserError(f"unknown stage {stage!r}")
         current = str(final)
         stage_eval(stage, current)
         if stop_after_stage == stage:

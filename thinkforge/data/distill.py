@@ -159,14 +159,13 @@ def policy_problems(recipe) -> list[Problem]:
 def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, progress: bool = True) -> dict:
     """The model's own graded rollouts on `problems` (the policy side of DPO pairs): pairs.policy_samples per
     problem at pairs.temperature (sampling, so that one problem can give a correct and an incorrect one)."""
-    from thinkforge import models
+    from thinkforge import rollout
     from thinkforge.formats import prompt_renderer
-    from thinkforge.rollout.hf import HFGenerator
 
     m, g = recipe.model, recipe.generation
-    model, tok = models.load(model_path, m.dtype, m.device, m.trust_remote_code)
+    generator, tok = rollout.load_generator(m, model_path, g.batch_size)
     params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
-    teacher = HFTeacher(HFGenerator(model, tok, g.batch_size), prompt_renderer(m, tok), params, "policy")
+    teacher = HFTeacher(generator, prompt_renderer(m, tok), params, "policy")
     return main(problems, teacher, recipe.pairs.policy_samples, out, progress)
 
 
@@ -177,18 +176,15 @@ def teacher_for(cfg, recipe):
         return SyntheticTeacher(cfg.slip_rate, recipe.seed)
     if not cfg.teacher_model:
         raise UserError(f"distill.teacher={cfg.teacher} needs distill.teacher_model")
+    from thinkforge import rollout
+
     if cfg.teacher == "hf":
-        from thinkforge import models
         from thinkforge.formats import prompt_renderer
-        from thinkforge.rollout.hf import HFGenerator
 
-        model, tok = models.load(cfg.teacher_model, recipe.model.dtype, recipe.model.device, recipe.model.trust_remote_code)
-        return HFTeacher(HFGenerator(model, tok, recipe.generation.batch_size), prompt_renderer(recipe.model, tok), params,
-                         cfg.teacher_model)
-    from thinkforge.rollout.openai import OpenAIClient
-
+        generator, tok = rollout.load_generator(recipe.model, cfg.teacher_model, recipe.generation.batch_size)
+        return HFTeacher(generator, prompt_renderer(recipe.model, tok), params, cfg.teacher_model)
     if not cfg.base_url:
         raise UserError("distill.teacher=openai needs distill.base_url (e.g. http://127.0.0.1:8000/v1)")
-    client = OpenAIClient(cfg.base_url, cfg.teacher_model, os.environ.get(cfg.api_key_env), cfg.timeout,
-                          cfg.max_retries, concurrency=cfg.concurrency)
+    client = rollout.server_client(cfg.base_url, cfg.teacher_model, os.environ.get(cfg.api_key_env), cfg.timeout,
+                                   cfg.max_retries, cfg.concurrency)
     return OpenAITeacher(client, params, recipe.model.system_prompt)

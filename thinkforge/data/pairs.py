@@ -51,6 +51,22 @@ def build(rows: list[dict], per_problem: int = 1, similar_length: bool = True, s
     return pairs, stats
 
 
+def make(recipe, out_path: str | Path, rollout_files: list[str | Path], model_path: str | None = None,
+         progress: bool = True) -> dict:
+    """DPO pairs into out_path from the policy's own graded samples (model_path: sampled on
+    distill.policy_problems(recipe) into <out>.policy-rollouts.jsonl) and the graded rollouts of rollout_files
+    (the teacher's). The one builder of `thinkforge data pairs` and `thinkforge run`."""
+    from thinkforge.data import distill
+
+    files = []
+    if model_path:
+        own = Path(out_path).with_suffix(".policy-rollouts.jsonl")
+        distill.sample_policy(recipe, model_path, distill.policy_problems(recipe), own, progress)
+        files.append(own)
+    files += list(rollout_files)
+    return main(files, out_path, recipe.pairs.per_problem, recipe.pairs.similar_length, recipe.seed)
+
+
 def main(rollout_files: list[str | Path], out_path: str | Path, per_problem: int = 1, similar_length: bool = True,
          seed: int = 0) -> dict:
     rows = [r for f in rollout_files for r in read_jsonl(f, required=REQUIRED)]

@@ -173,11 +173,13 @@ def load_benchmark(name: str, path: str | None = None, columns: dict[str, str] |
 
 def training_problems(source: str, n: int, difficulties: list[int], seed: int, data_path: str | None = None,
                       columns: dict[str, str] | None = None, stream: str = "") -> list[Problem]:
-    """Problems to train on: synthetic training problems (equal shares per difficulty; `stream` names an
-    independent draw), or a local file / a local copy of a hub set. Never a test split of the synthetic task."""
+    """Problems to train on: n synthetic training problems (equal shares per difficulty, the first levels one
+    more where n does not divide; `stream` names an independent draw), or a local file / a local copy of a hub
+    set. Never a test split of the synthetic task."""
     if source == "synthetic":
-        per_level = max(1, n // len(difficulties))
-        return [p for d in difficulties for p in synthetic("train", per_level, d, seed, stream)]
+        k = len(difficulties)
+        shares = [n // k + (i < n % k) for i in range(k)]
+        return [p for d, share in zip(difficulties, shares, strict=True) if share for p in synthetic("train", share, d, seed, stream)]
     if data_path or source == "local":
         return load_benchmark(source, data_path, columns, n, seed)
     if source == "gsm8k":  # the hub's training split, never the test split we evaluate on

@@ -14,7 +14,7 @@ import inspect
 import threading
 from collections.abc import Iterator
 
-from thinkforge.rollout.types import Completion, SamplingParams, left_pad, pad_id
+from thinkforge.rollout.types import Completion, SamplingParams, is_out_of_memory, left_pad, pad_id
 
 
 class HFGenerator:
@@ -52,30 +52,42 @@ class HFGenerator:
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         tok, model = self.tokenizer, self.model
-        prompts_per_batch = max(1, self.batch_size // n)
         stops = self.stop_ids()
         out: list[Completion] = []
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(prompts), prompts_per_batch):
-                chunk = prompts[start : start + prompts_per_batch]
-                encoded = [tok(p, add_special_tokens=False).input_ids for p in chunk]
-                if self.own_loop:
-                    uniforms = None
-                    if params.temperature > 0:
-                        keys = [(start + p, j) for p in range(len(chunk)) for j in range(n)]
-                        uniforms = RowStreams(params.seed, keys, _draw_dtype(model.device), model.device)
-                    rows = decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
-                else:
-                    rows = self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
+            start = 0
+            while start < len(prompts):
+                chunk = prompts[start : start + max(1, self.batch_size // n)]
+                try:
+                    rows = self._rows(chunk, start, n, params, stops)
+                except RuntimeError as e:  # out of memory: halve the batch and retry; a bug propagates
+                    if not is_out_of_memory(e) or len(chunk) == 1:
+                        raise
+                    self.batch_size = max(n, self.batch_size // 2)
+                    _free_cache(model.device)
+                    continue
                 for row, ids in enumerate(rows):
                     stopped = bool(ids) and ids[-1] in stops
                     text = tok.decode(ids, skip_special_tokens=True)
                     out.append(Completion(start + row // n, text, tuple(ids), "stop" if stopped else "length"))
+                start += len(chunk)
         finally:
             model.train(was_training)
         return out
+
+    def _rows(self, chunk: list[str], start: int, n: int, params: SamplingParams, stops: list[int]) -> list[list[int]]:
+        """The generated ids of prompts chunk (the first is prompt `start` of the call), n rows per prompt."""
+        tok, model = self.tokenizer, self.model
+        encoded = [tok(p, add_special_tokens=False).input_ids for p in chunk]
+        if not self.own_loop:
+            return self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
+        uniforms = None
+        if params.temperature > 0:
+            keys = [(start + p, j) for p in range(len(chunk)) for j in range(n)]
+            uniforms = RowStreams(params.seed, keys, _draw_dtype(model.device), model.device)
+        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
 
     def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], seed: int) -> list[list[int]]:
         """Fallback through `model.generate` (each prompt repeated n times: works for greedy too). Its draws come
@@ -294,3 +306,10 @@ def _trim(ids: list[int], stop: set[int]) -> list[int]:
         if t in stop:
             return ids[: i + 1]
     return ids
+
+
+def _free_cache(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()

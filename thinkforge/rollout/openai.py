@@ -12,7 +12,6 @@ import random
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from thinkforge.errors import UserError
@@ -89,9 +88,6 @@ class OpenAIClient:
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [c for group in pool.map(one, range(len(prompts))) for c in group]
-
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
-        yield self.generate([prompt], 1, params)[0].text
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,7 +36,8 @@ class Completion:
 
 class Generator(Protocol):
     """A rollout backend. The RL trainer uses `generate` (token ids required), `batch_size` (sequences per
-    call; halved on out-of-memory) and `load_weights` (after every optimizer step)."""
+    call) and `load_weights` (after every optimizer step). A backend that runs out of memory halves its own
+    batch and retries; when even one prompt's group does not fit, it raises the out-of-memory error."""
 
     batch_size: int
 
@@ -51,19 +51,31 @@ class Generator(Protocol):
         in-process backend generates with the training model itself."""
         ...
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
-        """Text pieces of one completion as they are generated."""
-        ...
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Out of device or host memory (CUDA, MPS, CPU allocator): the one generation error that is not a bug."""
+    import torch
+
+    text = str(error)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
 
 
 @dataclass
 class Rollout:
-    """A batch of N = B*G scored completions, ordered group by group, ready for the loss.
+    """A batch of N = B*G scored completions, ordered group by group, with everything the loss needs.
 
-    prompt_ids, prompt_mask: (B, P) the B distinct prompts, left-padded (a group's prompt is stored once and
-    run once). completion_ids, completion_mask: (N, C) the completions, right-padded, eos included when the
-    model stopped. group (N,): the prompt row of each completion. rewards (N,) float; correct, truncated (N,)
-    bool. texts: the N completion texts. group_size: G.
+    From the sampler:
+      prompt_ids, prompt_mask  (B, P)  the B distinct prompts, left-padded (a group's prompt is run once)
+      completion_ids, completion_mask (N, C)  right-padded, eos included when the model stopped
+      group (N,) long  the prompt row of each completion;  rewards (N,) float;  correct, truncated (N,) bool
+      texts  the N completion texts;  temperature  the sampler's (the loss's log-probs use it too, PITFALLS 5)
+    From the trainer, before the loss:
+      loss_mask (N, C) float  the completion tokens that carry loss (truncated or re-balanced samples masked)
+      advantages (N,) per sample, or (N, C) per token (PPO)
+      old_logp (N, C)  log-probs before the update (mu > 1); None: the detached training log-probs (mu = 1)
+      ref_logp (N, C)  the reference's log-probs; None without a KL term
+      values, returns (N, C)  the critic's values before the update and its targets (PPO); else None
     """
 
     prompt_ids: torch.Tensor
@@ -75,24 +87,41 @@ class Rollout:
     group: torch.Tensor
     truncated: torch.Tensor
     texts: list[str]
-    group_size: int
+    temperature: float = 1.0
+    loss_mask: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def group_size(self) -> int:
+        """G: completions per prompt (every group has G, see build)."""
+        return len(self.texts) // self.prompt_ids.shape[0]
 
     @classmethod
     def build(cls, prompts: list[list[int]], completions: list[list[int]], group: list[int], pad_id: int,
-              rewards, correct, truncated, texts: list[str], group_size: int) -> Rollout:
-        """Pad token-id lists into the layout above (prompts left, completions right)."""
+              rewards, correct=None, truncated=None, texts: list[str] | None = None, temperature: float = 1.0) -> Rollout:
+        """Pad token-id lists into the layout above (prompts left, completions right); every prompt has the
+        same number of completions, in order."""
         import torch
 
+        n, b = len(completions), len(prompts)
+        if n % b or list(group) != [i // (n // b) for i in range(n)]:
+            raise ValueError(f"{n} completions of {b} prompts are not whole groups in order (group ids {list(group)[:12]})")
         p_ids, p_mask = left_pad(prompts, pad_id)
         c_width = max(len(c) for c in completions)
-        c_ids = torch.full((len(completions), c_width), pad_id, dtype=torch.long)
+        c_ids = torch.full((n, c_width), pad_id, dtype=torch.long)
         c_mask = torch.zeros_like(c_ids)
         for i, c in enumerate(completions):
             c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             c_mask[i, : len(c)] = 1
         return cls(p_ids, p_mask, c_ids, c_mask, torch.as_tensor(rewards, dtype=torch.float),
-                   torch.as_tensor(correct, dtype=torch.bool), torch.as_tensor(group, dtype=torch.long),
-                   torch.as_tensor(truncated, dtype=torch.bool), list(texts), group_size)
+                   torch.as_tensor(correct if correct is not None else [False] * n, dtype=torch.bool),
+                   torch.as_tensor(group, dtype=torch.long),
+                   torch.as_tensor(truncated if truncated is not None else [False] * n, dtype=torch.bool),
+                   list(texts) if texts is not None else [""] * n, temperature)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int):

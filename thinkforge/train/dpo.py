@@ -21,7 +21,7 @@ from thinkforge.data.packing import Example, collate_padded, tokenize
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
-from thinkforge.losses import dpo_loss, sequence_logprobs
+from thinkforge.losses import dpo_loss, normaliser, sequence_logprobs
 from thinkforge.monitor import progress_bar
 from thinkforge.train import loop
 
@@ -106,20 +106,24 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start)
     device = str(model.device)
+    checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
     bar = progress_bar(n_steps, "dpo", "step", progress, start)
     for step in range(start, n_steps):
         t0 = time.time()
         idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)
         totals: dict[str, float] = {}
+        norm = normaliser(torch.ones(len(idx), 1), "sequence")  # a pair is a row: the step's mean over its pairs
         for i in range(0, len(idx), cfg.batch_size):
             mb = idx[i : i + cfg.batch_size]
             with loop.autocast(device, cfg.mixed_precision):
                 chosen, rejected = pair_logprobs(model, [pairs[j] for j in mb], tok.pad_token_id)
             r = ref[mb].to(chosen.device)
-            loss, parts = dpo_loss(chosen.float(), rejected.float(), r[:, 0], r[:, 1], cfg.beta, cfg.loss)
-            share = len(mb) / len(idx)  # micro-batches x accumulation == one batch of len(idx) pairs
-            (loss * share).backward()
-            for k, v in {"loss": loss.item(), **parts}.items():
+            losses, parts = dpo_loss(chosen.float(), rejected.float(), r[:, 0], r[:, 1], cfg.beta, cfg.loss)  # (b,)
+            loss = norm(losses.unsqueeze(-1), torch.ones_like(losses).unsqueeze(-1))
+            loss.backward()
+            share = len(mb) / len(idx)  # the statistics are pair means: weight each micro-batch by its pairs
+            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v * share
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
         grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
@@ -128,8 +132,6 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
                                "step_seconds": seconds})
         bar.update(1)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['preference_accuracy']:.2f}", refresh=False)
-        done = step + 1
-        if loop.end_of_step(run_dir, done, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
-                            model, tok, optimizer, "dpo"):
+        if checkpoints.end_of_step(step + 1, model, tok, optimizer):
             return loop.finish(bar, metrics)
     return loop.finish(bar, metrics, model, tok, run_dir / "final")

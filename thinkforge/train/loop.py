@@ -15,6 +15,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -149,44 +150,52 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer, state: dict, keep: int = 2,
-                    extras: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write run_dir/step-N atomically (temporary folder, then rename); keep the newest `keep`.
+@dataclass(frozen=True)
+class Checkpoints:
+    """When and where a stage checkpoints: every `save_every` steps (0 = only at the end), at the end, and at
+    a planned stop (`stop_after`: the run is interrupted as a kill would be, and a rerun continues)."""
 
-    extras: more tensors to keep with the checkpoint (e.g. PPO's value head), read back by `load_extras`.
-    """
-    from safetensors.torch import save_file
+    run_dir: Path
+    stage: str
+    total: int
+    save_every: int = 0
+    keep: int = 2
+    stop_after: int | None = None
 
-    from thinkforge import models
+    def end_of_step(self, done: int, model, tokenizer, optimizer, extras: dict[str, torch.Tensor] | None = None) -> bool:
+        """Checkpoint when due; True means stop now (stop_after reached before the end)."""
+        stop = self.stop_after is not None and self.stop_after <= done < self.total
+        if (self.save_every and done % self.save_every == 0) or done == self.total or stop:
+            self.save(done, (model, tokenizer), optimizer, extras)
+        return stop
 
-    run_dir = Path(run_dir)
-    final = run_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
-    tmp = run_dir / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    models.save(model, tokenizer, tmp / "model")
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    if extras:
-        save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / "extras.safetensors"))
-    write_json(tmp / "trainer_state.json", {"step": step, **state, "optimizer": opt_meta, "rng": rng_meta})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    def save(self, step: int, model_and_tokenizer, optimizer, extras: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write run_dir/step-N atomically (temporary folder, then rename); keep the newest `keep`.
 
+        extras: more tensors to keep with the checkpoint (PPO's value head), read back by `load_extras`.
+        """
+        from safetensors.torch import save_file
 
-def end_of_step(run_dir, done: int, total: int, save_every: int, keep: int, stop_after: int | None,
-                model, tokenizer, optimizer, stage: str, extras: dict[str, torch.Tensor] | None = None) -> bool:
-    """Checkpoint when due (every save_every steps, at the end, or at a planned stop); True means stop now
-    (stop_after reached before the end: the run is interrupted as a kill would, and a rerun continues)."""
-    stop = stop_after is not None and stop_after <= done < total
-    if (save_every and done % save_every == 0) or done == total or stop:
-        save_checkpoint(run_dir, done, model, tokenizer, optimizer, {"stage": stage, "steps": total}, keep, extras)
-    return stop
+        from thinkforge import models
+
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
+        tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        models.save(*model_and_tokenizer, tmp / "model")
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        if extras:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / "extras.safetensors"))
+        write_json(tmp / "trainer_state.json", {"step": step, "stage": self.stage, "steps": self.total,
+                                                "optimizer": opt_meta, "rng": rng_meta})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.run_dir)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
 
 
 def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None) -> Path | None:

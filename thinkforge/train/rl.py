@@ -1,12 +1,15 @@
-"""Stage 4: RL with verifiable reward, GRPO or PPO (SPEC 4), with the Phi-4 stability recipe.
+"""Stage 4: RL with verifiable reward (SPEC 4): the GRPO family or PPO, with the Phi-4 stability recipe.
 
-Each step reads as the algorithm:
-    rollouts = sample(prompts, G each, annealed temperature)      -> Rollout (typed, shapes documented)
-    rewards  = score(completions, references)                      +1/-1 or the weighted Infused Phi-2 set
-    keep     = filter groups (zero variance, easy, all wrong, uniform length), refill (dynamic sampling)
-    adv      = group_advantages(rewards) | GAE over a value head (PPO)
-    loss     = policy_loss(logp, old_logp, adv, ref_logp, beta, clip_low/high, aggregation)
-    update -> log (rewards per function, accuracy, lengths, KL, clip fraction, entropy, truncation) -> aha
+Each step of `main` reads as the algorithm:
+    batch = collect(...)          sample G completions per prompt at the annealed temperature, score them
+                                  (+1/-1, or the weighted Infused Phi-2 set), filter groups (zero variance,
+                                  easy, all wrong, uniform length) and refill (dynamic sampling) -> Rollout
+    batch.ref_logp                the reference's log-probs (LoRA: the adapter disabled) when beta > 0
+    baseline.targets(batch)       advantages: ADVANTAGES[rl.advantage] over each group (GRPO, Dr. GRPO, RLOO,
+                                  REINFORCE++), or GAE over PPO's value head (ppo.py)
+    norm = normaliser(...)        the step's one loss normaliser (token / sequence / constant)
+    backward(...)                 -norm(POLICY_LOSSES[rl.policy_loss] - beta KL) per micro-batch
+    update -> sync the rollout backend -> log -> aha moments -> checkpoint
 
 No forward pass is done twice: with mu = 1 the old log-probs are the detached training log-probs; the
 reference log-probs come from one no-grad pass (with LoRA: the adapter disabled, no second model).
@@ -14,33 +17,31 @@ reference log-probs come from one no-grad pass (with LoRA: the adapter disabled,
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from thinkforge import models
+from thinkforge import models, rollout
 from thinkforge.config import Recipe, RLConfig
 from thinkforge.data.sources import Problem, training_problems
+from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.grading import grade
-from thinkforge.losses import (
-    IGNORE,
-    entropy,
-    gae,
-    group_advantages,
-    overlong_penalty,
-    policy_loss,
-    token_logprobs,
-    value_loss,
-)
+from thinkforge.losses import ADVANTAGES, entropy, normaliser, overlong_penalty, policy_loss
 from thinkforge.monitor import AhaDetector, progress_bar, sample_stats
 from thinkforge.rewards import WeightedRewards
-from thinkforge.rollout.hf import HFGenerator
-from thinkforge.rollout.types import Generator, Rollout, SamplingParams, pad_id
-from thinkforge.train import loop
+from thinkforge.rollout.types import Completion, Generator, Rollout, SamplingParams, is_out_of_memory, pad_id
+from thinkforge.train import loop, ppo
+from thinkforge.train.forward import forward_logp, logp_no_grad
+
+MAX_EMPTY_STEPS = 3  # consecutive steps that keep no group before the run stops with the reasons
 
 
 def temperature_at(step: int, cfg: RLConfig) -> float:
@@ -50,32 +51,37 @@ def temperature_at(step: int, cfg: RLConfig) -> float:
     return cfg.temperature_start + (cfg.temperature - cfg.temperature_start) * step / cfg.anneal_steps
 
 
-# ---------------------------------------------------------------- sampling and scoring
+# ---------------------------------------------------------------- sample, score, filter
 
 
-def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams, stats: dict) -> list:
-    """n completions per prompt; on out-of-memory the batch is halved and retried, a prompt that still fails
-    is skipped and counted (never a crash). Returns per prompt a list of completions or None."""
+@dataclasses.dataclass
+class Task:
+    """What the policy is asked and how it is scored. rewards None: the verifiable +1/-1."""
+
+    problems: list[Problem]
+    prompt_fn: Callable[[str], str]
+    tokenizer: Any
+    rewards: WeightedRewards | None = None
+
+
+def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams,
+                    stats: dict) -> list[list[Completion] | None]:
+    """n completions per prompt (None for a prompt whose chunk ran out of memory even after the backend
+    halved its batch: skipped and counted). Any other error is a bug and propagates."""
     out: list = [None] * len(prompts)
     i = 0
     while i < len(prompts):
-        per_call = max(1, generator.batch_size // n)
-        chunk = prompts[i : i + per_call]
+        chunk = prompts[i : i + max(1, generator.batch_size // n)]
         try:
-            comps = generator.generate(chunk, n, SamplingParams(**{**params.__dict__, "seed": params.seed + i}))
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-            if generator.batch_size > n:
-                generator.batch_size //= 2
-                stats["generation_retries"] = stats.get("generation_retries", 0) + 1
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            stats["generation_failures"] = stats.get("generation_failures", 0) + 1
+            comps = generator.generate(chunk, n, dataclasses.replace(params, seed=params.seed + i))
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            stats["generation_failures"] = stats.get("generation_failures", 0) + len(chunk)
             stats["last_generation_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            i += len(chunk)
-            continue
-        for j in range(len(chunk)):
-            out[i + j] = [c for c in comps if c.prompt_index == j]
+        else:
+            for j in range(len(chunk)):
+                out[i + j] = [c for c in comps if c.prompt_index == j]
         i += len(chunk)
     return out
 
@@ -108,29 +114,28 @@ def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cf
     return None
 
 
-def collect(step: int, problems: list[Problem], generator: Generator, tok, recipe: Recipe, rewards, prompt_fn) -> tuple[Rollout, dict]:
-    """Sample, score and filter until prompts_per_step groups are kept (or refills run out)."""
-    cfg = recipe.rl
-    g = cfg.group_size
+def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: int) -> tuple[Rollout | None, dict]:
+    """Sample, score and filter until prompts_per_step groups are kept (or refills run out). None: no group
+    was kept; the stats say why."""
+    g, tok = cfg.group_size, task.tokenizer
     temperature = temperature_at(step, cfg)
-    params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, recipe.seed * 1_000_003 + step * 1000)
-    rng = random.Random(f"{recipe.seed}-{step}")  # prompt draws are a pure function of the step: exact resume
-    stats: dict = {"temperature": temperature, "dropped": {}, "groups_seen": 0, "zero_variance_groups": 0}
+    params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed * 1_000_003 + step * 1000)
+    rng = random.Random(f"{seed}-{step}")  # prompt draws are a pure function of the step: exact resume
+    stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0}
     kept: list[tuple[Problem, list, list[float], list[dict], list[bool]]] = []
     for round_ in range(cfg.max_refills + 1):
         need = cfg.prompts_per_step - len(kept)
         if need <= 0:
             break
-        draw = [problems[rng.randrange(len(problems))] for _ in range(math.ceil(need * cfg.oversample))]
-        groups = generate_groups(generator, [prompt_fn(p.question) for p in draw], g,
-                                 SamplingParams(**{**params.__dict__, "seed": params.seed + 100 * round_}), stats)
+        draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * cfg.oversample))]
+        groups = generate_groups(generator, [task.prompt_fn(p.question) for p in draw], g,
+                                 dataclasses.replace(params, seed=params.seed + 100 * round_), stats)
         for p, comps in zip(draw, groups, strict=True):
             if comps is None:
                 continue
             stats["groups_seen"] += 1
-            scored = [score(c.text, c.finish_reason, p, cfg, rewards) for c in comps]
-            r = [s[0] for s in scored]
-            corr = [s[2] for s in scored]
+            scored = [score(c.text, c.finish_reason, p, cfg, task.rewards) for c in comps]
+            r, corr = [s[0] for s in scored], [s[2] for s in scored]
             if max(r) - min(r) < 1e-9:
                 stats["zero_variance_groups"] += 1
             reason = keep_group(r, corr, [len(c.token_ids) for c in comps], cfg)
@@ -143,39 +148,36 @@ def collect(step: int, problems: list[Problem], generator: Generator, tok, recip
     if not kept:
         return None, stats
 
-    prompts, completions, rewards_t, correct, group, texts, finish, parts = [], [], [], [], [], [], [], []
+    prompts, completions, rewards, correct, group, texts, truncated, parts = [], [], [], [], [], [], [], []
     for gi, (p, comps, r, pr, corr) in enumerate(kept):
-        prompts.append(tok(prompt_fn(p.question), add_special_tokens=False).input_ids)
+        prompts.append(tok(task.prompt_fn(p.question), add_special_tokens=False).input_ids)
         for c, ri, pi, ci in zip(comps, r, pr, corr, strict=True):
             if not c.token_ids and c.text:
                 raise RuntimeError("the rollout backend returned text without token ids: the RL loss needs the "
                                    "sampled ids (re-tokenised text can differ from what was sampled)")
             completions.append(list(c.token_ids) or [tok.eos_token_id])
-            rewards_t.append(ri)
+            rewards.append(ri)
             parts.append(pi)
             correct.append(ci)
             group.append(gi)
             texts.append(c.text)
-            finish.append(c.finish_reason)
+            truncated.append(c.finish_reason == "length")
     lengths = torch.tensor([len(c) for c in completions])
-    r = torch.tensor(rewards_t)
+    r = torch.tensor(rewards)
     if cfg.overlong_cache:
         r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
-    rollout = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, [f == "length" for f in finish], texts, g)
+    batch = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, truncated, texts, temperature)
     stats.update(sample_stats(texts))
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()
-    return rollout, stats
+    return batch, stats
 
 
-# ---------------------------------------------------------------- the update
-
-
-def completion_mask(rollout: Rollout, cfg: RLConfig) -> torch.Tensor:
-    """(N, C) mask of the completion tokens that carry loss."""
-    mask = rollout.completion_mask.float()
+def loss_mask(batch: Rollout, cfg: RLConfig) -> torch.Tensor:
+    """(N, C) the completion tokens that carry loss: a truncated sample carries none under truncation=mask."""
+    mask = batch.completion_mask.float()
     if cfg.truncation == "mask":
-        mask = mask * (~rollout.truncated).float().unsqueeze(-1)
+        mask = mask * (~batch.truncated).float().unsqueeze(-1)
     return mask
 
 
@@ -189,103 +191,105 @@ def balance_mask(adv: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return keep
 
 
-def forward_logp(model, rollout: Rollout, rows: slice, temperature: float, value_head=None, share_prompt: bool | None = None,
-                 value_trunk: bool = True):
-    """Log-probs of the completion tokens (n, C) under the sampling temperature (PITFALLS 5), the logits that
-    predict them (n, C, V), and the values before each of them (n, C) for PPO.
-
-    A group's prompt is run once: its KV cache is repeated for the group's completions, which run on top of
-    it (gradients flow into the prompt pass through the cache). Under gradient checkpointing, which drops the
-    cache in training, each row runs prompt + completion in one pass instead; the numbers are the same.
-    """
-    dev = model.device
-    comp = rollout.completion_ids[rows].to(dev)
-    c_mask = rollout.completion_mask[rows].to(dev)
-    needed, row_prompt = torch.unique(rollout.group[rows], return_inverse=True)  # the prompts these rows continue
-    p_ids, p_mask = rollout.prompt_ids[needed].to(dev), rollout.prompt_mask[needed].to(dev)
-    row_prompt = row_prompt.to(dev)
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = value_head is not None
-    if share_prompt is None:
-        share_prompt = not (model.training and any(getattr(x, "gradient_checkpointing", False) is True for x in model.modules()))
-    if share_prompt:
-        from transformers import DynamicCache
-
-        first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=DynamicCache(config=model.config),
-                      use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
-        cache = first.past_key_values
-        cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
-        c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
-        out = model(input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1), position_ids=c_pos,
-                    past_key_values=cache, use_cache=True, output_hidden_states=hidden)
-        logits = torch.cat([first.logits[row_prompt, -1:], out.logits[:, :-1]], 1)
-        states = torch.cat([first.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1][:, :-1]], 1) if hidden else None
-    else:
-        mask = torch.cat([p_mask[row_prompt], c_mask], -1)
-        out = model(input_ids=torch.cat([p_ids[row_prompt], comp], -1), attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False, output_hidden_states=hidden)
-        start = p_ids.shape[1] - 1  # the last prompt position predicts the first completion token
-        logits = out.logits[:, start:-1]
-        states = out.hidden_states[-1][:, start:-1] if hidden else None
-    logp, _ = token_logprobs(logits, comp.masked_fill(c_mask == 0, IGNORE), temperature)
-    if hidden and not value_trunk:
-        states = states.detach()  # the value loss trains the head only
-    values = value_head(states.float()).squeeze(-1) if hidden else None  # (n, C)
-    return logp, logits, values
+# ---------------------------------------------------------------- advantages and the update
 
 
-@torch.no_grad()
-def no_grad_logp(model, rollout: Rollout, micro: int, temperature: float, disable_adapter: bool = False) -> torch.Tensor:
-    outs = []
-    was = model.training
-    model.eval()
-    ctx = model.disable_adapter() if disable_adapter else torch.autocast("cpu", enabled=False)
-    with ctx:
-        for i in range(0, len(rollout.texts), micro):
-            outs.append(forward_logp(model, rollout, slice(i, i + micro), temperature)[0].float().cpu())
-    model.train(was)
-    return torch.cat(outs)
+@dataclasses.dataclass
+class GroupBaseline:
+    """The GRPO family's baseline: each group's own rewards (no critic). It plugs into `main` where PPO's
+    ppo.Critic does, with the same methods, so the step has no per-algorithm branch."""
+
+    estimator: str = "grpo"
+    head: ClassVar[None] = None
+    kl_in_reward: ClassVar[bool] = False
+
+    def targets(self, model, batch: Rollout, micro: int) -> None:
+        batch.advantages = ADVANTAGES[self.estimator](batch.rewards, batch.group_size)  # (N,)
+
+    def loss(self, values, batch: Rollout, rows: slice, norm) -> None:
+        return None
+
+    def attach(self, optimizer, lr: float, lr_scale: float) -> None:
+        pass
+
+    def clipped_with_policy(self) -> list:
+        return []
+
+    def clip_grad(self, clip: float) -> dict[str, float]:
+        return {}
+
+    def state(self) -> None:
+        return None
+
+
+def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline) -> dict[str, float]:
+    """One backward pass over the batch, micro-batch by micro-batch. Each divides by the step's normaliser,
+    so their gradients add up to the full batch's. Returns the step's loss statistics."""
+    totals: dict[str, float] = {}
+    tokens = float(batch.loss_mask.sum())
+    beta = 0.0 if baseline.kl_in_reward else cfg.beta
+    for i in range(0, len(batch.texts), cfg.micro_batch):
+        rows = slice(i, i + cfg.micro_batch)
+        mask = batch.loss_mask[rows].to(model.device)
+        if mask.sum() == 0:
+            continue
+        with loop.autocast(str(model.device), cfg.mixed_precision):
+            logp, logits, values = forward_logp(model, batch, rows, baseline.head)
+        old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
+        ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
+        loss, parts = policy_loss(logp, old, batch.advantages[rows].to(logp.device), mask, norm, cfg.policy_loss,
+                                  (cfg.clip_low, cfg.clip_high), ref, beta)
+        value = baseline.loss(values, batch, rows, norm)  # PPO: this micro-batch's share of the value loss
+        if value is not None:
+            loss = loss + baseline.vf_coef * value
+            parts["value_loss"] = value.item()
+        loss.backward()
+        # loss, pg_loss and value_loss are shares of the step's and add up; the rest are token means, weighted.
+        w = float(mask.sum()) / tokens
+        totals["loss"] = totals.get("loss", 0.0) + loss.item()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + (v if k in ("pg_loss", "value_loss") else v * w)
+        if "entropy" not in totals:  # of the first micro-batch: a (n, C, V) softmax per micro-batch costs
+            with torch.no_grad():
+                totals["entropy"] = entropy(logits, mask).item()
+    return totals
+
+
+def reference_logp(model, reference, batch: Rollout, micro: int) -> torch.Tensor:
+    """(N, C) the reference's log-probs: the LoRA base with the adapter disabled (reference None), else the
+    frozen starting model."""
+    if reference is None:
+        return logp_no_grad(model, batch, micro, disable_adapter=True)
+    return logp_no_grad(reference, batch, micro)
 
 
 def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after: int | None = None,
          make_generator=None) -> Path | None:
     """Run the RL stage into run_dir (resuming from its last checkpoint). `make_generator(model, tokenizer,
-    batch_size)` returns the rollout backend (`rollout.types.Generator`); default: in-process HF generation."""
-
+    batch_size)` returns the rollout backend (`rollout.types.Generator`); default: `rollout.make_generator`."""
     cfg: RLConfig = recipe.rl
     run_dir = Path(run_dir)
     m = recipe.model
     loop.seed_everything(recipe.seed)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     lora = models.is_adapter(model)
-    # The reference: with LoRA the adapter disabled (no second model); otherwise a frozen copy of the start.
-    ref_model = None
+    reference = None  # with LoRA: the adapter disabled (no second model); otherwise a frozen copy of the start
     if cfg.beta > 0 and not lora:
-        ref_model, _ = models.load(m.name_or_path, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code)
-        ref_model.eval().requires_grad_(False)
-    value_head = None
-    if cfg.algo == "ppo":
-        hidden = model.get_input_embeddings().weight.shape[1]
-        value_head = torch.nn.Linear(hidden, 1).to(model.device)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
-        if ckpt:
-            extras = loop.load_extras(ckpt)
-            value_head.load_state_dict({"weight": extras["value_head.weight"], "bias": extras["value_head.bias"]})
+        reference, _ = models.load(m.name_or_path, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code)
+        reference.eval().requires_grad_(False)
+    extras = loop.load_extras(ckpt) if ckpt else None
+    baseline = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else GroupBaseline(cfg.advantage)
     model.train()
 
     problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns,
                                  stream="rl" if cfg.fresh_prompts else "")
-    rewards = WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None
-    generator = (make_generator or HFGenerator)(model, tok, cfg.gen_batch)
-    prompt_fn = prompt_renderer(m, tok)
+    task = Task(problems, prompt_renderer(m, tok), tok,
+                WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
+    generator = (make_generator or rollout.make_generator)(model, tok, cfg.gen_batch)
 
-    # Clipped together: the policy's parameters, and the value head's when its loss also trains the model.
-    clipped = list(model.parameters()) + (list(value_head.parameters()) if value_head is not None and cfg.value_trunk else [])
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if value_head is not None:
-        optimizer.add_param_group({"params": list(value_head.parameters()), "weight_decay": 0.0,
-                                   "lr": cfg.lr * cfg.value_lr_scale, "lr_scale": cfg.value_lr_scale})
+    baseline.attach(optimizer, cfg.lr, cfg.value_lr_scale)
+    clipped = list(model.parameters()) + baseline.clipped_with_policy()
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start)
     if start == 0:
@@ -295,153 +299,72 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
     warmup = int(cfg.warmup_ratio * cfg.steps)
+    checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
     bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress, start)
+    empty = 0
     for step in range(start, cfg.steps):
         t0 = time.time()
-        rollout, stats = collect(step, problems, generator, tok, recipe, rewards, prompt_fn)
+        batch, stats = collect(step, task, generator, cfg, recipe.seed)  # sample -> score -> filter
         gen_seconds = time.time() - t0
-        if rollout is None:
+        if batch is None:
+            empty += 1
             metrics.log(step + 1, {"event": "empty_batch", **_flat(stats)})
+            if empty >= MAX_EMPTY_STEPS:
+                raise UserError(f"rl: {empty} steps in a row kept no group ({_why_empty(stats)}); loosen rl.drop_easy, "
+                                "rl.drop_all_wrong, rl.dynamic_sampling or rl.uniform_length, or lower rl.gen_batch")
             bar.update(1)
             continue
-        temperature = stats["temperature"]
-        mask = completion_mask(rollout, cfg)  # (N, L)
-        adv_seq = group_advantages(rollout.rewards, cfg.group_size, cfg.scale_advantages)  # (N,)
-        if cfg.balance:
-            mask = mask * balance_mask(adv_seq, random.Random(f"{recipe.seed}-balance-{step}")).unsqueeze(-1)
-        ref_logp = None
+        empty = 0
+        batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
         if cfg.beta > 0:
-            ref_logp = (no_grad_logp(model, rollout, cfg.micro_batch, temperature, disable_adapter=True) if lora
-                        else no_grad_logp(ref_model, rollout, cfg.micro_batch, temperature))
-        old_logp = no_grad_logp(model, rollout, cfg.micro_batch, temperature) if cfg.mu > 1 else None
-        adv_tok = old_values = returns = None
-        if cfg.algo == "ppo":
-            adv_tok, returns, old_values = ppo_targets(model, value_head, rollout, mask, cfg, temperature, ref_logp)
+            batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
+        if cfg.mu > 1:
+            batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
+        baseline.targets(model, batch, cfg.micro_batch)  # advantages
+        if cfg.balance:
+            keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
+            batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
+        norm = normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens)
 
         totals: dict[str, float] = {}
         for _ in range(cfg.mu):
-            parts = accumulate_gradients(model, rollout, mask, adv_seq, cfg, temperature, old_logp, ref_logp,
-                                         value_head, adv_tok, old_values, returns)
+            parts = backward(model, batch, norm, cfg, baseline)
+            parts.update(baseline.clip_grad(cfg.clip))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
-            if value_head is not None and not cfg.value_trunk:  # the head's own clip: its gradient does not scale the policy's
-                norm = torch.nn.utils.clip_grad_norm_(value_head.parameters(), cfg.clip).item()
-                totals["value_grad_norm"] = totals.get("value_grad_norm", 0.0) + norm / cfg.mu
             grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
         generator.load_weights(model)  # a server backend pushes the new weights before the next rollouts
 
-        n_kept = int((mask.sum(-1) > 0).sum())
-        truncated = rollout.truncated.float().mean().item()
-        group_r = rollout.rewards.view(-1, cfg.group_size)
-        row = {
-            "reward": rollout.rewards.mean().item(), "accuracy": rollout.correct.float().mean().item(),
-            **{f"reward_{k}": v for k, v in stats["reward_parts"].items()},
-            "response_tokens": stats["response_tokens"], "think_words": stats["think_words"],
-            "verify_phrases": stats["verify_phrases"], "format_rate": stats["format_rate"],
-            "reasoning_rate": stats["reasoning_rate"], "truncated_rate": truncated,
-            "zero_variance_share": stats["zero_variance_groups"] / max(1, stats["groups_seen"]),
-            "kept_groups": group_r.shape[0], "kept_samples": n_kept, "temperature": temperature,
-            "lr": lr, "grad_norm": grad_norm, **totals, "gen_seconds": gen_seconds, "step_seconds": time.time() - t0,
-            **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
-            **{k: stats[k] for k in ("generation_retries", "generation_failures") if k in stats},
-        }
+        row = _row(batch, stats, totals) | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
+                                            "step_seconds": time.time() - t0}
         metrics.log(step + 1, row)
-        for event in aha.update(step + 1, row, rollout.texts):
+        for event in aha.update(step + 1, row, batch.texts):
             metrics.log(step + 1, event)
-        if truncated > cfg.truncation_warn:
-            bar.write(f"warning: step {step + 1}: {truncated:.0%} of responses hit max_new_tokens={cfg.max_new_tokens}; "
-                      "rewards are mostly about truncation (raise rl.max_new_tokens)")
+        if row["truncated_rate"] > cfg.truncation_warn:
+            bar.write(f"warning: step {step + 1}: {row['truncated_rate']:.0%} of responses hit max_new_tokens="
+                      f"{cfg.max_new_tokens}; rewards are mostly about truncation (raise rl.max_new_tokens)")
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.3f}", refresh=False)
-        done = step + 1
-        extras = {f"value_head.{k}": v for k, v in value_head.state_dict().items()} if value_head is not None else None
-        if loop.end_of_step(run_dir, done, cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
-                            model, tok, optimizer, "rl", extras):
+        if checkpoints.end_of_step(step + 1, model, tok, optimizer, baseline.state()):
             return loop.finish(bar, metrics)
     return loop.finish(bar, metrics, model, tok, run_dir / "final")
 
 
-def accumulate_gradients(model, rollout: Rollout, mask: torch.Tensor, adv_seq: torch.Tensor, cfg: RLConfig,
-                         temperature: float, old_logp=None, ref_logp=None, value_head=None, adv_tok=None,
-                         old_values=None, returns=None) -> dict[str, float]:
-    """One pass of backward over the rollout in micro-batches; the gradient equals one full-batch pass.
-
-    Normalisation is decided once: per-sample means for "sequence" (scaled by the micro-batch's share of
-    kept samples), and a single constant for "token" (all masked tokens of the batch) and "constant"
-    (Dr. GRPO: kept samples x max new tokens). Returns the step's loss statistics.
-    """
-    n = len(rollout.texts)
-    device = str(model.device)
-    n_kept = int((mask.sum(-1) > 0).sum().item())
-    total_tokens = float(mask.sum())
-    constant = {"sequence": None, "token": total_tokens, "constant": float(max(1, n_kept) * cfg.max_new_tokens)}[cfg.loss_agg]
-    totals: dict[str, float] = {}
-    for i in range(0, n, cfg.micro_batch):
-        rows = slice(i, i + cfg.micro_batch)
-        mb_mask = mask[rows].to(model.device)
-        if mb_mask.sum() == 0:
-            continue
-        with loop.autocast(device, cfg.mixed_precision):
-            logp, logits, values = forward_logp(model, rollout, rows, temperature, value_head, value_trunk=cfg.value_trunk)
-        old = old_logp[rows].to(logp.device) if old_logp is not None else logp.detach()
-        ref = ref_logp[rows].to(logp.device) if ref_logp is not None else None
-        if cfg.algo == "ppo":  # per-token advantages; the KL is in the PPO reward, not the loss
-            adv, agg, kl_beta, c = adv_tok[rows].to(logp.device), "constant", 0.0, total_tokens
-            share = 1.0
-        elif cfg.loss_agg == "sequence":
-            adv, agg, kl_beta, c = adv_seq[rows].to(logp.device), "sequence", cfg.beta, None
-            share = float((mb_mask.sum(-1) > 0).sum()) / max(1, n_kept)
-        else:
-            adv, agg, kl_beta, c = adv_seq[rows].to(logp.device), "constant", cfg.beta, constant
-            share = 1.0
-        loss, parts = policy_loss(logp, old, adv, mb_mask, cfg.clip_low, cfg.clip_high, ref, kl_beta, agg, c)
-        loss = loss * share
-        if cfg.algo == "ppo":
-            vl = value_loss(values, old_values[rows].to(values.device), returns[rows].to(values.device), mb_mask, cfg.value_clip)
-            loss = loss + cfg.vf_coef * vl * float(mb_mask.sum()) / total_tokens
-            parts["value_loss"] = vl.item()
-        loss.backward()
-        # Scaled micro-batch losses add up to the full batch's; per-token statistics are token-weighted.
-        w = float(mb_mask.sum()) / total_tokens
-        totals["loss"] = totals.get("loss", 0.0) + loss.item()
-        totals["pg_loss"] = totals.get("pg_loss", 0.0) + parts.pop("pg_loss") * share
-        for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + v * w
-        if "entropy" not in totals:
-            with torch.no_grad():
-                totals["entropy"] = entropy(logits, mb_mask).item()
-    return totals
-
-
-@torch.no_grad()
-def ppo_targets(model, value_head, rollout: Rollout, mask, cfg: RLConfig, temperature: float, ref_logp):
-    """Per-token advantages (whitened over the batch), returns and old values for PPO.
-
-    Per-token reward: the sequence reward on its last completion token, minus beta * KL_k3 per token when a
-    reference is used (the classic RLHF shaping; the policy loss then carries no KL term).
-    """
-    was = model.training
-    model.eval()
-    values, logps = [], []
-    for i in range(0, len(rollout.texts), cfg.micro_batch):
-        lp, _, v = forward_logp(model, rollout, slice(i, i + cfg.micro_batch), temperature, value_head)
-        values.append(v.float().cpu())
-        logps.append(lp.float().cpu())
-    model.train(was)
-    values = torch.cat(values) * mask  # (N, L)
-    token_rewards = torch.zeros_like(mask)
-    last = (mask * torch.arange(mask.shape[1])).argmax(-1)  # index of the last completion token
-    token_rewards[torch.arange(len(last)), last] = rollout.rewards.float() * (mask.sum(-1) > 0).float()
-    if ref_logp is not None and cfg.beta > 0:
-        from thinkforge.losses import kl_k3
-
-        token_rewards = token_rewards - cfg.beta * kl_k3(torch.cat(logps), ref_logp) * mask
-    adv, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
-    n = mask.sum().clamp(min=1)
-    mean = (adv * mask).sum() / n
-    std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
-    return (adv - mean) / (std + 1e-8) * mask, returns, values
+def _row(batch: Rollout, stats: dict, totals: dict) -> dict:
+    """The step's metrics: rewards per function, accuracy, lengths, format, truncation, filters, losses."""
+    return {
+        "reward": batch.rewards.mean().item(), "accuracy": batch.correct.float().mean().item(),
+        **{f"reward_{k}": v for k, v in stats["reward_parts"].items()},
+        "response_tokens": stats["response_tokens"], "think_words": stats["think_words"],
+        "verify_phrases": stats["verify_phrases"], "format_rate": stats["format_rate"],
+        "reasoning_rate": stats["reasoning_rate"], "truncated_rate": batch.truncated.float().mean().item(),
+        "zero_variance_share": stats["zero_variance_groups"] / max(1, stats["groups_seen"]),
+        "kept_groups": batch.prompt_ids.shape[0], "kept_samples": int((batch.loss_mask.sum(-1) > 0).sum()),
+        "temperature": batch.temperature, **totals,
+        **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
+        **{k: stats[k] for k in ("generation_failures",) if k in stats},
+    }
 
 
 def _flat(stats: dict) -> dict:
@@ -450,14 +373,16 @@ def _flat(stats: dict) -> dict:
     return out
 
 
-def _past_rows(run_dir: Path, upto: int) -> list[dict]:
-    import json
+def _why_empty(stats: dict) -> str:
+    why = [f"{stats['groups_seen']} groups sampled"] + [f"{n} dropped as {k}" for k, n in stats["dropped"].items()]
+    if stats.get("generation_failures"):
+        why.append(f"{stats['generation_failures']} prompts out of memory ({stats['last_generation_error']})")
+    return ", ".join(why)
 
+
+def _past_rows(run_dir: Path, upto: int) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists() or upto == 0:
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     return [r for r in rows if "think_words" in r and r.get("event") is None and r["step"] <= upto]
-
-
-

@@ -19,7 +19,7 @@ from thinkforge.data.packing import Example, collate_packed, collate_padded, pac
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
-from thinkforge.losses import IGNORE, sft_loss
+from thinkforge.losses import Normaliser, label_mask, normaliser, sft_loss
 from thinkforge.monitor import progress_bar
 from thinkforge.train import loop
 
@@ -45,10 +45,15 @@ def collate(rows: list, cfg: SFTConfig, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
-def forward_loss(model, batch: dict, n_tokens: float) -> torch.Tensor:
+def step_normaliser(batches: list[dict]) -> Normaliser:
+    """The step's loss normaliser: its completion tokens over every micro-batch (SPEC 4's N)."""
+    return sum(normaliser(label_mask(b["labels"]), "token") for b in batches)
+
+
+def forward_loss(model, batch: dict, norm: Normaliser) -> torch.Tensor:
     inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    return sft_loss(logits, batch["labels"].to(model.device), n_tokens)
+    return sft_loss(logits, batch["labels"].to(model.device), norm)
 
 
 def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
@@ -86,17 +91,18 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         "tokens": n_tok, "packing": cfg.packing})
 
     device = str(model.device)
+    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
     bar = progress_bar(n_steps, stage, "step", progress, start)
     for step in range(start, n_steps):
         t0 = time.time()
         idx = loop.step_indices(len(rows), per_step, recipe.seed, step)
         micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
         batches = [collate([rows[i] for i in mb], cfg, tok.pad_token_id) for mb in micro]
-        n_tokens = float(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
+        norm = step_normaliser(batches)
         loss_sum = 0.0
         for batch in batches:
             with loop.autocast(device, cfg.mixed_precision):
-                loss = forward_loss(model, batch, n_tokens)
+                loss = forward_loss(model, batch, norm)
             loss.backward()
             loss_sum += loss.item()
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
@@ -106,12 +112,10 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         n_in = sum(int(b["input_ids"].numel()) for b in batches)
         nonpad = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in batches)
         metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
-                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(n_tokens),
+                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(norm.denominator),
                                "tokens": nonpad, "step_seconds": seconds})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
-        done = step + 1
-        if loop.end_of_step(run_dir, done, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after,
-                            model, tok, optimizer, stage):
+        if checkpoints.end_of_step(step + 1, model, tok, optimizer):
             return loop.finish(bar, metrics)
     return loop.finish(bar, metrics, model, tok, final_dir)
