@@ -64,6 +64,22 @@ CASES = [
     (f"{T}<answer>41</answer><answer>42</answer>", "42", "math", False, "two answer tags"),
     (a("\\text{correct}"), "42", "math", False, "claims correctness"),
     (a("42"), "B", "mcq", False, "number for a letter"),
+    # -- digit-free expressions against a number: the verifier decides, prose does not reach it
+    (a("\\cos(\\pi)"), "-1", "math", True, "digit-free cosine equal to a negative number"),
+    (a("\\ln(e)"), "1", "math", True, "digit-free logarithm"),
+    (a("\\frac{\\pi}{\\pi}"), "1", "math", True, "digit-free fraction"),
+    (a("\\sin(\\pi)"), "0", "math", True, "digit-free sine equal to zero"),
+    (a("\\pi"), "3", "math", False, "pi is not 3"),
+    (a("x"), "5", "math", False, "a bare variable"),
+    (a("cannot be determined"), "7", "math", False, "prose for a number"),
+    # -- option letters in another case
+    (a("(b)"), "B", "mcq", True, "lower-case letter in parentheses"),
+    (a("c"), "C", "mcq", True, "lower-case letter alone"),
+    (a("option d."), "D", "mcq", True, "lower-case letter after 'option'"),
+    (a("B"), "b", "mcq", True, "lower-case reference"),
+    (a("a blue sphere"), "B", "mcq", True, "lower-case option text, not option a"),
+    (a("(b) or (c)"), "B", "mcq", False, "two lower-case options"),
+    (a("the answer is d"), "C", "mcq", False, "wrong lower-case letter"),
     # -- hostile: wrong, fast, no crash
     (a("9^{9^{9^{9}}}"), "1", "math", False, "tower of powers"),
     (a("2^{99999999}"), "1", "math", False, "huge power"),

@@ -132,3 +132,21 @@ def test_pairs_and_dpo_from_the_command_line(tiny_model, tmp_path, capsys):
     code, out, err = run_cli(["dpo", "--data", str(p), "-m", tiny_model, "--out", str(run), "dpo.max_len=256",
                               "dpo.batch_size=2", "dpo.grad_accum=1"], capsys)
     assert code == 0 and (run / "final" / "config.json").is_file(), err
+
+
+@pytest.mark.parametrize("settings", [["rl.policy_loss=gspo", "rl.loss_agg=sequence", "rl.clip_low=3e-4", "rl.clip_high=4e-4"],
+                                      ["rl.policy_loss=cispo", "rl.clip_high=5.0"], ["rl.advantage=rloo"],
+                                      ["rl.advantage=reinforce_pp", "rl.loss_agg=token"]],
+                         ids=["gspo", "cispo", "rloo", "reinforce_pp"])
+def test_each_estimator_and_policy_loss_runs_two_steps_of_rl(tiny_model, tmp_path, capsys, settings):
+    out = tmp_path / "rl"
+    code, stdout, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--steps", "2", "rl.prompts_per_step=2",
+                                 "rl.group_size=3", "rl.max_new_tokens=8", "rl.lr=1e-3", "rl.reward=weighted",
+                                 "rewards.weights={'user_rewards:shorter_is_better': 1.0}", "rl.truncation=none",
+                                 *settings], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"pg_loss"' in x]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    assert (out / "final" / "config.json").is_file()
+    saved = (out / "config.yaml").read_text()
+    assert all(f"{s.split('=')[0].split('.')[1]}: " in saved for s in settings)

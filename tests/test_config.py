@@ -46,3 +46,35 @@ def test_bad_recipe_files(tmp_path):
         load_config(bad)
     with pytest.raises(UserError, match="not key=value"):
         load_config(None, ["generation.temperature"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rl.algo=ppo", "rl.loss_agg=sequence"], "rl.loss_agg='sequence' is a GRPO setting that rl.algo=ppo ignores"),
+    (["rl.algo=ppo", "rl.balance=true"], "rl.balance=True is a GRPO setting that rl.algo=ppo ignores"),
+    (["rl.algo=ppo", "rl.advantage=rloo"], "rl.advantage='rloo' is a GRPO setting"),
+    (["rl.lam=0.9"], "rl.lam=0.9 is a PPO setting that rl.algo=grpo ignores; remove it or set rl.algo=ppo"),
+    (["rl.value_trunk=true"], "rl.value_trunk=True is a PPO setting"),
+])
+def test_a_setting_the_algorithm_would_ignore_is_an_error(overrides, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_what_the_algorithm_does_anyway_is_accepted_and_old_keys_say_their_new_name():
+    assert load_config(None, ["rl.algo=ppo", "rl.loss_agg=token", "rl.lam=0.9"]).rl.lam == 0.9
+    assert load_config(None, ["rl.advantage=reinforce_pp", "rl.policy_loss=cispo"]).rl.policy_loss == "cispo"
+    with pytest.raises(UserError, match="'rl.scale_advantages' was replaced by rl.advantage"):
+        load_config(None, ["rl.scale_advantages=false"])
+
+
+def test_no_function_in_train_takes_more_than_six_parameters():
+    """Components take a few plain arguments (STYLE 6); a long parameter list is a record waiting to exist."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "thinkforge" / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+                assert n <= 6, f"{path.name}:{node.lineno} {node.name} takes {n} parameters"

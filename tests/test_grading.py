@@ -85,11 +85,15 @@ def test_mcq_rejects_several_options():
     assert not mcq_equal(None, "A")
 
 
-def test_an_answer_without_digits_against_a_number_is_wrong_without_the_verifier(monkeypatch):
+def test_prose_against_a_number_is_wrong_without_the_verifier_and_an_expression_goes_to_it(monkeypatch):
+    """A digit-free expression can equal a number (cos(pi) = -1): only prose skips the verifier."""
+    assert math_equal("\\frac{x}{y}", "7") is False  # decided by the verifier
+    assert math_equal("\\cos(\\pi)", "-1") is True
+
     def forbidden(*a, **k):
         raise AssertionError("the verifier was called")
 
     monkeypatch.setattr(grading, "_verifier", forbidden)
     assert math_equal("the apples", "7") is False
-    assert math_equal("\\frac{x}{y}", "7") is False
+    assert math_equal("not enough information", "7") is False
     assert math_equal("7", "7") is True

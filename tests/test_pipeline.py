@@ -35,7 +35,18 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     assert summary["wall_seconds"] > 0 and summary["example_question"]
     for above, s in zip(summary["stages"], summary["stages"][1:], strict=False):  # each stage's gain, paired by problem
         assert s["change"]["change"] == pytest.approx(s["accuracy"] - above["accuracy"], abs=1e-9)
-        assert s["change"]["ci95"][0] <= s["change"]["change"] <= s["change"]["ci95"][1]
+        # the interval from the two stages' samples files by hand: per-problem differences, their standard error
+        shares = []
+        for name in (above["name"], s["name"]):
+            by: dict = {}
+            for r in (json.loads(x) for x in (out / name / "eval" / "synthetic.samples.jsonl").read_text().splitlines()):
+                by.setdefault(r["problem_id"], []).append(r["correct"])
+            shares.append({k: sum(v) / len(v) for k, v in by.items()})
+        d = [shares[1][k] - shares[0][k] for k in shares[0]]
+        mean = sum(d) / len(d)
+        se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5
+        assert s["change"]["ci95"] == pytest.approx([mean - 1.96 * se, mean + 1.96 * se], abs=1e-9)
+        assert (s["change"]["gained"], s["change"]["lost"]) == (sum(x > 0 for x in d), sum(x < 0 for x in d))
     assert "| +RLVR |" in stdout and "| base |" in stdout
     report = (out / "report.md").read_text()
     assert "staircase.png" in report and (out / "staircase.png").is_file() and (out / "rl_curves.png").is_file()

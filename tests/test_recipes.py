@@ -12,9 +12,27 @@ def test_the_three_recipes_exist():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_validates(path):
-    recipe = load_config(path)
-    assert recipe.pipeline.stages
+def test_recipe_validates_and_every_key_it_sets_reaches_the_config(path):
+    """Each value the YAML writes is the value the run uses (none dropped, renamed or shadowed by a default)."""
+    import yaml
+
+    recipe = load_config(path).model_dump()
+    written = yaml.safe_load(path.read_text())
+
+    def leaves(node, prefix=()):
+        for k, v in node.items():
+            if isinstance(v, dict) and k not in ("weights", "columns"):
+                yield from leaves(v, (*prefix, k))
+            else:
+                yield (*prefix, k), v
+
+    found = list(leaves(written))
+    assert len(found) >= 10
+    for keys, value in found:
+        got = recipe
+        for k in keys:
+            got = got[k]
+        assert got == value, ".".join(keys)
 
 
 def test_infused_phi2_recipe_has_the_cards_numbers():

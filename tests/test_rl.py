@@ -8,7 +8,7 @@ from thinkforge.config import load_config
 from thinkforge.errors import UserError
 from thinkforge.losses import grpo_advantages, normaliser, policy_loss
 from thinkforge.rollout.types import Rollout
-from thinkforge.train import ppo, rl
+from thinkforge.train import ppo, rl, sampling
 from thinkforge.train.forward import forward_logp, logp_no_grad
 
 PROMPTS = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam."]
@@ -69,17 +69,17 @@ def test_rollout_logprobs_equal_a_fresh_forward_at_the_sampling_temperature(tiny
 
 def test_temperature_anneals_linearly_then_stays():
     cfg = load_config(None, ["rl.temperature_start=1.0", "rl.temperature=0.6", "rl.anneal_steps=10"]).rl
-    assert [round(rl.temperature_at(s, cfg), 3) for s in (0, 5, 10, 50)] == [1.0, 0.8, 0.6, 0.6]
+    assert [round(sampling.temperature_at(s, cfg), 3) for s in (0, 5, 10, 50)] == [1.0, 0.8, 0.6, 0.6]
 
 
 def test_group_filters():
     cfg = load_config(None, ["rl.drop_easy=true", "rl.dynamic_sampling=true", "rl.uniform_length=0.5"]).rl
-    assert rl.keep_group([1, 1], [True, True], [10, 10], cfg) == "easy"
-    assert rl.keep_group([-1, -1], [False, False], [10, 10], cfg) == "zero_variance"
-    assert rl.keep_group([1, -1], [True, False], [10, 40], cfg) == "length_spread"
-    assert rl.keep_group([1, -1], [True, False], [10, 12], cfg) is None
+    assert sampling.keep_group([1, 1], [True, True], [10, 10], cfg) == "easy"
+    assert sampling.keep_group([-1, -1], [False, False], [10, 10], cfg) == "zero_variance"
+    assert sampling.keep_group([1, -1], [True, False], [10, 40], cfg) == "length_spread"
+    assert sampling.keep_group([1, -1], [True, False], [10, 12], cfg) is None
     cfg2 = load_config(None, ["rl.drop_all_wrong=true"]).rl
-    assert rl.keep_group([-1, -1], [False, False], [1, 1], cfg2) == "all_wrong"
+    assert sampling.keep_group([-1, -1], [False, False], [1, 1], cfg2) == "all_wrong"
 
 
 def test_balance_keeps_all_positives_and_as_many_negatives():
@@ -165,12 +165,12 @@ def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_s
             return [hf.Completion(i, "x", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
 
     stats = {}
-    out = rl.generate_groups(Backend(RuntimeError("CUDA out of memory (simulated)")), ["a", "bad", "c"], 2,
+    out = sampling.generate_groups(Backend(RuntimeError("CUDA out of memory (simulated)")), ["a", "bad", "c"], 2,
                              SamplingParams(), stats)
     assert out[1] is None and len(out[0]) == 2 and len(out[2]) == 2
     assert stats["generation_failures"] == 1
     with pytest.raises(RuntimeError, match="size mismatch"):
-        rl.generate_groups(Backend(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(), {})
+        sampling.generate_groups(Backend(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(), {})
 
 
 def test_steps_that_keep_no_group_stop_the_run_with_the_reasons(tiny_model, tmp_path):

@@ -121,8 +121,14 @@ def test_rl_and_policy_problems_are_draws_the_distillation_did_not_make():
     # independent draws: at most chance collisions in a space of tens of thousands of problems
     assert len(distilled & {p.question for p in rl_pool}) <= 2
     assert len(distilled & {p.question for p in own}) <= 2
-    # the default stream is unchanged, and `policy_fresh: false` samples on the distilled problems
-    assert training_problems("synthetic", 4, [2], 0) == training_problems("synthetic", 4, [2], 0, stream="")
+    # the default stream is the distillation's own draw (ids without a stream name), and `policy_fresh: false`
+    # samples on the distilled problems
+    default = training_problems("synthetic", 4, [2], 0)
+    assert [p.id for p in default] == [f"synthetic-train-d2-{i}" for i in range(4)]
+    assert [p.question for p in default] == [r["question"] for r in synthetic.generate(4, "train", 2, seed=0)]
+    assert {p.question for p in default}.isdisjoint({p.question for p in training_problems("synthetic", 4, [2], 0, stream="rl")})
+    # n problems over several levels are n, the first levels one more where n does not divide
+    assert [p.meta["difficulty"] for p in training_problems("synthetic", 5, [1, 2], 0)] == [1, 1, 1, 2, 2]
     stale = policy_problems(load_config(None, ["distill.n_problems=400", "distill.difficulties=[2]",
                                                "pipeline.policy_problems=100", "pipeline.policy_fresh=false"]))
     assert {p.question for p in stale} <= distilled

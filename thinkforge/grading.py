@@ -106,6 +106,22 @@ def as_number(text: str) -> Fraction | None:
 
 
 _ANY_NUMBER = re.compile(r"\d")
+# Names a digit-free expression may use and still be a number: \cos(\pi) = -1, \ln e = 1, e^{i\pi}, ...
+_MATH_NAMES = {
+    "pi", "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "ln",
+    "log", "exp", "sqrt", "frac", "dfrac", "tfrac", "cdot", "times", "left", "right", "infty", "operatorname",
+}
+
+
+def could_be_a_number(text: str) -> bool:
+    """Can this digit-free answer equal a number? Yes for expressions (\\cos(\\pi), \\ln e, e^{i\\pi}: single
+    letters and math names only), no for prose ("unknown", "not enough information"), which skips the verifier.
+
+    >>> could_be_a_number("\\cos(\\pi)"), could_be_a_number("e^{i\\pi}"), could_be_a_number("cannot be determined")
+    (True, True, False)
+    """
+    names = re.findall(r"[A-Za-z]+", text)
+    return bool(names) and all(len(n) == 1 or n.lower() in _MATH_NAMES for n in names)
 _LIST_SEP = re.compile(r",\s|;|\bor\b|\band\b|\n", re.IGNORECASE)
 
 
@@ -219,7 +235,7 @@ def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
         parts = [x for x in _LIST_SEP.split(pred) if _ANY_NUMBER.search(x)]
         if len(parts) > 1:
             return False
-        if not parts:  # no digit at all cannot equal a number: skip the verifier (most of a young policy's answers)
+        if not parts and not could_be_a_number(pred):  # prose: skip the verifier (most of a young policy's answers)
             return False
     if _strip(pred) == _strip(gold):
         return True
@@ -229,13 +245,17 @@ def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
 
 
 _OPTION = re.compile(r"(?<![A-Za-z0-9])\(?([A-J])\)?(?![A-Za-z0-9])")
+# A lower-case letter is an option only where it cannot be a word ("a" is an article): in parentheses, or
+# ending the answer alone or after option / choice / answer ("the answer is a blue sphere" is option text).
+_OPTION_LOWER = re.compile(r"\(([a-j])\)|(?:^|\b(?:option|choice|answer)(?:\s+is)?\s*:?)\s*\(?([a-j])\)?\s*[.:)]?\s*$",
+                           re.IGNORECASE)
 
 
 def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> bool:
     """Multiple choice: the answer names exactly one option letter, and it is the right one.
 
-    >>> mcq_equal("(B)", "B"), mcq_equal("B or C", "B"), mcq_equal("The answer is C", "C")
-    (True, False, True)
+    >>> mcq_equal("(B)", "B"), mcq_equal("B or C", "B"), mcq_equal("The answer is C", "C"), mcq_equal("(b)", "B")
+    (True, False, True, True)
     """
     if pred is None:
         return False
@@ -243,6 +263,8 @@ def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> 
     letters = {m.group(1) for m in _OPTION.finditer(pred)}
     if "A" in letters and re.match(r"^\s*A\s+[a-z]", pred):
         letters.discard("A")  # the article "A ..." is not option A
+    if not letters:  # written in lower case: "(b)", "b", "option c"
+        letters = {next(g for g in m.groups() if g).upper() for m in _OPTION_LOWER.finditer(pred)}
     if len(letters) == 1:
         return letters.pop() == gold.strip().upper()
     if not letters and choices:

@@ -21,7 +21,7 @@ from thinkforge.data.packing import Example, collate_padded, tokenize
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
-from thinkforge.losses import dpo_loss, normaliser, sequence_logprobs
+from thinkforge.losses import Normaliser, dpo_loss, normaliser, sequence_logprobs
 from thinkforge.monitor import progress_bar
 from thinkforge.train import loop
 
@@ -46,6 +46,23 @@ def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, 
     logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device), use_cache=False).logits
     logp = sequence_logprobs(logits, labels.to(model.device))  # (2B,)
     return logp[: len(pairs)], logp[len(pairs) :]
+
+
+def step_normaliser(n_pairs: int) -> Normaliser:
+    """A pair is a row of the sequence normaliser: the step's loss is the mean over its n_pairs pairs."""
+    return normaliser(torch.ones(n_pairs, 1), "sequence")
+
+
+def backward(model, batch: list[Pair], ref: torch.Tensor, norm: Normaliser, cfg: DPOConfig, pad_id: int) -> tuple[float, dict]:
+    """Backpropagate these pairs' share of the step's loss (ref: their (b, 2) reference log-probs); returns
+    the share and the pair-mean statistics."""
+    with loop.autocast(str(model.device), cfg.mixed_precision):
+        chosen, rejected = pair_logprobs(model, batch, pad_id)
+    r = ref.to(chosen.device)
+    losses, parts = dpo_loss(chosen.float(), rejected.float(), r[:, 0], r[:, 1], cfg.beta, cfg.loss)  # (b,)
+    loss = norm(losses.unsqueeze(-1), torch.ones_like(losses).unsqueeze(-1))
+    loss.backward()
+    return loss.item(), parts
 
 
 @torch.no_grad()
@@ -105,24 +122,18 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start)
-    device = str(model.device)
     checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
     bar = progress_bar(n_steps, "dpo", "step", progress, start)
     for step in range(start, n_steps):
         t0 = time.time()
         idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)
         totals: dict[str, float] = {}
-        norm = normaliser(torch.ones(len(idx), 1), "sequence")  # a pair is a row: the step's mean over its pairs
+        norm = step_normaliser(len(idx))
         for i in range(0, len(idx), cfg.batch_size):
             mb = idx[i : i + cfg.batch_size]
-            with loop.autocast(device, cfg.mixed_precision):
-                chosen, rejected = pair_logprobs(model, [pairs[j] for j in mb], tok.pad_token_id)
-            r = ref[mb].to(chosen.device)
-            losses, parts = dpo_loss(chosen.float(), rejected.float(), r[:, 0], r[:, 1], cfg.beta, cfg.loss)  # (b,)
-            loss = norm(losses.unsqueeze(-1), torch.ones_like(losses).unsqueeze(-1))
-            loss.backward()
+            loss, parts = backward(model, [pairs[j] for j in mb], ref[mb], norm, cfg, tok.pad_token_id)
             share = len(mb) / len(idx)  # the statistics are pair means: weight each micro-batch by its pairs
-            totals["loss"] = totals.get("loss", 0.0) + loss.item()
+            totals["loss"] = totals.get("loss", 0.0) + loss
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v * share
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)

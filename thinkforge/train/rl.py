@@ -3,7 +3,7 @@
 Each step of `main` reads as the algorithm:
     batch = collect(...)          sample G completions per prompt at the annealed temperature, score them
                                   (+1/-1, or the weighted Infused Phi-2 set), filter groups (zero variance,
-                                  easy, all wrong, uniform length) and refill (dynamic sampling) -> Rollout
+                                  easy, all wrong, uniform length), refill (dynamic sampling): sampling.py
     batch.ref_logp                the reference's log-probs (LoRA: the adapter disabled) when beta > 0
     baseline.targets(batch)       advantages: ADVANTAGES[rl.advantage] over each group (GRPO, Dr. GRPO, RLOO,
                                   REINFORCE++), or GAE over PPO's value head (ppo.py)
@@ -19,158 +19,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from thinkforge import models, rollout
 from thinkforge.config import Recipe, RLConfig
-from thinkforge.data.sources import Problem, training_problems
+from thinkforge.data.sources import training_problems
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
-from thinkforge.grading import grade
-from thinkforge.losses import ADVANTAGES, entropy, normaliser, overlong_penalty, policy_loss
-from thinkforge.monitor import AhaDetector, progress_bar, sample_stats
+from thinkforge.losses import ADVANTAGES, entropy, normaliser, policy_loss
+from thinkforge.monitor import AhaDetector, progress_bar
 from thinkforge.rewards import WeightedRewards
-from thinkforge.rollout.types import Completion, Generator, Rollout, SamplingParams, is_out_of_memory, pad_id
+from thinkforge.rollout.types import Rollout
 from thinkforge.train import loop, ppo
 from thinkforge.train.forward import forward_logp, logp_no_grad
+from thinkforge.train.sampling import Task, collect
 
 MAX_EMPTY_STEPS = 3  # consecutive steps that keep no group before the run stops with the reasons
 
 
-def temperature_at(step: int, cfg: RLConfig) -> float:
-    """Linear annealing temperature_start -> temperature over anneal_steps, then fixed (Phi-4 recipe)."""
-    if cfg.temperature_start is None or cfg.anneal_steps == 0 or step >= cfg.anneal_steps:
-        return cfg.temperature
-    return cfg.temperature_start + (cfg.temperature - cfg.temperature_start) * step / cfg.anneal_steps
-
-
-# ---------------------------------------------------------------- sample, score, filter
-
-
-@dataclasses.dataclass
-class Task:
-    """What the policy is asked and how it is scored. rewards None: the verifiable +1/-1."""
-
-    problems: list[Problem]
-    prompt_fn: Callable[[str], str]
-    tokenizer: Any
-    rewards: WeightedRewards | None = None
-
-
-def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams,
-                    stats: dict) -> list[list[Completion] | None]:
-    """n completions per prompt (None for a prompt whose chunk ran out of memory even after the backend
-    halved its batch: skipped and counted). Any other error is a bug and propagates."""
-    out: list = [None] * len(prompts)
-    i = 0
-    while i < len(prompts):
-        chunk = prompts[i : i + max(1, generator.batch_size // n)]
-        try:
-            comps = generator.generate(chunk, n, dataclasses.replace(params, seed=params.seed + i))
-        except RuntimeError as e:
-            if not is_out_of_memory(e):
-                raise
-            stats["generation_failures"] = stats.get("generation_failures", 0) + len(chunk)
-            stats["last_generation_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        else:
-            for j in range(len(chunk)):
-                out[i + j] = [c for c in comps if c.prompt_index == j]
-        i += len(chunk)
-    return out
-
-
-def score(text: str, finish: str, problem: Problem, cfg: RLConfig, rewards: WeightedRewards | None) -> tuple[float, dict, bool]:
-    """(reward, reward per function, correct) of one completion."""
-    correct = grade(text, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
-    if rewards is None:
-        total, parts = (1.0 if correct else -1.0), {"verifiable": 1.0 if correct else -1.0}
-    else:
-        total, parts = rewards.score(text, problem.reference, problem.kind)
-    if finish == "length" and cfg.truncation == "penalize":
-        total = -1.0 if rewards is None else 0.0
-    return total, parts, correct
-
-
-def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cfg: RLConfig) -> str | None:
-    """None to keep the group, else the reason it is dropped."""
-    if cfg.drop_easy and all(correct):
-        return "easy"
-    if cfg.drop_all_wrong and not any(correct):
-        return "all_wrong"
-    if cfg.dynamic_sampling and max(rewards) - min(rewards) < 1e-9:
-        return "zero_variance"
-    if cfg.uniform_length is not None:
-        mean = sum(lengths) / len(lengths)
-        cv = (sum((x - mean) ** 2 for x in lengths) / len(lengths)) ** 0.5 / max(mean, 1e-9)
-        if cv > cfg.uniform_length:
-            return "length_spread"
-    return None
-
-
-def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: int) -> tuple[Rollout | None, dict]:
-    """Sample, score and filter until prompts_per_step groups are kept (or refills run out). None: no group
-    was kept; the stats say why."""
-    g, tok = cfg.group_size, task.tokenizer
-    temperature = temperature_at(step, cfg)
-    params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed * 1_000_003 + step * 1000)
-    rng = random.Random(f"{seed}-{step}")  # prompt draws are a pure function of the step: exact resume
-    stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0}
-    kept: list[tuple[Problem, list, list[float], list[dict], list[bool]]] = []
-    for round_ in range(cfg.max_refills + 1):
-        need = cfg.prompts_per_step - len(kept)
-        if need <= 0:
-            break
-        draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * cfg.oversample))]
-        groups = generate_groups(generator, [task.prompt_fn(p.question) for p in draw], g,
-                                 dataclasses.replace(params, seed=params.seed + 100 * round_), stats)
-        for p, comps in zip(draw, groups, strict=True):
-            if comps is None:
-                continue
-            stats["groups_seen"] += 1
-            scored = [score(c.text, c.finish_reason, p, cfg, task.rewards) for c in comps]
-            r, corr = [s[0] for s in scored], [s[2] for s in scored]
-            if max(r) - min(r) < 1e-9:
-                stats["zero_variance_groups"] += 1
-            reason = keep_group(r, corr, [len(c.token_ids) for c in comps], cfg)
-            if reason:
-                stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
-            elif len(kept) < cfg.prompts_per_step:
-                kept.append((p, comps, r, [s[1] for s in scored], corr))
-        if not (cfg.dynamic_sampling or cfg.drop_easy or cfg.drop_all_wrong or cfg.uniform_length):
-            break
-    if not kept:
-        return None, stats
-
-    prompts, completions, rewards, correct, group, texts, truncated, parts = [], [], [], [], [], [], [], []
-    for gi, (p, comps, r, pr, corr) in enumerate(kept):
-        prompts.append(tok(task.prompt_fn(p.question), add_special_tokens=False).input_ids)
-        for c, ri, pi, ci in zip(comps, r, pr, corr, strict=True):
-            if not c.token_ids and c.text:
-                raise RuntimeError("the rollout backend returned text without token ids: the RL loss needs the "
-                                   "sampled ids (re-tokenised text can differ from what was sampled)")
-            completions.append(list(c.token_ids) or [tok.eos_token_id])
-            rewards.append(ri)
-            parts.append(pi)
-            correct.append(ci)
-            group.append(gi)
-            texts.append(c.text)
-            truncated.append(c.finish_reason == "length")
-    lengths = torch.tensor([len(c) for c in completions])
-    r = torch.tensor(rewards)
-    if cfg.overlong_cache:
-        r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
-    batch = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, truncated, texts, temperature)
-    stats.update(sample_stats(texts))
-    stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
-    stats["response_tokens"] = lengths.float().mean().item()
-    return batch, stats
+# ---------------------------------------------------------------- the loss mask, advantages and the update
 
 
 def loss_mask(batch: Rollout, cfg: RLConfig) -> torch.Tensor:
@@ -189,9 +61,6 @@ def balance_mask(adv: torch.Tensor, rng: random.Random) -> torch.Tensor:
     keep = torch.zeros_like(adv)
     keep[pos + neg[: max(len(pos), 1)]] = 1.0
     return keep
-
-
-# ---------------------------------------------------------------- advantages and the update
 
 
 @dataclasses.dataclass
