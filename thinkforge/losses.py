@@ -86,6 +86,10 @@ class Normaliser:
     def __radd__(self, other) -> Normaliser:  # sum(parts) starts from 0
         return self if other == 0 else other + self
 
+    def scaled(self, weight: float) -> Normaliser:
+        """The loss times weight; weight 0 carries no loss nor gradient (a rank's padding pass)."""
+        return self if weight == 1.0 else Normaliser(self.mode, self.denominator / weight if weight else float("inf"))
+
 
 def normaliser(mask: torch.Tensor, mode: str = "token", max_len: int | None = None) -> Normaliser:
     """The normaliser of a batch whose loss-carrying tokens are `mask` (N, T) (see Normaliser)."""
@@ -97,7 +101,7 @@ def normaliser(mask: torch.Tensor, mode: str = "token", max_len: int | None = No
     if mode == "constant":
         if not max_len:
             raise ValueError("the constant normaliser needs max_len (Dr. GRPO: the max completion length)")
-        return Normaliser(mode, float(max(1.0, rows) * max_len))
+        return Normaliser(mode, float(rows * max_len))
     raise ValueError(f"unknown aggregation {mode!r}: {', '.join(AGGREGATIONS)}")
 
 

@@ -85,7 +85,7 @@ class HFGenerator:
             return self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
         uniforms = None
         if params.temperature > 0:
-            keys = [(start + p, j) for p in range(len(chunk)) for j in range(n)]
+            keys = [(params.first_prompt + start + p, j) for p in range(len(chunk)) for j in range(n)]
             uniforms = RowStreams(params.seed, keys, _draw_dtype(model.device), model.device)
         return decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
 

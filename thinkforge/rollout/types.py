@@ -18,6 +18,7 @@ class SamplingParams:
     top_p: float = 0.95
     top_k: int = 0
     seed: int = 0
+    first_prompt: int = 0  # the position of the request's first prompt in the stream its seeds follow
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
 from thinkforge.losses import Normaliser, dpo_loss, normaliser, sequence_logprobs
 from thinkforge.monitor import progress_bar
+from thinkforge.train import dist as distributed
 from thinkforge.train import loop
 
 Pair = tuple[Example, Example]  # (chosen, rejected), same prompt
@@ -100,6 +101,7 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
         raise UserError("dpo.data is not set: pass --data PAIRS.jsonl (rows with question, chosen, rejected)")
     run_dir = Path(run_dir)
     loop.seed_everything(recipe.seed)
+    dist = distributed.init()
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
 
     pairs = load_pairs(data, tok, recipe, cfg.max_len)
@@ -111,31 +113,37 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     else:
         if ckpt:
             raise UserError(f"{run_dir} has checkpoints but no reference log-probs; use a new run folder")
-        ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_file({"logps": ref}, str(ref_path))
+        ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2), on every rank
+        if dist.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": ref}, str(ref_path))
     model.train()
+    ddp = dist.wrap(model)
 
     per_step = cfg.batch_size * cfg.grad_accum
     n_steps = loop.total_steps(len(pairs), per_step, cfg.epochs, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * n_steps)
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
-    metrics = loop.Metrics(run_dir, resume_step=start)
-    checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
-    bar = progress_bar(n_steps, "dpo", "step", progress, start)
+    metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
+    checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist.main)
+    bar = progress_bar(n_steps, "dpo", "step", progress and dist.main, start)
     for step in range(start, n_steps):
         t0 = time.time()
-        idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)
+        idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)  # the global batch, on every rank
+        micro = dist.share([idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)])  # this rank's
+        norm = dist.normaliser(step_normaliser(sum(len(mb) for mb in micro)))
         totals: dict[str, float] = {}
-        norm = step_normaliser(len(idx))
-        for i in range(0, len(idx), cfg.batch_size):
-            mb = idx[i : i + cfg.batch_size]
-            loss, parts = backward(model, [pairs[j] for j in mb], ref[mb], norm, cfg, tok.pad_token_id)
-            share = len(mb) / len(idx)  # the statistics are pair means: weight each micro-batch by its pairs
-            totals["loss"] = totals.get("loss", 0.0) + loss
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v * share
+        rounds = dist.rounds(len(micro))
+        for r, (k, weight) in enumerate(rounds):
+            mb = (micro or [idx[:1]])[k]
+            with dist.sync(ddp, last=r == len(rounds) - 1):
+                loss, parts = backward(ddp, [pairs[j] for j in mb], ref[mb], norm.scaled(weight), cfg, tok.pad_token_id)
+            share = weight * len(mb) / len(idx)  # the statistics are pair means: weight each micro-batch by its pairs
+            totals["loss"] = totals.get("loss", 0.0) + loss / dist.world
+            for key, v in parts.items():
+                totals[key] = totals.get(key, 0.0) + v * share
+        totals = dict(zip(totals, dist.all_sum(list(totals.values())), strict=True))  # the step's, over ranks
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
         grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
         seconds = time.time() - t0
@@ -145,4 +153,4 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
         bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['preference_accuracy']:.2f}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer):
             return loop.finish(bar, metrics)
-    return loop.finish(bar, metrics, model, tok, run_dir / "final")
+    return loop.finish(bar, metrics, model, tok, run_dir / "final", dist.main)

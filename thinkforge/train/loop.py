@@ -161,11 +161,12 @@ class Checkpoints:
     save_every: int = 0
     keep: int = 2
     stop_after: int | None = None
+    write: bool = True  # False on every rank but the first: one writer
 
     def end_of_step(self, done: int, model, tokenizer, optimizer, extras: dict[str, torch.Tensor] | None = None) -> bool:
         """Checkpoint when due; True means stop now (stop_after reached before the end)."""
         stop = self.stop_after is not None and self.stop_after <= done < self.total
-        if (self.save_every and done % self.save_every == 0) or done == self.total or stop:
+        if self.write and ((self.save_every and done % self.save_every == 0) or done == self.total or stop):
             self.save(done, (model, tokenizer), optimizer, extras)
         return stop
 
@@ -198,15 +199,17 @@ class Checkpoints:
         return final
 
 
-def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None) -> Path | None:
-    """Close the progress bar and the metrics; save the final model when given one (a planned stop gives none)."""
+def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None, write: bool = True) -> Path | None:
+    """Close the progress bar and the metrics; save the final model when given one (a planned stop gives none;
+    write=False: another rank saves it)."""
     bar.close()
     metrics.close()
     if final is None:
         return None
-    from thinkforge import models
+    if write:
+        from thinkforge import models
 
-    models.save(model, tokenizer, final)
+        models.save(model, tokenizer, final)
     return final
 
 
@@ -245,7 +248,11 @@ def restore(checkpoint: Path, optimizer) -> dict:
 class Metrics:
     """Metrics to metrics.jsonl (appended, so a resumed run continues the file) and TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int = 0, write: bool = True):
+        self.write = write
+        self._file = self._tb = None
+        if not write:  # another rank writes
+            return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and resume_step >= 0:
@@ -264,6 +271,8 @@ class Metrics:
         self.start = time.time()
 
     def log(self, step: int, values: dict) -> None:
+        if not self.write:
+            return
         row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -273,6 +282,8 @@ class Metrics:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        if not self.write:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

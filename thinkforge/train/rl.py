@@ -35,7 +35,9 @@ from thinkforge.losses import ADVANTAGES, entropy, normaliser, policy_loss
 from thinkforge.monitor import AhaDetector, progress_bar
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import Rollout
+from thinkforge.train import dist as distributed
 from thinkforge.train import loop, ppo
+from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
 from thinkforge.train.sampling import Task, collect
 
@@ -91,37 +93,40 @@ class GroupBaseline:
         return None
 
 
-def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline) -> dict[str, float]:
-    """One backward pass over the batch, micro-batch by micro-batch. Each divides by the step's normaliser,
-    so their gradients add up to the full batch's. Returns the step's loss statistics."""
+def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = Dist()) -> dict[str, float]:
+    """One backward pass over the batch, micro-batch by micro-batch (those with loss tokens). Each divides by
+    the step's normaliser, so their gradients add up to the full batch's; on N ranks every rank joins as many
+    rounds as the busiest (zero-weight repeats). Returns the step's loss statistics (over every rank)."""
     totals: dict[str, float] = {}
-    tokens = float(batch.loss_mask.sum())
+    tokens = dist.all_sum([float(batch.loss_mask.sum())])[0]
     beta = 0.0 if baseline.kl_in_reward else cfg.beta
-    for i in range(0, len(batch.texts), cfg.micro_batch):
-        rows = slice(i, i + cfg.micro_batch)
+    micro = [slice(i, i + cfg.micro_batch) for i in range(0, len(batch.texts), cfg.micro_batch)
+             if batch.loss_mask[i : i + cfg.micro_batch].sum() > 0]
+    rounds = dist.rounds(len(micro))
+    for r, (k, weight) in enumerate(rounds):
+        rows, share = (micro or [slice(0, cfg.micro_batch)])[k], norm.scaled(weight)
         mask = batch.loss_mask[rows].to(model.device)
-        if mask.sum() == 0:
-            continue
-        with loop.autocast(str(model.device), cfg.mixed_precision):
-            logp, logits, values = forward_logp(model, batch, rows, baseline.head)
-        old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
-        ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
-        loss, parts = policy_loss(logp, old, batch.advantages[rows].to(logp.device), mask, norm, cfg.policy_loss,
-                                  (cfg.clip_low, cfg.clip_high), ref, beta)
-        value = baseline.loss(values, batch, rows, norm)  # PPO: this micro-batch's share of the value loss
-        if value is not None:
-            loss = loss + baseline.vf_coef * value
-            parts["value_loss"] = value.item()
-        loss.backward()
+        with dist.sync(model, last=r == len(rounds) - 1):
+            with loop.autocast(str(model.device), cfg.mixed_precision):
+                logp, logits, values = forward_logp(model, batch, rows, baseline.head)
+            old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
+            ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
+            loss, parts = policy_loss(logp, old, batch.advantages[rows].to(logp.device), mask, share, cfg.policy_loss,
+                                      (cfg.clip_low, cfg.clip_high), ref, beta)
+            value = baseline.loss(values, batch, rows, share)  # PPO: this micro-batch's share of the value loss
+            if value is not None:
+                loss = loss + baseline.vf_coef * value
+                parts["value_loss"] = value.item()
+            loss.backward()
         # loss, pg_loss and value_loss are shares of the step's and add up; the rest are token means, weighted.
-        w = float(mask.sum()) / tokens
-        totals["loss"] = totals.get("loss", 0.0) + loss.item()
-        for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + (v if k in ("pg_loss", "value_loss") else v * w)
+        w = weight * float(mask.sum()) / tokens
+        totals["loss"] = totals.get("loss", 0.0) + loss.item() / dist.world
+        for key, v in parts.items():
+            totals[key] = totals.get(key, 0.0) + (v / dist.world if key in ("pg_loss", "value_loss") else v * w)
         if "entropy" not in totals:  # of the first micro-batch: a (n, C, V) softmax per micro-batch costs
             with torch.no_grad():
                 totals["entropy"] = entropy(logits, mask).item()
-    return totals
+    return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": totals["entropy"]}
 
 
 def reference_logp(model, reference, batch: Rollout, micro: int) -> torch.Tensor:
@@ -140,6 +145,10 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     run_dir = Path(run_dir)
     m = recipe.model
     loop.seed_everything(recipe.seed)
+    dist = distributed.init()
+    if dist.world > 1 and cfg.algo == "ppo":
+        raise UserError("rl.algo=ppo runs on one process for now (its value head is not yet shared across ranks); "
+                        "use rl.algo=grpo on several processes")
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     lora = models.is_adapter(model)
     reference = None  # with LoRA: the adapter disabled (no second model); otherwise a frozen copy of the start
@@ -149,6 +158,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     extras = loop.load_extras(ckpt) if ckpt else None
     baseline = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else GroupBaseline(cfg.advantage)
     model.train()
+    ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
 
     problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns,
                                  stream="rl" if cfg.fresh_prompts else "")
@@ -160,7 +170,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     baseline.attach(optimizer, cfg.lr, cfg.value_lr_scale)
     clipped = list(model.parameters()) + baseline.clipped_with_policy()
     start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
-    metrics = loop.Metrics(run_dir, resume_step=start)
+    metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, "note": "with mu=1 and beta=0 the loss can read 0 "
                         "while gradients flow: watch pg_loss, kl, clip_fraction (PITFALLS 1)"})
@@ -168,14 +178,14 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
     warmup = int(cfg.warmup_ratio * cfg.steps)
-    checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
-    bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress, start)
+    checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist.main)
+    bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress and dist.main, start)
     empty = 0
     for step in range(start, cfg.steps):
         t0 = time.time()
-        batch, stats = collect(step, task, generator, cfg, recipe.seed)  # sample -> score -> filter
+        batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
         gen_seconds = time.time() - t0
-        if batch is None:
+        if dist.all_max(batch is None):  # a rank kept no group: every rank skips the step
             empty += 1
             metrics.log(step + 1, {"event": "empty_batch", **_flat(stats)})
             if empty >= MAX_EMPTY_STEPS:
@@ -193,11 +203,11 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         if cfg.balance:
             keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
             batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
-        norm = normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens)
+        norm = dist.normaliser(normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens))  # one all-reduce
 
         totals: dict[str, float] = {}
         for _ in range(cfg.mu):
-            parts = backward(model, batch, norm, cfg, baseline)
+            parts = backward(ddp, batch, norm, cfg, baseline, dist)
             parts.update(baseline.clip_grad(cfg.clip))
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
@@ -205,8 +215,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
             grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
         generator.load_weights(model)  # a server backend pushes the new weights before the next rollouts
 
-        row = _row(batch, stats, totals) | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
-                                            "step_seconds": time.time() - t0}
+        row = _row(batch, stats, dist) | totals | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
+                                                   "step_seconds": time.time() - t0}
         metrics.log(step + 1, row)
         for event in aha.update(step + 1, row, batch.texts):
             metrics.log(step + 1, event)
@@ -217,12 +227,13 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.3f}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer, baseline.state()):
             return loop.finish(bar, metrics)
-    return loop.finish(bar, metrics, model, tok, run_dir / "final")
+    return loop.finish(bar, metrics, model, tok, run_dir / "final", dist.main)
 
 
-def _row(batch: Rollout, stats: dict, totals: dict) -> dict:
-    """The step's metrics: rewards per function, accuracy, lengths, format, truncation, filters, losses."""
-    return {
+def _row(batch: Rollout, stats: dict, dist: Dist) -> dict:
+    """The step's sampling metrics (rewards per function, accuracy, lengths, format, truncation, filters),
+    averaged over the ranks."""
+    row = {
         "reward": batch.rewards.mean().item(), "accuracy": batch.correct.float().mean().item(),
         **{f"reward_{k}": v for k, v in stats["reward_parts"].items()},
         "response_tokens": stats["response_tokens"], "think_words": stats["think_words"],
@@ -230,10 +241,16 @@ def _row(batch: Rollout, stats: dict, totals: dict) -> dict:
         "reasoning_rate": stats["reasoning_rate"], "truncated_rate": batch.truncated.float().mean().item(),
         "zero_variance_share": stats["zero_variance_groups"] / max(1, stats["groups_seen"]),
         "kept_groups": batch.prompt_ids.shape[0], "kept_samples": int((batch.loss_mask.sum(-1) > 0).sum()),
-        "temperature": batch.temperature, **totals,
+        "temperature": batch.temperature,
         **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
         **{k: stats[k] for k in ("generation_failures",) if k in stats},
     }
+    if dist.world == 1:
+        return row
+    shared = [k for k in row if k.startswith(("reward", "accuracy", "response", "think", "verify", "format", "reasoning",
+                                               "truncated", "zero_variance", "kept"))]
+    means = dist.all_sum([row[k] / dist.world for k in shared])
+    return row | {k: (round(v * dist.world) if k.startswith("kept") else v) for k, v in zip(shared, means, strict=True)}
 
 
 def _flat(stats: dict) -> dict:

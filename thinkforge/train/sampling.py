@@ -22,6 +22,7 @@ from thinkforge.losses import overlong_penalty
 from thinkforge.monitor import sample_stats
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import Completion, Generator, Rollout, SamplingParams, is_out_of_memory, pad_id
+from thinkforge.train.dist import Dist
 
 
 def temperature_at(step: int, cfg: RLConfig) -> float:
@@ -42,15 +43,22 @@ class Task:
 
 
 def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams,
-                    stats: dict) -> list[list[Completion] | None]:
+                    stats: dict, offset: int = 0) -> list[list[Completion] | None]:
     """n completions per prompt (None for a prompt whose chunk ran out of memory even after the backend
-    halved its batch: skipped and counted). Any other error is a bug and propagates."""
+    halved its batch: skipped and counted). Any other error is a bug and propagates.
+
+    The prompts are positions offset.. of a draw: they are asked for in the chunks, and with the seeds, that
+    one process asking for the whole draw uses, so a rank's share samples what one process would.
+    """
     out: list = [None] * len(prompts)
     i = 0
     while i < len(prompts):
-        chunk = prompts[i : i + max(1, generator.batch_size // n)]
+        size = max(1, generator.batch_size // n)
+        g = offset + i  # this prompt's position in the whole draw
+        chunk = prompts[i : i + size - g % size]  # up to the end of one process's chunk
         try:
-            comps = generator.generate(chunk, n, dataclasses.replace(params, seed=params.seed + i))
+            comps = generator.generate(chunk, n, dataclasses.replace(params, seed=params.seed + g - g % size,
+                                                                      first_prompt=g % size))
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
@@ -91,22 +99,30 @@ def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cf
     return None
 
 
-def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: int) -> tuple[Rollout | None, dict]:
+def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> tuple[Rollout | None, dict]:
     """Sample, score and filter until prompts_per_step groups are kept (or refills run out). None: no group
-    was kept; the stats say why."""
+    was kept; the stats say why.
+
+    On N ranks (dist) every rank draws the same global prompts and samples its contiguous share of them, until
+    it has its share of prompts_per_step; a sample's seed follows its global position in the draw.
+    """
     g, tok = cfg.group_size, task.tokenizer
+    quota = len(dist.share(range(cfg.prompts_per_step)))  # this rank's share of the groups
     temperature = temperature_at(step, cfg)
     params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed * 1_000_003 + step * 1000)
     rng = random.Random(f"{seed}-{step}")  # prompt draws are a pure function of the step: exact resume
     stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0}
     kept: list[tuple[Problem, list, list[float], list[dict], list[bool]]] = []
     for round_ in range(cfg.max_refills + 1):
-        need = cfg.prompts_per_step - len(kept)
+        need = quota - len(kept)
+        need = int(dist.all_max(need))  # every rank draws alike, so the draws stay in step
         if need <= 0:
             break
-        draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * cfg.oversample))]
+        draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * dist.world * cfg.oversample))]
+        start, end = dist.bounds(len(draw))
+        draw = draw[start:end] if len(kept) < quota else []
         groups = generate_groups(generator, [task.prompt_fn(p.question) for p in draw], g,
-                                 dataclasses.replace(params, seed=params.seed + 100 * round_), stats)
+                                 dataclasses.replace(params, seed=params.seed + 100 * round_), stats, start)
         for p, comps in zip(draw, groups, strict=True):
             if comps is None:
                 continue
@@ -118,7 +134,7 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
             reason = keep_group(r, corr, [len(c.token_ids) for c in comps], cfg)
             if reason:
                 stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
-            elif len(kept) < cfg.prompts_per_step:
+            elif len(kept) < quota:
                 kept.append((p, comps, r, [s[1] for s in scored], corr))
         if not (cfg.dynamic_sampling or cfg.drop_easy or cfg.drop_all_wrong or cfg.uniform_length):
             break

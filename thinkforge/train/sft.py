@@ -21,6 +21,7 @@ from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
 from thinkforge.losses import Normaliser, label_mask, normaliser, sft_loss
 from thinkforge.monitor import progress_bar
+from thinkforge.train import dist as distributed
 from thinkforge.train import loop
 
 
@@ -71,9 +72,10 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     run_dir = Path(run_dir)
     final_dir = run_dir / "final"
     loop.seed_everything(recipe.seed)
-
+    dist = distributed.init()
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     model.train()
+    ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
 
     examples = load_examples(data, tok, recipe, cfg.max_len)
     rows = build_rows(examples, cfg)
@@ -84,38 +86,41 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     start = 0
     if ckpt:
         start = loop.restore(ckpt, optimizer)["step"]
-    metrics = loop.Metrics(run_dir, resume_step=start)
+    metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         n_tok = sum(len(e) for e in examples)
         metrics.log(0, {"event": "start", "documents": len(examples), "rows": len(rows), "steps": n_steps,
                         "tokens": n_tok, "packing": cfg.packing})
 
     device = str(model.device)
-    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after)
-    bar = progress_bar(n_steps, stage, "step", progress, start)
+    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist.main)
+    bar = progress_bar(n_steps, stage, "step", progress and dist.main, start)
     for step in range(start, n_steps):
         t0 = time.time()
-        idx = loop.step_indices(len(rows), per_step, recipe.seed, step)
-        micro = [idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-        batches = [collate([rows[i] for i in mb], cfg, tok.pad_token_id) for mb in micro]
-        norm = step_normaliser(batches)
-        loss_sum = 0.0
-        for batch in batches:
-            with loop.autocast(device, cfg.mixed_precision):
-                loss = forward_loss(model, batch, norm)
-            loss.backward()
+        idx = loop.step_indices(len(rows), per_step, recipe.seed, step)  # the global batch, on every rank
+        micro = dist.share([idx[i : i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)])  # this rank's
+        batches = [collate([rows[i] for i in mb], cfg, tok.pad_token_id) for mb in micro or [idx[:1]]]
+        norm = dist.normaliser(step_normaliser(batches) if micro else Normaliser("token", 0.0))
+        loss_sum, rounds = 0.0, dist.rounds(len(micro))
+        for r, (k, weight) in enumerate(rounds):
+            with dist.sync(ddp, last=r == len(rounds) - 1):
+                with loop.autocast(device, cfg.mixed_precision):
+                    loss = forward_loss(ddp, batches[k], norm.scaled(weight))
+                loss.backward()
             loss_sum += loss.item()
         lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
         grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
 
         seconds = time.time() - t0
-        n_in = sum(int(b["input_ids"].numel()) for b in batches)
-        nonpad = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in batches)
+        n_in = sum(int(b["input_ids"].numel()) for b in batches[: len(micro)])
+        nonpad = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in batches[: len(micro)])
+        loss_sum, n_in, nonpad = dist.all_sum([loss_sum / dist.world, n_in, nonpad])  # the step's, over ranks
+        n_in, nonpad = int(n_in), int(nonpad)
         metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
-                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": int(norm.denominator),
+                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": round(norm.denominator * dist.world),
                                "tokens": nonpad, "step_seconds": seconds})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer):
             return loop.finish(bar, metrics)
-    return loop.finish(bar, metrics, model, tok, final_dir)
+    return loop.finish(bar, metrics, model, tok, final_dir, dist.main)

@@ -1,0 +1,152 @@
+"""Training on N processes through `accelerate launch` (2 gloo ranks on CPU) equals one process: the same
+losses step by step and the same weights within float tolerance, for sft (packed), dpo and rl (every
+aggregation); a 2-process run killed mid-stage resumes, on 1 process; `--cpu` (one process) is refused."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _cmd(args, ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "thinkforge", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
+            "--main_process_port", _port(), "-m", "thinkforge", *args]
+
+
+def _run(args, ranks: int, tmp_path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(_cmd(args, ranks), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _kill_every_process_of(marker: str) -> None:
+    """SIGKILL every process whose command line names `marker`, until none is left (a crash of the run)."""
+    for _ in range(100):
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                        found.append(int(entry.name))
+                except OSError:
+                    continue
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"processes of {marker} would not die")
+
+
+def _rows(run: Path, key: str) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if f'"{key}"' in x]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def _same(a: Path, b: Path, key: str, atol: float) -> None:
+    ra, rb = _rows(a, key), _rows(b, key)
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb, strict=True):
+        assert x[key] == pytest.approx(y[key], abs=1e-5), (x, y)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    wa, wb = _weights(a), _weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < atol
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist-data")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    for args in (["data", "distill", "--out", "d.jsonl", "--problems", "24", "-n", "2"], ["data", "select", "d.jsonl", "--out", "sel"],
+                 ["data", "pairs", "--rollouts", "d.jsonl", "-m", tiny_model, "--samples", "2", "--problems", "6",
+                  "--out", "pairs.jsonl", "generation.max_new_tokens=8", "distill.difficulties=[1]"]):
+        subprocess.run([sys.executable, "-m", "thinkforge", *args], check=True, capture_output=True, cwd=d, env=env)
+    return d
+
+
+def test_sft_packed_on_two_ranks_equals_one_process(tiny_model, data, tmp_path):
+    args = ["sft", "--stage", "midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
+            "midtrain.max_len=256", "midtrain.batch_size=2", "midtrain.grad_accum=3", "midtrain.epochs=2", "midtrain.lr=1e-3"]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path)
+    _same(tmp_path / "one", tmp_path / "two", "loss", 1e-5)
+    assert _rows(tmp_path / "one", "loss")[0]["tokens"] == _rows(tmp_path / "two", "loss")[0]["tokens"]
+
+
+def test_dpo_on_two_ranks_equals_one_process(tiny_model, data, tmp_path):
+    args = ["dpo", "--data", str(data / "pairs.jsonl"), "-m", tiny_model, "dpo.max_len=256", "dpo.batch_size=2",
+            "dpo.grad_accum=2", "dpo.lr=1e-3", "dpo.epochs=2"]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path)
+    _same(tmp_path / "one", tmp_path / "two", "loss", 2e-4)  # Adam at lr 1e-3 magnifies float-order noise
+
+
+@pytest.mark.parametrize("agg", ["token", "sequence", "constant"])
+def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg):
+    """Each rank samples its share of the same global draw with the seeds one process uses: the same
+    rollouts, the same normaliser after one all-reduce, the same update."""
+    args = ["rl", "-m", tiny_model, "--steps", "2", "rl.prompts_per_step=4", "rl.group_size=3", "rl.max_new_tokens=10",
+            "rl.lr=1e-3", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
+            "rl.truncation=none", "rl.micro_batch=4", "rl.temperature=1.0", "rl.temperature_start=null", f"rl.loss_agg={agg}"]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path)
+    _same(tmp_path / "one", tmp_path / "two", "pg_loss", 1e-4)
+    for x, y in zip(_rows(tmp_path / "one", "pg_loss"), _rows(tmp_path / "two", "pg_loss"), strict=True):
+        assert (x["reward"], x["kept_groups"], x["response_tokens"]) == pytest.approx((y["reward"], y["kept_groups"], y["response_tokens"]))
+
+
+def test_a_two_rank_run_killed_mid_stage_resumes_on_one_process(tiny_model, data, tmp_path):
+    args = ["sft", "--stage", "midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
+            "midtrain.max_len=128", "midtrain.batch_size=1", "midtrain.grad_accum=2", "midtrain.epochs=6",
+            "midtrain.save_every=1", "midtrain.lr=1e-3"]
+    _run([*args, "--out", "straight"], 1, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen(_cmd([*args, "--out", cut], 2), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(int(p.name[5:]) >= 3 for p in (tmp_path / "cut").glob("step-*")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    _kill_every_process_of(cut)  # the launcher and both ranks (torch's launcher puts ranks in their own sessions)
+    proc.wait()
+    assert not (tmp_path / "cut" / "final").exists()
+    _run([*args, "--out", cut], 1, tmp_path)
+    rows = _rows(tmp_path / "cut", "loss")
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # no step lost, none repeated
+    _same(tmp_path / "straight", tmp_path / "cut", "loss", 1e-5)
+
+
+def test_accelerate_cpu_launch_starts_one_process_and_is_refused(tiny_model, data, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port",
+           _port(), "-m", "thinkforge", "sft", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model, "--out", "x"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "thinkforge: error: accelerate launch --cpu starts a single process" in r.stderr
+    assert not (tmp_path / "x" / "final").exists()

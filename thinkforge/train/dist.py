@@ -1,0 +1,122 @@
+"""Training on N processes: who this rank is, its share of each step, one all-reduce of the loss normaliser.
+
+    accelerate launch --multi_gpu --num_processes N -m thinkforge sft ...     (on CPU too: gloo ranks)
+
+accelerate's launcher starts the ranks and `PartialState` joins them (NCCL on GPUs, gloo on CPU). The model
+is wrapped in torch's DistributedDataParallel, which all-reduces (averages) gradients in the last backward of
+a step. The data order stays a pure function of (seed, step): every rank computes the step's global batch and
+takes its contiguous share of the micro-batches. The step's normaliser is summed over ranks by one
+all-reduce and divided by N (DDP averages), so N ranks compute exactly one rank's gradient. A rank with fewer
+micro-batches than another runs zero-weight passes, so every rank joins every gradient all-reduce. Rank 0
+alone writes checkpoints, metrics and logs; a checkpoint holds full weights and loads at any N.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from thinkforge.errors import UserError
+from thinkforge.losses import Normaliser
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among `world` ranks (one process: rank 0 of 1, every method a no-op)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[start, end) of this rank's contiguous share of n items (the first ranks one more where it does not divide)."""
+        k, extra = divmod(n, self.world)
+        start = self.rank * k + min(self.rank, extra)
+        return start, start + k + (self.rank < extra)
+
+    def share(self, items: list) -> list:
+        """This rank's contiguous share of a step's items."""
+        start, end = self.bounds(len(items))
+        return items[start:end]
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (one all-reduce, float64)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def normaliser(self, local: Normaliser) -> Normaliser:
+        """The step's normaliser from this rank's part: its denominator summed over ranks (the one
+        all-reduce), divided by N because DDP averages the ranks' gradients."""
+        if self.world == 1:
+            return local
+        return Normaliser(local.mode, self.all_sum([local.denominator])[0] / self.world)
+
+    def rounds(self, n_local: int) -> list[tuple[int, float]]:
+        """(micro-batch index, weight) for this rank: its own micro-batches at weight 1, then zero-weight
+        repeats of its last one until it has as many as the busiest rank (each backward joins the
+        gradient all-reduce of DDP's last round)."""
+        n = n_local if self.world == 1 else int(max(self.all_max(n_local), 1))
+        return [(i, 1.0) for i in range(n_local)] + [(max(n_local - 1, 0), 0.0)] * (n - n_local)
+
+    def all_max(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item()
+
+    def sync(self, model, last: bool):
+        """DDP all-reduces gradients only in the step's last backward (the others accumulate locally)."""
+        return nullcontext() if self.world == 1 or last else model.no_sync()
+
+    def wrap(self, model):
+        """The model the loss runs through: DDP over the ranks (attributes still reach the module)."""
+        if self.world == 1:
+            return model
+        ids = [model.device.index] if model.device.type == "cuda" else None
+        return _DDP(model, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+class _DDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP whose attributes fall through to the wrapped model (config, device, disable_adapter, ...)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def _comm_device() -> str:
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+
+
+def init() -> Dist:
+    """Join the ranks `accelerate launch` started (WORLD_SIZE > 1), else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+            # `accelerate launch --cpu --num_processes N` starts ONE process: a silent 1-rank run is refused.
+            raise UserError("accelerate launch --cpu starts a single process whatever --num_processes says; "
+                            "launch with --multi_gpu --num_processes N (without GPUs the ranks train on CPU with gloo)")
+        return Dist()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != world:
+        raise UserError(f"the launcher asked for {world} processes but {state.num_processes} joined; "
+                        "launch with accelerate launch --multi_gpu --num_processes N")
+    return Dist(state.process_index, state.num_processes)
