@@ -318,6 +318,10 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
         def load_weights(self, model):
             self.inner.model.load_state_dict(model.state_dict())
             self.syncs += 1
+            return {}
+
+        def close(self):
+            pass
 
     backends: list = []
     plain = rl.main(_shorter(tiny_model), tmp_path / "a", progress=False)
@@ -336,6 +340,7 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
     class Unsynced(OwnCopy):  # a sync that never arrives: the rollouts come from the start weights
         def load_weights(self, model):
             self.syncs += 1
+            return {}
 
     rl.main(_shorter(tiny_model), tmp_path / "c", progress=False, make_generator=Unsynced)
     a, c = trace(tmp_path / "a"), trace(tmp_path / "c")
@@ -355,6 +360,9 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
             return [Completion(i, "<think>2</think><answer>2</answer>", (), "stop") for i in range(len(prompts)) for _ in range(n)]
 
         def load_weights(self, model):
+            return {}
+
+        def close(self):
             pass
 
     with pytest.raises(RuntimeError, match="without token ids"):

@@ -53,6 +53,24 @@ class GenerationConfig(_Section):
     batch_size: int = Field(16, ge=1, description="Sequences generated together.")
 
 
+class RolloutConfig(_Section):
+    """Where RL samples: in this process (hf) or on a vLLM server that holds its own copy of the weights."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf = transformers in this process; vllm = a vLLM server "
+                                           "(started here, or rollout.base_url) with weight sync after every step.")
+    base_url: str | None = Field(None, description="A vLLM server already running (e.g. http://10.0.0.5:8000); None = "
+                                 "start one here. Full-weight sync needs it to read this machine's sync folder.")
+    vllm_command: str = Field(".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server",
+                              description="How to start vLLM's OpenAI server (its own venv: `make vllm`; on GPUs `vllm serve`).")
+    vllm_args: str = Field("--enforce-eager", description="More arguments for the server (e.g. --gpu-memory-utilization 0.3).")
+    max_model_len: int = Field(4096, ge=16, description="The server's context: prompt + new tokens at most.")
+    startup_timeout: float = Field(300.0, gt=0, description="Seconds to wait for the server's /health.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds per generation request.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    sync_atol: float = Field(1e-3, gt=0, description="After each weight sync the server's log-probs of a fixed sample must "
+                             "match the trainer's within this (fp32 on CPU: ~1e-6; bf16 on GPU needs ~5e-2).")
+
+
 class EvalConfig(_Section):
     benchmarks: list[str] = Field(["synthetic"], description="Benchmarks to evaluate (see `thinkforge eval --help`).")
     samples: int = Field(1, ge=1, description="Samples per problem; pass@1 is averaged over them.")
@@ -180,6 +198,8 @@ class RLConfig(_Section):
     anneal_steps: int = Field(0, ge=0, description="Steps of linear annealing start -> temperature (recipe: first half of training).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass for rollouts (1.0 keeps log-probs exact).")
     gen_batch: int = Field(64, ge=1, description="Sequences generated together; halved on out-of-memory.")
+    tis_cap: float | None = Field(None, gt=0, description="Truncated importance sampling against the rollout server's "
+                                  "log-probs: each token's advantage times min(exp(train - server log-prob), cap); None = off.")
     gamma: float = Field(1.0, ge=0, le=1, description="PPO discount.")
     lam: float = Field(0.95, ge=0, le=1, description="PPO GAE lambda.")
     value_clip: float = Field(0.2, gt=0, description="PPO value clipping.")
@@ -289,6 +309,7 @@ class Recipe(_Section):
     eval: EvalConfig = EvalConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     rewards: RewardsConfig = RewardsConfig()
+    rollout: RolloutConfig = RolloutConfig()
     distill: DistillConfig = DistillConfig()
     select: SelectConfig = SelectConfig()
     midtrain: MidtrainConfig = MidtrainConfig()

@@ -7,11 +7,38 @@ use `make_generator` (or `load_generator` for a checkpoint on disk); a remote te
 from __future__ import annotations
 
 
-def make_generator(model, tokenizer, batch_size: int):
-    """The backend that samples from an in-memory model: transformers' forward in our decode loop."""
+def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None):
+    """The backend that samples the policy `model`: rollout.backend (cfg) hf = transformers' forward in our
+    decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
+    sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step."""
     from thinkforge.rollout.hf import HFGenerator
 
-    return HFGenerator(model, tokenizer, batch_size)
+    hf = HFGenerator(model, tokenizer, batch_size)
+    if cfg is None or cfg.backend == "hf":
+        return hf
+    from pathlib import Path
+
+    from thinkforge import models
+    from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer
+
+    workdir = Path(workdir or ".")
+    server = None
+    if cfg.base_url is None:
+        lora = models.is_adapter(model)
+        if lora:  # the server serves the base; the adapter arrives by hot-loading
+            peft = model.peft_config["default"]
+            start_dir, rank = peft.base_model_name_or_path, peft.r
+        else:  # the current weights (a resumed run's too)
+            start_dir, rank = str(models.save(model, tokenizer, workdir / "vllm-start").resolve()), None
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype)
+        server.owned_dir = None if lora else Path(start_dir)
+        server.start()
+    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", server)
+    gen.stop_ids = hf.stop_ids()
+    if models.is_adapter(model) or cfg.base_url:
+        gen.load_weights(model)  # the starting adapter (or weights) onto the server
+    return gen
 
 
 def load_generator(model_cfg, path: str, batch_size: int):

@@ -27,9 +27,13 @@ class HFGenerator:
         forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
         self.own_loop = {"position_ids", "past_key_values"} <= set(forward.parameters)
 
-    def load_weights(self, model) -> None:
+    def load_weights(self, model) -> dict[str, float]:
         """Generation runs on the training model itself: its weights are always the current ones."""
         self.model = model
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def stop_ids(self) -> list[int]:
         """The tokenizer's eos and every eos of the model's generation config (Phi-4-mini lists two)."""

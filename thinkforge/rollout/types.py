@@ -33,6 +33,7 @@ class Completion:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str
+    logprobs: tuple[float, ...] | None = None  # the sampler's log-prob of each token (server backends)
 
 
 class Generator(Protocol):
@@ -46,10 +47,14 @@ class Generator(Protocol):
         """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i."""
         ...
 
-    def load_weights(self, model) -> None:
+    def load_weights(self, model) -> dict[str, float]:
         """The policy changed. A backend holding its own copy of the weights (a vLLM or SGLang server with
         LoRA hot-reload) pushes them here and proves the next generation uses them (PITFALLS 4); an
-        in-process backend generates with the training model itself."""
+        in-process backend generates with the training model itself. Returns what to log (sync seconds)."""
+        ...
+
+    def close(self) -> None:
+        """Stop what the backend started (a server)."""
         ...
 
 
@@ -77,6 +82,7 @@ class Rollout:
       old_logp (N, C)  log-probs before the update (mu > 1); None: the detached training log-probs (mu = 1)
       ref_logp (N, C)  the reference's log-probs; None without a KL term
       values, returns (N, C)  the critic's values before the update and its targets (PPO); else None
+      sampler_logp (N, C)  the rollout server's log-probs of the sampled tokens (vLLM), else None
     """
 
     prompt_ids: torch.Tensor
@@ -95,6 +101,7 @@ class Rollout:
     ref_logp: torch.Tensor | None = None
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    sampler_logp: torch.Tensor | None = None
 
     @property
     def group_size(self) -> int:

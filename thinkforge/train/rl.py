@@ -17,6 +17,7 @@ reference log-probs come from one no-grad pass (with LoRA: the adapter disabled,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -31,7 +32,7 @@ from thinkforge.config import Recipe, RLConfig
 from thinkforge.data.sources import training_problems
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
-from thinkforge.losses import ADVANTAGES, entropy, normaliser, policy_loss
+from thinkforge.losses import ADVANTAGES, entropy, kl_k3, masked_mean, normaliser, policy_loss
 from thinkforge.monitor import AhaDetector, progress_bar
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import Rollout
@@ -111,8 +112,9 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = 
                 logp, logits, values = forward_logp(model, batch, rows, baseline.head)
             old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
-            loss, parts = policy_loss(logp, old, batch.advantages[rows].to(logp.device), mask, share, cfg.policy_loss,
-                                      (cfg.clip_low, cfg.clip_high), ref, beta)
+            adv, mismatch = sampler_correction(logp, batch, rows, mask, cfg.tis_cap)
+            loss, parts = policy_loss(logp, old, adv, mask, share, cfg.policy_loss, (cfg.clip_low, cfg.clip_high), ref, beta)
+            parts.update(mismatch)
             value = baseline.loss(values, batch, rows, share)  # PPO: this micro-batch's share of the value loss
             if value is not None:
                 loss = loss + baseline.vf_coef * value
@@ -127,6 +129,26 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = 
             with torch.no_grad():
                 totals["entropy"] = entropy(logits, mask).item()
     return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": totals["entropy"]}
+
+
+def sampler_correction(logp: torch.Tensor, batch: Rollout, rows: slice, mask: torch.Tensor, cap: float | None):
+    """(advantages of these rows, mismatch statistics). With a server's log-probs (batch.sampler_logp): the
+    per-token mismatch between trainer and sampler (mean |diff|, KL k3), and with `cap` truncated importance
+    sampling, each token's advantage times min(exp(train - sampler log-prob), cap) (the weight is >= 0, so it
+    scales every policy loss's per-token term)."""
+    adv = batch.advantages[rows].to(logp.device)
+    if batch.sampler_logp is None:
+        return adv, {}
+    served = batch.sampler_logp[rows].to(logp.device)
+    with torch.no_grad():
+        delta = logp.detach() - served  # (n, C)
+        stats = {"sampler_logp_diff": masked_mean(delta.abs(), mask).item(),
+                 "sampler_kl": masked_mean(kl_k3(logp.detach(), served), mask).item()}
+        if cap is None:
+            return adv, stats
+        weight = delta.exp().clamp(max=cap)
+        stats["tis_weight"] = masked_mean(weight, mask).item()
+    return (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * weight, stats
 
 
 def reference_logp(model, reference, batch: Rollout, micro: int) -> torch.Tensor:
@@ -164,8 +186,22 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                                  stream="rl" if cfg.fresh_prompts else "")
     task = Task(problems, prompt_renderer(m, tok), tok,
                 WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
-    generator = (make_generator or rollout.make_generator)(model, tok, cfg.gen_batch)
+    if make_generator is not None:
+        generator = make_generator(model, tok, cfg.gen_batch)
+    else:
+        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir)
+    with contextlib.closing(generator):  # a server started for this run stops with it, whatever happens
+        return _steps(recipe, run_dir, (model, tok, ckpt, reference, ddp), (task, generator, baseline),
+                      dist, (progress, stop_after))
 
+
+def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Dist, when: tuple) -> Path | None:
+    """The step loop of `main` (see the module docstring): loaded = (model, tokenizer, checkpoint, reference,
+    the DDP-wrapped model), pieces = (task, generator, baseline), when = (progress, stop_after)."""
+    cfg = recipe.rl
+    model, tok, ckpt, reference, ddp = loaded
+    task, generator, baseline = pieces
+    progress, stop_after = when
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     baseline.attach(optimizer, cfg.lr, cfg.value_lr_scale)
     clipped = list(model.parameters()) + baseline.clipped_with_policy()
@@ -213,10 +249,10 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                 totals[k] = totals.get(k, 0.0) + v / cfg.mu
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
             grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
-        generator.load_weights(model)  # a server backend pushes the new weights before the next rollouts
+        sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
 
-        row = _row(batch, stats, dist) | totals | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
-                                                   "step_seconds": time.time() - t0}
+        row = _row(batch, stats, dist) | totals | sync | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
+                                                          "step_seconds": time.time() - t0}
         metrics.log(step + 1, row)
         for event in aha.update(step + 1, row, batch.texts):
             metrics.log(step + 1, event)

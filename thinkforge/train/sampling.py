@@ -160,6 +160,11 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     if cfg.overlong_cache:
         r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
     batch = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, truncated, texts, temperature)
+    served = [c.logprobs for _, comps, *_ in kept for c in comps]
+    if all(s is not None and len(s) == len(c) for s, c in zip(served, completions, strict=True)):  # a server's
+        batch.sampler_logp = torch.zeros(batch.completion_ids.shape)  # (N, C)
+        for i, s in enumerate(served):
+            batch.sampler_logp[i, : len(s)] = torch.tensor(s)
     stats.update(sample_stats(texts))
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()

@@ -1,0 +1,222 @@
+"""Rollouts on a vLLM server, with the policy's weights pushed after every optimizer step and proven.
+
+    server = VLLMServer(model_dir, cfg, log_path).start()      # or cfg.base_url: a server already running
+    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, probe_dir)
+    gen.generate(prompts, n, params)   # token ids in, token ids and their log-probs out
+    gen.load_weights(model)            # LoRA: hot-load the adapter under a new name; full: reload in place
+
+Token-exact: prompts go to /v1/completions as token ids, completions come back as token ids with the
+sampled tokens' log-probs (`return_token_ids`, `logprobs: 0`); nothing is re-tokenised. The server must run
+with `--logprobs-mode processed_logprobs` (started here with it) so the log-probs follow the sampling
+temperature, as the trainer's do (PITFALLS 5).
+
+Weight sync (PITFALLS 4): LoRA adapters are saved (safetensors) and loaded with /v1/load_lora_adapter
+under a new name per step (the old one unloaded: a name reused would serve stale cached prefixes); full
+weights are saved to a safetensors folder and reloaded in place (/pause, /collective_rpc reload_weights,
+/reset_prefix_cache, /resume; VLLM_SERVER_DEV_MODE, loopback only). After each sync the server's log-probs
+of one fixed sample must equal the trainer's within `rollout.sync_atol`, or the run stops: a policy that
+did not arrive is an error, never a silently stale generator.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from thinkforge.errors import UserError
+from thinkforge.rollout.types import Completion, SamplingParams
+
+
+class SyncError(RuntimeError):
+    """The server does not generate with the trainer's weights after a sync."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    """A vLLM OpenAI server as a child process on 127.0.0.1 and a free port: started, waited for, stopped on
+    exit and on Ctrl-C (its own process group, so a Ctrl-C reaches us first and we stop it)."""
+
+    def __init__(self, model_dir: str, cfg, log_path: Path, lora_rank: int | None = None, dtype: str = "float32"):
+        self.model_dir, self.cfg, self.log_path = model_dir, cfg, Path(log_path)
+        self.lora_rank, self.dtype = lora_rank, dtype
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.owned_dir: Path | None = None  # a copy of the starting weights made for the server, removed after
+
+    def command(self) -> list[str]:
+        cmd = shlex.split(self.cfg.vllm_command) + [
+            "--model", self.model_dir, "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(self.port),
+            "--dtype", self.dtype, "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.cfg.max_model_len),
+            "--seed", "0"]
+        if self.lora_rank:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank), "--max-loras", "2"]
+        return cmd + shlex.split(self.cfg.vllm_args)
+
+    def start(self) -> VLLMServer:
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_SERVER_DEV_MODE": "1",
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.proc = subprocess.Popen(self.command(), stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        except OSError as e:
+            raise UserError(f"cannot start the vLLM server ({self.cfg.vllm_command!r}: {e.strerror}); set rollout.vllm_command "
+                            "(e.g. '.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server', see `make vllm`)") from None
+        atexit.register(self.stop)
+        deadline = time.time() + self.cfg.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise UserError(f"the vLLM server exited with code {self.proc.returncode} while starting; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise UserError(f"the vLLM server did not answer /health within {self.cfg.startup_timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+class VLLMGenerator:
+    """The Generator interface over a vLLM server (see the module docstring). `server` (ours) is stopped by
+    `close`; a server at rollout.base_url is the user's and left running."""
+
+    def __init__(self, url: str, tokenizer, batch_size: int, cfg, sync_dir: Path, server: VLLMServer | None = None):
+        self.url, self.tokenizer, self.batch_size, self.cfg = url.rstrip("/"), tokenizer, batch_size, cfg
+        self.sync_dir, self.server = Path(sync_dir), server
+        self.model_name = "policy"
+        self.version = 0
+        self.probe: list[int] | None = None  # prompt + completion ids of one fixed sample, for the sync check
+        self.stop_ids: list[int] = []
+
+    # ------------------------------------------------------------ generation
+
+    def _post(self, route: str, body: dict, timeout: float | None = None) -> dict | None:
+        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.cfg.request_timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"vLLM {route} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise UserError(f"the vLLM server at {self.url} is unreachable ({getattr(e, 'reason', e)}); "
+                            f"{'see ' + str(self.server.log_path) if self.server else 'is rollout.base_url right?'}") from None
+        return json.loads(text) if text.strip().startswith(b"{") else None
+
+    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
+        """n completions per prompt, prompt by prompt, each with its token ids and their log-probs."""
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        per_call = max(1, self.batch_size // n)
+        calls = [ids[i : i + per_call] for i in range(0, len(ids), per_call)]
+        with ThreadPoolExecutor(min(len(calls), self.cfg.concurrency) or 1) as pool:
+            results = list(pool.map(lambda k: self._complete(calls[k], n, params, k * per_call), range(len(calls))))
+        out = [c for chunk in results for c in chunk]
+        if self.probe is None and out and out[0].token_ids:
+            self.probe = ids[0] + list(out[0].token_ids)
+        return out
+
+    def _complete(self, prompts: list[list[int]], n: int, params: SamplingParams, first: int) -> list[Completion]:
+        body = {"model": self.model_name, "prompt": prompts, "n": n, "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
+                "seed": params.seed * 1_000_003 + params.first_prompt + first, "stop_token_ids": self.stop_ids or None}
+        if params.top_k:
+            body["top_k"] = params.top_k
+        out = []
+        for choice in sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"]):
+            ids = tuple(choice["token_ids"])
+            logprobs = tuple((choice.get("logprobs") or {}).get("token_logprobs") or ())
+            text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+            out.append(Completion(first + choice["index"] // n, text, ids,
+                                  "length" if choice["finish_reason"] == "length" else "stop", logprobs or None))
+        return out
+
+    # ------------------------------------------------------------ weight sync
+
+    def load_weights(self, model) -> dict[str, float]:
+        """Push the trainer's weights, then prove the server generates with them (SyncError if not); returns
+        the sync's seconds and the check's log-prob difference."""
+        from thinkforge import models
+
+        start = time.time()
+        self.version += 1
+        if models.is_adapter(model):
+            path = self.sync_dir / f"adapter-{self.version}"
+            models.save(model, None, path)
+            name = f"policy-{self.version}"
+            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
+            old, self.model_name = self.model_name, name
+            if old != "policy":
+                self._post("/v1/unload_lora_adapter", {"lora_name": old})
+                shutil.rmtree(self.sync_dir / f"adapter-{self.version - 1}", ignore_errors=True)
+        else:
+            path = self.sync_dir / "weights"
+            models.save(model, None, path)
+            self._post("/pause", {})
+            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}})
+            self._post("/reset_prefix_cache", {})
+            self._post("/resume", {})
+        seconds = time.time() - start
+        diff = self.check(model)
+        return {"sync_seconds": seconds, "sync_check_seconds": time.time() - start - seconds, "sync_logp_diff": diff}
+
+    def check(self, model) -> float:
+        """max |server - trainer| log-prob over the probe sample's tokens at temperature 1; SyncError above
+        rollout.sync_atol. No probe yet (nothing generated): 0."""
+        if self.probe is None:
+            return 0.0
+        import torch
+
+        seq = self.probe
+        out = self._post("/v1/completions", {"model": self.model_name, "prompt": [seq], "max_tokens": 1,
+                                             "temperature": 1.0, "prompt_logprobs": 0})
+        served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq], device=model.device)).logits[0, :-1].float()
+        model.train(was)
+        mine = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:], device=logits.device)[:, None])[:, 0].cpu()
+        diff = (served - mine).abs().max().item()
+        if not diff <= self.cfg.sync_atol:
+            raise SyncError(f"after weight sync {self.version} the vLLM server's log-probs differ from the trainer's by "
+                            f"{diff:.2e} (> rollout.sync_atol={self.cfg.sync_atol}): it is not generating with the new weights")
+        return diff
+
+    def close(self) -> None:
+        """Stop our server and drop the sync folder (copies of weights the run's checkpoints already hold)."""
+        if self.server is not None:
+            self.server.stop()
+            if self.server.owned_dir is not None:
+                shutil.rmtree(self.server.owned_dir, ignore_errors=True)
+        shutil.rmtree(self.sync_dir, ignore_errors=True)
