@@ -66,7 +66,9 @@ class RolloutConfig(_Section):
     max_model_len: int = Field(4096, ge=16, description="The server's context: prompt + new tokens at most.")
     startup_timeout: float = Field(300.0, gt=0, description="Seconds to wait for the server's /health.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds per generation request.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    concurrency: int = Field(8, ge=1, description="Requests (one per prompt) in flight at once at most.")
+    max_batched_tokens: int = Field(16384, ge=256, description="The server's tokens per engine step; prompts in flight are "
+                                    "kept under half of it (vLLM's CPU engine fails on seeded prefills it splits).")
     sync_atol: float = Field(1e-3, gt=0, description="After each weight sync the server's log-probs of a fixed sample must "
                              "match the trainer's within this (fp32 on CPU: ~1e-6; bf16 on GPU needs ~5e-2).")
 

@@ -64,7 +64,7 @@ class VLLMServer:
         cmd = shlex.split(self.cfg.vllm_command) + [
             "--model", self.model_dir, "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", self.dtype, "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.cfg.max_model_len),
-            "--seed", "0"]
+            "--seed", "0", "--max-num-batched-tokens", str(self.cfg.max_batched_tokens)]
         if self.lora_rank:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank), "--max-loras", "2"]
         return cmd + shlex.split(self.cfg.vllm_args)
@@ -135,21 +135,28 @@ class VLLMGenerator:
         return json.loads(text) if text.strip().startswith(b"{") else None
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
-        """n completions per prompt, prompt by prompt, each with its token ids and their log-probs."""
+        """n completions per prompt, prompt by prompt, each with its token ids and their log-probs.
+
+        One request per prompt, its seed keyed by the prompt's position (params.seed, params.first_prompt + i):
+        the samples do not depend on how prompts are batched or spread over ranks. The prompt tokens in flight
+        stay within the server's step budget (rollout.max_batched_tokens): vLLM's CPU engine fails on a seeded
+        request whose prefill it splits across steps.
+        """
         ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        per_call = max(1, self.batch_size // n)
-        calls = [ids[i : i + per_call] for i in range(0, len(ids), per_call)]
-        with ThreadPoolExecutor(min(len(calls), self.cfg.concurrency) or 1) as pool:
-            results = list(pool.map(lambda k: self._complete(calls[k], n, params, k * per_call), range(len(calls))))
-        out = [c for chunk in results for c in chunk]
+        longest = max((len(x) for x in ids), default=1)
+        in_flight = max(1, min(self.cfg.concurrency, self.cfg.max_batched_tokens // (2 * n * longest)))
+        with ThreadPoolExecutor(in_flight) as pool:
+            results = list(pool.map(lambda i: self._complete(ids[i], n, params, i), range(len(ids))))
+        out = [c for one in results for c in one]
         if self.probe is None and out and out[0].token_ids:
             self.probe = ids[0] + list(out[0].token_ids)
         return out
 
-    def _complete(self, prompts: list[list[int]], n: int, params: SamplingParams, first: int) -> list[Completion]:
-        body = {"model": self.model_name, "prompt": prompts, "n": n, "max_tokens": params.max_new_tokens,
+    def _complete(self, prompt: list[int], n: int, params: SamplingParams, index: int) -> list[Completion]:
+        body = {"model": self.model_name, "prompt": [prompt], "n": n, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
-                "seed": params.seed * 1_000_003 + params.first_prompt + first, "stop_token_ids": self.stop_ids or None}
+                "seed": (params.seed * 1_000_003 + params.first_prompt + index) % 2**63,
+                "stop_token_ids": self.stop_ids or None}
         if params.top_k:
             body["top_k"] = params.top_k
         out = []
@@ -157,8 +164,8 @@ class VLLMGenerator:
             ids = tuple(choice["token_ids"])
             logprobs = tuple((choice.get("logprobs") or {}).get("token_logprobs") or ())
             text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
-            out.append(Completion(first + choice["index"] // n, text, ids,
-                                  "length" if choice["finish_reason"] == "length" else "stop", logprobs or None))
+            out.append(Completion(index, text, ids, "length" if choice["finish_reason"] == "length" else "stop",
+                                  logprobs or None))
         return out
 
     # ------------------------------------------------------------ weight sync
