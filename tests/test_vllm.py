@@ -108,3 +108,32 @@ def test_server_logprobs_equal_the_trainers_on_the_same_tokens(vllm_model, tmp_p
         for i, c in enumerate(out):
             assert torch.allclose(mine[i, : len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-4)
     assert _no_server_left()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_eval_on_vllm_writes_what_the_hf_backend_writes_greedily(vllm_model, tmp_path, capsys, lora):
+    """The same switch serves evaluation: the checkpoint folder itself on a server (a LoRA folder: its base,
+    the adapter hot-loaded). Greedy fp32 decoding gives the very same completions as transformers."""
+    from conftest import run_cli
+
+    from thinkforge import models
+
+    path = vllm_model
+    if lora:
+        model, tok = models.load(vllm_model)
+        model = models.add_lora(model, r=8, alpha=16)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        path = str(models.save(model, tok, tmp_path / "adapter"))
+    common = ["eval", "-m", path, "-b", "synthetic", "--limit", "6", "-t", "0", "--max-new-tokens", "24", "--system-prompt", "Think."]
+    code, _, err = run_cli([*common, "--out", str(tmp_path / "hf")], capsys)
+    assert code == 0, err
+    code, out, err = run_cli([*common, "--out", str(tmp_path / "vllm"), "rollout.backend=vllm", "rollout.max_model_len=512",
+                              f"rollout.vllm_command={json.dumps(COMMAND)}"], capsys)
+    assert code == 0, err
+    rows = {b: [json.loads(x) for x in (tmp_path / b / "synthetic.samples.jsonl").read_text().splitlines()] for b in ("hf", "vllm")}
+    assert len(rows["vllm"]) == 6 and [r["completion"] for r in rows["vllm"]] == [r["completion"] for r in rows["hf"]]
+    assert json.loads((tmp_path / "vllm" / "synthetic.summary.json").read_text())["backend"] == "vllm"
+    assert _no_server_left()

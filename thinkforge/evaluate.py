@@ -11,6 +11,7 @@ The sampling protocol is recorded beside every number.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -147,14 +148,15 @@ def run(recipe, model_path: str, out_dir: str | Path, progress: bool = True) -> 
     ev = recipe.eval
     problems = {b: load_benchmark(b, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
                                   recipe.synthetic.n_test) for b in ev.benchmarks}
-    generator, tok = rollout.load_generator(recipe.model, model_path, recipe.generation.batch_size)
+    generator, tok = rollout.load_generator(recipe.model, model_path, recipe.generation.batch_size, recipe.rollout, out_dir)
     prompt_fn, params = prompt_renderer(recipe.model, tok), sampling_params(recipe)
     results = {}
-    for name, probs in problems.items():
-        rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, progress=progress)
-        summary.update(benchmark=name, model=model_path)
-        write(out_dir, name, rows, summary)
-        results[name] = summary
+    with contextlib.closing(generator):
+        for name, probs in problems.items():
+            rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, progress=progress)
+            summary.update(benchmark=name, model=model_path, backend=recipe.rollout.backend)
+            write(out_dir, name, rows, summary)
+            results[name] = summary
     return results
 
 

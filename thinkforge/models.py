@@ -135,6 +135,15 @@ def load(
     return model, load_tokenizer(tok_source, trust_remote_code)
 
 
+def adapter_base(path: str) -> tuple[str | None, int | None]:
+    """(base model path, LoRA rank) of a PEFT adapter folder; (None, None) for a full model folder."""
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.is_file():
+        return None, None
+    data = json.loads(cfg.read_text())
+    return data["base_model_name_or_path"], int(data.get("r", 16))
+
+
 def default_lora_targets(model) -> list[str]:
     kind = getattr(model.config, "model_type", "")
     if kind not in LORA_TARGETS:

@@ -14,6 +14,7 @@ Teachers (each yields (problem, [(completion, finish_reason), ...]) as results a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -163,10 +164,11 @@ def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, p
     from thinkforge.formats import prompt_renderer
 
     m, g = recipe.model, recipe.generation
-    generator, tok = rollout.load_generator(m, model_path, g.batch_size)
+    generator, tok = rollout.load_generator(m, model_path, g.batch_size, recipe.rollout, out.parent)
     params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
-    teacher = HFTeacher(generator, prompt_renderer(m, tok), params, "policy")
-    return main(problems, teacher, recipe.pairs.policy_samples, out, progress)
+    with contextlib.closing(generator):
+        return main(problems, HFTeacher(generator, prompt_renderer(m, tok), params, "policy"),
+                    recipe.pairs.policy_samples, out, progress)
 
 
 def teacher_for(cfg, recipe):

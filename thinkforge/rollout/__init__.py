@@ -41,14 +41,38 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None):
     return gen
 
 
-def load_generator(model_cfg, path: str, batch_size: int):
-    """(generator, tokenizer) for the checkpoint at `path`, loaded as model_cfg says (dtype, device, ...)."""
+def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None):
+    """(generator, tokenizer) that samples the checkpoint at `path` (evaluation, the policy's own samples for
+    DPO pairs, a local teacher). hf: loaded here as model_cfg says (dtype, device, ...); vllm (cfg): a vLLM
+    server started on the folder itself (a LoRA folder: its base, the adapter hot-loaded), no copy in this
+    process. Close it after use."""
+    from pathlib import Path
+
     from thinkforge import models
 
     m = model_cfg
-    model, tok = models.load(path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
-                             attn_implementation=m.attn_implementation)
-    return make_generator(model, tok, batch_size), tok
+    if cfg is None or cfg.backend == "hf":
+        model, tok = models.load(path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
+                                 attn_implementation=m.attn_implementation)
+        return make_generator(model, tok, batch_size), tok
+    from transformers import GenerationConfig
+
+    from thinkforge.rollout.hf import stop_ids
+    from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer
+
+    workdir = Path(workdir or ".")
+    base, rank = models.adapter_base(path)
+    tok = models.load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base or path, m.trust_remote_code)
+    dtype = str(models.resolve_dtype(m.dtype, models.resolve_device(m.device))).removeprefix("torch.")
+    server = VLLMServer(base or path, cfg, workdir / "vllm.log", rank, dtype).start()
+    gen = VLLMGenerator(server.url, tok, batch_size, cfg, workdir / "vllm-sync", server)
+    try:
+        gen.stop_ids = stop_ids(tok, GenerationConfig.from_pretrained(base or path))
+    except OSError:  # no generation_config.json: the tokenizer's eos
+        gen.stop_ids = stop_ids(tok, None)
+    if base:
+        gen.load_adapter(str(Path(path).resolve()))
+    return gen, tok
 
 
 def server_client(base_url: str, served_model: str, api_key: str | None, timeout: float, retries: int, concurrency: int):

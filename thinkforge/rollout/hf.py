@@ -17,6 +17,16 @@ from collections.abc import Iterator
 from thinkforge.rollout.types import Completion, SamplingParams, is_out_of_memory, left_pad, pad_id
 
 
+def stop_ids(tokenizer, generation_config) -> list[int]:
+    """The tokenizer's eos and every eos of the model's generation config (Phi-4-mini lists two)."""
+    ids: list[int] = []
+    for src in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        for i in src if isinstance(src, (list, tuple)) else [src]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
 class HFGenerator:
     """Generate with a loaded model and tokenizer. `batch_size` counts sequences (prompts x samples)."""
 
@@ -36,14 +46,7 @@ class HFGenerator:
         pass
 
     def stop_ids(self) -> list[int]:
-        """The tokenizer's eos and every eos of the model's generation config (Phi-4-mini lists two)."""
-        ids: list[int] = []
-        sources = (self.tokenizer.eos_token_id, getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))
-        for src in sources:
-            for i in src if isinstance(src, (list, tuple)) else [src]:
-                if i is not None and i not in ids:
-                    ids.append(int(i))
-        return ids
+        return stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
 
     def _kwargs(self, params: SamplingParams) -> dict:
         tok = self.tokenizer

@@ -197,6 +197,12 @@ class VLLMGenerator:
         diff = self.check(model)
         return {"sync_seconds": seconds, "sync_check_seconds": time.time() - start - seconds, "sync_logp_diff": diff}
 
+    def load_adapter(self, path: str) -> None:
+        """Serve a saved LoRA adapter folder (evaluation of a LoRA checkpoint; no trainer to check against)."""
+        self.version += 1
+        self.model_name = f"policy-{self.version}"
+        self._post("/v1/load_lora_adapter", {"lora_name": self.model_name, "lora_path": path})
+
     def check(self, model) -> float:
         """max |server - trainer| log-prob over the probe sample's tokens at temperature 1; SyncError above
         rollout.sync_atol. No probe yet (nothing generated): 0."""
