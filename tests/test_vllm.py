@@ -137,3 +137,27 @@ def test_eval_on_vllm_writes_what_the_hf_backend_writes_greedily(vllm_model, tmp
     assert len(rows["vllm"]) == 6 and [r["completion"] for r in rows["vllm"]] == [r["completion"] for r in rows["hf"]]
     assert json.loads((tmp_path / "vllm" / "synthetic.summary.json").read_text())["backend"] == "vllm"
     assert _no_server_left()
+
+
+def test_two_ranks_share_one_server_and_equal_one_process(vllm_model, tmp_path):
+    """Rank 0 starts the server and pushes the LoRA adapter after each step; both ranks sample their share
+    (seeds keyed by the prompt's position in the global draw): the run equals one process's."""
+    import os
+    import subprocess
+
+    from test_distributed import _cmd
+
+    args = ["rl", "-m", vllm_model, "--steps", "2", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16",
+            "rl.lr=1e-2", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
+            "rl.truncation=none", "rl.micro_batch=8", "rl.temperature=1.0", "rl.temperature_start=null",
+            "rollout.backend=vllm", "rollout.max_model_len=512", f"rollout.vllm_command={COMMAND}",
+            "lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    for ranks, out in ((1, "one"), (2, "two")):
+        r = subprocess.run(_cmd([*args, "--out", out], ranks), capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [(r["reward"], r["kept_groups"]) for r in one] == [(r["reward"], r["kept_groups"]) for r in two]
+    assert [r["pg_loss"] for r in one] == pytest.approx([r["pg_loss"] for r in two], abs=1e-6)
+    assert all(r["sync_logp_diff"] <= 1e-3 for r in one + two)
+    assert _no_server_left()

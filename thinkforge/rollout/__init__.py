@@ -7,10 +7,11 @@ use `make_generator` (or `load_generator` for a checkpoint on disk); a remote te
 from __future__ import annotations
 
 
-def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None):
+def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, dist=None):
     """The backend that samples the policy `model`: rollout.backend (cfg) hf = transformers' forward in our
     decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
-    sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step."""
+    sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step. On N
+    ranks (dist) one server serves them all: rank 0 starts it and pushes the weights, every rank samples."""
     from thinkforge.rollout.hf import HFGenerator
 
     hf = HFGenerator(model, tokenizer, batch_size)
@@ -23,6 +24,13 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None):
 
     workdir = Path(workdir or ".")
     server = None
+    if dist is not None and not dist.main:
+        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync")
+        gen.push, gen.stop_ids = False, hf.stop_ids()
+        if models.is_adapter(model) or cfg.base_url:
+            gen.load_weights(model)
+        dist.barrier()  # rank 0's starting weights are on the server
+        return gen
     if cfg.base_url is None:
         lora = models.is_adapter(model)
         if lora:  # the server serves the base; the adapter arrives by hot-loading
@@ -38,6 +46,9 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None):
     gen.stop_ids = hf.stop_ids()
     if models.is_adapter(model) or cfg.base_url:
         gen.load_weights(model)  # the starting adapter (or weights) onto the server
+    if dist is not None:
+        dist.broadcast(gen.url)
+        dist.barrier()
     return gen
 
 

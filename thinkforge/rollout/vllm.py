@@ -116,6 +116,7 @@ class VLLMGenerator:
         self.sync_dir, self.server = Path(sync_dir), server
         self.model_name = "policy"
         self.version = 0
+        self.push = True  # False on ranks other than the first: rank 0 pushes, every rank samples
         self.probe: list[int] | None = None  # prompt + completion ids of one fixed sample, for the sync check
         self.stop_ids: list[int] = []
 
@@ -177,6 +178,9 @@ class VLLMGenerator:
 
         start = time.time()
         self.version += 1
+        if not self.push:  # rank 0 pushes the weights every rank holds; the adapter's name follows the version
+            self.model_name = f"policy-{self.version}" if models.is_adapter(model) else "policy"
+            return {}
         if models.is_adapter(model):
             path = self.sync_dir / f"adapter-{self.version}"
             models.save(model, None, path)
@@ -232,4 +236,5 @@ class VLLMGenerator:
             self.server.stop()
             if self.server.owned_dir is not None:
                 shutil.rmtree(self.server.owned_dir, ignore_errors=True)
-        shutil.rmtree(self.sync_dir, ignore_errors=True)
+        if self.push:
+            shutil.rmtree(self.sync_dir, ignore_errors=True)

@@ -85,6 +85,14 @@ class Dist:
         ids = [model.device.index] if model.device.type == "cuda" else None
         return _DDP(model, device_ids=ids)
 
+    def broadcast(self, value):
+        """Rank 0's value on every rank (a small object: a server's address)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

@@ -189,7 +189,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     if make_generator is not None:
         generator = make_generator(model, tok, cfg.gen_batch)
     else:
-        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir)
+        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist)
     with contextlib.closing(generator):  # a server started for this run stops with it, whatever happens
         return _steps(recipe, run_dir, (model, tok, ckpt, reference, ddp), (task, generator, baseline),
                       dist, (progress, stop_after))
@@ -250,6 +250,7 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
             lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
             grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
         sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
+        dist.barrier()  # no rank samples before the push is done
 
         row = _row(batch, stats, dist) | totals | sync | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
                                                           "step_seconds": time.time() - t0}
