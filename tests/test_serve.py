@@ -139,3 +139,32 @@ def test_serve_command_as_a_process(tiny_model):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_eval_through_an_openai_compatible_server_writes_what_in_process_eval_writes(tiny_model, tmp_path, capsys):
+    """rollout.backend=openai: the model served by its name (here `thinkforge serve` of the same folder);
+    greedy completions equal the in-process backend's. RL on such a server is refused (no weight updates)."""
+    import json
+
+    from conftest import run_cli
+
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model)
+    srv = make_server(HFGenerator(model, tok), tok, tiny_model, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    try:
+        common = ["eval", "-m", tiny_model, "-b", "synthetic", "--limit", "4", "-t", "0", "--max-new-tokens", "16"]
+        assert run_cli([*common, "--out", str(tmp_path / "hf")], capsys)[0] == 0
+        code, _, err = run_cli([*common, "--out", str(tmp_path / "srv"), "rollout.backend=openai", f"rollout.base_url={url}"], capsys)
+        assert code == 0, err
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    rows = {b: [json.loads(x)["completion"] for x in (tmp_path / b / "synthetic.samples.jsonl").read_text().splitlines()]
+            for b in ("hf", "srv")}
+    assert len(rows["srv"]) == 4 and rows["srv"] == rows["hf"]
+    code, _, err = run_cli(["rl", "-m", tiny_model, "--out", str(tmp_path / "rl"), "rollout.backend=openai",
+                            f"rollout.base_url={url}"], capsys)
+    assert code == 2 and "no weight updates" in err

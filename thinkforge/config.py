@@ -56,8 +56,11 @@ class GenerationConfig(_Section):
 class RolloutConfig(_Section):
     """Where RL samples: in this process (hf) or on a vLLM server that holds its own copy of the weights."""
 
-    backend: Literal["hf", "vllm"] = Field("hf", description="hf = transformers in this process; vllm = a vLLM server "
-                                           "(started here, or rollout.base_url) with weight sync after every step.")
+    backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="hf = transformers in this process; vllm = a vLLM server (started here, or rollout.base_url) "
+        "with weight sync after every step; openai = any OpenAI-compatible server at rollout.base_url serving the model "
+        "by its name (evaluation, pair sampling; no weight updates, so not RL).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the server's API key.")
     base_url: str | None = Field(None, description="A vLLM server already running (e.g. http://10.0.0.5:8000); None = "
                                  "start one here. Full-weight sync needs it to read this machine's sync folder.")
     vllm_command: str = Field(".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server",

@@ -17,6 +17,10 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     hf = HFGenerator(model, tokenizer, batch_size)
     if cfg is None or cfg.backend == "hf":
         return hf
+    if cfg.backend == "openai":
+        from thinkforge.errors import UserError
+
+        raise UserError("rollout.backend=openai serves a fixed model (no weight updates): RL needs rollout.backend=hf or vllm")
     from pathlib import Path
 
     from thinkforge import models
@@ -62,6 +66,17 @@ def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None
     from thinkforge import models
 
     m = model_cfg
+    if cfg is not None and cfg.backend == "openai":  # the server serves `path` by name; only its tokenizer is here
+        import os
+
+        from thinkforge.errors import UserError
+
+        if not cfg.base_url:
+            raise UserError("rollout.backend=openai needs rollout.base_url (e.g. http://127.0.0.1:8000/v1)")
+        tok = models.load_tokenizer(path, m.trust_remote_code)
+        client = server_client(cfg.base_url, path, os.environ.get(cfg.api_key_env), cfg.request_timeout, 3, cfg.concurrency)
+        client.batch_size = max(1, batch_size)
+        return client, tok
     if cfg is None or cfg.backend == "hf":
         model, tok = models.load(path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
                                  attn_implementation=m.attn_implementation)

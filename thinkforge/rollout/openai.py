@@ -31,6 +31,7 @@ class OpenAIClient:
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_retries, self.backoff, self.concurrency = max_retries, backoff, max(1, concurrency)
         self.retries = 0  # how many retries this client has made, for logs and tests
+        self.batch_size = 16  # prompts x samples per generate call (the Generator interface)
 
     def _post(self, route: str, body: dict) -> dict:
         data = json.dumps(body).encode()
@@ -88,6 +89,12 @@ class OpenAIClient:
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [c for group in pool.map(one, range(len(prompts))) for c in group]
+
+    def load_weights(self, model) -> dict[str, float]:
+        raise RuntimeError("an OpenAI-compatible server takes no weight updates: RL needs rollout.backend hf or vllm")
+
+    def close(self) -> None:
+        pass
 
 
 def _retry_after(value: str | None) -> float | None:
