@@ -24,17 +24,18 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _cmd(args, ranks: int) -> list[str]:
+def _cmd(args, ranks: int, strategy: str = "ddp") -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "thinkforge", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(ranks),
+    how = ["--multi_gpu"] if strategy == "ddp" else ["--use_fsdp", "--fsdp_version", "2"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(ranks),
             "--main_process_port", _port(), "-m", "thinkforge", *args]
 
 
-def _run(args, ranks: int, tmp_path) -> None:
+def _run(args, ranks: int, tmp_path, strategy: str = "ddp") -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
     for _ in range(2):  # the free port _port() found can be taken before the ranks' store binds it: once more
-        r = subprocess.run(_cmd(args, ranks), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        r = subprocess.run(_cmd(args, ranks, strategy), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
             break
     assert r.returncode == 0, r.stderr[-3000:]
@@ -93,20 +94,22 @@ def data(tiny_model, tmp_path_factory):
     return d
 
 
-def test_sft_packed_on_two_ranks_equals_one_process(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sft_packed_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, strategy):
     args = ["sft", "--stage", "midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
             "midtrain.max_len=256", "midtrain.batch_size=2", "midtrain.grad_accum=3", "midtrain.epochs=2", "midtrain.lr=1e-3"]
     _run([*args, "--out", "one"], 1, tmp_path)
-    _run([*args, "--out", "two"], 2, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path, strategy)
     _same(tmp_path / "one", tmp_path / "two", "loss", 1e-5)
     assert _rows(tmp_path / "one", "loss")[0]["tokens"] == _rows(tmp_path / "two", "loss")[0]["tokens"]
 
 
-def test_dpo_on_two_ranks_equals_one_process(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_dpo_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, strategy):
     args = ["dpo", "--data", str(data / "pairs.jsonl"), "-m", tiny_model, "dpo.max_len=256", "dpo.batch_size=2",
             "dpo.grad_accum=2", "dpo.lr=1e-3", "dpo.epochs=2"]
     _run([*args, "--out", "one"], 1, tmp_path)
-    _run([*args, "--out", "two"], 2, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path, strategy)
     _same(tmp_path / "one", tmp_path / "two", "loss", 2e-4)  # Adam at lr 1e-3 magnifies float-order noise
 
 
@@ -124,14 +127,16 @@ def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg):
         assert (x["reward"], x["kept_groups"], x["response_tokens"]) == pytest.approx((y["reward"], y["kept_groups"], y["response_tokens"]))
 
 
-def test_a_two_rank_run_killed_mid_stage_resumes_on_one_process(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_two_rank_run_killed_mid_stage_resumes_on_one_process(tiny_model, data, tmp_path, strategy):
+    """Checkpoints hold full weights and the optimizer state by parameter name: a sharded run resumes unsharded."""
     args = ["sft", "--stage", "midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
             "midtrain.max_len=128", "midtrain.batch_size=1", "midtrain.grad_accum=2", "midtrain.epochs=6",
             "midtrain.save_every=1", "midtrain.lr=1e-3"]
     _run([*args, "--out", "straight"], 1, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cut = str(tmp_path / "cut")
-    proc = subprocess.Popen(_cmd([*args, "--out", cut], 2), cwd=tmp_path, env=env,
+    proc = subprocess.Popen(_cmd([*args, "--out", cut], 2, strategy), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not any(int(p.name[5:]) >= 3 for p in (tmp_path / "cut").glob("step-*")) and time.time() < deadline:

@@ -173,7 +173,7 @@ def is_adapter(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save(model, tokenizer, out: str | Path, merged: bool = False) -> Path:
+def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: dict | None = None) -> Path:
     """Save a loadable folder atomically. An adapter is saved as a PEFT folder (or merged into full weights).
 
     The adapter's `base_model_name_or_path` is made absolute when the base is a local folder, so that
@@ -185,7 +185,8 @@ def save(model, tokenizer, out: str | Path, merged: bool = False) -> Path:
     try:
         if is_adapter(model) and merged:
             model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
+        # state_dict: a sharded model's full weights, gathered by the caller
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "adapter_config.json"

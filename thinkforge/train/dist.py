@@ -29,6 +29,7 @@ class Dist:
 
     rank: int = 0
     world: int = 1
+    strategy: str = "ddp"  # or "fsdp2": parameters, gradients and optimizer state sharded over the ranks
 
     @property
     def main(self) -> bool:
@@ -75,15 +76,64 @@ class Dist:
         return t.item()
 
     def sync(self, model, last: bool):
-        """DDP all-reduces gradients only in the step's last backward (the others accumulate locally)."""
-        return nullcontext() if self.world == 1 or last else model.no_sync()
+        """Gradients are reduced over the ranks only in the step's last backward (the others accumulate)."""
+        if self.world == 1 or last:
+            return nullcontext()
+        return _no_gradient_sync(model) if self.strategy == "fsdp2" else model.no_sync()
 
     def wrap(self, model):
-        """The model the loss runs through: DDP over the ranks (attributes still reach the module)."""
+        """The model the loss runs through: DDP over the ranks (attributes still reach the module), or with
+        fsdp2 the model itself, each decoder layer and then the whole sharded by torch's fully_shard (one code
+        path on CPU and GPU: accelerate's own FSDP plugin does nothing on CPU)."""
         if self.world == 1:
+            return model
+        if self.strategy == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for module in model.modules():
+                if type(module).__name__.endswith("DecoderLayer"):
+                    fully_shard(module)
+            fully_shard(model)
             return model
         ids = [model.device.index] if model.device.type == "cuda" else None
         return _DDP(model, device_ids=ids)
+
+    # ---------------------------------------------------------------- checkpoints: full state, by name
+
+    def full_state(self, model) -> dict | None:
+        """A sharded model's full state dict, on rank 0 (a collective: every rank calls it); else None (the
+        model holds its full weights)."""
+        if self.strategy != "fsdp2" or self.world == 1:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self, model, optimizer) -> dict:
+        """The optimizer's full state keyed by parameter name (a collective under fsdp2), so a checkpoint
+        resumes under any strategy and number of ranks."""
+        if self.strategy == "fsdp2" and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        names = _param_names(model, optimizer)
+        state = optimizer.state_dict()
+        return {"state": {names[i]: v for i, v in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+    def load_optimizer_state(self, model, optimizer, state: dict) -> None:
+        """Load what optimizer_state saved (or an older checkpoint's index-keyed state)."""
+        groups = state["param_groups"]
+        if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+            optimizer.load_state_dict(state)
+        elif self.strategy == "fsdp2" and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+            optimizer.load_state_dict({"state": {index[n]: v for n, v in state["state"].items()},
+                                       "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]})
 
     def broadcast(self, value):
         """Rank 0's value on every rank (a small object: a server's address)."""
@@ -96,6 +146,26 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+
+class _no_gradient_sync:
+    """FSDP2's no_sync: reduce-scatter no gradient until the step's last backward."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The name of each parameter in the optimizer's order (those not in the model, PPO's head: extra.i)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [by_id.get(id(p), f"extra.{i}") for i, p in enumerate(params)]
 
 
 class _DDP(torch.nn.parallel.DistributedDataParallel):
@@ -123,8 +193,11 @@ def init() -> Dist:
         return Dist()
     from accelerate import PartialState
 
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes != world:
         raise UserError(f"the launcher asked for {world} processes but {state.num_processes} joined; "
                         "launch with accelerate launch --multi_gpu --num_processes N")
-    return Dist(state.process_index, state.num_processes)
+    return Dist(state.process_index, state.num_processes, "fsdp2" if fsdp else "ddp")

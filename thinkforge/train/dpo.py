@@ -124,9 +124,9 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     n_steps = loop.total_steps(len(pairs), per_step, cfg.epochs, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * n_steps)
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
+    start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
-    checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist.main)
+    checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
     bar = progress_bar(n_steps, "dpo", "step", progress and dist.main, start)
     for step in range(start, n_steps):
         t0 = time.time()
@@ -153,4 +153,4 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
         bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['preference_accuracy']:.2f}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer):
             return loop.finish(bar, metrics)
-    return loop.finish(bar, metrics, model, tok, run_dir / "final", dist.main)
+    return loop.finish(bar, metrics, model, tok, run_dir / "final", dist)

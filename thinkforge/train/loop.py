@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from thinkforge.io import write_json
+from thinkforge.train.dist import Dist
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -54,7 +55,8 @@ def set_lr(optimizer, lr: float) -> None:
 
 def apply_update(params, optimizer, clip: float, lr: float) -> float:
     """Clip the gradient norm, set the learning rate, step, zero the gradients; returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # sharded (FSDP2): a DTensor
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -126,8 +128,8 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict = {}
     for name, value in [*tensors.items(), *meta["scalars"].items()]:
-        idx, key = name.split("/", 1)
-        state.setdefault(int(idx), {})[key] = value
+        idx, key = name.rsplit("/", 1)
+        state.setdefault(int(idx) if idx.isdigit() else idx, {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -161,30 +163,35 @@ class Checkpoints:
     save_every: int = 0
     keep: int = 2
     stop_after: int | None = None
-    write: bool = True  # False on every rank but the first: one writer
+    dist: Dist = Dist()  # every rank gathers (sharded models), rank 0 alone writes
 
     def end_of_step(self, done: int, model, tokenizer, optimizer, extras: dict[str, torch.Tensor] | None = None) -> bool:
         """Checkpoint when due; True means stop now (stop_after reached before the end)."""
         stop = self.stop_after is not None and self.stop_after <= done < self.total
-        if self.write and ((self.save_every and done % self.save_every == 0) or done == self.total or stop):
+        if (self.save_every and done % self.save_every == 0) or done == self.total or stop:
             self.save(done, (model, tokenizer), optimizer, extras)
         return stop
 
-    def save(self, step: int, model_and_tokenizer, optimizer, extras: dict[str, torch.Tensor] | None = None) -> Path:
+    def save(self, step: int, model_and_tokenizer, optimizer, extras: dict[str, torch.Tensor] | None = None) -> Path | None:
         """Write run_dir/step-N atomically (temporary folder, then rename); keep the newest `keep`.
 
         extras: more tensors to keep with the checkpoint (PPO's value head), read back by `load_extras`.
+        Every rank calls it (a sharded model's state is gathered); rank 0 writes.
         """
         from safetensors.torch import save_file
 
         from thinkforge import models
 
+        model, tokenizer = model_and_tokenizer
+        full, opt_state = self.dist.full_state(model), self.dist.optimizer_state(model, optimizer)
+        if not self.dist.main:
+            return None
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{step:07d}"
         tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        models.save(*model_and_tokenizer, tmp / "model")
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        models.save(model, tokenizer, tmp / "model", state_dict=full)
+        opt_tensors, opt_meta = _flatten_optimizer(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -199,17 +206,18 @@ class Checkpoints:
         return final
 
 
-def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None, write: bool = True) -> Path | None:
+def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None, dist: Dist = Dist()) -> Path | None:
     """Close the progress bar and the metrics; save the final model when given one (a planned stop gives none;
-    write=False: another rank saves it)."""
+    every rank gathers a sharded model, rank 0 writes)."""
     bar.close()
     metrics.close()
     if final is None:
         return None
-    if write:
+    full = dist.full_state(model)
+    if dist.main:
         from thinkforge import models
 
-        models.save(model, tokenizer, final)
+        models.save(model, tokenizer, final, state_dict=full)
     return final
 
 
@@ -232,12 +240,13 @@ def load_extras(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path)) if path.is_file() else {}
 
 
-def restore(checkpoint: Path, optimizer) -> dict:
+def restore(checkpoint: Path, optimizer, model, dist: Dist = Dist()) -> dict:
     """Load optimizer and RNG state from a checkpoint (the model was loaded from checkpoint/model)."""
     from safetensors.torch import load_file
 
     meta = json.loads((checkpoint / "trainer_state.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), meta["optimizer"]))
+    state = _unflatten_optimizer(load_file(str(checkpoint / "optimizer.safetensors")), meta["optimizer"])
+    dist.load_optimizer_state(model, optimizer, state)
     _set_rng_state(load_file(str(checkpoint / "rng.safetensors")), meta["rng"])
     return meta
 

@@ -168,6 +168,9 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     m = recipe.model
     loop.seed_everything(recipe.seed)
     dist = distributed.init()
+    if dist.strategy == "fsdp2":
+        raise UserError("rl on FSDP2 is not supported yet (generation and the sync check would need every rank in "
+                        "step); launch it with DDP (recipes/accelerate/ddp.yaml)")
     if dist.world > 1 and cfg.algo == "ppo":
         raise UserError("rl.algo=ppo runs on one process for now (its value head is not yet shared across ranks); "
                         "use rl.algo=grpo on several processes")
@@ -205,7 +208,7 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     baseline.attach(optimizer, cfg.lr, cfg.value_lr_scale)
     clipped = list(model.parameters()) + baseline.clipped_with_policy()
-    start = loop.restore(ckpt, optimizer)["step"] if ckpt else 0
+    start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, "note": "with mu=1 and beta=0 the loss can read 0 "
@@ -214,7 +217,7 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
     warmup = int(cfg.warmup_ratio * cfg.steps)
-    checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist.main)
+    checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
     bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress and dist.main, start)
     empty = 0
     for step in range(start, cfg.steps):
@@ -264,7 +267,7 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.3f}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer, baseline.state()):
             return loop.finish(bar, metrics)
-    return loop.finish(bar, metrics, model, tok, run_dir / "final", dist.main)
+    return loop.finish(bar, metrics, model, tok, run_dir / "final", dist)
 
 
 def _row(batch: Rollout, stats: dict, dist: Dist) -> dict:

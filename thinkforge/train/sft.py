@@ -85,7 +85,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
     start = 0
     if ckpt:
-        start = loop.restore(ckpt, optimizer)["step"]
+        start = loop.restore(ckpt, optimizer, model, dist)["step"]
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         n_tok = sum(len(e) for e in examples)
@@ -93,7 +93,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         "tokens": n_tok, "packing": cfg.packing})
 
     device = str(model.device)
-    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist.main)
+    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
     bar = progress_bar(n_steps, stage, "step", progress and dist.main, start)
     for step in range(start, n_steps):
         t0 = time.time()
@@ -123,4 +123,4 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer):
             return loop.finish(bar, metrics)
-    return loop.finish(bar, metrics, model, tok, final_dir, dist.main)
+    return loop.finish(bar, metrics, model, tok, final_dir, dist)
