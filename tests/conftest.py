@@ -31,3 +31,17 @@ def run_cli(args, capsys):
         main(list(args))
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+def random_lora(model, r: int, alpha: int, std: float):
+    """`model` with a LoRA adapter whose B matrices are random (a fresh adapter is the identity)."""
+    import torch
+
+    from thinkforge import models
+
+    model = models.add_lora(model, r=r, alpha=alpha)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return model

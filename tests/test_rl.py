@@ -117,15 +117,12 @@ def test_rl_runs_logs_and_resumes_exactly(tiny_model, tmp_path, algo, extra):
 
 
 def test_lora_reference_is_the_adapter_disabled(tiny_model):
+    from conftest import random_lora
+
     from thinkforge import models
 
     base, tok = models.load(tiny_model)
-    lora, _ = models.load(tiny_model)
-    lora = models.add_lora(lora, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in lora.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    lora = random_lora(models.load(tiny_model)[0], 4, 8, 0.5)
     ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
     ref = rl.reference_logp(lora, None, ro, 2)
     want = logp_no_grad(base, ro, 2)

@@ -114,19 +114,14 @@ def test_server_logprobs_equal_the_trainers_on_the_same_tokens(vllm_model, tmp_p
 def test_eval_on_vllm_writes_what_the_hf_backend_writes_greedily(vllm_model, tmp_path, capsys, lora):
     """The same switch serves evaluation: the checkpoint folder itself on a server (a LoRA folder: its base,
     the adapter hot-loaded). Greedy fp32 decoding gives the very same completions as transformers."""
-    from conftest import run_cli
+    from conftest import random_lora, run_cli
 
     from thinkforge import models
 
     path = vllm_model
     if lora:
         model, tok = models.load(vllm_model)
-        model = models.add_lora(model, r=8, alpha=16)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.3)
-        path = str(models.save(model, tok, tmp_path / "adapter"))
+        path = str(models.save(random_lora(model, 8, 16, 0.3), tok, tmp_path / "adapter"))
     common = ["eval", "-m", path, "-b", "synthetic", "--limit", "6", "-t", "0", "--max-new-tokens", "24", "--system-prompt", "Think."]
     code, _, err = run_cli([*common, "--out", str(tmp_path / "hf")], capsys)
     assert code == 0, err
