@@ -168,3 +168,20 @@ def test_eval_through_an_openai_compatible_server_writes_what_in_process_eval_wr
     code, _, err = run_cli(["rl", "-m", tiny_model, "--out", str(tmp_path / "rl"), "rollout.backend=openai",
                             f"rollout.base_url={url}"], capsys)
     assert code == 2 and "no weight updates" in err
+
+
+@pytest.mark.parametrize("where", ["busy", "out_of_range", "foreign_host"])
+def test_a_port_or_host_that_cannot_be_served_is_one_line(tiny_model, capsys, where):
+    from conftest import run_cli
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    try:
+        port = {"busy": str(held.getsockname()[1]), "out_of_range": "70000", "foreign_host": "0"}[where]
+        host = "192.0.2.1" if where == "foreign_host" else "127.0.0.1"  # TEST-NET-1: never this machine's
+        code, _, err = run_cli(["serve", "-m", tiny_model, "--port", port, "--host", host], capsys)
+    finally:
+        held.close()
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "cannot serve on" in err

@@ -370,8 +370,9 @@ def serve(host, port, api_key, served_model_name, config_path, overrides, **opti
     try:
         server = make_server(gen, tok, name, host, port, api_key,
                              recipe.model.prompt_format, recipe.model.system_prompt)
-    except OSError as e:
-        raise UserError(f"cannot bind {host}:{port} ({e.strerror}); pick another --port") from None
+    except (OSError, OverflowError) as e:  # a port in use or out of range, a host that is not this machine's
+        reason = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"cannot serve on {host}:{port} ({reason}); pick another --port (0-65535, free) or --host") from None
     click.echo(f"serving {name} on http://{server.server_address[0]}:{server.server_address[1]}/v1 (Ctrl-C stops)", err=True)
     try:
         server.serve_forever()

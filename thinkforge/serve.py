@@ -87,12 +87,12 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, addr, generator, tokenizer, model_name: str, api_key: str | None = None,
                  prompt_format: str = "auto", system: str | None = None):
+        self.connections: set = set()  # before binding: a failed bind calls server_close, which reads them
+        self.connections_lock = threading.Lock()
         super().__init__(addr, Handler)
         self.generator, self.tokenizer, self.model_name = generator, tokenizer, model_name
         self.api_key, self.prompt_format, self.system = api_key, prompt_format, system
         self.lock = threading.Lock()
-        self.connections: set = set()
-        self.connections_lock = threading.Lock()
 
     def process_request(self, request, client_address):
         with self.connections_lock:
