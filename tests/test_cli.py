@@ -150,3 +150,20 @@ def test_each_estimator_and_policy_loss_runs_two_steps_of_rl(tiny_model, tmp_pat
     assert (out / "final" / "config.json").is_file()
     saved = (out / "config.yaml").read_text()
     assert all(f"{s.split('=')[0].split('.')[1]}: " in saved for s in settings)
+
+
+@pytest.mark.parametrize("command", ["grade", "select", "pairs", "sft", "generate"])
+def test_a_binary_or_empty_input_file_is_one_line(tiny_model, tmp_path, capsys, command):
+    """Non-UTF-8 bytes and files without rows end in one line and exit 2 for every command that reads JSONL
+    (an empty file used to 'succeed' with 0/0 for grade, data select and data pairs)."""
+    binary, empty = tmp_path / "bin.jsonl", tmp_path / "empty.jsonl"
+    binary.write_bytes(b'{"completion": "a"}\n\xff\xfe\x00\x81 not text\n')
+    empty.write_text("\n")
+    args = {"grade": ["grade", "{}", "--out", str(tmp_path / "o.jsonl")],
+            "select": ["data", "select", "{}", "--out", str(tmp_path / "sel")],
+            "pairs": ["data", "pairs", "--rollouts", "{}", "--out", str(tmp_path / "p.jsonl")],
+            "sft": ["sft", "--data", "{}", "-m", tiny_model, "--out", str(tmp_path / "run")],
+            "generate": ["generate", "-m", tiny_model, "--input", "{}"]}[command]
+    _bad([a.replace("{}", str(binary)) for a in args], capsys, "not UTF-8 text")
+    err = _bad([a.replace("{}", str(empty)) for a in args], capsys, str(empty))
+    assert "no rows" in err or "no training rows" in err or "nothing to generate" in err

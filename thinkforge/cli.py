@@ -150,7 +150,7 @@ def grade(input_path, out_path, kind):
     from thinkforge import grading
     from thinkforge.io import read_jsonl, write_jsonl
 
-    rows = read_jsonl(input_path, required=["completion", "reference"])
+    rows = read_jsonl(input_path, required=["completion", "reference"], nonempty=True)
     for i, row in enumerate(rows, 1):
         k = row.get("kind", kind)
         if k not in ("math", "gsm8k", "mcq"):
@@ -260,7 +260,7 @@ def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **op
 
     questions = list(prompts)
     if input_path:
-        for i, row in enumerate(read_jsonl(input_path), 1):
+        for i, row in enumerate(read_jsonl(input_path, nonempty=True), 1):
             q = row.get("question", row.get("prompt"))
             if not isinstance(q, str):
                 raise UserError(f"{input_path}: row {i}: needs a `question` or `prompt` string column")

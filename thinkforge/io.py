@@ -15,31 +15,43 @@ from pathlib import Path
 from thinkforge.errors import UserError
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """All rows of a JSONL file; a malformed line or a missing required key is a UserError."""
+def read_jsonl(path: str | Path, required: Iterable[str] = (), nonempty: bool = False) -> list[dict]:
+    """All rows of a JSONL file; a malformed or non-UTF-8 line, a missing required key, or (nonempty) a file
+    without rows is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file; check the path")
     required = list(required)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise UserError(
-                    f"{path}:{lineno}: missing column {', '.join(repr(m) for m in missing)}; "
-                    f"every row needs {', '.join(required)}"
-                )
-            rows.append(row)
+    rows: list[dict] = []
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                _row(path, lineno, line, required, rows)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} near line {lineno + 1}); give a UTF-8 JSONL file") from None
+    if not rows and nonempty:
+        raise UserError(f"{path}: no rows; give a JSONL file with one JSON object per line")
     return rows
+
+
+def _row(path: Path, lineno: int, line: str, required: list[str], rows: list[dict]) -> None:
+    """Parse one line into rows (blank lines are skipped)."""
+    if not line.strip():
+        return
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise UserError(
+            f"{path}:{lineno}: missing column {', '.join(repr(m) for m in missing)}; "
+            f"every row needs {', '.join(required)}"
+        )
+    rows.append(row)
 
 
 @contextmanager

@@ -69,7 +69,7 @@ def make(recipe, out_path: str | Path, rollout_files: list[str | Path], model_pa
 
 def main(rollout_files: list[str | Path], out_path: str | Path, per_problem: int = 1, similar_length: bool = True,
          seed: int = 0) -> dict:
-    rows = [r for f in rollout_files for r in read_jsonl(f, required=REQUIRED)]
+    rows = [r for f in rollout_files for r in read_jsonl(f, required=REQUIRED, nonempty=True)]
     pairs, stats = build(rows, per_problem, similar_length, seed)
     write_jsonl(out_path, pairs)
     return stats

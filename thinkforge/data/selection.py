@@ -22,7 +22,7 @@ def _key(row: dict) -> tuple[str, str]:
 
 def main(in_path: str | Path, out_dir: str | Path, max_pass_rate: float = 1.0, min_difficulty: int | None = None,
          min_words: int = 0) -> dict:
-    rows = read_jsonl(in_path, required=REQUIRED)
+    rows = read_jsonl(in_path, required=REQUIRED, nonempty=True)
     per_problem: dict[str, list[bool]] = {}
     for r in rows:
         per_problem.setdefault(r["problem_id"], []).append(bool(r["correct"]))
