@@ -12,11 +12,10 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
     sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step. On N
     ranks (dist) one server serves them all: rank 0 starts it and pushes the weights, every rank samples."""
-    from thinkforge.rollout.hf import HFGenerator
+    from thinkforge.rollout.hf import HFGenerator, stop_ids
 
-    hf = HFGenerator(model, tokenizer, batch_size)
     if cfg is None or cfg.backend == "hf":
-        return hf
+        return HFGenerator(model, tokenizer, batch_size)
     if cfg.backend == "openai":
         from thinkforge.errors import UserError
 
@@ -30,7 +29,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     server = None
     if dist is not None and not dist.main:
         gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync")
-        gen.push, gen.stop_ids = False, hf.stop_ids()
+        gen.push, gen.stop_ids = False, stop_ids(tokenizer, getattr(model, "generation_config", None))
         if models.is_adapter(model) or cfg.base_url:
             gen.load_weights(model)
         dist.barrier()  # rank 0's starting weights are on the server
@@ -47,7 +46,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
         server.owned_dir = None if lora else Path(start_dir)
         server.start()
     gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", server)
-    gen.stop_ids = hf.stop_ids()
+    gen.stop_ids = stop_ids(tokenizer, getattr(model, "generation_config", None))
     if models.is_adapter(model) or cfg.base_url:
         gen.load_weights(model)  # the starting adapter (or weights) onto the server
     if dist is not None:
