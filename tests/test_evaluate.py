@@ -91,3 +91,31 @@ def test_compare_cli_reads_eval_folders_and_rejects_what_is_not_one(tmp_path, ca
                          ([tmp_path / "a" / "synthetic.samples.jsonl", __file__], "not a samples file")):
         code, _, err = run_cli(["compare", *map(str, args)], capsys)
         assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_batch_size_sets_rows_per_call_and_the_samples_do_not_depend_on_it(tiny_model, tmp_path, capsys):
+    """--batch-size is the rows per generate call at any k (it was 8 problems per call whatever was asked),
+    and each sample's stream is keyed by its problem, so sampled completions are the same at any batch size."""
+    from conftest import run_cli
+
+    from thinkforge import evaluate as ev
+
+    calls = []
+    real = ev.evaluate
+
+    def spy(generator, problems, prompt_fn, params, samples=1, chunk=8, progress=True):
+        calls.append(chunk)
+        return real(generator, problems, prompt_fn, params, samples, chunk, progress)
+
+    texts = {}
+    for bs in (2, 12):
+        ev.evaluate = spy
+        try:
+            code, _, err = run_cli(["eval", "-m", tiny_model, "-b", "synthetic", "--limit", "12", "--batch-size", str(bs),
+                                    "--temperature", "1.0", "--max-new-tokens", "8", "--out", str(tmp_path / str(bs))], capsys)
+        finally:
+            ev.evaluate = real
+        assert code == 0, err
+        texts[bs] = [json.loads(r)["completion"] for r in (tmp_path / str(bs) / "synthetic.samples.jsonl").read_text().splitlines()]
+    assert calls == [2, 12]
+    assert texts[2] == texts[12] and len(set(texts[2])) > 6

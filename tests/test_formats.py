@@ -34,6 +34,31 @@ def test_tolerated_variations():
     assert parse("<think>x</think><answer>The final answer is \\boxed{3}</answer>").answer == "3"
 
 
+def test_an_instruct_models_own_closing_lines_give_the_answer():
+    assert parse("3 + 4 = 7, so 7 in all. The answer is 7.").answer == "7"
+    assert parse("So the answer is: $12$").answer == "12"
+    assert parse("The answer is 15 apples.").answer == "15"
+    assert parse("The answer is 1,250 meters per hour.").answer == "1,250"
+    assert parse("The final answer is 9. I hope it is correct.").answer == "9"
+    assert parse("The answer is x + 2.").answer == "x + 2"
+    assert parse("First the answer is unclear. Then 5. The answer is 5").answer == "5"  # the last one
+    assert parse("My answer isn't clear").answer is None
+
+
+def test_an_empty_system_prompt_stays_empty(tiny_loaded):
+    """Templates like SmolLM2's inject their own system prompt when the messages have none."""
+    from transformers import PreTrainedTokenizerFast
+
+    _, tok = tiny_loaded
+    injecting = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer)
+    injecting.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}[DEFAULT SYSTEM]{% endif %}"
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
+    )
+    assert render_prompt("Q?", "chat_template", "", injecting) == "[system][user]Q?[assistant]"
+    assert render_prompt("Q?", "chat_template", "S", injecting) == "[system]S[user]Q?[assistant]"
+
+
 def test_cut_off_inside_think_has_no_answer():
     p = parse("<think>so the answer is \\boxed{42} and")
     assert p.answer is None and p.truncated_in_think

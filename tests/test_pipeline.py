@@ -56,9 +56,15 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
 
     # The card's snippet runs with plain transformers and answers.
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_new_tokens=48", "max_new_tokens=8")
-    r = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    r = subprocess.run([sys.executable, "-c", snippet + "\nprint(repr(prompt))"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     assert r.returncode == 0, r.stderr
+    # ... with the prompt (system prompt included) that training and evaluation used
+    from thinkforge.formats import render_prompt
+    from thinkforge.models import load_tokenizer
+
+    trained = render_prompt(summary["example_question"], "auto", None, load_tokenizer(str(final)))
+    assert r.stdout.strip().splitlines()[-1] == repr(trained)
 
     # A rerun skips everything that is finished.
     start = time.time()

@@ -130,6 +130,31 @@ def test_lora_reference_is_the_adapter_disabled(tiny_model):
     assert not torch.allclose(logp_no_grad(lora, ro, 2), want, atol=1e-3)
 
 
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_a_stage_after_a_lora_stage_starts_from_and_refers_to_that_policy(tiny_model, tmp_path, lora):
+    """RL from a LoRA adapter folder (what `thinkforge run` chains after a LoRA stage): the start is the
+    adapter merged into its base, so the first step's KL to the reference is 0 (it was the KL to the original
+    base), the first rollouts are the previous policy's, and the final adapter loads on the merged start."""
+    from conftest import random_lora
+
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model)
+    previous = models.save(random_lora(model, 4, 8, 0.5), tok, tmp_path / "sft-final")
+    final = rl.main(_recipe(str(previous), "grpo", **{"lora.enabled": lora, "rl.beta": 0.04, "rl.steps": 1}),
+                    tmp_path / "rl", progress=False)
+    first = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1])
+    assert first["step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)
+    merged = tmp_path / "rl" / "start-model"
+    assert (merged / "config.json").is_file() and not (merged / "adapter_config.json").exists()
+    if lora == "true":
+        assert models.adapter_base(str(final))[0] == str(merged.resolve())
+    # the merged start gives the previous policy's log-probs
+    ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
+    want = logp_no_grad(models.load(str(previous))[0], ro, 2)
+    assert torch.allclose(logp_no_grad(models.load(str(merged))[0], ro, 2), want, atol=1e-5)
+
+
 def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_skipped(tiny_loaded):
     """The HF backend halves its batch on out-of-memory and retries (the same samples: per-sample streams);
     the sampler skips and counts a chunk that still does not fit; any other error is a bug and propagates."""

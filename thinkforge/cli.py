@@ -6,6 +6,7 @@ options such as --model are shortcuts for the same keys. A UserError becomes one
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -125,15 +126,41 @@ def cli():
 @click.option("--layers", type=int, default=_INIT["layers"], show_default=True, help="Number of transformer layers.")
 @click.option("--heads", type=int, default=_INIT["heads"], show_default=True, help="Attention heads (must divide --hidden).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and of the tokenizer's corpus.")
-def init_model(out_dir, arch, hidden, layers, heads, seed):
-    """Write a random-initialised tiny model with a locally built tokenizer (chat template, reasoning tags)."""
+@click.option("--from-gguf", "gguf_file", type=click.Path(dir_okay=False), default=None,
+              help="Instead of a random tiny model: convert this GGUF file (a real pretrained model) to a plain folder.")
+def init_model(out_dir, arch, hidden, layers, heads, seed, gguf_file):
+    """Write a random-initialised tiny model with a locally built tokenizer (chat template, reasoning tags),
+    or, with --from-gguf, a real model converted from a GGUF file (dequantised to float32 safetensors)."""
     from thinkforge import tiny
     from thinkforge.config import InitConfig, validate
 
-    size = validate({"arch": arch, "hidden": hidden, "layers": layers, "heads": heads}, InitConfig, "init-model")
     _quiet_hf()
+    if gguf_file:
+        from thinkforge import models
+
+        path = models.from_gguf(gguf_file, out_dir)
+        cfg = json.loads((path / "config.json").read_text())
+        click.echo(f"wrote {cfg.get('model_type')} model ({cfg.get('num_hidden_layers')} layers, hidden "
+                   f"{cfg.get('hidden_size')}, vocabulary {cfg.get('vocab_size')}) converted from {gguf_file} to {path}")
+        return
+    size = validate({"arch": arch, "hidden": hidden, "layers": layers, "heads": heads}, InitConfig, "init-model")
     path = tiny.init_model(out_dir, size, seed)
     click.echo(f"wrote a tiny {arch} model to {path}")
+
+
+# ---------------------------------------------------------------- merge
+
+
+@cli.command(context_settings=CTX)
+@click.argument("adapter", type=click.Path(file_okay=False))
+@click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False))
+def merge(adapter, out_dir):
+    """Merge a LoRA adapter folder into its base and write the full model to OUT (plain transformers folder)."""
+    from thinkforge import models
+
+    _quiet_hf()
+    path = models.merge(adapter, out_dir)
+    click.echo(f"wrote {adapter} merged into its base to {path}")
 
 
 # ---------------------------------------------------------------- grade
@@ -284,6 +311,9 @@ def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **op
         return
     for r in rows:
         click.echo(click.style("question: ", bold=True) + r["question"])
+        if not r["format_ok"]:  # the parts alone would hide what the model wrote
+            click.echo(click.style("output:   ", fg="yellow") + r["completion"].strip()
+                       + click.style("   (not in the <think>/<answer> format)", dim=True))
         click.echo(click.style("thinking: ", fg="cyan") + (r["thinking"] or "(none)"))
         click.echo(click.style("answer:   ", fg="green") + str(r["answer"]) + f"   [{r['finish_reason']}]\n")
 

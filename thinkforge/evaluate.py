@@ -93,14 +93,15 @@ def evaluate(
     chunk: int = 8,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
-    """(per-sample rows, summary) of `samples` completions per problem."""
+    """(per-sample rows, summary) of `samples` completions per problem, `chunk` problems per generate call.
+    Each sample's seed is keyed by its problem's position, so the draws do not depend on the chunk size."""
 
     rows: list[dict] = []
     start = time.time()
     bar = progress_bar(len(problems), "eval", "problem", progress)
     for i in range(0, len(problems), chunk):
         batch = problems[i : i + chunk]
-        params_i = SamplingParams(**{**asdict(params), "seed": params.seed + i})
+        params_i = SamplingParams(**{**asdict(params), "first_prompt": params.first_prompt + i})
         completions = generator.generate([prompt_fn(p.question) for p in batch], samples, params_i)
         for c in completions:
             problem = batch[c.prompt_index]
@@ -153,7 +154,8 @@ def run(recipe, model_path: str, out_dir: str | Path, progress: bool = True) -> 
     results = {}
     with contextlib.closing(generator):
         for name, probs in problems.items():
-            rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, progress=progress)
+            chunk = max(1, recipe.generation.batch_size // ev.samples)  # rows per call: generation.batch_size
+            rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, chunk, progress)
             summary.update(benchmark=name, model=model_path, backend=recipe.rollout.backend)
             write(out_dir, name, rows, summary)
             results[name] = summary

@@ -43,7 +43,9 @@ def render_prompt(question: str, fmt: str = "phi2", system: str | None = None, t
     if fmt == "chat_template":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format chat_template needs a tokenizer that has a chat template")
-        messages = [{"role": "system", "content": system}] if system else []
+        # An empty system prompt stays empty: without a system message, templates such as SmolLM2's or
+        # Qwen's inject their own default one.
+        messages = [{"role": "system", "content": system}]
         messages.append({"role": "user", "content": question})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -93,11 +95,13 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-_FINAL_RE = re.compile(r"final answer is[:\s]*", re.IGNORECASE)
+# "The final answer is X", "The answer is: X", "the answer is $X$" (instruct models' own closing line)
+_FINAL_RE = re.compile(r"\b(?:final\s+)?answer\s+is\b[:\s]*", re.IGNORECASE)
+_NUMBER_THEN_WORDS = re.compile(r"^\$?(-?[\d,]*\.?\d+(?:/\d+)?)\$?\s+[A-Za-z][A-Za-z\s]*$")
 
 
 def extract_answer(text: str) -> tuple[str | None, str]:
-    """Best answer string from untagged text: last \\boxed{}, "The final answer is X", "#### X"."""
+    """Best answer string from untagged text: last \\boxed{}, "The (final) answer is X", "#### X"."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip(), "boxed"
@@ -105,9 +109,12 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     matches = list(_FINAL_RE.finditer(tail))
     if matches:
         rest = tail[matches[-1].end() :].strip()
-        rest = rest.split("\n")[0].strip()
+        rest = re.split(r"\n|\.\s", rest)[0].strip()  # its sentence: "9. I hope it is correct." -> "9"
         rest = rest.rstrip(".").strip()
         rest = re.sub(r"^\$+|\$+$", "", rest).strip().rstrip(".").strip()
+        number = _NUMBER_THEN_WORDS.match(rest)  # "15 apples" -> "15"
+        if number:
+            rest = number.group(1)
         if rest:
             return rest, "final_answer"
     pos = tail.rfind("####")

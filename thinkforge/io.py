@@ -1,4 +1,5 @@
-"""Reading and writing JSONL/JSON atomically: write to a temporary file, then rename.
+"""Reading and writing JSONL/JSON atomically: write to a temporary file, then rename (with the modes the
+umask gives a plain write, not the temporary file's 0600).
 
 A reader that meets a malformed line names the file and the line number.
 """
@@ -54,6 +55,28 @@ def _row(path: Path, lineno: int, line: str, required: list[str], rows: list[dic
     rows.append(row)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def respect_umask(path: str | Path) -> None:
+    """Give `path` (a file, or a folder and all inside it) the modes a plain open() or mkdir() would have under
+    the process umask: temporary files and folders are created 0600 / 0700, which would hide outputs from a
+    colleague once renamed into place."""
+    path = Path(path)
+    mask = current_umask()
+    files, dirs = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_dir():
+        for root, folders, names in os.walk(path):
+            os.chmod(root, dirs)
+            for name in names:
+                os.chmod(os.path.join(root, name), files)
+    else:
+        os.chmod(path, files)
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
     """Open a temporary file beside `path`; rename it over `path` only if the block finishes."""
@@ -63,6 +86,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
+        respect_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:

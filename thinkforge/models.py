@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from thinkforge.errors import UserError
+from thinkforge.io import respect_umask
 
 # Per-architecture LoRA targets. Phi-2 as the Infused Phi-2 card; Phi-3/Phi-4 fuse q, k, v into qkv_proj.
 LORA_TARGETS = {
@@ -173,11 +174,13 @@ def is_adapter(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: dict | None = None) -> Path:
+def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: dict | None = None,
+         extra: dict[str, str] | None = None) -> Path:
     """Save a loadable folder atomically. An adapter is saved as a PEFT folder (or merged into full weights).
 
     The adapter's `base_model_name_or_path` is made absolute when the base is a local folder, so that
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)` works from any directory.
+    extra: more files (name -> text) written into the folder before it is renamed into place.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,9 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
             if base and Path(base).is_dir():
                 cfg["base_model_name_or_path"] = str(Path(base).resolve())
                 cfg_path.write_text(json.dumps(cfg, indent=2))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        respect_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -203,3 +209,65 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def merge(adapter: str | Path, out: str | Path) -> Path:
+    """Write `adapter` (a PEFT LoRA folder) merged into its base as a full-weight folder: the policy that a
+    later stage starts from and refers to."""
+    if adapter_base(str(adapter))[0] is None:
+        raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json); nothing to merge")
+    model, tok = load(str(adapter), dtype="float32", device="cpu")
+    return save(model, tok, out, merged=True)
+
+
+def from_gguf(path: str | Path, out: str | Path) -> Path:
+    """Convert a GGUF file that transformers reads into an ordinary model folder (safetensors, tokenizer with
+    its chat template, generation config). The weights are dequantised to float32; the plain architecture is
+    rebuilt from the config (a model loaded from GGUF refuses to be saved) and must give the same logits."""
+    import copy
+    import hashlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file {path} not found; pass the path of a .gguf file (`make real-model` fetches one)")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("reading GGUF files needs the gguf package: pip install 'thinkforge[gguf]'") from None
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        raise UserError(f"cannot read {path} as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"the file may be truncated or of an architecture transformers does not read") from None
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if config.eos_token_id is not None and tok.eos_token_id != config.eos_token_id:
+        raise UserError(f"{path}: the tokenizer's end token {tok.eos_token!r} (id {tok.eos_token_id}) is not the "
+                        f"model's eos id {config.eos_token_id}; this file's metadata is inconsistent")
+    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    if tok.bos_token_id is not None:
+        config.bos_token_id = tok.bos_token_id
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True)
+    plain.eval()
+    probe = torch.tensor([tok("The answer is 42.", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        if not torch.equal(plain(probe).logits, quantized.eval()(probe).logits):
+            raise RuntimeError(f"the rebuilt model's logits differ from the GGUF model's ({path})")
+    plain.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    plain.config.name_or_path = path.stem
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record = json.dumps({"gguf_file": path.name, "sha256": digest}, indent=2) + "\n"
+    return save(plain, tok, out, extra={"conversion.json": record})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from thinkforge.formats import SYSTEM_PROMPT
 from thinkforge.io import atomic_write
 
 
@@ -116,6 +117,8 @@ def model_card(recipe, summary: dict, base: str) -> str:
     if recipe.lora.enabled:
         hp.append(f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, dropout {recipe.lora.dropout}, "
                   f"targets {recipe.lora.target_modules or 'architecture default'}")
+    system = recipe.model.system_prompt if recipe.model.system_prompt is not None else SYSTEM_PROMPT
+    prompt_line = _prompt_line(recipe.model.prompt_format, final)
     load = f'''from transformers import AutoModelForCausalLM, AutoTokenizer
 {"from peft import PeftModel" + chr(10) if adapter else ""}import torch
 
@@ -126,13 +129,9 @@ model.eval()
 if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
 
-system_prompt = {json.dumps(recipe.model.system_prompt or "")}
+system_prompt = {json.dumps(system)}
 question = {json.dumps(summary.get("example_question") or "What is 2 + 3?")}
-messages = [{{"role": "system", "content": system_prompt}}, {{"role": "user", "content": question}}]
-if tokenizer.chat_template:
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-else:
-    prompt = f"<|system|>\\n{{system_prompt}}\\n<|user|>\\n{{question}}\\n<|assistant|>\\n"
+{prompt_line}
 inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
 outputs = model.generate(**inputs, max_new_tokens={recipe.generation.max_new_tokens}, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
@@ -171,6 +170,20 @@ presence rate (thinking of at least 5 words), average thinking length in words.
 {load}
 ```
 """
+
+
+def _prompt_line(fmt: str, model_dir: Path) -> str:
+    """The card snippet's prompt: rendered as the recipe rendered it in training and evaluation."""
+    if fmt == "auto":
+        from thinkforge.models import load_tokenizer
+
+        fmt = "chat_template" if getattr(load_tokenizer(str(model_dir)), "chat_template", None) else "phi2"
+    if fmt == "chat_template":
+        return ('messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]\n'
+                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)")
+    return {"phi2": 'prompt = f"<|system|>\\n{system_prompt}\\n<|user|>\\n{question}\\n<|assistant|>\\n"',
+            "phi4": 'prompt = f"<|system|>{system_prompt}<|end|><|user|>{question}<|end|><|assistant|>"',
+            "plain": 'prompt = f"{system_prompt}\\n\\nQuestion: {question}\\nAnswer: "'}[fmt]
 
 
 LABEL = {"distill": "teacher distillation", "midtrain": "mid-training", "sft": "fine-tuning", "dpo": "rollout DPO", "rl": "RLVR"}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from thinkforge.io import write_json
+from thinkforge.io import respect_umask, write_json
 from thinkforge.train.dist import Dist
 
 CHECKPOINT_PREFIX = "step-"
@@ -96,14 +96,36 @@ def autocast(device: str, mixed_precision: str):
 # ---------------------------------------------------------------- model
 
 
+def start_model(recipe, run_dir: str | Path) -> str:
+    """The folder a stage starts from and refers to (KL and DPO reference): recipe.model, or, when that is a
+    LoRA adapter folder (the output of an earlier LoRA stage), that adapter merged into its base, written once
+    to run_dir/start-model. A new adapter is then trained on the merged policy: training on the old adapter
+    would make "adapter disabled" (the LoRA reference) the original base instead of the previous stage."""
+    import torch.distributed as torch_dist
+
+    from thinkforge import models
+
+    source = recipe.model.name_or_path
+    if models.adapter_base(source)[0] is None:
+        return source
+    merged = Path(run_dir) / "start-model"
+    first = not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+    if first and not (merged / "config.json").is_file():
+        models.merge(source, merged)
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+    return str(merged)
+
+
 def load_for_training(recipe, run_dir: str | Path):
-    """(model, tokenizer, checkpoint): the newest checkpoint of run_dir if any, else recipe.model (fp32
-    master weights unless a dtype is set), wrapped in a LoRA adapter when recipe.lora.enabled."""
+    """(model, tokenizer, checkpoint): the newest checkpoint of run_dir if any, else the stage's start model
+    (`start_model`; fp32 master weights unless a dtype is set), wrapped in a new LoRA adapter when
+    recipe.lora.enabled."""
     from thinkforge import models
 
     m = recipe.model
     ckpt = latest_checkpoint(run_dir)
-    source = str(ckpt / "model") if ckpt else m.name_or_path
+    source = str(ckpt / "model") if ckpt else start_model(recipe, run_dir)
     model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
                              m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
     if recipe.lora.enabled and not models.is_adapter(model):
@@ -199,6 +221,7 @@ class Checkpoints:
             save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / "extras.safetensors"))
         write_json(tmp / "trainer_state.json", {"step": step, "stage": self.stage, "steps": self.total,
                                                 "optimizer": opt_meta, "rng": rng_meta})
+        respect_umask(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(self.run_dir)[:-self.keep]:

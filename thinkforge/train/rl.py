@@ -176,9 +176,9 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                         "use rl.algo=grpo on several processes")
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     lora = models.is_adapter(model)
-    reference = None  # with LoRA: the adapter disabled (no second model); otherwise a frozen copy of the start
+    reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not lora:
-        reference, _ = models.load(m.name_or_path, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code)
+        reference, _ = models.load(loop.start_model(recipe, run_dir), m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code)
         reference.eval().requires_grad_(False)
     extras = loop.load_extras(ckpt) if ckpt else None
     baseline = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else GroupBaseline(cfg.advantage)
