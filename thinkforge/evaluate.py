@@ -112,7 +112,7 @@ def evaluate(
         bar.set_postfix(acc=f"{summarize(rows, 0)['accuracy']:.3f}", refresh=False)
     bar.close()
     summary = summarize(rows, len(problems))
-    summary["protocol"] = {**asdict(params), "samples_per_problem": samples}
+    summary["protocol"] = {**{k: v for k, v in asdict(params).items() if k != "streams"}, "samples_per_problem": samples}
     summary["seconds"] = round(time.time() - start, 2)
     return rows, summary
 

@@ -69,7 +69,7 @@ def respect_umask(path: str | Path) -> None:
     mask = current_umask()
     files, dirs = 0o666 & ~mask, 0o777 & ~mask
     if path.is_dir():
-        for root, folders, names in os.walk(path):
+        for root, _, names in os.walk(path):
             os.chmod(root, dirs)
             for name in names:
                 os.chmod(os.path.join(root, name), files)

@@ -14,7 +14,7 @@ import inspect
 import threading
 from collections.abc import Iterator
 
-from thinkforge.rollout.types import Completion, SamplingParams, is_out_of_memory, left_pad, pad_id
+from thinkforge.rollout.types import Completion, SamplingParams, encode, is_out_of_memory, left_pad, pad_id
 
 
 def stop_ids(tokenizer, generation_config) -> list[int]:
@@ -36,6 +36,7 @@ class HFGenerator:
         self.batch_size = max(1, batch_size)
         forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
         self.own_loop = {"position_ids", "past_key_values"} <= set(forward.parameters)
+        self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
 
     def load_weights(self, model) -> dict[str, float]:
         """Generation runs on the training model itself: its weights are always the current ones."""
@@ -87,14 +88,14 @@ class HFGenerator:
     def _rows(self, chunk: list[str], start: int, n: int, params: SamplingParams, stops: list[int]) -> list[list[int]]:
         """The generated ids of prompts chunk (the first is prompt `start` of the call), n rows per prompt."""
         tok, model = self.tokenizer, self.model
-        encoded = [tok(p, add_special_tokens=False).input_ids for p in chunk]
+        encoded = [encode(tok, p) for p in chunk]
         if not self.own_loop:
             return self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
         uniforms = None
         if params.temperature > 0:
-            keys = [(params.first_prompt + start + p, j) for p in range(len(chunk)) for j in range(n)]
-            uniforms = RowStreams(params.seed, keys, _draw_dtype(model.device), model.device)
-        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms)
+            keys = [(*params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
+            uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
+        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt)
 
     def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], seed: int) -> list[list[int]]:
         """Fallback through `model.generate` (each prompt repeated n times: works for greedy too). Its draws come
@@ -107,25 +108,49 @@ class HFGenerator:
             seqs = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **self._kwargs(params))
         return [_trim(r, set(stops)) for r in seqs[:, ids.shape[1] :].tolist()]
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
+        """The text of one completion piece by piece. Generation stops at the next token when the consumer
+        stops iterating (closing the iterator: a client that left), not at max_new_tokens."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        ids = torch.tensor([encode(self.tokenizer, prompt)], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        left = threading.Event()
+
+        class Left(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), left.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        failed: list[BaseException] = []
 
         def run():
-            with _seeded(self.model.device, params.seed), torch.no_grad():
-                self.model.generate(**enc, streamer=streamer, **self._kwargs(params))
+            try:
+                with _seeded(self.model.device, params.seed), torch.no_grad():
+                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([Left()]), **self._kwargs(params))
+            except BaseException as e:  # noqa: BLE001 - raised in the consumer's thread below
+                failed.append(e)
+                streamer.end()  # the consumer would otherwise wait for text forever
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        ended = False
+        try:
+            yield from streamer
+            ended = True
+            if failed:
+                raise failed[0]
+        finally:
+            if not ended:  # the consumer left early: stop at the next token and take what is still put
+                left.set()
+                for _ in streamer:
+                    pass
+            thread.join()
 
 
 class RowStreams:
-    """The uniforms of each output row: row r draws from the stream of sample keys[r] = (prompt, sample).
+    """The uniforms of each output row: row r draws from the stream of sample keys[r] = (seed, prompt, sample).
 
     Each sample draws from its own stream (numpy's seed sequence of (seed, prompt, sample)), so its tokens do
     not depend on the batch it ran in (batch size, rows that stopped), and two models sampled with one seed
@@ -137,11 +162,10 @@ class RowStreams:
     numbers equal one long draw per row (numpy's generators continue their stream across calls).
     """
 
-    def __init__(self, seed: int, keys: list[tuple[int, int]], dtype=None, device=None, block: int = 64):
+    def __init__(self, keys: list[tuple[int, int, int]], dtype=None, device=None, block: int = 64):
         import numpy as np
 
-        seed = seed % 2**63
-        self.streams = [np.random.default_rng([seed, prompt, sample]) for prompt, sample in keys]
+        self.streams = [np.random.default_rng([seed % 2**63, prompt, sample]) for seed, prompt, sample in keys]
         self.block, self.dtype, self.device = block, dtype, device
         self.start, self.values = 0, None
 
@@ -203,9 +227,10 @@ def pick(logits, params: SamplingParams, u):
 
 
 def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int,
-           uniforms=None, min_new_tokens: int | None = None) -> list[list[int]]:
+           uniforms=None, min_new_tokens: int | None = None, interrupt=None) -> list[list[int]]:
     """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
-    uniforms: the draws of each output row (`RowStreams`); None when greedy.
+    uniforms: the draws of each output row (`RowStreams`); None when greedy. interrupt: a function checked
+    every step; when it returns true the rows end where they are (a server whose clients left).
 
     The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
     each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
@@ -248,7 +273,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
             lengths[rows[alive]] = t + 1
             alive = alive & ~torch.isin(nxt, stop)
             live = int(alive.sum())
-            if live == 0 or t == params.max_new_tokens - 1:
+            if live == 0 or t == params.max_new_tokens - 1 or (interrupt is not None and interrupt()):
                 break
             if live <= 0.75 * alive.numel():
                 keep = alive.nonzero().squeeze(-1)

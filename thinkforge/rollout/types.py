@@ -19,6 +19,21 @@ class SamplingParams:
     top_k: int = 0
     seed: int = 0
     first_prompt: int = 0  # the position of the request's first prompt in the stream its seeds follow
+    # Per prompt (seed, position) instead of (seed, first_prompt + i): requests with their own seeds batched in
+    # one call (the server) draw exactly what each would draw alone.
+    streams: tuple[tuple[int, int], ...] | None = None
+
+    def stream(self, i: int) -> tuple[int, int]:
+        """(seed, position) of the random stream of prompt i of a call."""
+        return self.streams[i] if self.streams is not None else (self.seed, self.first_prompt + i)
+
+
+Prompt = "str | list[int]"  # text, or token ids sent as they are
+
+
+def encode(tokenizer, prompt) -> list[int]:
+    """A prompt's token ids: token ids pass through, text is tokenised without special tokens."""
+    return list(prompt) if isinstance(prompt, (list, tuple)) else tokenizer(prompt, add_special_tokens=False).input_ids
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,8 @@ class Generator(Protocol):
     batch_size: int
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
-        """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i."""
+        """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i.
+        A prompt is text or a list of token ids."""
         ...
 
     def load_weights(self, model) -> dict[str, float]:

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from thinkforge.errors import UserError
-from thinkforge.rollout.types import Completion, SamplingParams
+from thinkforge.rollout.types import Completion, SamplingParams, encode
 
 
 class SyncError(RuntimeError):
@@ -143,7 +143,7 @@ class VLLMGenerator:
         stay within the server's step budget (rollout.max_batched_tokens): vLLM's CPU engine fails on a seeded
         request whose prefill it splits across steps.
         """
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        ids = [encode(self.tokenizer, p) for p in prompts]
         longest = max((len(x) for x in ids), default=1)
         in_flight = max(1, min(self.cfg.concurrency, self.cfg.max_batched_tokens // (2 * n * longest)))
         with ThreadPoolExecutor(in_flight) as pool:
@@ -154,9 +154,10 @@ class VLLMGenerator:
         return out
 
     def _complete(self, prompt: list[int], n: int, params: SamplingParams, index: int) -> list[Completion]:
+        seed, position = params.stream(index)
         body = {"model": self.model_name, "prompt": [prompt], "n": n, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
-                "seed": (params.seed * 1_000_003 + params.first_prompt + index) % 2**63,
+                "seed": (seed * 1_000_003 + position) % 2**63,
                 "stop_token_ids": self.stop_ids or None}
         if params.top_k:
             body["top_k"] = params.top_k
