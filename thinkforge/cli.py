@@ -15,6 +15,7 @@ import click
 
 from thinkforge.config import InitConfig
 from thinkforge.errors import UserError
+from thinkforge.io import run_folder
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _INIT = {name: f.default for name, f in InitConfig.model_fields.items()}  # the tiny model's one default
@@ -507,8 +508,9 @@ def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
     given = {"dpo.data": data_path, "model.name_or_path": model, "dpo.loss": loss, "dpo.beta": beta, "lora.enabled": lora}
     recipe = recipe_from(config_path, overrides, given)
     _quiet_hf()
-    save_resolved(recipe, out_dir)
-    final = dpo_stage.main(recipe, out_dir)
+    with run_folder(out_dir):
+        save_resolved(recipe, out_dir)
+        final = dpo_stage.main(recipe, out_dir)
     click.echo(f"dpo finished: model in {final}")
 
 
@@ -527,8 +529,9 @@ def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
 
     recipe = recipe_from(config_path, overrides, {f"{stage}.data": data_path, "model.name_or_path": model, "lora.enabled": lora})
     _quiet_hf()
-    save_resolved(recipe, out_dir)
-    final = sft_stage.main(recipe, stage, out_dir)
+    with run_folder(out_dir):
+        save_resolved(recipe, out_dir)
+        final = sft_stage.main(recipe, stage, out_dir)
     click.echo(f"{stage} finished: model in {final}")
 
 
@@ -547,8 +550,9 @@ def rl(algo, model, out_dir, steps, lora, config_path, overrides):
     given = {"rl.algo": algo, "model.name_or_path": model, "rl.steps": steps, "lora.enabled": lora}
     recipe = recipe_from(config_path, overrides, given)
     _quiet_hf()
-    save_resolved(recipe, out_dir)
-    final = rl_stage.main(recipe, out_dir)
+    with run_folder(out_dir):
+        save_resolved(recipe, out_dir)
+        final = rl_stage.main(recipe, out_dir)
     click.echo(f"rl finished: model in {final}")
 
 
@@ -589,12 +593,44 @@ def demo(out_dir, overrides):
     run.main(args=[str(recipe), "--out", out_dir, *overrides], standalone_mode=False)
 
 
+def disk_error(error: BaseException) -> str | None:
+    """One line for a write the disk refused (read-only, full, no permission), else None. safetensors reports
+    these as its own error type with the OS error inside its message."""
+    import errno
+
+    codes = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+             errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+    if isinstance(error, OSError) and error.errno in codes:
+        where = Path(error.filename).parent if error.filename else "the output folder"
+        what = codes[error.errno]
+    else:
+        text = str(error)
+        found = [(c, w) for c, w in codes.items() if f"os error {c})" in text.lower() or f"code: {c}," in text]
+        if not found:
+            return None
+        where, what = "the output folder", found[0][1]
+    return f"cannot write to {where}: {what}; free space there or choose another output path (--out)"
+
+
+def _fail(line: str) -> None:
+    """The one error line, on a line of its own (open progress bars end first), and exit 2."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+    click.echo(f"thinkforge: error: {line}", err=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="thinkforge", standalone_mode=False)
     except UserError as e:
-        click.echo(f"thinkforge: error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e))
+    except Exception as e:
+        line = disk_error(e)
+        if line is None:
+            raise
+        _fail(line)
     except click.exceptions.Abort:
         click.echo("thinkforge: aborted", err=True)
         sys.exit(130)

@@ -106,3 +106,57 @@ def write_json(path: str | Path, obj) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def _main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def run_folder(path: str | Path, resumable: Iterable[str] = ("step-", "final")) -> Iterator[Path]:
+    """Hold the run folder `path` for this process while the block runs.
+
+    - A lock file (`.lock`, flock: released by the kernel when the process dies, so never stale): a second
+      process writing the same folder is refused with one line instead of interleaving metrics.
+    - A folder this call created is removed again when the block fails before anything resumable was written
+      (a name starting with one of `resumable`): a bad-data start leaves no folder holding only config.yaml.
+    Only rank 0 of a multi-process launch locks and cleans; the other ranks write nothing.
+    """
+    path = Path(path)
+    if not _main_rank():
+        yield path
+        return
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock = (path / ".lock").open("a+")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock on this platform: no lock
+            pass
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise UserError(f"{path} is being written by another thinkforge process (pid {holder}); wait for it to "
+                            f"finish or pass another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield path
+        except BaseException:
+            kept = [p.name for p in path.iterdir() if p.name.startswith(tuple(resumable))]
+            if created and not kept:
+                import shutil
+
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+    finally:
+        try:
+            (path / ".lock").unlink()  # while still held: a process that opens it next makes a new one
+        except FileNotFoundError:
+            pass
+        lock.close()

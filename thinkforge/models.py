@@ -57,6 +57,33 @@ def _check_source(name_or_path: str) -> None:
         raise UserError(f"model folder {name_or_path} not found; pass a folder from `thinkforge init-model` or a hub id")
     if p.is_dir() and not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
         raise UserError(f"{name_or_path} holds no config.json or adapter_config.json; it is not a model folder")
+    if not p.is_dir():
+        _check_hub(name_or_path)
+
+
+def _check_hub(repo_id: str) -> None:
+    """A hub id must be in the local cache or the hub reachable: fail in seconds with one line, not after
+    20 s of retry logs (offline machines, firewalls)."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id
+        raise UserError(f"model {repo_id!r} is neither a local folder nor a valid hub id (owner/name)") from None
+    hint = f"download it where the hub is reachable (`huggingface-cli download {repo_id}`) or pass a local folder"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Hugging Face Hub at {host}:{port} ({e.strerror or e}) to download "
+                        f"{repo_id!r}; {hint}") from None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

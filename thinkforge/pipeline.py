@@ -19,7 +19,8 @@ from thinkforge import evaluate, tiny
 from thinkforge.config import Recipe, dump_config
 from thinkforge.data import distill, pairs, selection
 from thinkforge.data.sources import load_benchmark
-from thinkforge.io import atomic_write, read_jsonl, write_json
+from thinkforge.errors import UserError
+from thinkforge.io import atomic_write, read_jsonl, run_folder, write_json
 
 LABELS = {"base": "base", "midtrain": "+mid-training", "sft": "+fine-tuning", "dpo": "+rollout DPO", "rl": "+RLVR"}
 
@@ -49,18 +50,31 @@ def with_model(recipe: Recipe, path: str) -> Recipe:
 
 
 def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_stage: str | None = None) -> dict:
-    from thinkforge.train import dpo as dpo_stage
-    from thinkforge.train import rl as rl_stage
-    from thinkforge.train import sft as sft_stage
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_folder(out, resumable=("data", "base-model", "state.json", *LABELS)):  # what a rerun resumes from
+        return _main(recipe, out, progress, stop_after_stage)
+
+
+def _main(recipe: Recipe, out: Path, progress: bool, stop_after_stage: str | None) -> dict:
     with atomic_write(out / "config.yaml") as f:
         f.write(dump_config(recipe))
     run = Run(out)
     t_start = time.time()
-    log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    try:
+        base, current = _stages(recipe, out, run, progress, stop_after_stage)
+    finally:  # an interrupted invocation's time counts too: wall_seconds totals every invocation of the run
+        run.add_seconds(time.time() - t_start)
+    return write_outputs(recipe, out, run, base, current)
 
+
+def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stage: str | None) -> tuple[str, str]:
+    """Evaluate the base, distill, then each stage from the previous one's final model; (base, final model)."""
+    from thinkforge.train import dpo as dpo_stage
+    from thinkforge.train import rl as rl_stage
+    from thinkforge.train import sft as sft_stage
+
+    log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     base = recipe.model.name_or_path
     if recipe.init is not None and not Path(base).exists():
         base = str(out / "base-model")
@@ -102,26 +116,38 @@ def main(recipe: Recipe, out_dir: str | Path, progress: bool = True, stop_after_
             continue
         log(f"[{stage}] from {current}")
         stage_recipe = with_model(recipe, current)
-        if stage in ("midtrain", "sft"):
-            data = data_dir / "sel" / ("accepted.jsonl" if stage == "midtrain" else "hard.jsonl")
-            final = sft_stage.main(stage_recipe, stage, out / stage, data=str(data), progress=progress)
-        elif stage == "dpo":
-            pairs_path = data_dir / "pairs.jsonl"
-            if not pairs_path.exists():
-                sources = recipe.pipeline.pair_sources
-                teacher = [rollouts] if "teacher" in sources and rollouts.exists() else []
-                stats = pairs.make(stage_recipe, pairs_path, teacher, current if "policy" in sources else None, progress)
-                log(f"[pairs] {stats['pairs']} pairs from {stats['problems_with_both']} problems")
-            final = dpo_stage.main(stage_recipe, out / stage, data=str(pairs_path), progress=progress)
-        else:  # rl (stages are validated by the config)
-            final = rl_stage.main(stage_recipe, out / stage, progress=progress)
+        if stage == "dpo" and not (data_dir / "pairs.jsonl").exists():
+            _make_pairs(recipe, stage_recipe, data_dir, current, log, progress)
+        with run_folder(out / stage):
+            if stage in ("midtrain", "sft"):
+                data = data_dir / "sel" / ("accepted.jsonl" if stage == "midtrain" else "hard.jsonl")
+                final = sft_stage.main(stage_recipe, stage, out / stage, data=str(data), progress=progress)
+            elif stage == "dpo":
+                final = dpo_stage.main(stage_recipe, out / stage, data=str(data_dir / "pairs.jsonl"), progress=progress)
+            else:  # rl (stages are validated by the config)
+                final = rl_stage.main(stage_recipe, out / stage, progress=progress)
         current = str(final)
         stage_eval(stage, current)
         if stop_after_stage == stage:
             break
-    run.add_seconds(time.time() - t_start)
-    summary = write_outputs(recipe, out, run, base, current)
-    return summary
+    return base, current
+
+
+
+
+def _make_pairs(recipe: Recipe, stage_recipe: Recipe, data_dir: Path, current: str, log, progress: bool) -> None:
+    """DPO pairs of the policy's own samples (and the teacher's); none is an error that leaves no file (an empty
+    pairs.jsonl would make every rerun fail the same way)."""
+    pairs_path, rollouts = data_dir / "pairs.jsonl", data_dir / "rollouts.jsonl"
+    sources = recipe.pipeline.pair_sources
+    teacher = [rollouts] if "teacher" in sources and rollouts.exists() else []
+    stats = pairs.make(stage_recipe, pairs_path, teacher, current if "policy" in sources else None, progress)
+    log(f"[pairs] {stats['pairs']} pairs from {stats['problems_with_both']} problems")
+    if not stats["pairs"]:
+        pairs_path.unlink(missing_ok=True)
+        raise UserError(f"no DPO pairs: no problem of {', '.join(sources)} samples had both a correct and an incorrect "
+                        f"rollout ({stats}); raise pipeline.policy_problems or pairs.policy_samples, or add "
+                        f"`teacher` to pipeline.pair_sources")
 
 
 def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: str) -> dict:

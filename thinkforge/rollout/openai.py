@@ -20,8 +20,9 @@ from thinkforge.rollout.types import Completion, SamplingParams
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
 
-class ServerError(RuntimeError):
-    """The server kept failing after every retry."""
+class ServerError(UserError):
+    """The server kept failing (or could not be reached) after every retry: one line for the user, who can
+    start it or fix the address."""
 
 
 class OpenAIClient:
@@ -57,7 +58,8 @@ class OpenAIClient:
                 wait = None
             if attempt < self.max_retries:
                 time.sleep(wait if wait is not None else self.backoff * 2**attempt * (0.5 + random.random()))
-        raise ServerError(f"{self.base_url}{route} failed after {self.max_retries + 1} attempts; last error {last}")
+        raise ServerError(f"{self.base_url}{route} failed after {self.max_retries + 1} attempts (last: {last}); is the "
+                          f"server running at that address? check the base_url setting")
 
     def _sampling(self, params: SamplingParams, n: int) -> dict:
         body = {"model": self.model, "n": n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,

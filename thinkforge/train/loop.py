@@ -200,10 +200,6 @@ class Checkpoints:
         extras: more tensors to keep with the checkpoint (PPO's value head), read back by `load_extras`.
         Every rank calls it (a sharded model's state is gathered); rank 0 writes.
         """
-        from safetensors.torch import save_file
-
-        from thinkforge import models
-
         model, tokenizer = model_and_tokenizer
         full, opt_state = self.dist.full_state(model), self.dist.optimizer_state(model, optimizer)
         if not self.dist.main:
@@ -212,6 +208,18 @@ class Checkpoints:
         tmp = self.run_dir / f".tmp-{CHECKPOINT_PREFIX}{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        try:
+            return self._write(tmp, final, step, (model, tokenizer, full), opt_state, extras)
+        except BaseException:  # a full disk or an interrupt leaves no half-written checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write(self, tmp: Path, final: Path, step: int, model_and_state, opt_state, extras) -> Path:
+        from safetensors.torch import save_file
+
+        from thinkforge import models
+
+        model, tokenizer, full = model_and_state
         models.save(model, tokenizer, tmp / "model", state_dict=full)
         opt_tensors, opt_meta = _flatten_optimizer(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
