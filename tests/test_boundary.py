@@ -141,3 +141,24 @@ def test_no_dpo_pairs_is_an_error_that_leaves_no_empty_pairs_file(tiny_model, tm
     assert not (out / "data" / "pairs.jsonl").exists() and not (out / "dpo").exists()
     state = json.loads((out / "state.json").read_text())  # what a rerun resumes from stays ...
     assert "base" in state["stages"] and state["seconds"] > 0  # ... with this failed invocation's time counted
+
+
+def test_tensorboard_has_one_point_per_step_after_a_resume(tmp_path):
+    """Killed after step 3 with its checkpoint at step 2: the resumed run logs 3 again; readers see it once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from thinkforge.train.loop import Metrics
+
+    first = Metrics(tmp_path)
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = Metrics(tmp_path, resume_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    points = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert points == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

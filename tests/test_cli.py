@@ -110,6 +110,33 @@ def test_chat_command_reads_questions_from_stdin(tiny_model):
     assert r.returncode == 0, r.stderr
 
 
+def test_chat_keeps_the_conversation_and_reset_clears_it(tiny_model, capsys, monkeypatch):
+    import io
+
+    from thinkforge.rollout.hf import HFGenerator
+
+    seen = []
+
+    def stream(self, prompt, params):
+        seen.append(prompt)
+        yield f"<think>turn {len(seen)}</think><answer>{len(seen)}</answer>"
+
+    monkeypatch.setattr(HFGenerator, "stream", stream)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Mia has 3 apples.\nAnd Leo?\n/reset\nBen has 2.\n"))
+    code, out, err = run_cli(["chat", "-m", tiny_model, "--system-prompt", "Be brief."], capsys)
+    assert code == 0, err
+    assert len(seen) == 3 and all("Be brief." in p for p in seen)
+    assert "Mia has 3 apples." in seen[1] and "<answer>1</answer>" in seen[1] and "And Leo?" in seen[1]
+    assert "Mia" not in seen[2] and "Leo" not in seen[2] and "Ben has 2." in seen[2]
+    assert "a new conversation" in out
+
+
+def test_data_help_names_every_subcommand(capsys):
+    code, out, _ = run_cli(["data", "--help"], capsys)
+    summary = out.split("Options:")[0]
+    assert code == 0 and all(f"({name})" in summary for name in ("distill", "select", "pairs"))
+
+
 def test_init_model_cli(tmp_path, capsys):
     code, out, _ = run_cli(["init-model", str(tmp_path / "m"), "--arch", "qwen2", "--hidden", "32", "--heads", "2"], capsys)
     assert code == 0 and (tmp_path / "m" / "config.json").is_file()

@@ -63,6 +63,9 @@ def test_adapter_folder_loads_with_the_card_snippet_and_merges(tiny_model, tmp_p
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"].startswith("/")  # loadable from any directory
     assert not list(adapter_dir.glob("*.bin")) and list(adapter_dir.glob("*.safetensors"))
+    card = (adapter_dir / "README.md").read_text()  # our card with the Hub's metadata, not PEFT's empty template
+    assert card.startswith(f"---\nbase_model: {json.dumps(cfg['base_model_name_or_path'])}\nlibrary_name: peft\n")
+    assert "More Information Needed" not in card and "PeftModel.from_pretrained" in card
 
     monkeypatch.chdir(tmp_path)
     loaded, _ = _card_snippet_load(cfg["base_model_name_or_path"], str(adapter_dir))

@@ -53,6 +53,12 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     final = Path(summary["final_model"])
     card = (final / "README.md").read_text()
     assert "## How to get started" in card and "| +rollout DPO |" in card
+    header = card.split("---\n")[1]  # the Hub's YAML metadata
+    assert "library_name: transformers" in header and "- thinkforge" in header and "license:" in header
+    assert f'base_model: "{out / "base-model"}"' in header  # absolute: the card works from anywhere
+    steps = max(json.loads(x)["step"] for x in (out / "rl" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x)
+    assert f"ran {steps} optimizer steps, sampling temperature 1 -> " in card  # the schedule that ran
+    assert all(s.get("ci95") and s["ci95"][0] <= s["accuracy"] <= s["ci95"][1] for s in summary["stages"])
 
     # The card's snippet runs with plain transformers and answers.
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("max_new_tokens=48", "max_new_tokens=8")

@@ -361,9 +361,16 @@ class _ThinkingPrinter:
 @sampling_options
 @config_options
 def chat(config_path, overrides, **options):
-    """Chat in the terminal: each question's answer streams, thinking and answer shown apart. Ctrl-D ends."""
+    """Chat in the terminal: each answer streams, thinking and answer shown apart; the conversation is kept
+    (each turn sees the ones before), `/reset` starts a new one, Ctrl-D ends."""
+    from thinkforge.formats import SYSTEM_PROMPT
+    from thinkforge.serve import render_messages
+
     recipe = recipe_from(config_path, overrides, **options)
-    gen, _, render, params = load_generator(recipe)
+    gen, tok, _, params = load_generator(recipe)
+    m = recipe.model
+    system = {"role": "system", "content": m.system_prompt if m.system_prompt is not None else SYSTEM_PROMPT}
+    history: list[dict] = []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -373,10 +380,17 @@ def chat(config_path, overrides, **options):
             break
         if not line.strip():
             continue
-        printer = _ThinkingPrinter(click.echo)
-        for piece in gen.stream(render(line.strip()), params):
+        if line.strip() == "/reset":
+            history.clear()
+            click.echo(click.style("(a new conversation)", dim=True))
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        printer, reply = _ThinkingPrinter(click.echo), []
+        for piece in gen.stream(render_messages([system, *history], tok, m.prompt_format, m.system_prompt), params):
             printer.feed(piece)
+            reply.append(piece)
         printer.close()
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 # ---------------------------------------------------------------- serve
@@ -418,7 +432,7 @@ def serve(host, port, api_key, served_model_name, config_path, overrides, **opti
 
 @cli.group(context_settings=CTX)
 def data():
-    """Make training data: teacher rollouts (distill) and rejection sampling (select)."""
+    """Make training data: teacher rollouts (distill), rejection sampling (select) and DPO pairs (pairs)."""
 
 
 @data.command("distill", context_settings=CTX)

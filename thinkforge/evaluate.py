@@ -61,6 +61,15 @@ def summarize(rows: list[dict], n_problems: int) -> dict:
     }
 
 
+def accuracy_interval(rows: list[dict]) -> list[float]:
+    """The 95% interval of pass@1 over problems: mean of the problems' shares -+ 1.96 sd / sqrt(n)."""
+    shares = list(problem_shares(rows).values())
+    n = len(shares)
+    mean = sum(shares) / n
+    se = (sum((x - mean) ** 2 for x in shares) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
+    return [mean - 1.96 * se, mean + 1.96 * se]
+
+
 def paired_change(before: list[dict], after: list[dict]) -> dict:
     """The change of pass@1 from `before` to `after` (per-sample rows of two evaluations of the same problems),
     paired by problem: d_i = after_i - before_i, each the share of problem i's samples that are correct.

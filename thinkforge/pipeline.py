@@ -166,6 +166,8 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
                                                   for b, s in info["eval"].items()}}
         samples_file = out / name / "eval" / f"{bench}.samples.jsonl"
         samples = read_jsonl(samples_file) if samples_file.is_file() else None
+        if samples:
+            stage["ci95"] = evaluate.accuracy_interval(samples)
         if samples and previous_samples:  # the stage's gain over the one before, paired by problem
             stage["change"] = evaluate.paired_change(previous_samples, samples)
         previous_samples = samples

@@ -51,12 +51,15 @@ def plots(out: Path, summary: dict) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         labels = [s["label"] for s in summary["stages"]]
         acc = [100 * s["accuracy"] for s in summary["stages"]]
-        ax.bar(labels, acc, color="#4a7bb7")
+        # each stage's 95% interval over problems (a summary written before intervals were kept has none)
+        low = [v - 100 * s["ci95"][0] if s.get("ci95") else 0.0 for v, s in zip(acc, summary["stages"], strict=True)]
+        high = [100 * s["ci95"][1] - v if s.get("ci95") else 0.0 for v, s in zip(acc, summary["stages"], strict=True)]
+        ax.bar(labels, acc, color="#4a7bb7", yerr=[low, high], capsize=4, ecolor="#333333")
         for i, v in enumerate(acc):
-            ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=9)
+            ax.text(i + 0.08, v + high[i] + 1, f"{v:.1f}", ha="left", fontsize=9)
         ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title("accuracy after each stage (held-out)")
+        ax.set_ylim(0, 110)
+        ax.set_title("accuracy after each stage, with its 95% interval (held-out)")
         fig.tight_layout()
         fig.savefig(out / "staircase.png", dpi=110)
         plt.close(fig)
@@ -70,7 +73,7 @@ def plots(out: Path, summary: dict) -> list[str]:
             values = [r.get(key, 0.0) for r in rows]
             ax.plot(steps, values, color="#4a7bb7", alpha=0.45, linewidth=1, label="per step")
             ax.plot(steps, running_mean(values, 5), color="#1f3f73", linewidth=2, label="mean of 5 steps")
-            ax.set_title(title)
+            ax.set_title(title + (" (not computed: beta 0)" if key == "kl" and not any(values) else ""))
             ax.set_xlabel("RL step")
             for e in aha:
                 ax.axvline(e["step"], color="#d95f02", alpha=0.6, linestyle="--")
@@ -89,7 +92,44 @@ def plots(out: Path, summary: dict) -> list[str]:
     return made
 
 
-def model_card(recipe, summary: dict, base: str) -> str:
+def _ran(out: Path | None, stage: str) -> str:
+    """What a stage actually ran, from its metrics (steps; RL: the temperatures met), or "" when unknown."""
+    path = out / stage / "metrics.jsonl" if out is not None else None
+    if path is None or not path.is_file():
+        return ""
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    steps = [r for r in rows if "loss" in r and "event" not in r]
+    if not steps:
+        return ""
+    text = f"; ran {max(r['step'] for r in steps)} optimizer steps"
+    temps = [r["temperature"] for r in steps if "temperature" in r]
+    if temps:
+        text += f", sampling temperature {temps[0]:g} -> {temps[-1]:g}"
+    return text
+
+
+def _license(base: str) -> str:
+    """The base model's license from its card's metadata (a local folder), else "other"."""
+    card = Path(base) / "README.md"
+    if card.is_file():
+        head = card.read_text(errors="replace").split("---")
+        for line in head[1].splitlines() if len(head) > 2 else []:
+            if line.startswith("license:"):
+                return line.split(":", 1)[1].strip() or "other"
+    return "other"
+
+
+def metadata(base: str, adapter: bool, tags: list[str], license_id: str | None = None) -> str:
+    """The Hub's YAML header of a model card: base_model (a hub id, or a local base as an absolute path),
+    library, tags, license."""
+    base_ref = str(Path(base).resolve()) if Path(base).exists() else base
+    lines = ["---", f"base_model: {json.dumps(base_ref)}", f"library_name: {'peft' if adapter else 'transformers'}",
+             "pipeline_tag: text-generation", f"license: {license_id or _license(base)}", "tags:"]
+    lines += [f"- {t}" for t in ["thinkforge", *tags]] + ["---", ""]
+    return "\n".join(lines)
+
+
+def model_card(recipe, summary: dict, base: str, out: Path | None = None) -> str:
     final = Path(summary["final_model"])
     adapter = (final / "adapter_config.json").is_file()
     base_ref = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else base
@@ -98,22 +138,22 @@ def model_card(recipe, summary: dict, base: str) -> str:
     if "midtrain" in stages:
         c = recipe.midtrain
         hp.append(f"- Mid-training (stage 1): next-token loss on verified chains of thought, packing {c.packing}, "
-                  f"sequence length {c.max_len}, lr {c.lr}, epochs {c.epochs}, warmup {c.warmup_ratio:.0%}, "
-                  f"batch {c.batch_size} x {c.grad_accum}")
+                  f"sequence length {c.max_len}, lr {c.lr}, epochs {c.epochs}, max steps {c.max_steps}, warmup "
+                  f"{c.warmup_ratio:.0%}, batch {c.batch_size} x {c.grad_accum}{_ran(out, 'midtrain')}")
     if "sft" in stages:
         c = recipe.sft
         hp.append(f"- Fine-tuning (stage 2): harder subset, packing {c.packing}, sequence length {c.max_len}, lr {c.lr}, "
-                  f"epochs {c.epochs}, batch {c.batch_size} x {c.grad_accum}")
+                  f"epochs {c.epochs}, max steps {c.max_steps}, batch {c.batch_size} x {c.grad_accum}{_ran(out, 'sft')}")
     if "dpo" in stages:
         c = recipe.dpo
         hp.append(f"- Rollout DPO (stage 3): loss {c.loss}, beta {c.beta}, lr {c.lr}, epochs {c.epochs}, "
-                  f"reference = the stage-2 model")
+                  f"reference = the stage-2 model{_ran(out, 'dpo')}")
     if "rl" in stages:
         c = recipe.rl
         hp.append(f"- RLVR (stage 4): {c.algo}, reward {c.reward}, {c.steps} steps, {c.prompts_per_step} prompts x "
                   f"{c.group_size} samples, lr {c.lr}, beta {c.beta}, clip {c.clip_low}/{c.clip_high}, aggregation "
                   f"{c.loss_agg}, temperature {c.temperature_start} -> {c.temperature} over {c.anneal_steps} steps, "
-                  f"max new tokens {c.max_new_tokens}")
+                  f"max new tokens {c.max_new_tokens}{_ran(out, 'rl')}")
     if recipe.lora.enabled:
         hp.append(f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, dropout {recipe.lora.dropout}, "
                   f"targets {recipe.lora.target_modules or 'architecture default'}")
@@ -137,14 +177,16 @@ outputs = model.generate(**inputs, max_new_tokens={recipe.generation.max_new_tok
                          pad_token_id=tokenizer.pad_token_id)
 print(tokenizer.decode(outputs[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))'''
     p = summary["protocol"]
-    return f"""# Model card: {final.name} (thinkforge)
+    tags = ["reasoning", *[{"midtrain": "distillation", "sft": "sft", "dpo": "dpo", "rl": recipe.rl.algo}[s]
+                           for s in stages if s != "distill"], *(["lora"] if adapter else [])]
+    return metadata(base, adapter, tags) + f"""# Model card: {final.name} (thinkforge)
 
 A reasoning model trained with the thinkforge four-stage recipe (Phi-4-mini-reasoning: distillation
 mid-training, fine-tuning, rollout DPO, RL with verifiable reward). It answers in the form
 `<think> reasoning </think> <answer> final answer </answer>`.
 
 ## Model details
-- Base model: {base}
+- Base model: {str(Path(base).resolve()) if Path(base).exists() else base}
 - Training method: {", ".join(LABEL.get(s, s) for s in stages)}
 - Output: {"a PEFT LoRA adapter" if adapter else "full weights (safetensors)"}
 - Prompt format: {recipe.model.prompt_format}; system prompt: {json.dumps(recipe.model.system_prompt)}
@@ -216,4 +258,4 @@ max new tokens {p['max_new_tokens']}, {p['samples']} sample(s) per problem (pass
     final = Path(summary["final_model"])
     if final.is_dir():
         with atomic_write(final / "README.md") as f:
-            f.write(model_card(recipe, summary, base))
+            f.write(model_card(recipe, summary, base, out))

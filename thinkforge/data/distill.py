@@ -99,8 +99,10 @@ def done_counts(out_path: Path) -> dict[str, int]:
     return counts
 
 
-def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progress: bool = True) -> dict:
-    """Distill `n` graded rollouts per problem into out_path (JSONL, appended); returns counts."""
+def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progress: bool = True,
+         label: str = "distill") -> dict:
+    """Distill `n` graded rollouts per problem into out_path (JSONL, appended); returns counts. `label` names
+    the progress bar (what is being sampled)."""
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progres
         done = {pid: k for pid, k in done.items() if pid not in partial}
     todo = [p for p in problems if done.get(p.id, 0) < n]
     stats = {"problems": len(problems), "skipped_done": len(problems) - len(todo), "rollouts": 0, "correct": 0}
-    bar = progress_bar(len(problems), "distill", "problem", progress, stats["skipped_done"])
+    bar = progress_bar(len(problems), label, "problem", progress, stats["skipped_done"])
     with out_path.open("a", encoding="utf-8") as f:
         for problem, outs in teacher.solve(todo, n):
             lines = []
@@ -168,7 +170,8 @@ def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, p
     params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
     with contextlib.closing(generator):
         return main(problems, HFTeacher(generator, prompt_renderer(m, tok), params, "policy"),
-                    recipe.pairs.policy_samples, out, progress)
+                    recipe.pairs.policy_samples, out, progress,
+                    f"DPO pairs: policy samples ({recipe.pairs.policy_samples} per problem)")
 
 
 def teacher_for(cfg, recipe):

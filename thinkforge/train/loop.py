@@ -305,7 +305,9 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                # purge_step: readers drop the earlier invocation's points past the checkpoint (one point a step)
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step > 0 else None)
             except ImportError:  # tensorboard is a dependency; only a broken install lands here
                 self._tb = None
         self.start = time.time()
