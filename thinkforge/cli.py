@@ -640,15 +640,15 @@ def main(argv: list[str] | None = None) -> None:
         code = cli.main(args=argv, prog_name="thinkforge", standalone_mode=False)
     except UserError as e:
         _fail(str(e))
+    except click.exceptions.Abort:
+        click.echo("thinkforge: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:  # usage errors too: one line that names the command's help
+        ctx = getattr(e, "ctx", None)
+        _fail(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
     except Exception as e:
         line = disk_error(e)
         if line is None:
             raise
         _fail(line)
-    except click.exceptions.Abort:
-        click.echo("thinkforge: aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
