@@ -26,12 +26,17 @@ SYSTEM = "Solve it step by step."
 
 
 def make_model(work: Path, a) -> str:
+    import shutil
+
     from transformers import GenerationConfig
 
     from thinkforge import tiny
     from thinkforge.config import InitConfig
 
-    path = tiny.init_model(work / "model", InitConfig(arch=a.arch, hidden=a.hidden, layers=a.layers, heads=a.heads))
+    if a.model:  # a real model folder: a copy, whose generation config is changed below
+        path = Path(shutil.copytree(a.model, work / "model"))
+    else:
+        path = tiny.init_model(work / "model", InitConfig(arch=a.arch, hidden=a.hidden, layers=a.layers, heads=a.heads))
     gc = GenerationConfig.from_pretrained(path)
     gc.min_new_tokens = a.max_new_tokens  # every sample exactly max_new_tokens long, in both trainers
     gc.save_pretrained(path)
@@ -54,6 +59,8 @@ def run_thinkforge(model_dir: str, work: Path, a) -> dict:
         over.append("lora.enabled=true")
     if a.bf16:
         over.append("model.dtype=bfloat16")
+    if a.autocast:
+        over.append("rl.mixed_precision=bf16")
     recipe = load_config(None, over)
     import torch
 
@@ -99,7 +106,7 @@ def run_trl(model_dir: str, work: Path, a) -> dict:
     args = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=64, num_generations=8,
                       gradient_accumulation_steps=1, max_completion_length=a.max_new_tokens, num_iterations=1,
                       beta=0.04, learning_rate=1e-5, temperature=1.0, top_p=1.0, max_steps=a.steps, logging_steps=1,
-                      report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=a.bf16,
+                      report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=a.bf16 or a.autocast,
                       generation_kwargs={"min_new_tokens": a.max_new_tokens}, disable_tqdm=True, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if a.bf16 else torch.float32)
     peft_config = None
@@ -130,7 +137,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=64)
     ap.add_argument("--lora", action="store_true")
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    ap.add_argument("--autocast", action="store_true", help="fp32 weights, bf16 autocast (CPU with AMX; TRL: bf16=True)")
+    ap.add_argument("--model", default=None, help="A model folder instead of a tiny random one (e.g. models/smollm2-135m-instruct)")
     ap.add_argument("--only", choices=["thinkforge", "trl"], default=None)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of each trainer")
     a = ap.parse_args()
@@ -157,8 +166,9 @@ def main() -> None:
                          "tokens": rs[-1]["tokens"], "peak_gib": max(peaks) if peaks else None}
     tf, trl = res.get("thinkforge"), res.get("trl")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}, torch {torch.__version__}, {a.arch} hidden {a.hidden} x {a.layers} layers, 8 prompts x 8 samples, "
-          f"{a.max_new_tokens} new tokens, mu 1, beta 0.04, lora {a.lora}, bf16 {a.bf16}, {a.rounds} rounds x {a.steps} steps")
+    shape = a.model or f"{a.arch} hidden {a.hidden} x {a.layers} layers"
+    print(f"{device}, torch {torch.__version__}, {shape}, 8 prompts x 8 samples, {a.max_new_tokens} new tokens, mu 1, "
+          f"beta 0.04, lora {a.lora}, bf16 {a.bf16}, autocast {a.autocast}, {a.rounds} rounds x {a.steps} steps")
     print("| run | s/step (median) | per round | new tokens per sample | peak GiB |\n|---|---|---|---|---|")
     for name, r in (("thinkforge rl (grpo)", tf), ("TRL GRPOTrainer", trl)):
         if r:

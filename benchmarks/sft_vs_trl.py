@@ -20,25 +20,26 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_data(work: Path, docs: int, hidden: int, layers: int, heads: int):
+def make_data(work: Path, docs: int, hidden: int, layers: int, heads: int, model: str | None = None):
     from thinkforge import tiny
     from thinkforge.config import InitConfig
     from thinkforge.data import distill, selection, sources
 
-    model_dir = tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=hidden, layers=layers, heads=heads))
+    model_dir = model or tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=hidden, layers=layers, heads=heads))
     probs = sources.synthetic("train", docs // 2, 2, seed=0) + sources.synthetic("train", docs // 2, 1, seed=0)
     distill.main(probs, distill.SyntheticTeacher(0.0, 0), 1, work / "d.jsonl", progress=False)
     selection.main(work / "d.jsonl", work / "sel")
     return str(model_dir), work / "sel" / "accepted.jsonl"
 
 
-def run_thinkforge(model_dir, data, work, max_len, batch, system):
+def run_thinkforge(model_dir, data, work, max_len, batch, system, autocast=False):
     from thinkforge.config import load_config
     from thinkforge.train import sft
 
     recipe = load_config(None, [f"model.name_or_path={model_dir}", f"model.system_prompt={system}",
                                 f"midtrain.max_len={max_len}", f"midtrain.batch_size={batch}", "midtrain.grad_accum=1",
-                                "midtrain.epochs=1", "midtrain.lr=1e-3", "midtrain.warmup_ratio=0.05"])
+                                "midtrain.epochs=1", "midtrain.lr=1e-3", "midtrain.warmup_ratio=0.05",
+                                f"midtrain.mixed_precision={'bf16' if autocast else 'no'}"])
     run = work / "tf"
     start = time.time()
     sft.main(recipe, "midtrain", run, data=str(data), progress=False)
@@ -48,7 +49,7 @@ def run_thinkforge(model_dir, data, work, max_len, batch, system):
     return {"tokens": tokens, "seconds": sum(r["step_seconds"] for r in rows), "wall": wall, "steps": len(rows)}
 
 
-def run_trl(model_dir, data, work, max_len, batch, system):
+def run_trl(model_dir, data, work, max_len, batch, system, autocast=False):
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +65,7 @@ def run_trl(model_dir, data, work, max_len, batch, system):
     args = SFTConfig(output_dir=str(work / "trl"), packing=True, max_length=max_len, per_device_train_batch_size=batch,
                      gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=0.05, num_train_epochs=1,
                      lr_scheduler_type="cosine", logging_steps=1, report_to="none", save_strategy="no",
-                     dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0)
+                     dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0, bf16=autocast)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     start = time.time()
@@ -73,7 +74,7 @@ def run_trl(model_dir, data, work, max_len, batch, system):
     return {"tokens": tokens, "seconds": seconds, "wall": seconds, "steps": out.global_step}
 
 
-def run_raw(model_dir, data, max_len, batch, system):
+def run_raw(model_dir, data, max_len, batch, system, autocast=False):
     """Forward + backward + optimizer step over the same packed batches, nothing else."""
     import torch
 
@@ -93,7 +94,8 @@ def run_raw(model_dir, data, max_len, batch, system):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens, start = 0, time.time()
     for ids, labels, pos in batches:
-        loss = sft_loss(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = sft_loss(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -111,21 +113,24 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=800)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--model", default=None, help="A model folder instead of a tiny random one (e.g. models/smollm2-135m-instruct)")
+    ap.add_argument("--autocast", action="store_true", help="bf16 autocast on fp32 weights in all three (TRL: bf16=True)")
     a = ap.parse_args()
     torch.manual_seed(0)
     system = "Solve it step by step."
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir, data = make_data(work, a.docs, a.hidden, a.layers, a.heads)
+        model_dir, data = make_data(work, a.docs, a.hidden, a.layers, a.heads, a.model)
         import transformers
 
         transformers.logging.set_verbosity_error()
-        raw = run_raw(model_dir, data, a.max_len, a.batch, system)
-        tf = run_thinkforge(model_dir, data, work, a.max_len, a.batch, system)
-        trl = run_trl(model_dir, data, work, a.max_len, a.batch, system)
+        raw = run_raw(model_dir, data, a.max_len, a.batch, system, a.autocast)
+        tf = run_thinkforge(model_dir, data, work, a.max_len, a.batch, system, a.autocast)
+        trl = run_trl(model_dir, data, work, a.max_len, a.batch, system, a.autocast)
     rate = {k: v["tokens"] / v["seconds"] for k, v in {"raw": raw, "thinkforge": tf, "trl": trl}.items()}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model hidden {a.hidden} x {a.layers} layers, "
-          f"{a.docs} docs, max_len {a.max_len}, batch {a.batch}")
+    shape = a.model or f"model hidden {a.hidden} x {a.layers} layers"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {shape}, {a.docs} docs, max_len {a.max_len}, "
+          f"batch {a.batch}, bf16 autocast {a.autocast}")
     print("| run | tokens | seconds | steps | tokens/s |\n|---|---|---|---|---|")
     for name, r in (("raw fwd+bwd+step", raw), ("thinkforge sft (packed)", tf), ("TRL SFTTrainer (packed)", trl)):
         print(f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {r['steps']} | {r['tokens'] / r['seconds']:.0f} |")

@@ -39,6 +39,8 @@ def test_the_converted_folder_is_the_gguf_model(real):
     assert tok.pad_token_id == model.config.pad_token_id == 2 and tok.bos_token == "<|im_start|>"
     assert model.generation_config.eos_token_id == 2 and tok.chat_template
     assert not hasattr(model.config, "quantization_config")
+    record = json.loads((MODEL / "conversion.json").read_text())  # where it came from, and its license
+    assert record["gguf_file"] == GGUF.name and len(record["sha256"]) == 64 and record["license"] == "apache-2.0"
     gguf = AutoModelForCausalLM.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
     ids = torch.tensor([tok("Tom has 4 apples and buys 3 more.", add_special_tokens=False).input_ids])
     with torch.no_grad():

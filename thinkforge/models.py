@@ -273,6 +273,21 @@ def merge(adapter: str | Path, out: str | Path) -> Path:
     return save(model, tok, out, merged=True)
 
 
+def _gguf_general(path: Path) -> dict:
+    """The GGUF file's own description (name, organization, license, ...): its `general.*` string fields."""
+    from gguf import GGUFReader
+
+    out = {}
+    for key, field in GGUFReader(path).fields.items():
+        if key.startswith("general.") and key.split(".", 1)[1] in ("name", "organization", "basename", "size_label",
+                                                                   "license", "finetune"):
+            try:
+                out[key.split(".", 1)[1]] = str(field.contents())
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
 def from_gguf(path: str | Path, out: str | Path) -> Path:
     """Convert a GGUF file that transformers reads into an ordinary model folder (safetensors, tokenizer with
     its chat template, generation config). The weights are dequantised to float32; the plain architecture is
@@ -322,5 +337,5 @@ def from_gguf(path: str | Path, out: str | Path) -> Path:
     )
     plain.config.name_or_path = path.stem
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    record = json.dumps({"gguf_file": path.name, "sha256": digest}, indent=2) + "\n"
+    record = json.dumps({"gguf_file": path.name, "sha256": digest, **_gguf_general(path)}, indent=2) + "\n"
     return save(plain, tok, out, extra={"conversion.json": record})

@@ -109,7 +109,11 @@ def _ran(out: Path | None, stage: str) -> str:
 
 
 def _license(base: str) -> str:
-    """The base model's license from its card's metadata (a local folder), else "other"."""
+    """The base model's license from its card's metadata or its GGUF conversion record (a local folder),
+    else "other"."""
+    record = Path(base) / "conversion.json"
+    if record.is_file() and json.loads(record.read_text()).get("license"):
+        return json.loads(record.read_text())["license"]
     card = Path(base) / "README.md"
     if card.is_file():
         head = card.read_text(errors="replace").split("---")
@@ -181,8 +185,7 @@ print(tokenizer.decode(outputs[0, inputs.input_ids.shape[1]:], skip_special_toke
                            for s in stages if s != "distill"], *(["lora"] if adapter else [])]
     return metadata(base, adapter, tags) + f"""# Model card: {final.name} (thinkforge)
 
-A reasoning model trained with the thinkforge four-stage recipe (Phi-4-mini-reasoning: distillation
-mid-training, fine-tuning, rollout DPO, RL with verifiable reward). It answers in the form
+A reasoning model trained with thinkforge: {_recipe_line(recipe)}. It answers in the form
 `<think> reasoning </think> <answer> final answer </answer>`.
 
 ## Model details
@@ -226,6 +229,15 @@ def _prompt_line(fmt: str, model_dir: Path) -> str:
     return {"phi2": 'prompt = f"<|system|>\\n{system_prompt}\\n<|user|>\\n{question}\\n<|assistant|>\\n"',
             "phi4": 'prompt = f"<|system|>{system_prompt}<|end|><|user|>{question}<|end|><|assistant|>"',
             "plain": 'prompt = f"{system_prompt}\\n\\nQuestion: {question}\\nAnswer: "'}[fmt]
+
+
+def _recipe_line(recipe) -> str:
+    """Which recipe the stages make: the four-stage Phi-4-mini-reasoning one, or the Infused Phi-2 GRPO-LoRA one."""
+    stages = [LABEL.get(s, s) for s in recipe.pipeline.stages]
+    if recipe.rl.reward == "weighted" and "rl" in recipe.pipeline.stages:
+        weights = ", ".join(f"{k} {v:g}" for k, v in recipe.rewards.weights.items())
+        return f"the Infused Phi-2 recipe (GRPO with weighted rewards: {weights}), stages {', '.join(stages)}"
+    return f"the Phi-4-mini-reasoning recipe, stages {', '.join(stages)}"
 
 
 LABEL = {"distill": "teacher distillation", "midtrain": "mid-training", "sft": "fine-tuning", "dpo": "rollout DPO", "rl": "RLVR"}
