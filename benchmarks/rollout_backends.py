@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--vllm-command", default=f"{ROOT / '.venv-vllm' / 'bin' / 'python'} -m vllm.entrypoints.openai.api_server")
+    p.add_argument("--model", default=None, help="A model folder instead of a tiny random one (e.g. models/smollm2-135m-instruct)")
+    p.add_argument("--no-grpo", action="store_true", help="generation only, no GRPO steps")
     a = p.parse_args()
 
     import torch
@@ -77,7 +79,8 @@ def main() -> None:
     from thinkforge.config import InitConfig, RolloutConfig
 
     work = Path(tempfile.mkdtemp(prefix="tf-rollout-bench-"))
-    model_dir = str(tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=a.hidden, layers=a.layers, heads=a.heads)))
+    model_dir = a.model or str(tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=a.hidden, layers=a.layers,
+                                                                          heads=a.heads)))
     model, tok = models.load(model_dir, device=a.device)
     n_params = sum(p.numel() for p in model.parameters())
     res = {"hf": time_generation(rollout.make_generator(model, tok, 64), tok, a)}
@@ -87,10 +90,12 @@ def main() -> None:
         start = time.perf_counter() - t0
         res["vllm"] = time_generation(gen, tok, a) | {"start_seconds": start}
     del model
-    steps = {b: grpo_step(model_dir, b, work, a) for b in ("hf", "vllm")}
+    none = {"step_seconds": float("nan"), "gen_seconds": float("nan"), "sync_seconds": float("nan")}
+    steps = {b: none if a.no_grpo else grpo_step(model_dir, b, work, a) for b in ("hf", "vllm")}
 
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{device}, torch {torch.__version__}, phi3 hidden {a.hidden} x {a.layers} layers ({n_params / 1e6:.1f}M parameters), "
+    shape = a.model or f"phi3 hidden {a.hidden} x {a.layers} layers"
+    print(f"{device}, torch {torch.__version__}, {shape} ({n_params / 1e6:.1f}M parameters), "
           f"8 prompts x 8 samples, up to {a.max_new_tokens} new tokens, temperature 1.0, {a.rounds} rounds")
     print("| backend | generate s | tokens | tokens/s | GRPO step s | of it generation s | weight sync s |\n|---|---|---|---|---|---|---|")
     for b in ("hf", "vllm"):

@@ -136,3 +136,24 @@ def test_lora_dpo_reference_is_the_starting_model(tiny_model, tmp_path):
 
     ref = load_file(str(tmp_path / "r" / "reference_logps.safetensors"))["logps"]
     assert torch.allclose(ref, dpo.reference_logprobs(model, pairs, tok.pad_token_id, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "rl"])
+def test_under_bf16_autocast_the_reference_pass_matches_the_policys_precision(tiny_model, tmp_path, stage):
+    """With bf16 autocast (the CPU speed-up) the reference log-probs are computed in the loss pass's precision:
+    at the start DPO's margin is exactly 0 (loss log 2) and GRPO's KL is 0; in fp32 they read 1e-3 off."""
+    if stage == "dpo":
+        from thinkforge.train import dpo
+
+        dpo.main(_recipe(tiny_model, _pairs_file(tmp_path), **{"dpo.mixed_precision": "bf16", "dpo.max_steps": 1}),
+                 tmp_path / "run", progress=False)
+        first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        from thinkforge.train import rl
+
+        over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", "rl.steps=1", "rl.prompts_per_step=2",
+                "rl.group_size=4", "rl.max_new_tokens=12", "rl.beta=0.04", "rl.mixed_precision=bf16", "rl.truncation=none"]
+        rl.main(load_config(None, over), tmp_path / "run", progress=False)
+        first = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x][0]
+        assert first["kl"] == pytest.approx(0.0, abs=1e-7)

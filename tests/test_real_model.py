@@ -105,7 +105,7 @@ def test_lora_targets_and_generation_stops_at_the_end_token(real):
 
     model, tok = real
     lora = models.add_lora(models.load(str(MODEL))[0], 16, 32, 0.0)
-    wrapped = {n.rsplit(".", 2)[-2] for n, _ in lora.named_parameters() if "lora_A" in n}
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters() if "lora_A" in n}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj"}
     # 30 layers x (q 576->576, k 576->192, v 576->192, o 576->576), r 16: r * (in + out) each
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == 30 * 16 * (1152 + 768 + 768 + 1152)

@@ -294,6 +294,7 @@ def from_gguf(path: str | Path, out: str | Path) -> Path:
     rebuilt from the config (a model loaded from GGUF refuses to be saved) and must give the same logits."""
     import copy
     import hashlib
+    import struct
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -311,7 +312,7 @@ def from_gguf(path: str | Path, out: str | Path) -> Path:
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, EOFError, struct.error) as e:  # a bad file
         raise UserError(f"cannot read {path} as a GGUF model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                         f"the file may be truncated or of an architecture transformers does not read") from None
     config = copy.deepcopy(quantized.config)

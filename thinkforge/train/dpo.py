@@ -113,7 +113,8 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
     else:
         if ckpt:
             raise UserError(f"{run_dir} has checkpoints but no reference log-probs; use a new run folder")
-        ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2), on every rank
+        with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass
+            ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2), on every rank
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_file({"logps": ref}, str(ref_path))

@@ -234,10 +234,11 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
             continue
         empty = 0
         batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
-        if cfg.beta > 0:
-            batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
-        if cfg.mu > 1:
-            batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
+        with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
+            if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
+                batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
+            if cfg.mu > 1:
+                batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
         baseline.targets(model, batch, cfg.micro_batch)  # advantages
         if cfg.balance:
             keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
