@@ -184,13 +184,15 @@ def default_lora_targets(model) -> list[str]:
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: list[str] | None = None):
     """Wrap `model` in a trainable PEFT LoRA adapter (Infused Phi-2 defaults: r 16, alpha 32, dropout 0.05)."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules or default_lora_targets(model)
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
-        raise UserError(f"LoRA target modules {missing} are not in this model; it has e.g. {sorted(names)[:12]}")
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"LoRA target modules {missing} are not in this model; its linear layers are {linear}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -267,6 +269,8 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
 def merge(adapter: str | Path, out: str | Path) -> Path:
     """Write `adapter` (a PEFT LoRA folder) merged into its base as a full-weight folder: the policy that a
     later stage starts from and refers to."""
+    if not Path(adapter).is_dir():
+        raise UserError(f"adapter folder {adapter} not found; pass a LoRA adapter folder (e.g. a LoRA run's final/)")
     if adapter_base(str(adapter))[0] is None:
         raise UserError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json); nothing to merge")
     model, tok = load(str(adapter), dtype="float32", device="cpu")
