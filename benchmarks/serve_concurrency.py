@@ -5,8 +5,9 @@
 Each tree's server runs as its own process (`python -m thinkforge serve`, PYTHONPATH set to the tree) on the
 same model folder (default: a tiny phi3 model, 128 hidden, 4 layers, made here); each client sends
 /v1/completions requests back to back (a different prompt each, 32 new tokens, temperature 1.0, top-p 1.0, its
-own seed) until `--requests` have been answered in all. One server at a time, so they never share the CPU.
-Prints a table, then one JSON line.
+own seed) until `--requests` have been sent in all; requests/s counts the answered ones, and a request whose
+connection was reset counts as failed. One server at a time, so they never share the CPU. Prints a table,
+then one JSON line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +37,10 @@ def free_port() -> int:
 
 def start(tree: Path, model: str, port: int, batch: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "-m", model, "--port", str(port),
-                             "--batch-size", str(batch)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cwd = the tree: `python -m` puts the working folder first on sys.path, before PYTHONPATH
+    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "-m", str(Path(model).resolve()), "--port",
+                             str(port), "--batch-size", str(batch)], env=env, cwd=tree, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -48,11 +52,15 @@ def start(tree: Path, model: str, port: int, batch: int) -> subprocess.Popen:
     raise RuntimeError(f"the server of {tree} did not start")
 
 
-def post(port: int, i: int, tokens: int) -> int:
+def post(port: int, i: int, tokens: int) -> int | None:
+    """Completion tokens of one request, or None when the connection failed (reset, refused)."""
     body = json.dumps({"prompt": f"{NAMES[i % 8]} has {i % 50} apples and", "max_tokens": tokens,
                        "temperature": 1.0, "top_p": 1.0, "seed": i}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
-    out = json.loads(urllib.request.urlopen(req, timeout=600).read())
+    try:
+        out = json.loads(urllib.request.urlopen(req, timeout=600).read())
+    except (ConnectionError, urllib.error.URLError):
+        return None
     return out["usage"]["completion_tokens"]
 
 
@@ -62,8 +70,9 @@ def measure(port: int, clients: int, requests: int, tokens: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         made = list(pool.map(lambda i: post(port, i, tokens), range(requests)))
     dt = time.time() - t0
-    return {"clients": clients, "requests_per_s": round(requests / dt, 2), "tokens_per_s": round(sum(made) / dt, 1),
-            "seconds": round(dt, 2)}
+    ok = [m for m in made if m is not None]
+    return {"clients": clients, "requests_per_s": round(len(ok) / dt, 2), "tokens_per_s": round(sum(ok) / dt, 1),
+            "failed": len(made) - len(ok), "seconds": round(dt, 2)}
 
 
 def main() -> None:
@@ -92,10 +101,11 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    print("| clients | " + " | ".join(f"{n} req/s" for n in results) + (" | after / before |" if "before" in results else " |"))
+    print("| clients | " + " | ".join(f"{n} req/s (failed)" for n in results)
+          + (" | after / before |" if "before" in results else " |"))
     print("|---" * (len(results) + 1 + ("before" in results)) + "|")
     for i, c in enumerate(args.clients.split(",")):
-        cells = [f"{results[n][i]['requests_per_s']:.2f}" for n in results]
+        cells = [f"{results[n][i]['requests_per_s']:.2f} ({results[n][i]['failed']})" for n in results]
         ratio = f" | {results['after'][i]['requests_per_s'] / results['before'][i]['requests_per_s']:.2f}x" if "before" in results else ""
         print(f"| {c} | " + " | ".join(cells) + ratio + " |")
     print(json.dumps({"model": model, "requests": args.requests, "tokens": args.tokens, "results": results}))

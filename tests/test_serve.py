@@ -336,6 +336,9 @@ def test_concurrent_requests_are_batched_and_draw_what_they_draw_alone(tiny_load
             together = list(pool.map(ask, range(8)))
         assert together == alone
         assert max(srv.batcher.batches) > 1  # some requests shared a batch
+        with ThreadPoolExecutor(32) as pool:  # 32 clients connecting at once: none is reset (listen backlog)
+            answered = list(pool.map(ask, range(32)))
+        assert len(answered) == 32 and all(isinstance(a, str) for a in answered)
     finally:
         srv.shutdown()
         srv.server_close()

@@ -394,6 +394,7 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
+    request_queue_size = 128  # the listen backlog (socketserver's 5 reset clients when 32 connected at once)
 
     def __init__(self, addr, generator, tokenizer, model_name: str, api_key: str | None = None,
                  prompt_format: str = "auto", system: str | None = None, context: int | None = None,
