@@ -209,17 +209,25 @@ class Checkpoints:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            return self._write(tmp, final, step, (model, tokenizer, full), opt_state, extras)
+            self._write(tmp, step, (model, tokenizer, full), (opt_state, extras))
         except BaseException:  # a full disk or an interrupt leaves no half-written checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        respect_umask(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.run_dir)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
 
-    def _write(self, tmp: Path, final: Path, step: int, model_and_state, opt_state, extras) -> Path:
+    def _write(self, tmp: Path, step: int, model_and_state, optimizer_and_extras) -> None:
+        """The checkpoint's files into the temporary folder `tmp`."""
         from safetensors.torch import save_file
 
         from thinkforge import models
 
         model, tokenizer, full = model_and_state
+        opt_state, extras = optimizer_and_extras
         models.save(model, tokenizer, tmp / "model", state_dict=full)
         opt_tensors, opt_meta = _flatten_optimizer(opt_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -229,12 +237,6 @@ class Checkpoints:
             save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp / "extras.safetensors"))
         write_json(tmp / "trainer_state.json", {"step": step, "stage": self.stage, "steps": self.total,
                                                 "optimizer": opt_meta, "rng": rng_meta})
-        respect_umask(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(self.run_dir)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
 
 def finish(bar, metrics, model=None, tokenizer=None, final: Path | None = None, dist: Dist = Dist()) -> Path | None:
