@@ -101,7 +101,9 @@ def test_openai_teacher_against_thinkforge_serve_retries_a_server_error(flaky_se
     probs = sources.synthetic("train", 3, 1, seed=0)
     out = tmp_path / "d.jsonl"
     stats = distill.main(probs, teacher, 2, out, progress=False)
-    assert stats["rollouts"] == 6 and client.retries == 1 and gen.calls == 4
+    # the first generate call fails: each request in it (1, or 2 when the server batched the two clients'
+    # concurrent requests) answers 500 and is retried once; every rollout arrives
+    assert stats["rollouts"] == 6 and 1 <= client.retries <= 2 and gen.calls >= 2
     rows = _rows(out)
     assert {r["teacher"] for r in rows} == {"tiny-teacher"} and all(isinstance(r["correct"], bool) for r in rows)
 
