@@ -69,7 +69,10 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     from thinkforge.formats import render_prompt
     from thinkforge.models import load_tokenizer
 
-    trained = render_prompt(summary["example_question"], "auto", None, load_tokenizer(str(final)))
+    from thinkforge.config import load_config
+
+    system = load_config(str(out / "config.yaml"), []).model.system_prompt  # the recipe's ("Solve it step by step.")
+    trained = render_prompt(summary["example_question"], "auto", system, load_tokenizer(str(final)))
     assert r.stdout.strip().splitlines()[-1] == repr(trained)
 
     # A rerun skips everything that is finished.
