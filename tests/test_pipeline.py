@@ -66,10 +66,9 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
                        timeout=120, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     assert r.returncode == 0, r.stderr
     # ... with the prompt (system prompt included) that training and evaluation used
+    from thinkforge.config import load_config
     from thinkforge.formats import render_prompt
     from thinkforge.models import load_tokenizer
-
-    from thinkforge.config import load_config
 
     system = load_config(str(out / "config.yaml"), []).model.system_prompt  # the recipe's ("Solve it step by step.")
     trained = render_prompt(summary["example_question"], "auto", system, load_tokenizer(str(final)))
