@@ -651,4 +651,8 @@ def main(argv: list[str] | None = None) -> None:
         if line is None:
             raise
         _fail(line)
+    if "torch" in sys.modules:  # a training command on N ranks: leave the group together
+        from thinkforge.train.dist import leave
+
+        leave()
     sys.exit(code if isinstance(code, int) else 0)

@@ -182,6 +182,14 @@ def _comm_device() -> str:
     return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
+def leave() -> None:
+    """End this rank's membership once every rank is done: the process group's threads are joined here, not
+    torn down by the interpreter's exit (gloo's then abort a rank: "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def init() -> Dist:
     """Join the ranks `accelerate launch` started (WORLD_SIZE > 1), else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
