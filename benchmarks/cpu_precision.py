@@ -1,12 +1,13 @@
 """What this CPU gives a real model: fp32 vs bf16 autocast, per phase, on SmolLM2-135M-Instruct.
 
-    python benchmarks/cpu_precision.py [--model models/smollm2-135m-instruct] [--threads 2]
+    python benchmarks/cpu_precision.py [--model models/smollm2-135m-instruct] [--threads 2] [--compile]
 
 Training: LoRA (r 16, q/k/v/o) forward + backward + AdamW on 8 x 256 tokens (the real-model recipes' SFT
 micro-batch), the median of 3 steps after one warm-up. Generation: the recipes' HF backend (`HFGenerator`,
 our decode loop with the reserved KV cache), 32 prompts x 1 sample x 128 new tokens, greedy, min_new_tokens set
 so every row runs all 128 steps; prefill and decode apart (one forward over 64 x 100 prompt tokens; 20 decode
-steps of 64 rows). Prints a table, then one JSON line.
+steps of 64 rows). `--compile` adds bf16 autocast on `torch.compile(model, dynamic=True)` (inductor; its first
+call, which compiles, is reported apart as "first train step s"). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def autocast(on: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
-def train_rate(model, on: bool) -> float:
+def train_rate(model, on: bool) -> tuple[float, float]:
     import torch
 
     ids = torch.randint(100, 40000, (8, 256))
@@ -38,7 +39,7 @@ def train_rate(model, on: bool) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return 8 * 256 / statistics.median(times[1:])
+    return 8 * 256 / statistics.median(times[1:]), times[0]
 
 
 def phase_rates(model, on: bool) -> tuple[float, float]:
@@ -78,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="also bf16 autocast on torch.compile(model) (inductor)")
     a = ap.parse_args()
     import torch
 
@@ -88,20 +90,23 @@ def main() -> None:
     model, tok = models.load(a.model)
     lora = models.add_lora(model, 16, 32, 0.0)
     res = {}
-    for mode in ("fp32", "bf16"):
-        on = mode == "bf16"
+    for mode in ("fp32", "bf16", "bf16+compile") if a.compile else ("fp32", "bf16"):
+        on = mode != "fp32"
+        net = torch.compile(lora, dynamic=True) if mode.endswith("compile") else lora
         lora.train()
-        train = train_rate(lora, on)
+        train, first = train_rate(net, on)
         lora.eval()
-        prefill, decode = phase_rates(lora, on)
+        prefill, decode = phase_rates(net, on)
         res[mode] = {"train_tokens_per_s": round(train, 1), "prefill_tokens_per_s": round(prefill, 1),
-                     "decode_tokens_per_s": round(decode, 1), "generate_tokens_per_s": round(generate_rate(lora, tok, on), 1)}
+                     "decode_tokens_per_s": round(decode, 1), "generate_tokens_per_s": round(generate_rate(net, tok, on), 1),
+                     "first_train_step_s": round(first, 1)}
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {a.model}, LoRA r 16")
-    print("| precision | train tokens/s | prefill tokens/s | decode tokens/s (64 rows) | generate tokens/s (32 x 128) |")
-    print("|---|---|---|---|---|")
+    print("| precision | train tokens/s | prefill tokens/s | decode tokens/s (64 rows) | generate tokens/s (32 x 128) "
+          "| first train step s |")
+    print("|---|---|---|---|---|---|")
     for mode, r in res.items():
         print(f"| {mode} | {r['train_tokens_per_s']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
-              f"{r['generate_tokens_per_s']:.0f} |")
+              f"{r['generate_tokens_per_s']:.0f} | {r['first_train_step_s']} |")
     print(json.dumps({"metric": "cpu_bf16_autocast", **res,
                       "train_ratio": round(res["bf16"]["train_tokens_per_s"] / res["fp32"]["train_tokens_per_s"], 2)}))
 

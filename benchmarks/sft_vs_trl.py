@@ -93,13 +93,13 @@ def run_raw(model_dir, data, max_len, batch, system, autocast=False):
     batches = [collate_packed(bins[i : i + batch], max_len, tok.pad_token_id) for i in range(0, len(bins), batch)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens, start = 0, time.time()
-    for ids, labels, pos in batches:
+    for k, (ids, labels, pos) in enumerate(batches):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = sft_loss(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += int((ids != tok.pad_token_id).sum())
+        tokens += sum(len(d) for row in bins[k * batch : (k + 1) * batch] for d in row)  # eos too (pad may be eos)
     return {"tokens": tokens, "seconds": time.time() - start, "steps": len(batches)}
 
 

@@ -122,11 +122,14 @@ def test_two_steps_of_sft_and_grpo_on_the_real_model(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     distill.main(sources.synthetic("train", 16, 2, seed=0), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
     code, _, err = run_cli(["sft", "-m", str(MODEL), "--data", str(data), "--out", str(tmp_path / "sft"), "--lora",
-                            "sft.max_steps=2", "sft.batch_size=4", "sft.grad_accum=1", "sft.max_len=192",
+                            "sft.max_steps=2", "sft.batch_size=8", "sft.grad_accum=1", "sft.max_len=192",
                             "sft.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
     assert code == 0, err
-    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    events = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in events if "loss" in r]
     assert len(rows) == 2 and all(0 < r["loss"] < 10 for r in rows)
+    # the 2 steps are one epoch of the 16 documents: every token counted, the eos too although pad == eos here
+    assert sum(r["tokens"] for r in rows) == events[0]["tokens"]
     code, _, err = run_cli(["rl", "-m", str(tmp_path / "sft" / "final"), "--out", str(tmp_path / "rl"), "--lora",
                             "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=24",
                             "rl.difficulties=[2]", "rl.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)

@@ -46,6 +46,11 @@ def collate(rows: list, cfg: SFTConfig, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
+def n_tokens(row) -> int:
+    """A row's real tokens, its eos included (counting ids unequal to pad misses eos where pad == eos)."""
+    return sum(len(d) for d in row) if isinstance(row, list) else len(row)
+
+
 def step_normaliser(batches: list[dict]) -> Normaliser:
     """The step's loss normaliser: its completion tokens over every micro-batch (SPEC 4's N)."""
     return sum(normaliser(label_mask(b["labels"]), "token") for b in batches)
@@ -113,7 +118,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
 
         seconds = time.time() - t0
         n_in = sum(int(b["input_ids"].numel()) for b in batches[: len(micro)])
-        nonpad = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in batches[: len(micro)])
+        nonpad = sum(n_tokens(rows[i]) for mb in micro for i in mb)
         loss_sum, n_in, nonpad = dist.all_sum([loss_sum / dist.world, n_in, nonpad])  # the step's, over ranks
         n_in, nonpad = int(n_in), int(nonpad)
         metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
