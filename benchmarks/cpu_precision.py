@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 
 
@@ -97,16 +98,21 @@ def main() -> None:
         train, first = train_rate(net, on)
         lora.eval()
         prefill, decode = phase_rates(net, on)
+        try:
+            gen = round(generate_rate(net, tok, on), 1)
+        except RuntimeError as e:  # AOTAutograd fails on the reserved KV cache: inputs that are views of one buffer
+            gen = f"fails: {str(e).splitlines()[0][:60]}"
         res[mode] = {"train_tokens_per_s": round(train, 1), "prefill_tokens_per_s": round(prefill, 1),
-                     "decode_tokens_per_s": round(decode, 1), "generate_tokens_per_s": round(generate_rate(net, tok, on), 1),
+                     "decode_tokens_per_s": round(decode, 1), "generate_tokens_per_s": gen,
                      "first_train_step_s": round(first, 1)}
+        print(mode, json.dumps(res[mode]), file=sys.stderr, flush=True)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {a.model}, LoRA r 16")
     print("| precision | train tokens/s | prefill tokens/s | decode tokens/s (64 rows) | generate tokens/s (32 x 128) "
           "| first train step s |")
     print("|---|---|---|---|---|---|")
     for mode, r in res.items():
         print(f"| {mode} | {r['train_tokens_per_s']:.0f} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | "
-              f"{r['generate_tokens_per_s']:.0f} | {r['first_train_step_s']} |")
+              f"{r['generate_tokens_per_s']} | {r['first_train_step_s']} |")
     print(json.dumps({"metric": "cpu_bf16_autocast", **res,
                       "train_ratio": round(res["bf16"]["train_tokens_per_s"] / res["fp32"]["train_tokens_per_s"], 2)}))
 
