@@ -99,7 +99,7 @@ def run_raw(model_dir, data, max_len, batch, system, autocast=False):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += sum(len(d) for row in bins[k * batch : (k + 1) * batch] for d in row)  # eos too (pad may be eos)
+        tokens += sum(sft.n_tokens(row) for row in bins[k * batch : (k + 1) * batch])  # eos too (pad may be eos)
     return {"tokens": tokens, "seconds": time.time() - start, "steps": len(batches)}
 
 

@@ -37,6 +37,17 @@ def test_wrong_type_and_out_of_range_name_the_key():
         load_config(None, ["lora.r=0"])
 
 
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; on the command line and in a recipe it means "no"
+    assert load_config(None, ["sft.mixed_precision=no"]).sft.mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text("dpo: {mixed_precision: no}\nrl: {mixed_precision: bf16}\n")
+    recipe = load_config(path)
+    assert (recipe.dpo.mixed_precision, recipe.rl.mixed_precision) == ("no", "bf16")
+    with pytest.raises(UserError, match=r"'rl.mixed_precision'"):
+        load_config(None, ["rl.mixed_precision=yes"])
+
+
 def test_bad_recipe_files(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from thinkforge.errors import UserError
+
+# YAML reads a bare `no` (in a recipe or `KEY=no` on the command line) as false: that is the "no" it means.
+Precision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
 class _Section(BaseModel):
@@ -108,7 +111,7 @@ class SFTConfig(_Section):
     clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    mixed_precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 
 
 class MidtrainConfig(SFTConfig):
@@ -136,7 +139,7 @@ class DPOConfig(_Section):
     clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    mixed_precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 
 
 class PairsConfig(_Section):
@@ -219,7 +222,7 @@ class RLConfig(_Section):
     aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")
     aha_rise: float = Field(0.3, ge=0, description="Relative rise over the window mean that flags an aha moment.")
     truncation_warn: float = Field(0.5, ge=0, le=1, description="Warn when this share of responses is truncated (PITFALLS 2).")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    mixed_precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 
     @model_validator(mode="after")
     def _no_setting_the_algorithm_ignores(self) -> RLConfig:

@@ -118,12 +118,12 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
 
         seconds = time.time() - t0
         n_in = sum(int(b["input_ids"].numel()) for b in batches[: len(micro)])
-        nonpad = sum(n_tokens(rows[i]) for mb in micro for i in mb)
-        loss_sum, n_in, nonpad = dist.all_sum([loss_sum / dist.world, n_in, nonpad])  # the step's, over ranks
-        n_in, nonpad = int(n_in), int(nonpad)
-        metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": nonpad / seconds,
-                               "nonpad_share": nonpad / max(1, n_in), "completion_tokens": round(norm.denominator * dist.world),
-                               "tokens": nonpad, "step_seconds": seconds})
+        real = sum(n_tokens(rows[i]) for mb in micro for i in mb)
+        loss_sum, n_in, real = dist.all_sum([loss_sum / dist.world, n_in, real])  # the step's, over ranks
+        n_in, real = int(n_in), int(real)
+        metrics.log(step + 1, {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": real / seconds,
+                               "nonpad_share": real / max(1, n_in), "completion_tokens": round(norm.denominator * dist.world),
+                               "tokens": real, "step_seconds": seconds})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}", refresh=False)
         if checkpoints.end_of_step(step + 1, model, tok, optimizer):
