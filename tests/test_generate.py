@@ -97,31 +97,59 @@ def test_stream_yields_the_same_text_as_greedy_generate(tiny_loaded):
 def test_own_decode_loop_matches_transformers_generate_greedy(tiny_loaded):
     """Prefill once per prompt, cache repeated per sample, stopped rows leaving the batch: same tokens as
     `model.generate` on a left-padded batch of prompts of different lengths."""
+    from thinkforge.rollout.types import encode, left_pad
+
     model, tok = tiny_loaded
     gen = HFGenerator(model, tok, batch_size=64)
     prompts = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam.", "Ava"]
-    p = SamplingParams(max_new_tokens=12, temperature=0.0)
-    assert gen.own_loop
-    ours = gen.generate(prompts, 2, p)
-    gen.own_loop = False
-    try:
-        theirs = gen.generate(prompts, 2, p)
-    finally:
-        gen.own_loop = True
-    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
-    assert [c.finish_reason for c in ours] == [c.finish_reason for c in theirs]
+    ours = gen.generate(prompts, 2, SamplingParams(max_new_tokens=12, temperature=0.0))
+    ids, mask = left_pad([encode(tok, p) for p in prompts for _ in range(2)], tok.pad_token_id)
+    with torch.no_grad():
+        seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=gen.stop_ids())
+    theirs = []
+    for row in seqs[:, ids.shape[1]:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in gen.stop_ids()), len(row))
+        theirs.append(tuple(row[:end]))
+    assert [c.token_ids for c in ours] == theirs
 
 
-def test_transformers_generate_fallback_is_seeded_and_leaves_the_torch_rng_alone(tiny_loaded):
+def test_generation_with_a_kv_cache_model_never_leaves_the_own_decode_loop(tiny_loaded, monkeypatch):
+    """Per-sample streams, batch-independent samples and the shared-prompt prefill exist only in the own loop:
+    if generation ever reaches `model.generate` (as when a transformers release renamed `past_key_values`
+    and a signature probe fell back quietly), this fails."""
+    import transformers
+
+    from thinkforge.models import cache_argument
+
     model, tok = tiny_loaded
-    gen = HFGenerator(model, tok, batch_size=64)
-    gen.own_loop = False  # the path of models whose forward takes no explicit positions
-    p = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5)
-    torch.manual_seed(123)
-    before = torch.get_rng_state()
-    first = gen.generate(["Mia has 3 apples."], 4, p)
-    assert torch.equal(torch.get_rng_state(), before)  # training's dropout and data order are not moved
-    assert [c.token_ids for c in gen.generate(["Mia has 3 apples."], 4, p)] == [c.token_ids for c in first]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("HFGenerator.generate called model.generate")
+
+    monkeypatch.setattr(model, "generate", refused)
+    gen = HFGenerator(model, tok, batch_size=3)
+    for params in (SamplingParams(max_new_tokens=6, temperature=1.0, seed=1), SamplingParams(max_new_tokens=6, temperature=0.0)):
+        assert len(gen.generate(["Mia has 3 apples.", "Ava"], 2, params)) == 4
+    renamed = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
+    assert cache_argument(model) == ("cache" if renamed else "past_key_values")
+
+
+def test_a_model_the_decode_loop_cannot_run_is_refused_in_one_line(tiny_loaded):
+    """No quiet fallback: a forward without explicit positions is a UserError naming the class and version."""
+    import pytest
+    import transformers
+
+    from thinkforge.errors import UserError
+
+    model, tok = tiny_loaded
+
+    class NoPositions(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(UserError, match=f"NoPositions.forward \\(transformers {transformers.__version__}\\) takes no position_ids"):
+        HFGenerator(NoPositions(), tok)
 
 
 def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded):

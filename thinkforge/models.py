@@ -10,6 +10,7 @@ Tiny random-init models for tests and the demo are in tiny.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -153,11 +154,7 @@ def load(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
-        # transformers 5 renamed it activation checkpointing; accept both generations of the API.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     tok_source = name_or_path if (Path(name_or_path) / "tokenizer_config.json").is_file() else base
     return model, load_tokenizer(tok_source, trust_remote_code)
@@ -219,6 +216,46 @@ model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")
 tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
 ```
 """
+
+
+def forward_cached(model, cache, **inputs):
+    """(output, cache): `model(**inputs)` continuing the KV cache `cache`, and the cache it returns.
+
+    transformers 5.24 renamed the forward's `past_key_values` to `cache` (and the output's field with it); the
+    old name works, deprecated, until 5.40. Both generations are supported by name, decided once per model class.
+    """
+    name = cache_argument(model)
+    out = model(**inputs, **{name: cache}, use_cache=True)
+    return out, getattr(out, name)
+
+
+def cache_argument(model) -> str:
+    """The name of the KV-cache argument of this model's forward, "cache" or "past_key_values". A model whose
+    forward takes neither, or no explicit positions, cannot run the decode loop or the shared-prompt pass,
+    and thinkforge does not quietly take another path (PITFALLS 13): one line names the class and the version."""
+    import torch
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if is_adapter(model):
+        model = model.get_base_model()
+    return _cache_argument(type(model))
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    import inspect
+
+    import transformers
+
+    takes = inspect.signature(cls.forward).parameters
+    names = [n for n in ("cache", "past_key_values") if n in takes]
+    missing = [n for n, ok in (("position_ids", "position_ids" in takes), ("cache / past_key_values", names)) if not ok]
+    if missing:
+        raise UserError(f"{cls.__name__}.forward (transformers {transformers.__version__}) takes no {' and no '.join(missing)} "
+                        f"argument; thinkforge's decode loop and shared-prompt pass need both (a remote-code model "
+                        f"written for another transformers? load it without trust_remote_code or pin transformers)")
+    return names[0]
 
 
 def is_adapter(model) -> bool:

@@ -3,17 +3,18 @@
 `generate` runs its own decode loop over the model's forward (the model and its KV cache are transformers'):
 each distinct prompt is prefilled once and its cache repeated for the n samples of its group, and rows that
 have stopped leave the batch, so a group costs one prompt pass and the batch shrinks as samples finish.
-`model.generate` serves streaming and models whose forward does not take explicit positions.
+`model.generate` serves streaming only. A model whose forward takes no explicit positions or KV cache is
+refused with one line (`models.cache_argument`): there is no quiet fallback that would lose per-sample streams.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 from collections.abc import Iterator
 
+from thinkforge.models import cache_argument, forward_cached
 from thinkforge.rollout.types import Completion, SamplingParams, encode, is_out_of_memory, left_pad, pad_id
 
 
@@ -34,8 +35,7 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
-        forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
-        self.own_loop = {"position_ids", "past_key_values"} <= set(forward.parameters)
+        cache_argument(model)  # a model the decode loop cannot run is refused here, in one line
         self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
 
     def load_weights(self, model) -> dict[str, float]:
@@ -89,24 +89,11 @@ class HFGenerator:
         """The generated ids of prompts chunk (the first is prompt `start` of the call), n rows per prompt."""
         tok, model = self.tokenizer, self.model
         encoded = [encode(tok, p) for p in chunk]
-        if not self.own_loop:
-            return self._hf_generate(encoded, n, params, stops, (params.seed * 1_000_003 + start) % 2**63)
         uniforms = None
         if params.temperature > 0:
             keys = [(*params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
             uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
         return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt)
-
-    def _hf_generate(self, encoded: list[list[int]], n: int, params: SamplingParams, stops: list[int], seed: int) -> list[list[int]]:
-        """Fallback through `model.generate` (each prompt repeated n times: works for greedy too). Its draws come
-        from the torch RNG seeded for the call: reproducible, but not per sample as the own loop's."""
-        import torch
-
-        tok, model = self.tokenizer, self.model
-        ids, mask = left_pad([e for e in encoded for _ in range(n)], pad_id(tok))
-        with _seeded(model.device, seed), torch.no_grad():
-            seqs = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **self._kwargs(params))
-        return [_trim(r, set(stops)) for r in seqs[:, ids.shape[1] :].tolist()]
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
         """The text of one completion piece by piece. Generation stops at the next token when the consumer
@@ -250,9 +237,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
     reserved = reserved_layer()
     cache.layers = [reserved(ids.shape[1] + params.max_new_tokens) if type(x) is DynamicLayer else x for x in cache.layers]
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        cache = out.past_key_values
+        out, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         if n > 1:
             cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1, :].float().repeat_interleave(n, 0)
@@ -280,9 +265,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
                 cache.batch_select_indices(keep)
                 rows, alive, nxt, mask, next_pos = rows[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                        use_cache=True)
-            cache = out.past_key_values
+            out, cache = forward_cached(model, cache, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
     return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from thinkforge.losses import IGNORE, token_logprobs
+from thinkforge.models import forward_cached
 from thinkforge.rollout.types import Rollout
 
 
@@ -39,13 +40,12 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, share_prom
     if share_prompt:
         from transformers import DynamicCache
 
-        first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=DynamicCache(config=model.config),
-                      use_cache=True, logits_to_keep=1, output_hidden_states=hidden)
-        cache = first.past_key_values
+        first, cache = forward_cached(model, DynamicCache(config=model.config), input_ids=p_ids, attention_mask=p_mask,
+                                      position_ids=p_pos, logits_to_keep=1, output_hidden_states=hidden)
         cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
         c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
-        out = model(input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1), position_ids=c_pos,
-                    past_key_values=cache, use_cache=True, output_hidden_states=hidden)
+        out, _ = forward_cached(model, cache, input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1),
+                                position_ids=c_pos, output_hidden_states=hidden)
         logits = torch.cat([first.logits[row_prompt, -1:], out.logits[:, :-1]], 1)  # (n, C, V)
         states = torch.cat([first.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1][:, :-1]], 1) if hidden else None
     else:
