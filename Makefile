@@ -1,5 +1,6 @@
 # The two commands: `make demo` and `make test`. Both create or reuse .venv.
-PYTHON ?= python3
+# The locks are for CPython 3.11 on Linux x86_64 (torch's CPU wheel and every marker were resolved for it).
+PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -10,10 +11,10 @@ PY := $(VENV)/bin/python
 TORCH_FIND_LINKS ?= /opt/wheels
 PIP_LOCKED = -m pip install -q --require-hashes --no-deps --find-links $(TORCH_FIND_LINKS) -r
 
-# `make lock` compiles the locks with uv (pinned here, in its own venv).
-UV_SPEC ?= uv==0.13.9
+# `make lock` compiles the locks with uv (requirements/uv.txt, hashed, in its own venv). --upgrade: a lock is made
+# anew from the registry, not from the versions of the file it replaces.
 UV := .venv-uv/bin/uv
-LOCK_FLAGS = --generate-hashes --python-version 3.11 -c requirements/torch-cpu.txt --find-links $(TORCH_FIND_LINKS) --quiet
+LOCK_FLAGS = --generate-hashes --upgrade --python-version 3.11 -c requirements/torch-cpu.txt --find-links $(TORCH_FIND_LINKS) --quiet
 
 # The vLLM CPU engine in its own venv (it pins its own torch): the real server the rollout tests start.
 VLLM_VENV := .venv-vllm
@@ -28,10 +29,15 @@ LMEVAL_VENV := .venv-lmeval
 
 .PHONY: demo test test-latest lock lint venv vllm lm-eval real-model clean
 
-$(VENV)/.stamp: requirements/test.txt pyproject.toml
+$(VENV)/.locked: requirements/test.txt
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP_LOCKED) requirements/test.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The project itself, editable; redone (not the whole venv) when pyproject.toml changes. pip check: the lock
+# satisfies what pyproject.toml asks for.
+$(VENV)/.stamp: $(VENV)/.locked pyproject.toml
+	$(PY) -m pip install -q --no-deps --no-build-isolation --check-build-dependencies -e .
 	$(PY) -m pip check
 	touch $@
 
@@ -52,25 +58,27 @@ $(LMEVAL_VENV)/.stamp: requirements/lmeval.txt
 
 lm-eval: $(LMEVAL_VENV)/.stamp
 
-$(UV):
+$(UV): requirements/uv.txt
 	rm -rf .venv-uv && $(PYTHON) -m venv .venv-uv
-	.venv-uv/bin/python -m pip install -q "$(UV_SPEC)"
+	.venv-uv/bin/python -m pip install -q --require-hashes --no-deps -r requirements/uv.txt
 
 # The test lock takes every direct dependency at its floor in pyproject.toml (lowest-direct): CI proves the floors,
 # `make test-latest` the newest releases. Transitive dependencies are the newest on the day of the lock.
 lock: $(UV)
-	$(UV) pip compile pyproject.toml --extra dev --resolution lowest-direct $(LOCK_FLAGS) -o requirements/test.txt
+	$(UV) pip compile pyproject.toml requirements/build.in --extra dev --resolution lowest-direct $(LOCK_FLAGS) \
+		-o requirements/test.txt
 	$(UV) pip compile requirements/vllm.in $(LOCK_FLAGS) --no-emit-package torchvision --no-emit-package torchaudio \
 		--no-emit-package torchcodec -o requirements/vllm.txt
 	$(UV) pip compile requirements/lmeval.in $(LOCK_FLAGS) -o requirements/lmeval.txt
 
-# The suite against the newest release of every dependency (torch stays the CPU build of the lock: newer CPU wheels
-# are not on this machine), in a throw-away venv; not part of CI. Drift shows here before users meet it.
+# The suite against the newest release of every dependency of thinkforge (torch stays the CPU build of the lock:
+# newer CPU wheels are not on this machine; the vLLM and lm-eval engine venvs stay locked), in a throw-away venv;
+# not part of CI. Drift shows here before users meet it.
 test-latest: $(UV) $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(REAL_MODEL)/config.json
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -o .venv-latest/requirements.txt
+	$(UV) pip compile pyproject.toml requirements/build.in --extra dev $(LOCK_FLAGS) -o .venv-latest/requirements.txt
 	.venv-latest/bin/python $(PIP_LOCKED) .venv-latest/requirements.txt
-	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	.venv-latest/bin/python -m pip install -q --no-deps --no-build-isolation --check-build-dependencies -e .
 	.venv-latest/bin/python -m pip check
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|trl|accelerate|datasets|tokenizers)=='
 	.venv-latest/bin/ruff check .

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from thinkforge.config import Recipe, load_config
@@ -89,3 +91,22 @@ def test_no_function_in_train_takes_more_than_six_parameters():
                 a = node.args
                 n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
                 assert n <= 6, f"{path.name}:{node.lineno} {node.name} takes {n} parameters"
+
+
+@pytest.mark.parametrize("overrides,words,reader", [
+    (["rl.tis_cap=2.0"], "rl.tis_cap=2.0 does nothing here: only rollout.backend=vllm", "rollout.backend=vllm"),
+    (["rollout.max_model_len=1024"], "rollout.max_model_len=1024 does nothing here: only rollout.backend=vllm reads it",
+     "rollout.backend=vllm"),
+    (["rollout.sync_atol=0.01", "rollout.backend=openai"], "rollout.sync_atol=0.01 does nothing here",
+     "rollout.backend=vllm"),
+    (["rewards.weights={verifiable: 1.0}"], "rewards.weights={'verifiable': 1.0} does nothing here: only rl.reward=weighted",
+     "rl.reward=weighted"),
+    (["rl.temperature_start=0.9"], "rl.temperature_start=0.9 does nothing here: only rl.anneal_steps > 0",
+     "rl.anneal_steps=5"),
+])
+def test_a_setting_the_chosen_backend_or_switch_never_reads_is_a_config_error(overrides, words, reader):
+    """PITFALLS 19: rl.tis_cap with the hf backend (no sampler log-probs) was silently ignored, and so were the
+    others; each is one line naming what reads it, and with that set it is accepted."""
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_config(None, overrides)
+    load_config(None, [*overrides, reader])

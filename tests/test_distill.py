@@ -143,3 +143,17 @@ def test_select_accepts_dedupes_keeps_rejects_and_picks_hard(tmp_path):
     assert [r["problem_id"] for r in _rows(tmp_path / "sel" / "hard.jsonl")] == ["mid", "hard"]
     assert stats["problems_with_both"] == 2
     assert json.loads((tmp_path / "sel" / "pass_rates.json").read_text())["mid"] == 0.5
+
+
+def test_a_correct_rollout_cut_off_at_the_token_limit_is_not_accepted(tmp_path):
+    """Rejection sampling keeps what the teacher finished: a correct answer whose rollout hit max_new_tokens (no
+    </answer>, no eos) would teach the model not to stop."""
+    rows = [{"problem_id": "p", "question": "p", "completion": "<think>2 + 2 = 4</think><answer>4", "correct": True,
+             "finish_reason": "length"},
+            {"problem_id": "p", "question": "p", "completion": "<think>2 + 2 = 4.</think><answer>4</answer>", "correct": True,
+             "finish_reason": "stop"}]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = selection.main(src, tmp_path / "sel")
+    assert [r["finish_reason"] for r in _rows(tmp_path / "sel" / "accepted.jsonl")] == ["stop"]
+    assert stats["cut_off_dropped"] == 1 and stats["duplicates_dropped"] == 0

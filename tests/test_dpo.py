@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from thinkforge.config import load_config
 from thinkforge.data import pairs as pairs_mod
+from thinkforge.errors import UserError
 from thinkforge.losses import IGNORE, dpo_loss, sequence_logprobs
 
 
@@ -157,3 +159,28 @@ def test_under_bf16_autocast_the_reference_pass_matches_the_policys_precision(ti
         rl.main(load_config(None, over), tmp_path / "run", progress=False)
         first = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x][0]
         assert first["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_regenerated_pairs_file_of_the_same_size_gets_fresh_reference_logprobs(tiny_model, tmp_path):
+    """The reference log-probs are keyed by the pairs' content: a pairs file regenerated with as many pairs in a
+    run folder without checkpoints is recomputed, never reused (it was once validated by count only)."""
+    from safetensors.torch import load_file
+
+    from thinkforge.train import dpo
+
+    (tmp_path / "a").mkdir()
+    first = _pairs_file(tmp_path / "a", 6)
+    second = tmp_path / "b.jsonl"
+    rows = [json.loads(x) for x in first.read_text().splitlines()]
+    second.write_text("".join(json.dumps({**r, "rejected": r["rejected"] + " and more"}) + "\n" for r in rows))
+    run = tmp_path / "run"
+    dpo.main(_recipe(tiny_model, first, **{"dpo.max_steps": 1}), run, progress=False)
+    with pytest.raises(UserError, match="was computed for other pairs .* has checkpoints trained on them"):
+        dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), run, progress=False)
+    for ckpt in run.glob("step-*"):  # a folder without checkpoints: the stale file is recomputed, not reused
+        shutil.rmtree(ckpt)
+    dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), run, progress=False)
+    dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), tmp_path / "fresh", progress=False)
+    got = load_file(str(run / "reference_logps.safetensors"))["logps"]
+    want = load_file(str(tmp_path / "fresh" / "reference_logps.safetensors"))["logps"]
+    assert torch.equal(got, want) and len(got) == len(rows)

@@ -56,23 +56,47 @@ def test_eval_cli_on_tiny_model_writes_samples_and_summary(tiny_model, tmp_path,
     assert "| synthetic |" in out
 
 
-def test_paired_change_pairs_by_problem():
+def test_paired_change_pairs_by_problem_with_a_t_interval():
     from thinkforge.evaluate import paired_change
 
     def rows(shares):  # problem -> correct flags of its samples
-        return [{"problem_id": p, "correct": c} for p, flags in shares.items() for c in flags]
+        return [{"problem_id": p, "question": f"q {p}", "reference": "1", "correct": c} for p, flags in shares.items()
+                for c in flags]
 
     before = rows({"a": [1, 0], "b": [0, 0], "c": [1, 1], "d": [0, 1]})
-    after = rows({"b": [1, 0], "a": [1, 1], "c": [1, 1], "d": [0, 1], "e": [1, 1]})  # e: not in before, not paired
+    after = rows({"b": [1, 0], "a": [1, 1], "c": [1, 1], "d": [0, 1]})
     c = paired_change(before, after)
     d = [0.5, 0.5, 0.0, 0.0]  # a, b, c, d
     mean = sum(d) / 4
     se = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5 / 2
     assert c["n"] == 4 and c["change"] == pytest.approx(0.25) and c["se"] == pytest.approx(se)
-    assert c["ci95"] == pytest.approx([0.25 - 1.96 * se, 0.25 + 1.96 * se])
+    assert c["ci95"] == pytest.approx([0.25 - 3.1824 * se, 0.25 + 3.1824 * se], rel=1e-3)  # t(0.975, 3)
     assert (c["before"], c["after"], c["gained"], c["lost"]) == (pytest.approx(0.5), pytest.approx(0.75), 2, 0)
-    with pytest.raises(ValueError, match="share no problem"):
-        paired_change(before, rows({"x": [1]}))
+
+
+def test_t_quantiles_against_tables():
+    from thinkforge.evaluate import t_quantile
+
+    for df, want in [(1, 12.7062), (2, 4.3027), (3, 3.1824), (5, 2.5706), (9, 2.2622), (29, 2.0452), (199, 1.9720)]:
+        assert t_quantile(0.975, df) == pytest.approx(want, abs=1e-3), df
+
+
+def test_evaluations_of_different_problems_are_refused_not_paired_on_their_intersection():
+    """Synthetic test ids once did not carry the seed: seed 0 against seed 1 paired 200 ids whose questions all
+    differed; evaluations of different n used their intersection without a word."""
+    from thinkforge.data import synthetic
+    from thinkforge.evaluate import paired_change
+
+    def rows(problems, n=None):
+        return [{"problem_id": p["id"], "question": p["question"], "reference": p["final"], "correct": True}
+                for p in problems[:n]]
+
+    seed0, seed1 = synthetic.generate(20, "test", 2, seed=0), synthetic.generate(20, "test", 2, seed=1)
+    assert not {p["id"] for p in seed0} & {p["id"] for p in seed1}  # the seed is in the id
+    same_ids = [{**p, "id": q["id"]} for p, q in zip(seed1, seed0, strict=True)]  # ids alike, questions not
+    for other in (rows(same_ids), rows(seed0, 10)):
+        with pytest.raises(ValueError, match="different problems"):
+            paired_change(rows(seed0), other)
 
 
 def test_compare_cli_reads_eval_folders_and_rejects_what_is_not_one(tmp_path, capsys):
@@ -80,8 +104,14 @@ def test_compare_cli_reads_eval_folders_and_rejects_what_is_not_one(tmp_path, ca
 
     for name, flags in (("a", [0, 0, 1, 0]), ("b", [1, 0, 1, 1])):
         (tmp_path / name).mkdir()
-        lines = [json.dumps({"problem_id": f"p{i // 2}", "correct": bool(f)}) for i, f in enumerate(flags)]
+        lines = [json.dumps({"problem_id": f"p{i // 2}", "question": f"q{i // 2}", "reference": "1", "correct": bool(f)})
+                 for i, f in enumerate(flags)]
         (tmp_path / name / "synthetic.samples.jsonl").write_text("\n".join(lines) + "\n")
+        protocol = {"temperature": 0.6, "seed": 0 if name == "a" else 1}
+        (tmp_path / name / "synthetic.summary.json").write_text(json.dumps({"protocol": protocol}))
+    code, _, err = run_cli(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 2 and "different protocols (seed 0 vs 1)" in err and len(err.strip().splitlines()) == 1, err
+    (tmp_path / "b" / "synthetic.summary.json").write_text(json.dumps({"protocol": {"temperature": 0.6, "seed": 0}}))
     code, out, err = run_cli(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
     assert code == 0, err
     assert "| synthetic | 25.0 | 75.0 | +50.0 | +50.0 to +50.0 | 2 / 0 | 2 |" in out
@@ -103,9 +133,9 @@ def test_eval_batch_size_sets_rows_per_call_and_the_samples_do_not_depend_on_it(
     calls = []
     real = ev.evaluate
 
-    def spy(generator, problems, prompt_fn, params, samples=1, chunk=8, progress=True):
+    def spy(generator, problems, prompt_fn, params, samples=1, chunk=8, progress=True, benchmark=""):
         calls.append(chunk)
-        return real(generator, problems, prompt_fn, params, samples, chunk, progress)
+        return real(generator, problems, prompt_fn, params, samples, chunk, progress, benchmark)
 
     texts = {}
     for bs in (2, 12):

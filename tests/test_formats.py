@@ -76,3 +76,38 @@ def test_different_answers_in_several_tags_are_no_answer():
 def test_megabyte_input_parses():
     p = parse("<think>" + "a " * 500_000 + "</think><answer>1</answer>")
     assert p.answer == "1" and p.format_ok
+
+
+def test_a_completion_of_a_prompt_that_prefills_think_is_read_as_opened():
+    """Chat templates that end the generation prompt with <think> (Qwen3, R1 distills): the completion starts
+    inside the thinking, and its format, thinking and answer are those of the whole response."""
+    from thinkforge.formats import parse, response
+
+    prompt, comp = "<|im_start|>assistant\n<think>\n", "2 + 2 = 4</think><answer>4</answer>"
+    assert not parse(comp).format_ok
+    whole = parse(response(prompt, comp))
+    assert whole.format_ok and whole.thinking == "2 + 2 = 4" and whole.answer == "4"
+    assert response("Question: 2 + 2?", comp) == comp and response(prompt, "<think>a</think>") == "<think>a</think>"
+
+
+def test_one_answer_written_twice_is_one_answer_and_two_answers_are_none():
+    from thinkforge.formats import parse
+
+    assert parse("<think>x</think><answer>42</answer><answer>42.</answer>").answer in ("42", "42.")
+    assert parse("<think>x</think><answer>42</answer><answer>43</answer>").answer is None
+
+
+def test_evaluation_counts_the_format_of_a_prefilled_think(tiny_loaded):
+    from thinkforge.data.sources import Problem
+    from thinkforge.evaluate import evaluate
+    from thinkforge.rollout.types import Completion, SamplingParams
+
+    class Fixed:
+        batch_size = 8
+
+        def generate(self, prompts, n, params):
+            return [Completion(i, "I add.</think><answer>4</answer>", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
+
+    problems = [Problem("p1", "2 + 2?", "4")]
+    _, summary = evaluate(Fixed(), problems, lambda q: f"<|user|>{q}<|assistant|><think>\n", SamplingParams(), progress=False)
+    assert summary["format_rate"] == 1.0 and summary["accuracy"] == 1.0

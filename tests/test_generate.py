@@ -42,9 +42,9 @@ def test_row_streams_drawn_in_blocks_equal_one_long_draw_per_row():
 
     from thinkforge.rollout.hf import RowStreams
 
-    keys = [(0, 0), (0, 1), (5, 3)]
-    whole = np.stack([np.random.default_rng([7, p, s]).random(150) for p, s in keys])
-    streams = RowStreams([(7, p, s) for p, s in keys], torch.float64, "cpu", block=64)
+    keys = [(2**100 + 7, 0), (2**100 + 7, 1), (5, 3)]
+    whole = np.stack([np.random.default_rng([k % 2**64, k >> 64, s]).random(150) for k, s in keys])
+    streams = RowStreams(keys, torch.float64, "cpu", block=64)
     rows = torch.tensor([2, 0])  # live rows only, in any order
     got = torch.stack([streams.at(rows, t) for t in range(150)], 1).numpy()
     assert np.array_equal(got, whole[[2, 0]]) and streams.values.shape == (3, 64)
@@ -107,11 +107,13 @@ def test_own_decode_loop_matches_transformers_generate_greedy(tiny_loaded):
     with torch.no_grad():
         seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                               pad_token_id=tok.pad_token_id, eos_token_id=gen.stop_ids())
-    theirs = []
+    theirs, reasons = [], []
     for row in seqs[:, ids.shape[1]:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in gen.stop_ids()), len(row))
+        end = next((i + 1 for i, t in enumerate(row) if t in gen.stop_ids()), None)
         theirs.append(tuple(row[:end]))
+        reasons.append("length" if end is None else "stop")
     assert [c.token_ids for c in ours] == theirs
+    assert [c.finish_reason for c in ours] == reasons
 
 
 def test_generation_with_a_kv_cache_model_never_leaves_the_own_decode_loop(tiny_loaded, monkeypatch):
@@ -131,8 +133,55 @@ def test_generation_with_a_kv_cache_model_never_leaves_the_own_decode_loop(tiny_
     gen = HFGenerator(model, tok, batch_size=3)
     for params in (SamplingParams(max_new_tokens=6, temperature=1.0, seed=1), SamplingParams(max_new_tokens=6, temperature=0.0)):
         assert len(gen.generate(["Mia has 3 apples.", "Ava"], 2, params)) == 4
-    renamed = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24)
+    from packaging.version import Version
+
+    renamed = Version(transformers.__version__) >= Version("5.24.0.dev0")
     assert cache_argument(model) == ("cache" if renamed else "past_key_values")
+
+
+def test_a_forward_that_takes_the_new_cache_name_gets_it_and_its_output_cache_is_read(tiny_loaded):
+    """transformers 5.24's convention (`cache=` in, `.cache` out) on whatever version the lock has: a wrapper
+    of the tiny model that speaks it decodes exactly what the model decodes with its own convention."""
+    from dataclasses import dataclass
+
+    import pytest
+
+    from thinkforge.errors import UserError
+    from thinkforge.models import cache_argument, forward_cached
+
+    model, tok = tiny_loaded
+    inner = cache_argument(model)
+
+    @dataclass
+    class Out:
+        logits: torch.Tensor
+        cache: object
+
+    class NewStyle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+            self.config, self.device, self.generation_config = model.config, model.device, model.generation_config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=use_cache, logits_to_keep=logits_to_keep, **{inner: cache})
+            return Out(out.logits, getattr(out, inner))
+
+    wrapped = NewStyle()
+    assert cache_argument(wrapped) == "cache"
+    out, cache = forward_cached(wrapped, None, input_ids=torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([[0, 1, 2]]))
+    assert cache is not None and cache.get_seq_length() == 3
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=4)
+    ours = HFGenerator(wrapped, tok, 8).generate(["Mia has 3 apples."], 2, params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in HFGenerator(model, tok, 8).generate(["Mia has 3 apples."], 2, params)]
+
+    class NoCache(torch.nn.Module):
+        def forward(self, input_ids, position_ids=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(UserError, match="takes no cache / past_key_values argument"):
+        HFGenerator(NoCache(), tok)
 
 
 def test_a_model_the_decode_loop_cannot_run_is_refused_in_one_line(tiny_loaded):

@@ -50,10 +50,12 @@ def test_numbers():
 
 
 def test_verifier_timeout_kills_and_recovers(monkeypatch):
-    # Force an expression past the prefilters and give it no time: the worker is killed, then restarted.
-    before = grading._verifier.timeouts
-    assert grading._verifier("x^2+2x+1", "(x+1)^2", timeout=0.0) is False
-    assert grading._verifier.timeouts == before + 1
+    # Force an expression past the prefilters and give it no time: the worker is killed, then restarted. A fresh
+    # worker and a heavy expression: a warm one once answered a small item before the zero-second wait ended.
+    verifier = grading._Verifier()
+    monkeypatch.setattr(grading, "_verifier", verifier)
+    assert verifier("(x+1)^{40}", "(x+1)^{41}/(x+1)", timeout=0.0) is False
+    assert verifier.timeouts == 1
     assert math_equal("(x+1)^2", "x^2+2x+1", timeout=30.0)  # recovered (a generous budget: the restarted worker is cold)
 
 

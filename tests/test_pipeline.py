@@ -25,6 +25,8 @@ FAST = [
 def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys):
     from conftest import run_cli
 
+    from thinkforge.evaluate import t_quantile
+
     out = tmp_path / "run"
     code, stdout, err = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST], capsys)
     assert code == 0, err
@@ -45,7 +47,8 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
         d = [shares[1][k] - shares[0][k] for k in shares[0]]
         mean = sum(d) / len(d)
         se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5
-        assert s["change"]["ci95"] == pytest.approx([mean - 1.96 * se, mean + 1.96 * se], abs=1e-9)
+        t = t_quantile(0.975, len(d) - 1)  # Student's t, not z = 1.96
+        assert s["change"]["ci95"] == pytest.approx([mean - t * se, mean + t * se], abs=1e-9)
         assert (s["change"]["gained"], s["change"]["lost"]) == (sum(x > 0 for x in d), sum(x < 0 for x in d))
     assert "| +RLVR |" in stdout and "| base |" in stdout
     report = (out / "report.md").read_text()
@@ -111,3 +114,26 @@ def test_running_mean_of_the_rl_curves():
 
     assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert running_mean([2.0, 4.0], 5) == [2.0, 3.0]
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_recipe_redoes_the_evaluations_or_refuses_stale_stages(tmp_path, capsys):
+    """state.json recorded a step by name only: changing eval.limit after the base evaluation mixed two
+    protocols in one stage table. A changed protocol now re-evaluates every finished step; a changed
+    training input is refused in one line (the step and those after it would be stale)."""
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    few = [*FAST, "pipeline.stages=[distill,midtrain]", "midtrain.max_len=128"]
+    code, _, err = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *few], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *few, "eval.limit=20"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["n"] for s in summary["stages"]] == [20, 20]
+    rows = [json.loads(x) for x in (out / "midtrain" / "eval" / "synthetic.samples.jsonl").read_text().splitlines()]
+    assert len({r["problem_id"] for r in rows}) == 20
+    code, _, err = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *few, "eval.limit=20",
+                            "midtrain.lr=0.01"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "the finished midtrain step was made from another recipe than this one (changed: midtrain)" in err

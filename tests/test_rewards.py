@@ -62,4 +62,45 @@ def test_unknown_rewards_are_clear_errors():
         resolve("corectness")
     with pytest.raises(UserError, match="cannot be imported"):
         resolve("no_such_module:fn")
-    assert set(REWARDS) == {"verifiable", "correctness", "reasoning", "format"}
+
+
+@pytest.mark.parametrize("name", sorted(REWARDS))
+def test_every_registered_reward_prefers_a_right_reasoned_formatted_answer(name):
+    """Whatever is registered: the worked, tagged, right answer scores above an untagged wrong one."""
+    assert REWARDS[name](GOOD, "9") > REWARDS[name]("10", "9")
+
+
+def test_weighted_rewards_share_the_one_grading_of_a_completion_with_its_choices(monkeypatch):
+    """An answer given as the option's text is right for the accuracy, and so for the reward: the completion
+    is graded once, with the problem's choices, and every reward that grades takes that verdict."""
+    from thinkforge import grading, rewards
+    from thinkforge.config import load_config
+    from thinkforge.data.sources import Problem
+    from thinkforge.train import sampling
+
+    calls = []
+    real = grading.grade
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "grade", counted)
+    monkeypatch.setattr(rewards, "grade", counted)
+    problem = Problem("q1", "Which is needed?", "B", "mcq", ("4.2 J", "vitamin C", "iron", "zinc"))
+    weighted = WeightedRewards({"correctness": 1.0, "verifiable": 0.5, "format": 0.3})
+    cfg = load_config(None, ["rl.reward=weighted"]).rl
+    total, parts, correct = sampling.score("<think>It is the vitamin.</think><answer>vitamin C</answer>", "stop",
+                                           problem, cfg, weighted)
+    assert correct and parts["correctness"] == 1.0 and parts["verifiable"] == 1.0
+    assert total == pytest.approx(1.0 + 0.5 + 0.3) and len(calls) == 1
+
+
+@pytest.mark.parametrize("module", ["thinkforge.rewards", "thinkforge.grading"])
+def test_the_docstring_examples_hold(module):
+    """The examples in the docstrings are run (they were never collected)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted >= 5 and result.failed == 0

@@ -106,9 +106,10 @@ def test_rl_runs_logs_and_resumes_exactly(tiny_model, tmp_path, algo, extra):
 
     a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert len(a) == 4
-    for key in ("reward", "loss", "pg_loss", "kl", "clip_fraction", "entropy", "truncated_rate", "think_words",
+    for key in ("reward", "loss", "pg_loss", "clip_fraction", "entropy", "truncated_rate", "think_words",
                 "format_rate", "reward_verifiable", "zero_variance_share"):
         assert key in a[0], key
+    assert ("kl" in a[0]) == (extra.get("rl.beta", 0.04) > 0)  # a KL is logged only where there is a reference
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["reward"] for r in a] == [r["reward"] for r in b]
     assert (straight / ("adapter_config.json" if "lora.enabled" in extra else "config.json")).is_file()
@@ -188,11 +189,11 @@ def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_s
 
     stats = {}
     out = sampling.generate_groups(Backend(RuntimeError("CUDA out of memory (simulated)")), ["a", "bad", "c"], 2,
-                             SamplingParams(), stats)
+                                   SamplingParams(streams=(1, 2, 3)), stats)
     assert out[1] is None and len(out[0]) == 2 and len(out[2]) == 2
     assert stats["generation_failures"] == 1
     with pytest.raises(RuntimeError, match="size mismatch"):
-        sampling.generate_groups(Backend(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(), {})
+        sampling.generate_groups(Backend(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(streams=(1, 2)), {})
 
 
 def test_steps_that_keep_no_group_stop_the_run_with_the_reasons(tiny_model, tmp_path):
@@ -389,3 +390,131 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
 
     with pytest.raises(RuntimeError, match="without token ids"):
         rl.main(_recipe(tiny_model, "grpo"), tmp_path / "t", progress=False, make_generator=TextOnly)
+
+
+def test_ppo_value_loss_is_weighted_by_vf_coef_once_and_logged_unweighted(tiny_model):
+    """The value head's gradient is vf_coef x the gradient of the clipped value loss, computed here by hand
+    (the loss was once weighted twice: vf_coef 0.5 acted as 0.25); the logged value_loss is that loss."""
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model)
+    model.eval()
+    texts = ["<answer>4</answer>", "<think>3 + 1</think><answer>5</answer>", "<answer>4</answer>", "<answer>7</answer>"]
+    ro = _rollout(tok, texts, [1.0, -1.0, 1.0, -1.0], 2)
+    ro.loss_mask = ro.completion_mask.float()
+    cfg = load_config(None, ["rl.algo=ppo", "rl.beta=0", "rl.vf_coef=0.5", "rl.value_clip=0.05", "rl.micro_batch=4",
+                             "rl.group_size=2", "rl.loss_agg=token"]).rl
+    critic = ppo.Critic.create(model, cfg)
+    torch.nn.init.normal_(critic.head.weight, std=0.5)
+    critic.targets(model, ro, 4)
+    ro.values = ro.values + 0.2 * ro.loss_mask  # V_old away from V, so the clipped branch is taken somewhere
+    mask = ro.loss_mask
+    model.zero_grad()
+    stats = rl.backward(model, ro, normaliser(mask, "token", cfg.max_new_tokens), cfg, critic)
+    got = critic.head.weight.grad.clone()
+
+    head = ppo.ValueHead(critic.head.in_features)
+    head.load_state_dict(critic.head.state_dict())
+    _, _, v = forward_logp(model, ro, slice(0, 4), head)
+    clipped = ro.values + (v - ro.values).clamp(-0.05, 0.05)
+    per_token = 0.5 * torch.maximum((v - ro.returns) ** 2, (clipped - ro.returns) ** 2)
+    loss = (per_token * mask).sum() / mask.sum()
+    loss.backward()
+    assert ((clipped - ro.returns) ** 2 > (v - ro.returns) ** 2)[mask > 0].any()  # the clip mattered
+    assert torch.allclose(got, 0.5 * head.weight.grad, atol=1e-6, rtol=1e-5)
+    assert stats["value_loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_truncated_importance_weights_use_the_sampling_time_policy_when_mu_is_2(tiny_model):
+    """With mu > 1 the second epoch's policy has moved: the TIS weight compares the sampler with the trainer at
+    sampling time (old log-probs), not with the current policy (that ratio is PPO's, inside its clip).
+    Server == trainer at theta_old: every weight is exactly 1."""
+    from thinkforge import models
+
+    model, tok = models.load(tiny_model)
+    model.eval()
+    ro = _rollout(tok, ["<answer>4</answer>", "<answer>5</answer>"], [1.0, -1.0], 2)
+    ro.loss_mask = ro.completion_mask.float()
+    ro.advantages = grpo_advantages(ro.rewards, 2)
+    ro.old_logp = logp_no_grad(model, ro, 2) - 0.5 * ro.loss_mask  # the policy has moved since sampling
+    ro.sampler_logp = ro.old_logp.clone()
+    cfg = load_config(None, ["rl.mu=2", "rl.tis_cap=2.0", "rl.group_size=2", "rl.beta=0", "rollout.backend=vllm"]).rl
+    stats = rl.backward(model, ro, normaliser(ro.loss_mask, "token", cfg.max_new_tokens), cfg, rl.GroupBaseline())
+    assert stats["tis_weight"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["sampler_logp_diff"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ppo_targets_run_in_the_loss_pass_precision_so_the_step_1_kl_penalty_is_zero(tiny_model, tmp_path, monkeypatch):
+    """Under bf16 autocast PPO's old values and the policy side of its KL-in-reward are computed in the loss
+    pass's precision, like the reference: at the first step policy == reference, so the penalty is exactly 0."""
+    seen = []
+    real = ppo.ppo_targets
+
+    def spy(rewards, values, mask, gamma, lam, kl_penalty=None):
+        seen.append(kl_penalty.abs().max().item())
+        return real(rewards, values, mask, gamma, lam, kl_penalty)
+
+    monkeypatch.setattr(ppo, "ppo_targets", spy)
+    rl.main(_recipe(tiny_model, "ppo", **{"rl.beta": 0.04, "rl.steps": 1, "rl.mixed_precision": "bf16"}),
+            tmp_path / "p", progress=False)
+    assert seen == [0.0]
+
+
+def test_no_two_samples_of_a_large_run_share_a_random_stream():
+    """256 prompts a step, a generator batch of 64, G 8, 3 refill rounds, 2 steps (1,792 of 14,592 streams were
+    drawn twice by the old seed arithmetic): every (stream key, sample) the sampler asks for is distinct, and
+    so is every seed the vLLM backend sends."""
+    from thinkforge.data.sources import Problem
+    from thinkforge.rollout.types import Completion
+
+    class Recorder:
+        batch_size = 64
+
+        def __init__(self):
+            self.keys = []
+
+        def generate(self, prompts, n, params):
+            self.keys += [(params.stream(i), j) for i in range(len(prompts)) for j in range(n)]
+            return [Completion(i, "<answer>x</answer>", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
+
+    problems = [Problem(f"p{i}", f"{i} + 1?", str(i + 1)) for i in range(50)]  # few problems: drawn many times
+    task = sampling.Task(problems, lambda q: q, None)
+    cfg = load_config(None, ["rl.prompts_per_step=256", "rl.group_size=8", "rl.gen_batch=64", "rl.max_refills=2",
+                             "rl.drop_all_wrong=true", "rl.oversample=1.0"]).rl
+    rec = Recorder()
+    for step in range(2):
+        sampling.collect(step, task, rec, cfg, seed=0)
+    assert len(rec.keys) == 2 * 3 * 256 * 8  # every round drew a full draw (all wrong: nothing kept)
+    assert len(set(rec.keys)) == len(rec.keys)
+    assert len({k % 2**63 for k, _ in rec.keys}) == len(rec.keys) // 8  # the vLLM request seeds, one per prompt
+
+
+def test_a_run_whose_generator_halved_its_batch_then_was_killed_resumes_as_if_it_never_stopped(tiny_model, tmp_path):
+    """After an out-of-memory the HF backend keeps the halved batch; a resumed run starts at the full size. The
+    streams do not depend on the chunking, so the resumed run samples (and trains) what the uninterrupted one did."""
+    from thinkforge import rollout as backends
+
+    def halving(model, tok, batch_size):
+        gen = backends.hf.HFGenerator(model, tok, batch_size)
+        real = gen._rows
+
+        def limited(chunk, start, n, p, stops):
+            if len(chunk) * n > 4:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return real(chunk, start, n, p, stops)
+
+        gen._rows = limited
+        return gen
+
+    extra = {"rl.steps": 4, "rl.gen_batch": 16, "rl.prompts_per_step": 4}
+    rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "a", progress=False)
+    assert rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "b", progress=False, stop_after=2,
+                   make_generator=halving) is None
+    rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "b", progress=False)
+
+    def rows(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]

@@ -136,7 +136,9 @@ def test_serve_command_as_a_process(tiny_model):
                 assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
                 time.sleep(0.3)
         r = c.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-        assert r.choices[0].message.content is not None
+        assert 1 <= r.usage.completion_tokens <= 4 and isinstance(r.choices[0].message.content, str)
+        with pytest.raises(openai.AuthenticationError):  # the key from the environment is the one checked
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
     finally:
         proc.terminate()
         proc.wait(10)
@@ -238,6 +240,7 @@ BAD_REQUESTS = [  # (route, body, status, words in the message)
     ("/v1/completions", {"prompt": [10**9]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "does not exist"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),  # was a 500 (RecursionError)
 ]
 
 
@@ -378,3 +381,14 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_model):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_servers_system_prompt_reaches_a_chat_template_model_unless_the_client_sends_one(tiny_loaded):
+    """`serve --system-prompt` with a chat-template model was dropped; a client's own system message wins."""
+    from thinkforge.serve import render_messages
+
+    _, tok = tiny_loaded
+    user = [{"role": "user", "content": "2 + 2?"}]
+    assert "Think first." in render_messages(user, tok, "chat_template", "Think first.")
+    own = render_messages([{"role": "system", "content": "Mine."}, *user], tok, "chat_template", "Think first.")
+    assert "Mine." in own and "Think first." not in own

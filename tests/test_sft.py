@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from thinkforge.config import load_config
 from thinkforge.data import synthetic
 from thinkforge.data.packing import collate_packed, collate_padded, pack, tokenize
+from thinkforge.errors import UserError
 from thinkforge.formats import format_completion, render_prompt
 from thinkforge.losses import IGNORE, label_mask, normaliser, sft_loss, shift_labels, token_logprobs
 
@@ -152,3 +154,34 @@ def test_lora_sft_saves_an_adapter(tiny_model, tmp_path):
     final = sft.main(_recipe(tiny_model, data, "sft", **{"lora.enabled": "true", "lora.r": 4}), "sft", tmp_path / "r",
                      progress=False)
     assert (final / "adapter_config.json").is_file()
+
+
+def test_a_step_at_the_recipes_lr_moves_the_weights_with_a_bf16_model_dtype(tiny_model, tmp_path):
+    """The Phi-4 recipe sets model.dtype bfloat16 and lr 5e-7 (DPO, RL): the trained weights are fp32 master
+    weights, so one AdamW step (~lr) changes nearly every weight; bf16 weights updated in place would keep
+    all but a few (below half an ulp): the run would train nothing with nothing in the logs."""
+    from safetensors.torch import load_file
+
+    from thinkforge.train import sft
+
+    data = _data(tmp_path, 8)
+
+    def changed(**extra):
+        over = {"model.dtype": "bfloat16", "sft.lr": 5e-7, "sft.warmup_ratio": 0.0, "sft.max_steps": 1,
+                "sft.batch_size": 2, "sft.grad_accum": 1, "sft.max_len": 128, **extra}
+        final = sft.main(_recipe(tiny_model, data, "sft", **over), "sft", tmp_path / str(len(list(tmp_path.iterdir()))),
+                         progress=False)
+        after = load_file(str(final / "model.safetensors"))
+        start = load_file(str(Path(tiny_model) / "model.safetensors"))
+        moved = sum(int((after[k] != start[k].to(after[k].dtype)).sum()) for k in start)
+        return moved / sum(v.numel() for v in start.values()), {v.dtype for v in after.values()}
+
+    share, dtypes = changed()
+    assert share > 0.8 and dtypes == {torch.float32}  # measured 0.9x
+    share, dtypes = changed(**{"model.trainable_dtype": "pure_bfloat16"})
+    assert share < 0.05 and dtypes == {torch.bfloat16}  # the trap, asked for by name
+
+
+def test_a_low_precision_trainable_dtype_without_asking_by_name_is_a_config_error():
+    with pytest.raises(UserError, match="model.trainable_dtype=bfloat16 would update bfloat16 weights in place.*pure_bfloat16"):
+        load_config(None, ["model.trainable_dtype=bfloat16"])

@@ -103,7 +103,7 @@ def test_training_never_reads_a_benchmark_test_split():
         training_problems("math500", 10, [1], 0)
     probs = training_problems("gsm8k", 2, [1], 0, data_path=str(FIX / "gsm8k_test.jsonl"))
     assert len(probs) == 2
-    assert all(p.id.startswith("synthetic-train") for p in training_problems("synthetic", 10, [1, 2], 0))
+    assert all(p.id.startswith("synthetic-s0-train") for p in training_problems("synthetic", 10, [1, 2], 0))
 
 
 def test_rl_and_policy_problems_are_draws_the_distillation_did_not_make():
@@ -116,15 +116,15 @@ def test_rl_and_policy_problems_are_draws_the_distillation_did_not_make():
     distilled = {p.question for p in distill.problems_for(recipe.distill, recipe.seed)}
     rl_pool = training_problems("synthetic", 100, [2], recipe.seed, stream="rl")
     own = policy_problems(recipe)
-    assert len(own) == 100 and all(p.id.startswith("synthetic-train-policy-d2-") for p in own)
-    assert all(p.id.startswith("synthetic-train-rl-d2-") for p in rl_pool)
+    assert len(own) == 100 and all(p.id.startswith("synthetic-s0-train-policy-d2-") for p in own)
+    assert all(p.id.startswith("synthetic-s0-train-rl-d2-") for p in rl_pool)
     # independent draws: at most chance collisions in a space of tens of thousands of problems
     assert len(distilled & {p.question for p in rl_pool}) <= 2
     assert len(distilled & {p.question for p in own}) <= 2
     # the default stream is the distillation's own draw (ids without a stream name), and `policy_fresh: false`
     # samples on the distilled problems
     default = training_problems("synthetic", 4, [2], 0)
-    assert [p.id for p in default] == [f"synthetic-train-d2-{i}" for i in range(4)]
+    assert [p.id for p in default] == [f"synthetic-s0-train-d2-{i}" for i in range(4)]
     assert [p.question for p in default] == [r["question"] for r in synthetic.generate(4, "train", 2, seed=0)]
     assert {p.question for p in default}.isdisjoint({p.question for p in training_problems("synthetic", 4, [2], 0, stream="rl")})
     # n problems over several levels are n, the first levels one more where n does not divide

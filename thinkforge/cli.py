@@ -256,8 +256,9 @@ def compare(before, after):
     if not pairs:
         raise UserError(f"{before} ({', '.join(a)}) and {after} ({', '.join(b)}) share no benchmark")
     lines = ["| benchmark | before | after | change | 95% interval | problems up / down | n |", "|---|---|---|---|---|---|---|"]
-    need = ["problem_id", "correct"]
+    need = ["problem_id", "question", "reference", "correct"]
     for name, path_a, path_b in pairs:
+        _same_protocol(name, path_a, path_b)
         try:
             c = evaluate.paired_change(read_jsonl(path_a, need), read_jsonl(path_b, need))
         except ValueError as e:
@@ -265,6 +266,22 @@ def compare(before, after):
         lines.append(f"| {name} | {100 * c['before']:.1f} | {100 * c['after']:.1f} | {100 * c['change']:+.1f} | "
                      f"{100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f} | {c['gained']} / {c['lost']} | {c['n']} |")
     click.echo("\n".join(lines))
+
+
+def _same_protocol(name: str, path_a: Path, path_b: Path) -> None:
+    """Two evaluations are paired only under one protocol (sampling settings, samples per problem, seed): the
+    .summary.json beside each samples file records it."""
+    import json
+
+    def protocol(samples: Path) -> dict | None:
+        summary = samples.with_name(samples.name.removesuffix(".samples.jsonl") + ".summary.json")
+        return json.loads(summary.read_text()).get("protocol") if summary.is_file() else None
+
+    a, b = protocol(path_a), protocol(path_b)
+    if a is not None and b is not None and a != b:
+        diff = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        raise UserError(f"{name}: the two evaluations ran under different protocols ({diff}); pairing needs the same "
+                        f"sampling settings and seed: re-run one with the other's")
 
 
 # ---------------------------------------------------------------- generate / chat
@@ -283,7 +300,7 @@ def compare(before, after):
 @config_options
 def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **options):
     """Generate completions for questions and show thinking and answer apart."""
-    from thinkforge.formats import parse
+    from thinkforge.formats import parse, response
     from thinkforge.io import read_jsonl, write_jsonl
 
     questions = list(prompts)
@@ -303,7 +320,7 @@ def generate(prompts, input_path, n, raw, out_path, config_path, overrides, **op
     completions = gen.generate(texts, n, params)
     rows = []
     for c in completions:
-        p = parse(c.text)
+        p = parse(response(texts[c.prompt_index], c.text))  # a pre-filled <think> counts as opened
         rows.append({"question": questions[c.prompt_index], "completion": c.text, "thinking": p.thinking,
                      "answer": p.answer, "format_ok": p.format_ok, "finish_reason": c.finish_reason})
     if out_path:

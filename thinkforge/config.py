@@ -22,13 +22,27 @@ from thinkforge.errors import UserError
 Precision = Annotated[Literal["auto", "no", "bf16"], BeforeValidator(lambda v: "no" if v is False else v)]
 
 
+def _no_bare_low_precision(v):
+    if v in ("bfloat16", "float16"):
+        raise ValueError(f"model.trainable_dtype={v} would update {v} weights in place: an AdamW step of about lr is below "
+                         f"half a {v} ulp of most weights and is lost (PITFALLS 14); keep float32 master weights (bf16 "
+                         f"compute: <stage>.mixed_precision=bf16) or ask for it by name: model.trainable_dtype=pure_{v}")
+    return v
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(_Section):
     name_or_path: str = Field("runs/tiny-model", description="Hugging Face hub id or local folder of a causal LM (or a PEFT adapter folder).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the weights that do not train (evaluation, serving, a LoRA base); auto = "
+        "bfloat16 on CUDA, float32 on CPU. Trained weights follow trainable_dtype.")
+    trainable_dtype: Annotated[Literal["float32", "pure_bfloat16", "pure_float16"], BeforeValidator(_no_bare_low_precision)] = Field(
+        "float32", description="The weights the optimizer updates: float32 master weights (bf16 compute comes from "
+        "mixed_precision). pure_bfloat16 / pure_float16 update low-precision weights in place with no fp32 copy: an "
+        "AdamW step (~lr) below half an ulp is lost, so at lr 5e-7 almost nothing moves (PITFALLS 14); memory experiments only.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Only when you trust it.")
     load_in_4bit: bool = Field(False, description="4-bit NF4 base weights via bitsandbytes (QLoRA); needs CUDA.")
@@ -69,7 +83,8 @@ class RolloutConfig(_Section):
     vllm_command: str = Field(".venv-vllm/bin/python -m vllm.entrypoints.openai.api_server",
                               description="How to start vLLM's OpenAI server (its own venv: `make vllm`; on GPUs `vllm serve`).")
     vllm_args: str = Field("--enforce-eager", description="More arguments for the server (e.g. --gpu-memory-utilization 0.3).")
-    max_model_len: int = Field(4096, ge=16, description="The server's context: prompt + new tokens at most.")
+    max_model_len: int | None = Field(None, ge=16, description="The server's context (prompt + new tokens at most); None = "
+                                      "the stage's new tokens + 2048 for the prompt, at most the model's own context.")
     startup_timeout: float = Field(300.0, gt=0, description="Seconds to wait for the server's /health.")
     request_timeout: float = Field(600.0, gt=0, description="Seconds per generation request.")
     concurrency: int = Field(8, ge=1, description="Requests (one per prompt) in flight at once at most.")
@@ -327,6 +342,30 @@ class Recipe(_Section):
     rl: RLConfig = RLConfig()
     init: InitConfig | None = None
     pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _no_setting_is_silently_ignored(self) -> Recipe:
+        """A value set where the chosen backend, algorithm or switch never reads it is an error (PITFALLS 19): only
+        values that differ from the default are checked, so a recipe that leaves them alone is fine."""
+        for section, key, reader, used in IGNORED_UNLESS:
+            value, default = getattr(getattr(self, section), key), type(getattr(self, section)).model_fields[key].default
+            if value != default and not used(self):
+                raise ValueError(f"{section}.{key}={value!r} does nothing here: only {reader} reads it; remove it or set that")
+        return self
+
+
+# (section, key, what reads it, when it is read): settings that another setting switches off.
+_VLLM = "rollout.backend=vllm"
+IGNORED_UNLESS = [
+    ("rl", "tis_cap", "rollout.backend=vllm (the hf backend returns no sampler log-probs)", lambda r: r.rollout.backend == "vllm"),
+    *[("rollout", k, _VLLM, lambda r: r.rollout.backend == "vllm") for k in (
+        "vllm_command", "vllm_args", "max_model_len", "startup_timeout", "max_batched_tokens", "sync_atol")],
+    *[("rollout", k, "rollout.backend=vllm or openai", lambda r: r.rollout.backend != "hf") for k in (
+        "base_url", "request_timeout", "concurrency")],
+    ("rollout", "api_key_env", "rollout.backend=openai", lambda r: r.rollout.backend == "openai"),
+    ("rewards", "weights", "rl.reward=weighted", lambda r: r.rl.reward == "weighted"),
+    ("rl", "temperature_start", "rl.anneal_steps > 0", lambda r: r.rl.anneal_steps > 0 or r.rl.temperature_start is None),
+]
 
 
 def _parse_value(text: str) -> Any:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from thinkforge.data.sources import Problem
-from thinkforge.formats import parse, words
+from thinkforge.formats import parse, response, words
 from thinkforge.grading import grade
 from thinkforge.monitor import progress_bar
-from thinkforge.rollout.types import Generator, SamplingParams
+from thinkforge.rollout.types import Generator, SamplingParams, stream_key
 
 REASONING_MIN_WORDS = 5
 
@@ -39,12 +39,57 @@ def score_sample(problem: Problem, text: str, finish_reason: str) -> dict:
     }
 
 
-def problem_shares(rows: list[dict]) -> dict[str, float]:
-    """problem_id -> the share of its samples that are correct (its pass@1)."""
-    by: dict[str, list[bool]] = {}
+def problem_key(row: dict) -> tuple[str, str, str]:
+    """A problem's identity: its id, question and reference (synthetic ids of two seeds, or duplicate ids in a
+    local file, name different problems)."""
+    return (str(row["problem_id"]), str(row.get("question", "")), str(row.get("reference", "")))
+
+
+def problem_shares(rows: list[dict]) -> dict[tuple[str, str, str], float]:
+    """problem -> the share of its samples that are correct (its pass@1)."""
+    by: dict[tuple, list[bool]] = {}
     for r in rows:
-        by.setdefault(r["problem_id"], []).append(bool(r["correct"]))
+        by.setdefault(problem_key(r), []).append(bool(r["correct"]))
     return {k: sum(v) / len(v) for k, v in by.items()}
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile for p in (0.5, 1) and an integer df >= 1, by bisection on the exact distribution
+    (Abramowitz & Stegun 26.7.3-4: P(|T| < t) as a finite series in theta = atan(t / sqrt(df))).
+    t(0.975, 29) = 2.045: an AIME-sized interval is 4% wider than with z = 1.96."""
+    import math
+
+    def central(t: float) -> float:  # P(|T| < t)
+        theta = math.atan(t / math.sqrt(df))
+        c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+        if df % 2:  # odd
+            for k in range(1, (df - 1) // 2):
+                term *= c2 * (2 * k) / (2 * k + 1)
+                total += term
+            return 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return math.sin(theta) * total
+
+    lo, hi = 0.0, 1.0
+    while central(hi) < 2 * p - 1:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if central(mid) < 2 * p - 1 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, list[float]]:
+    """(mean, standard error, 95% interval mean -+ t(0.975, n - 1) se) of n values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan"), [float("nan"), float("nan")]
+    se = (sum((x - mean) ** 2 for x in values) / (n - 1)) ** 0.5 / n**0.5
+    half = t_quantile(0.975, n - 1) * se
+    return mean, se, [mean - half, mean + half]
 
 
 def summarize(rows: list[dict], n_problems: int) -> dict:
@@ -62,33 +107,31 @@ def summarize(rows: list[dict], n_problems: int) -> dict:
 
 
 def accuracy_interval(rows: list[dict]) -> list[float]:
-    """The 95% interval of pass@1 over problems: mean of the problems' shares -+ 1.96 sd / sqrt(n)."""
-    shares = list(problem_shares(rows).values())
-    n = len(shares)
-    mean = sum(shares) / n
-    se = (sum((x - mean) ** 2 for x in shares) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
-    return [mean - 1.96 * se, mean + 1.96 * se]
+    """The 95% interval of pass@1 over problems: mean of the problems' shares -+ t(0.975, n - 1) sd / sqrt(n)."""
+    return mean_interval(list(problem_shares(rows).values()))[2]
 
 
 def paired_change(before: list[dict], after: list[dict]) -> dict:
     """The change of pass@1 from `before` to `after` (per-sample rows of two evaluations of the same problems),
     paired by problem: d_i = after_i - before_i, each the share of problem i's samples that are correct.
 
-      change = mean(d),  se = sd(d) / sqrt(n),  95% interval = change -+ 1.96 se  (n problems in both)
+      change = mean(d),  se = sd(d) / sqrt(n),  95% interval = change -+ t(0.975, n - 1) se
 
     Pairing removes the problems' difficulty from the noise; with the per-sample random streams the two
-    models also meet the same draws, so d_i is non-zero only where the models differ. `gained` / `lost`:
-    problems whose share rose / fell.
+    models also meet the same draws, so d_i is non-zero only where the models differ. A problem is its id,
+    question and reference: two evaluations of different problem sets are refused, never paired on their
+    intersection. `gained` / `lost`: problems whose share rose / fell.
     """
     a, b = problem_shares(before), problem_shares(after)
-    common = [k for k in a if k in b]
-    if not common:
-        raise ValueError("the two evaluations share no problem (problem_id)")
+    if a.keys() != b.keys():
+        only_a, only_b = len(a.keys() - b.keys()), len(b.keys() - a.keys())
+        raise ValueError(f"the two evaluations are of different problems ({len(a)} and {len(b)} problems; "
+                         f"{only_a} only in the first, {only_b} only in the second: ids, questions or references differ)")
+    common = list(a)
     d = [b[k] - a[k] for k in common]
     n = len(d)
-    mean = sum(d) / n
-    se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n**0.5 if n > 1 else float("nan")
-    return {"change": mean, "se": se, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "n": n,
+    mean, se, ci95 = mean_interval(d)
+    return {"change": mean, "se": se, "ci95": ci95, "n": n,
             "before": sum(a[k] for k in common) / n, "after": sum(b[k] for k in common) / n,
             "gained": sum(x > 0 for x in d), "lost": sum(x < 0 for x in d)}
 
@@ -101,22 +144,26 @@ def evaluate(
     samples: int = 1,
     chunk: int = 8,
     progress: bool = True,
+    benchmark: str = "",
 ) -> tuple[list[dict], dict]:
     """(per-sample rows, summary) of `samples` completions per problem, `chunk` problems per generate call.
-    Each sample's seed is keyed by its problem's position, so the draws do not depend on the chunk size."""
+    Each problem's random stream is keyed by (benchmark, seed, its position), so the draws do not depend on the
+    chunk size, and two models evaluated with one seed meet the same draws (common random numbers)."""
 
     rows: list[dict] = []
     start = time.time()
     bar = progress_bar(len(problems), "eval", "problem", progress)
     for i in range(0, len(problems), chunk):
         batch = problems[i : i + chunk]
-        params_i = SamplingParams(**{**asdict(params), "first_prompt": params.first_prompt + i})
-        completions = generator.generate([prompt_fn(p.question) for p in batch], samples, params_i)
+        streams = tuple(stream_key("eval", benchmark, params.seed, params.first_prompt + i + k) for k in range(len(batch)))
+        params_i = replace(params, streams=streams)
+        prompts = [prompt_fn(p.question) for p in batch]
+        completions = generator.generate(prompts, samples, params_i)
         for c in completions:
             problem = batch[c.prompt_index]
             rows.append({"problem_id": problem.id, "question": problem.question, "reference": problem.reference,
                          "completion": c.text, "finish_reason": c.finish_reason,
-                         **score_sample(problem, c.text, c.finish_reason)})
+                         **score_sample(problem, response(prompts[c.prompt_index], c.text), c.finish_reason)})
         bar.update(len(batch))
         bar.set_postfix(acc=f"{summarize(rows, 0)['accuracy']:.3f}", refresh=False)
     bar.close()
@@ -158,13 +205,14 @@ def run(recipe, model_path: str, out_dir: str | Path, progress: bool = True) -> 
     ev = recipe.eval
     problems = {b: load_benchmark(b, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
                                   recipe.synthetic.n_test) for b in ev.benchmarks}
-    generator, tok = rollout.load_generator(recipe.model, model_path, recipe.generation.batch_size, recipe.rollout, out_dir)
+    generator, tok = rollout.load_generator(recipe.model, model_path, recipe.generation.batch_size, recipe.rollout, out_dir,
+                                            recipe.generation.max_new_tokens)
     prompt_fn, params = prompt_renderer(recipe.model, tok), sampling_params(recipe)
     results = {}
     with contextlib.closing(generator):
         for name, probs in problems.items():
             chunk = max(1, recipe.generation.batch_size // ev.samples)  # rows per call: generation.batch_size
-            rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, chunk, progress)
+            rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, chunk, progress, name)
             summary.update(benchmark=name, model=model_path, backend=recipe.rollout.backend)
             write(out_dir, name, rows, summary)
             results[name] = summary

@@ -143,8 +143,18 @@ def _answer_bodies(text: str) -> list[str]:
     return bodies
 
 
+def response(prompt: str, completion: str) -> str:
+    """The model's whole response to `prompt`: a chat template that pre-fills `<think>` (the generation prompt
+    ends with it) opened the thinking for the model, so the completion is read as if it had opened it: its
+    format, thinking and answer are those of "<think>" + completion."""
+    if completion and prompt.rstrip().endswith(THINK_OPEN) and not completion.lstrip().startswith(THINK_OPEN):
+        return THINK_OPEN + completion
+    return completion
+
+
 def parse(completion: str) -> Parsed:
-    """Split a completion into thinking and answer, tolerating format variations."""
+    """Split a completion into thinking and answer, tolerating format variations. A completion of a prompt
+    that pre-fills `<think>` is parsed as `response(prompt, completion)`."""
     text = completion
     n_to, n_tc = text.count(THINK_OPEN), text.count(THINK_CLOSE)
     n_ao, n_ac = text.count(ANSWER_OPEN), text.count(ANSWER_CLOSE)
@@ -170,9 +180,10 @@ def parse(completion: str) -> Parsed:
 
     # Answer: the last <answer>...</answer> after the thinking, else fallbacks on the text after thinking.
     if ANSWER_OPEN in after:
-        answers = {_clean_answer(body) for body in _answer_bodies(after)}
-        # Several different answers is hedging, not an answer.
-        answer = answers.pop() if len(answers) == 1 else None
+        answers = [_clean_answer(body) for body in _answer_bodies(after)]
+        # Several different answers is hedging, not an answer; "42" and "42." are one answer written twice.
+        distinct = {" ".join(a.split()).rstrip(".").strip() for a in answers}
+        answer = answers[-1] if len(distinct) == 1 else None
         return Parsed(thinking, answer if answer else None, format_ok, "answer_tag")
     answer, source = extract_answer(after)
     if answer is None and after.strip() and tc >= 0:

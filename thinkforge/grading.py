@@ -227,14 +227,15 @@ def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
     g = as_number(gold)
     if g is not None:
         p = as_number(pred)
-        if p is None and "=" in pred:
-            p = as_number(pred.rsplit("=", 1)[1])
         if p is not None:
             return p == g
-        # Hedging ("12 or 13", "3, 4, 5") against a single-number reference is wrong.
+        # Hedging ("12 or 13", "3, 4, 5", "x = 3 or x = 5") against a single-number reference is wrong: checked
+        # before the "=" rule, which would otherwise take the last candidate.
         parts = [x for x in _LIST_SEP.split(pred) if _ANY_NUMBER.search(x)]
         if len(parts) > 1:
             return False
+        if "=" in pred and (p := as_number(pred.rsplit("=", 1)[1])) is not None:
+            return p == g
         if not parts and not could_be_a_number(pred):  # prose: skip the verifier (most of a young policy's answers)
             return False
     if _strip(pred) == _strip(gold):
@@ -249,28 +250,56 @@ _OPTION = re.compile(r"(?<![A-Za-z0-9])\(?([A-J])\)?(?![A-Za-z0-9])")
 # ending the answer alone or after option / choice / answer ("the answer is a blue sphere" is option text).
 _OPTION_LOWER = re.compile(r"\(([a-j])\)|(?:^|\b(?:option|choice|answer)(?:\s+is)?\s*:?)\s*\(?([a-j])\)?\s*[.:)]?\s*$",
                            re.IGNORECASE)
+# The letter the answer leads with, marked as an option ("(B) 4.2 J", "B: 5 F", "B. vitamin C"), or an
+# explicitly named one ("the answer is B", "option (C)"): the text after it is the option's own text, whose
+# units and names (J, C, F, H, G in GPQA's options) are not options.
+_LEADING = re.compile(r"^\s*(?:\(([A-Ja-j])\)|([A-J])\s*[.:)])")
+_NAMED = re.compile(r"\b(?i:answer|option|choice)(?:\s+is)?\s*:?\s*\(?([A-J])\)?(?![A-Za-z0-9])")
+# The answer is a letter and nothing else: "C", "(c)", "C."
+_ALONE = re.compile(r"\s*\(?([A-Ja-j])\)?\s*\.?\s*")
+# After a leading letter: another option offered as an alternative ("(B) or (C)", "B, C").
+_ALTERNATIVE = re.compile(r"\s*(?:or|and|/|,)\s*\(?[A-Ja-j]\)?(?![A-Za-z0-9])")
+# Two options offered as alternatives anywhere ("B or C", "(B)/(C)", "A and B", "B, C"): a hedge, never right.
+_HEDGE = re.compile(r"(?:(?<![A-Za-z0-9])\(?[A-J]\)?|\([a-j]\))\s*(?:or|and|/|,)\s*(?:\(?[A-J]\)?(?![A-Za-z0-9])|\([a-j]\))")
+# A capital that reads as a word before a lower-case word: the article "A ...", the pronoun "I ...".
+_WORD_CAPITAL = re.compile(r"(?<![A-Za-z0-9])([AI])\s+[a-z]")
 
 
 def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> bool:
-    """Multiple choice: the answer names exactly one option letter, and it is the right one.
+    """Multiple choice: the answer names exactly one option, and it is the right one. In order: a leading
+    letter marked as an option (or the answer alone) decides; then an option's own text; then a named letter
+    ("the answer is C"); otherwise several standalone letters are a hedge and wrong.
 
     >>> mcq_equal("(B)", "B"), mcq_equal("B or C", "B"), mcq_equal("The answer is C", "C"), mcq_equal("(b)", "B")
     (True, False, True, True)
+    >>> mcq_equal("(B) 4.2 J", "B"), mcq_equal("B. vitamin C", "B"), mcq_equal("I think B", "B")
+    (True, True, True)
+    >>> mcq_equal("C", "C", ["N", "C", "O", "H"]), mcq_equal("(C) Both A and B", "C"), mcq_equal("(B) or (C)", "B")
+    (True, True, False)
     """
     if pred is None:
         return False
     pred = _TEXT_WRAP.sub(r"\1", pred.strip())[:MAX_ANSWER_CHARS]
-    letters = {m.group(1) for m in _OPTION.finditer(pred)}
-    if "A" in letters and re.match(r"^\s*A\s+[a-z]", pred):
-        letters.discard("A")  # the article "A ..." is not option A
+    lead = _LEADING.match(pred) or _ALONE.fullmatch(pred)
+    if lead:  # what follows a marked letter is its option's text, unless it offers another option
+        if _ALTERNATIVE.match(pred[lead.end():]):
+            return False
+        return next(g for g in lead.groups() if g).upper() == gold.strip().upper()
+    texts = [" ".join(c.lower().split()).rstrip(".") for c in choices or []]
+    norm = " ".join(pred.lower().split()).rstrip(".")
+    if norm in texts:  # an option's own text ("vitamin C"), whatever capitals it holds
+        return texts.index(norm) == ord(gold.strip().upper()) - ord("A")
+    if _HEDGE.search(pred):
+        return False
+    named = _NAMED.search(pred)
+    if named:
+        return named.group(1).upper() == gold.strip().upper()
+    words = {m.start(1) for m in _WORD_CAPITAL.finditer(pred)}
+    letters = {m.group(1) for m in _OPTION.finditer(pred) if m.start(1) not in words and m.start() not in words}
     if not letters:  # written in lower case: "(b)", "b", "option c"
         letters = {next(g for g in m.groups() if g).upper() for m in _OPTION_LOWER.finditer(pred)}
     if len(letters) == 1:
         return letters.pop() == gold.strip().upper()
-    if not letters and choices:
-        idx = ord(gold.strip().upper()) - ord("A")
-        norm = " ".join(pred.lower().split()).rstrip(".")
-        return 0 <= idx < len(choices) and norm == " ".join(choices[idx].lower().split()).rstrip(".")
     return False
 
 

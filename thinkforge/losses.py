@@ -247,7 +247,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     logp, old_logp, ref_logp, mask: (N, T); advantages (N,) per sequence or (N, T) per token (PPO).
     `kind` names the objective (POLICY_LOSSES), `norm` the step's aggregation: sequence (GRPO), token (DAPO),
     constant (Dr. GRPO). With mu = 1 and on-policy data old_logp = logp.detach(): rho = 1, its gradient is not 0.
-    The metrics keep the policy-gradient term, the KL and the clip fraction apart (PITFALLS 1).
+    The metrics keep the policy-gradient term, the KL (when a reference is given) and the clip fraction apart
+    (PITFALLS 1).
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (N, 1) or (N, T)
     pg, ratio, is_clipped = POLICY_LOSSES[kind](logp, old_logp, adv, mask, *clip)
@@ -259,10 +260,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     with torch.no_grad():
         metrics = {
             "pg_loss": -norm(pg, mask).item(),
-            "kl": masked_mean(kl, mask).item() if kl is not None else 0.0,
             "clip_fraction": masked_mean(is_clipped.float(), mask).item(),
             "ratio_mean": masked_mean(ratio, mask).item(),
         }
+        if kl is not None:  # no reference, no KL: never a 0 that looks measured
+            metrics["kl"] = masked_mean(kl, mask).item()
     return loss, metrics
 
 

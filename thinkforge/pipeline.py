@@ -45,6 +45,54 @@ class Run:
         write_json(self.state_path, self.state)
 
 
+# What each step of the pipeline is made from (recipe sections, dotted), besides everything before it. A rerun
+# compares what a finished step recorded with the recipe it is given: a changed evaluation protocol redoes the
+# evaluations (the models are there); a changed stage input is refused (the stage and those after it are stale).
+# How a run executes (device, memory savers, attention kernel) is not what it is made from: left out.
+STAGE_INPUTS = {
+    "base": ["seed", "model.name_or_path", "model.dtype", "model.trainable_dtype", "model.load_in_4bit",
+             "model.prompt_format", "model.system_prompt", "init", "lora"],
+    "distill": ["distill", "select"],
+    "midtrain": ["midtrain"],
+    "sft": ["sft"],
+    "dpo": ["generation", "pairs", "dpo", "pipeline.policy_problems", "pipeline.policy_fresh",
+            "pipeline.policy_difficulties", "pipeline.pair_sources"],
+    "rl": ["rl", "rewards", "rollout.backend"],
+}
+EVAL_INPUTS = ["seed", "eval", "generation", "synthetic", "model.prompt_format", "model.system_prompt"]
+
+
+def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
+    """section -> a short hash of its resolved values."""
+    import hashlib
+
+    data = recipe.model_dump(mode="json")
+    out = {}
+    for section in sections:
+        value = data
+        for part in section.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[section] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+def stage_inputs(recipe: Recipe, stage: str) -> dict[str, str]:
+    """The fingerprint of everything `stage` was made from: its own sections and every earlier step's."""
+    order = ["base", "distill", *[s for s in recipe.pipeline.stages if s != "distill"]]
+    sections = [x for name in order[: order.index(stage) + 1] for x in STAGE_INPUTS[name]]
+    return fingerprint(recipe, sections)
+
+
+def _check_not_stale(out: Path, stage: str, info: dict, now: dict[str, str]) -> None:
+    was = info.get("made_from")
+    if was == now:
+        return
+    changed = sorted(k for k in set(now) | set(was or {}) if (was or {}).get(k) != now.get(k))
+    why = "recorded by an older thinkforge, without its inputs" if was is None else f"changed: {', '.join(changed)}"
+    raise UserError(f"{out}: the finished {stage} step was made from another recipe than this one ({why}); "
+                    f"give a new --out folder, or restore those settings to resume this run")
+
+
 def with_model(recipe: Recipe, path: str) -> Recipe:
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": path})}, deep=True)
 
@@ -82,42 +130,63 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
             tiny.init_model(base, recipe.init, recipe.seed)
     current = base
 
+    protocol = fingerprint(recipe, EVAL_INPUTS)
+
     def stage_eval(name: str, model_path: str) -> None:
+        made_from = stage_inputs(recipe, name)
         if recipe.pipeline.eval_after_each or name == order[-1]:
             results = evaluate.run(recipe, model_path, out / name / "eval", progress=False)
             first = next(iter(results.values()))
             log(f"[{name}] accuracy {first['accuracy']:.3f}  format {first['format_rate']:.3f}  "
                 f"think words {first['avg_think_words']:.1f}")
-            run.record(name, model=model_path, eval=results)
+            run.record(name, model=model_path, eval=results, made_from=made_from, eval_from=protocol)
         else:
-            run.record(name, model=model_path, eval=None)
+            run.record(name, model=model_path, eval=None, made_from=made_from, eval_from=protocol)
+
+    def finished(name: str) -> dict | None:
+        """The step's record if it is done and made from this recipe (its evaluation redone if only the
+        evaluation protocol changed); None if it has not run; a stale step is refused."""
+        info = run.done(name)
+        if not info:
+            return None
+        _check_not_stale(out, name, info, stage_inputs(recipe, name))
+        if name != "distill" and info.get("eval_from") != protocol:
+            log(f"[{name}] the evaluation protocol changed: evaluating {info['model']} again")
+            stage_eval(name, info["model"])
+        return run.done(name)
 
     order = ["base", *[s for s in recipe.pipeline.stages if s != "distill"]]
-    if not run.done("base"):
+    if not finished("base"):
         stage_eval("base", base)
 
     data_dir = out / "data"
     rollouts = data_dir / "rollouts.jsonl"
     if "distill" in recipe.pipeline.stages or any(s in recipe.pipeline.stages for s in ("midtrain", "sft")):
-        if not run.done("distill"):
+        if not finished("distill"):
             log("[distill] teacher rollouts, graded")
             problems = distill.problems_for(recipe.distill, recipe.seed)
             stats = distill.main(problems, distill.teacher_for(recipe.distill, recipe), recipe.distill.samples, rollouts, progress)
             sel = recipe.select
             stats["select"] = selection.main(rollouts, data_dir / "sel", sel.max_pass_rate, sel.min_difficulty, sel.min_words)
-            run.record("distill", stats=stats)
+            run.record("distill", stats=stats, made_from=stage_inputs(recipe, "distill"))
 
     for stage in recipe.pipeline.stages:
         if stage == "distill":
             continue
-        info = run.done(stage)
+        info = finished(stage)
         if info:
             current = info["model"]
             continue
         log(f"[{stage}] from {current}")
         stage_recipe = with_model(recipe, current)
-        if stage == "dpo" and not (data_dir / "pairs.jsonl").exists():
-            _make_pairs(recipe, stage_recipe, data_dir, current, log, progress)
+        if stage == "dpo":  # pairs made from another recipe (an unfinished earlier run) are made again
+            made_from = data_dir / "pairs.made_from.json"
+            wanted = stage_inputs(recipe, "dpo")
+            if (data_dir / "pairs.jsonl").exists() and (not made_from.exists() or json.loads(made_from.read_text()) != wanted):
+                (data_dir / "pairs.jsonl").unlink()
+            if not (data_dir / "pairs.jsonl").exists():
+                _make_pairs(recipe, stage_recipe, data_dir, current, log, progress)
+                write_json(made_from, wanted)
         with run_folder(out / stage):
             if stage in ("midtrain", "sft"):
                 data = data_dir / "sel" / ("accepted.jsonl" if stage == "midtrain" else "hard.jsonl")

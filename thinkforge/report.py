@@ -73,7 +73,7 @@ def plots(out: Path, summary: dict) -> list[str]:
             values = [r.get(key, 0.0) for r in rows]
             ax.plot(steps, values, color="#4a7bb7", alpha=0.45, linewidth=1, label="per step")
             ax.plot(steps, running_mean(values, 5), color="#1f3f73", linewidth=2, label="mean of 5 steps")
-            ax.set_title(title + (" (not computed: beta 0)" if key == "kl" and not any(values) else ""))
+            ax.set_title(title + (" (not computed: no reference)" if key == "kl" and not any(key in r for r in rows) else ""))
             ax.set_xlabel("RL step")
             for e in aha:
                 ax.axvline(e["step"], color="#d95f02", alpha=0.6, linestyle="--")

@@ -26,22 +26,24 @@ PARTIAL_CREDIT_RANGE = 0.1  # relative error beyond which partial credit is 0
 LENGTH_BONUS_WORDS = 60  # thinking of this many words earns the full length bonus
 
 
-def verifiable(completion: str, reference: str, kind: str = "math") -> float:
-    """+1 for a verified correct final answer, -1 otherwise (SPEC 2, stage 4).
+def verifiable(completion: str, reference: str, kind: str = "math", correct: bool | None = None) -> float:
+    """+1 for a verified correct final answer, -1 otherwise (SPEC 2, stage 4). `correct`: the grader's verdict
+    when the caller has it (training grades each completion once, with a problem's choices), else graded here.
 
     >>> verifiable("<think>2+2=4</think><answer>4</answer>", "4"), verifiable("<think>2+2", "4")
     (1.0, -1.0)
     """
-    return 1.0 if grade(completion, reference, kind) else -1.0
+    return 1.0 if (grade(completion, reference, kind) if correct is None else correct) else -1.0
 
 
-def correctness(completion: str, reference: str, kind: str = "math") -> float:
-    """1 if right; partial credit up to 0.5 for a number within 10% of the reference; else 0.
+def correctness(completion: str, reference: str, kind: str = "math", correct: bool | None = None) -> float:
+    """1 if right; partial credit up to 0.5 for a number within 10% of the reference; else 0. `correct` as in
+    `verifiable`.
 
     >>> correctness("<answer>100</answer>", "100"), correctness("<answer>98</answer>", "100")
     (1.0, 0.4)
     """
-    if grade(completion, reference, kind):
+    if grade(completion, reference, kind) if correct is None else correct:
         return 1.0
     if kind == "mcq":
         return 0.0
@@ -106,6 +108,9 @@ REWARDS: dict[str, RewardFn] = {
     "reasoning": reasoning,
     "format": format_reward,
 }
+# The rewards that take the grader's verdict (`correct=`): a completion is graded once, with its problem's choices,
+# and every reward and the logged accuracy share that one verdict.
+TAKES_VERDICT = {"verifiable", "correctness"}
 
 
 def resolve(name: str) -> RewardFn:
@@ -144,9 +149,14 @@ class WeightedRewards:
         self.fns = {name: resolve(name) for name in weights}
         self._takes_kind = {name: _accepts_kind(fn) for name, fn in self.fns.items()}
 
-    def score(self, completion: str, reference: str, kind: str = "math") -> tuple[float, dict[str, float]]:
+    def score(self, completion: str, reference: str, kind: str = "math", correct: bool | None = None) -> tuple[float, dict[str, float]]:
+        """(weighted sum, each reward's value). `correct`: the grader's verdict on this completion (with its
+        problem's choices), passed to the rewards that grade; None lets them grade without choices."""
         parts = {}
         for name, fn in self.fns.items():
+            if name in TAKES_VERDICT:
+                parts[name] = float(fn(completion, reference, kind, correct=correct))
+                continue
             args = (completion, reference, kind) if self._takes_kind[name] else (completion, reference)
             parts[name] = float(fn(*args))
         return sum(self.weights[n] * v for n, v in parts.items()), parts

@@ -215,7 +215,9 @@ def parse_request(body: dict, chat: bool, srv: Server) -> Request:
 def render_messages(messages: list[dict], tokenizer, prompt_format: str, system: str | None) -> str:
     """Chat messages -> prompt text: the tokenizer's chat template, else the seeds' Phi-2/Phi-4 layout."""
     use_template = prompt_format == "chat_template" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
-    if use_template:
+    if use_template:  # the system prompt training used, unless the client sent its own (it was dropped here before)
+        if not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": SYSTEM_PROMPT if system is None else system}, *messages]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     fmt = "phi2" if prompt_format == "auto" else prompt_format
     sys_text = next((m["content"] for m in messages if m["role"] == "system"), system)
@@ -355,7 +357,7 @@ class Batcher:
             prompts, streams = [], []
             for r in batch:
                 prompts += r.prompts
-                streams += [(r.params.seed, i) for i in range(len(r.prompts))]
+                streams += [r.params.stream(i) for i in range(len(r.prompts))]
             params = replace(batch[0].params, streams=tuple(streams))
             try:
                 with self.lock:
@@ -511,6 +513,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(data or b"{}")
         except ValueError:
             raise BadRequest("request body is not valid JSON") from None
+        except RecursionError:  # a body nested deeper than the parser's stack (it was a 500)
+            raise BadRequest("request body is nested too deeply to be a request") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         return body

@@ -15,6 +15,7 @@ Teachers (each yields (problem, [(completion, finish_reason), ...]) as results a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -24,9 +25,10 @@ from pathlib import Path
 
 from thinkforge.data.sources import Problem
 from thinkforge.errors import UserError
+from thinkforge.formats import response
 from thinkforge.grading import grade
 from thinkforge.monitor import progress_bar
-from thinkforge.rollout.types import SamplingParams
+from thinkforge.rollout.types import SamplingParams, stream_key
 
 Result = tuple[Problem, list[tuple[str, str]]]
 
@@ -55,9 +57,12 @@ class HFTeacher:
     def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
         for i in range(0, len(problems), self.chunk):
             batch = problems[i : i + self.chunk]
-            outs = self.generator.generate([self.prompt_fn(p.question) for p in batch], n, self.params)
-            for j, p in enumerate(batch):
-                yield p, [(c.text, c.finish_reason) for c in outs if c.prompt_index == j]
+            # Each problem's own stream (who samples, the seed, the problem): chunks, resumes and reruns agree.
+            streams = tuple(stream_key(self.name, self.params.seed, p.id, p.question) for p in batch)
+            prompts = [self.prompt_fn(p.question) for p in batch]
+            outs = self.generator.generate(prompts, n, dataclasses.replace(self.params, streams=streams))
+            for j, p in enumerate(batch):  # the whole response where the prompt pre-filled <think>
+                yield p, [(response(prompts[j], c.text), c.finish_reason) for c in outs if c.prompt_index == j]
 
 
 class OpenAITeacher:
@@ -68,7 +73,8 @@ class OpenAITeacher:
     def _one(self, p: Problem, n: int) -> Result:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
             {"role": "user", "content": p.question}]
-        return p, self.client.chat(messages, n, self.params)
+        streams = (stream_key(self.name, self.params.seed, p.id, p.question),)  # each problem its own seed
+        return p, self.client.chat(messages, n, dataclasses.replace(self.params, streams=streams))
 
     def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
         with ThreadPoolExecutor(self.client.concurrency) as pool:
@@ -166,7 +172,7 @@ def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, p
     from thinkforge.formats import prompt_renderer
 
     m, g = recipe.model, recipe.generation
-    generator, tok = rollout.load_generator(m, model_path, g.batch_size, recipe.rollout, out.parent)
+    generator, tok = rollout.load_generator(m, model_path, g.batch_size, recipe.rollout, out.parent, g.max_new_tokens)
     params = SamplingParams(g.max_new_tokens, recipe.pairs.temperature, 1.0, 0, recipe.seed)
     with contextlib.closing(generator):
         return main(problems, HFTeacher(generator, prompt_renderer(m, tok), params, "policy"),

@@ -104,7 +104,7 @@ def generate(n: int, split: str = "train", difficulty: int = 1, seed: int = 0, s
         raise ValueError(f"split must be train or test, got {split!r}")
     n_ops, top = LEVELS[difficulty]
     rng = random.Random(f"{seed}-{split}-{difficulty}" + (f"-{stream}" if stream else ""))
-    prefix = f"synthetic-{split}" + (f"-{stream}" if stream else "")
+    prefix = f"synthetic-s{seed}-{split}" + (f"-{stream}" if stream else "")  # the seed: ids name one draw
     rows, seen = [], set()
     attempts = 0
     while len(rows) < n:

@@ -7,7 +7,8 @@ use `make_generator` (or `load_generator` for a checkpoint on disk); a remote te
 from __future__ import annotations
 
 
-def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, dist=None):
+def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, dist=None, max_new_tokens=None,
+                   dtype: str | None = None):
     """The backend that samples the policy `model`: rollout.backend (cfg) hf = transformers' forward in our
     decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
     sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step. On N
@@ -41,8 +42,8 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
             start_dir, rank = peft.base_model_name_or_path, peft.r
         else:  # the current weights (a resumed run's too)
             start_dir, rank = str(models.save(model, tokenizer, workdir / "vllm-start").resolve()), None
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype)
+        dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the trainer's compute dtype
+        server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens)
         server.owned_dir = None if lora else Path(start_dir)
         server.start()
     gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", server)
@@ -55,7 +56,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     return gen
 
 
-def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None):
+def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None, max_new_tokens=None):
     """(generator, tokenizer) that samples the checkpoint at `path` (evaluation, the policy's own samples for
     DPO pairs, a local teacher). hf: loaded here as model_cfg says (dtype, device, ...); vllm (cfg): a vLLM
     server started on the folder itself (a LoRA folder: its base, the adapter hot-loaded), no copy in this
@@ -89,7 +90,7 @@ def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None
     base, rank = models.adapter_base(path)
     tok = models.load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base or path, m.trust_remote_code)
     dtype = str(models.resolve_dtype(m.dtype, models.resolve_device(m.device))).removeprefix("torch.")
-    server = VLLMServer(base or path, cfg, workdir / "vllm.log", rank, dtype).start()
+    server = VLLMServer(base or path, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens).start()
     gen = VLLMGenerator(server.url, tok, batch_size, cfg, workdir / "vllm-sync", server)
     try:
         gen.stop_ids = stop_ids(tok, GenerationConfig.from_pretrained(base or path))

@@ -91,7 +91,7 @@ class HFGenerator:
         encoded = [encode(tok, p) for p in chunk]
         uniforms = None
         if params.temperature > 0:
-            keys = [(*params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
+            keys = [(params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
             uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
         return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt)
 
@@ -137,22 +137,21 @@ class HFGenerator:
 
 
 class RowStreams:
-    """The uniforms of each output row: row r draws from the stream of sample keys[r] = (seed, prompt, sample).
+    """The uniforms of each output row: row r draws from the stream of sample keys[r] = (stream key, sample).
 
-    Each sample draws from its own stream (numpy's seed sequence of (seed, prompt, sample)), so its tokens do
-    not depend on the batch it ran in (batch size, rows that stopped), and two models sampled with one seed
-    meet the same uniforms: common random numbers, under which a small change of the model changes few
-    samples and a comparison of two checkpoints measures the models rather than the draw.
+    Each sample draws from its own stream (numpy's generator seeded by the prompt's 128-bit stream key and the
+    sample's index), so its tokens do not depend on the batch it ran in (batch size, rows that stopped), and
+    two models sampled with the same keys meet the same uniforms: common random numbers, under which a small
+    change of the model changes few samples and a comparison of two checkpoints measures the models rather
+    than the draw.
 
     `at(rows, t)` gives the uniforms of output rows `rows` at step t (t = 0, 1, 2, ... in order). They are
     drawn `block` steps at a time for every row, so memory is rows x block whatever max_new_tokens is; the
     numbers equal one long draw per row (numpy's generators continue their stream across calls).
     """
 
-    def __init__(self, keys: list[tuple[int, int, int]], dtype=None, device=None, block: int = 64):
-        import numpy as np
-
-        self.streams = [np.random.default_rng([seed % 2**63, prompt, sample]) for seed, prompt, sample in keys]
+    def __init__(self, keys: list[tuple[int, int]], dtype=None, device=None, block: int = 64):
+        self.streams = [sample_generator(key, sample) for key, sample in keys]
         self.block, self.dtype, self.device = block, dtype, device
         self.start, self.values = 0, None
 
@@ -168,6 +167,14 @@ class RowStreams:
             drawn = np.stack([s.random(self.block) for s in self.streams])
             self.values = torch.from_numpy(drawn).to(self.device, self.dtype)
         return self.values[rows, t - self.start]
+
+
+def sample_generator(key: int, sample: int):
+    """numpy's generator of sample `sample` of the prompt whose stream key is `key` (a 128-bit int): the entropy
+    is three 64-bit words, always three, so no two (key, sample) pairs share a seed sequence."""
+    import numpy as np
+
+    return np.random.default_rng([key & (2**64 - 1), key >> 64, sample])
 
 
 @contextlib.contextmanager
@@ -312,15 +319,6 @@ def reserved_layer():
                 self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
 
     return ReservedLayer
-
-
-def _trim(ids: list[int], stop: set[int]) -> list[int]:
-    """Cut after the first stop token. `generate` pads a row only after it stopped, so a row without a stop
-    token is all real tokens (a sampled pad id included)."""
-    for i, t in enumerate(ids):
-        if t in stop:
-            return ids[: i + 1]
-    return ids
 
 
 def _free_cache(device) -> None:

@@ -61,9 +61,11 @@ class OpenAIClient:
         raise ServerError(f"{self.base_url}{route} failed after {self.max_retries + 1} attempts (last: {last}); is the "
                           f"server running at that address? check the base_url setting")
 
-    def _sampling(self, params: SamplingParams, n: int) -> dict:
+    def _sampling(self, params: SamplingParams, n: int, i: int = 0) -> dict:
+        """The sampling fields of request i of a call: its seed is that prompt's stream key (the rule of every
+        backend, `SamplingParams.stream`), so no two prompts of a run share a seed."""
         body = {"model": self.model, "n": n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "seed": params.seed}
+                "top_p": params.top_p, "seed": params.stream(i) % 2**63}
         if params.top_k:
             body["top_k"] = params.top_k
         return body
@@ -85,7 +87,7 @@ class OpenAIClient:
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """The rollout Generator interface over /completions (prompts already formatted)."""
         def one(i: int) -> list[Completion]:
-            out = self._post("/completions", {**self._sampling(params, n), "prompt": prompts[i]})
+            out = self._post("/completions", {**self._sampling(params, n, i), "prompt": prompts[i]})
             return [Completion(i, c.get("text", ""), (), "length" if c.get("finish_reason") == "length" else "stop")
                     for c in out["choices"]]
 

@@ -48,13 +48,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PROMPT_ROOM = 2048  # tokens of prompt the default context leaves beside the stage's new tokens
+DEFAULT_CONTEXT = 4096  # at least this (the old default), where the model has it
+
+
+def context_length(model_dir: str, asked: int | None, max_new_tokens: int | None) -> int:
+    """The server's --max-model-len: `asked`, or the larger of 4,096 and the stage's new tokens + PROMPT_ROOM;
+    never more than the model's own context (vLLM refuses it: a 1,024-position model failed to start on the
+    old fixed default 4,096, and so would Phi-2's 2,048)."""
+    config = Path(model_dir) / "config.json"
+    if config.is_file():  # a local folder: read it, no code of the model's runs
+        positions = json.loads(config.read_text()).get("max_position_embeddings")
+    else:
+        from transformers import AutoConfig
+
+        positions = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    if asked is not None:
+        if positions is not None and asked > positions:
+            raise UserError(f"rollout.max_model_len={asked} is more than the model's context ({model_dir}: "
+                            f"max_position_embeddings {positions}); set at most {positions}, or leave it unset")
+        return asked
+    wanted = max(DEFAULT_CONTEXT, (max_new_tokens or 0) + PROMPT_ROOM)
+    return min(wanted, positions) if positions is not None else wanted
+
+
+def decisive_line(log_path: Path) -> str:
+    """The line of a failed server's log that says why: its last error line, else its last line. Quoted in the
+    error, since a failed start may remove the run folder the log is in."""
+    try:
+        lines = [x.strip() for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "no log was written"
+    errors = [x for x in lines if "Error" in x or "error:" in x]
+    return (errors or lines or ["the log is empty"])[-1][:400]
+
+
 class VLLMServer:
     """A vLLM OpenAI server as a child process on 127.0.0.1 and a free port: started, waited for, stopped on
     exit and on Ctrl-C (its own process group, so a Ctrl-C reaches us first and we stop it)."""
 
-    def __init__(self, model_dir: str, cfg, log_path: Path, lora_rank: int | None = None, dtype: str = "float32"):
+    def __init__(self, model_dir: str, cfg, log_path: Path, lora_rank: int | None = None, dtype: str = "float32",
+                 max_new_tokens: int | None = None):
         self.model_dir, self.cfg, self.log_path = model_dir, cfg, Path(log_path)
         self.lora_rank, self.dtype = lora_rank, dtype
+        self.max_model_len = context_length(model_dir, cfg.max_model_len, max_new_tokens)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -63,7 +100,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         cmd = shlex.split(self.cfg.vllm_command) + [
             "--model", self.model_dir, "--served-model-name", "policy", "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", self.dtype, "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.cfg.max_model_len),
+            "--dtype", self.dtype, "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.max_model_len),
             "--seed", "0", "--max-num-batched-tokens", str(self.cfg.max_batched_tokens)]
         if self.lora_rank:
             cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank), "--max-loras", "2"]
@@ -85,7 +122,8 @@ class VLLMServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                raise UserError(f"the vLLM server exited with code {self.proc.returncode} while starting; see {self.log_path}")
+                raise UserError(f"the vLLM server exited with code {self.proc.returncode} while starting: "
+                                f"{decisive_line(self.log_path)} (its log: {self.log_path})")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2):
                     return self
@@ -138,8 +176,8 @@ class VLLMGenerator:
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """n completions per prompt, prompt by prompt, each with its token ids and their log-probs.
 
-        One request per prompt, its seed keyed by the prompt's position (params.seed, params.first_prompt + i):
-        the samples do not depend on how prompts are batched or spread over ranks. The prompt tokens in flight
+        One request per prompt, its seed the prompt's stream key (`SamplingParams.stream`, the rule every
+        backend follows): the samples do not depend on how prompts are batched or spread over ranks. The prompt tokens in flight
         stay within the server's step budget (rollout.max_batched_tokens): vLLM's CPU engine fails on a seeded
         request whose prefill it splits across steps.
         """
@@ -154,10 +192,9 @@ class VLLMGenerator:
         return out
 
     def _complete(self, prompt: list[int], n: int, params: SamplingParams, index: int) -> list[Completion]:
-        seed, position = params.stream(index)
         body = {"model": self.model_name, "prompt": [prompt], "n": n, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
-                "seed": (seed * 1_000_003 + position) % 2**63,
+                "seed": params.stream(index) % 2**63,
                 "stop_token_ids": self.stop_ids or None}
         if params.top_k:
             body["top_k"] = params.top_k

@@ -49,6 +49,17 @@ def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, 
     return logp[: len(pairs)], logp[len(pairs) :]
 
 
+def reference_key(pairs: list[Pair], start_model: str, precision: str) -> str:
+    """What the reference log-probs were computed from: every pair's token ids, the start model and the
+    precision. A pairs file regenerated with as many pairs is another file (it was once validated by count)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{start_model}|{precision}".encode())
+    for chosen, rejected in pairs:
+        h.update(repr((chosen.prompt, chosen.completion, rejected.prompt, rejected.completion)).encode())
+    return h.hexdigest()
+
+
 def step_normaliser(n_pairs: int) -> Normaliser:
     """A pair is a row of the sequence normaliser: the step's loss is the mean over its n_pairs pairs."""
     return normaliser(torch.ones(n_pairs, 1), "sequence")
@@ -93,6 +104,7 @@ def preference_accuracy(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int
 
 def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress: bool = True,
          stop_after: int | None = None) -> Path | None:
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     cfg: DPOConfig = recipe.dpo
@@ -106,18 +118,24 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
 
     pairs = load_pairs(data, tok, recipe, cfg.max_len)
     ref_path = run_dir / "reference_logps.safetensors"
+    key = reference_key(pairs, str(Path(loop.start_model(recipe, run_dir)).resolve()), cfg.mixed_precision)
+    ref = None
     if ref_path.is_file():
-        ref = load_file(str(ref_path))["logps"]
-        if len(ref) != len(pairs):
-            raise UserError(f"{ref_path} holds {len(ref)} pairs but {data} has {len(pairs)}; use a new run folder")
-    else:
+        with safe_open(str(ref_path), "pt") as f:
+            made_for = (f.metadata() or {}).get("key")
+        if made_for == key:
+            ref = load_file(str(ref_path))["logps"]
+        elif ckpt:
+            raise UserError(f"{ref_path} was computed for other pairs (or another start model, or by an older thinkforge) than {data}, and "
+                            f"{run_dir} has checkpoints trained on them; use a new run folder")
+    if ref is None:
         if ckpt:
             raise UserError(f"{run_dir} has checkpoints but no reference log-probs; use a new run folder")
         with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass
             ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2), on every rank
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_file({"logps": ref}, str(ref_path))
+            save_file({"logps": ref}, str(ref_path), metadata={"key": key})
     model.train()
     ddp = dist.wrap(model)
 

@@ -93,6 +93,14 @@ def autocast(device: str, mixed_precision: str):
     return nullcontext()
 
 
+def compute_dtype(device: str, mixed_precision: str, model) -> str:
+    """The dtype the loss pass computes in (bf16 under autocast, else the weights'): what a rollout server
+    should run in, rather than the fp32 of master weights."""
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and device.startswith("cuda")):
+        return "bfloat16"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -117,19 +125,37 @@ def start_model(recipe, run_dir: str | Path) -> str:
     return str(merged)
 
 
+TRAINABLE_DTYPES = {"float32": torch.float32, "pure_bfloat16": torch.bfloat16, "pure_float16": torch.float16}
+
+
+def weights_dtype(recipe) -> str:
+    """The dtype a stage loads its weights in: the frozen weights' (model.dtype) when only an adapter trains,
+    else the trained weights' own (model.trainable_dtype), so a checkpoint of fp32 master weights resumes
+    exactly and a full reference model computes what the policy computes (step-1 KL 0)."""
+    m = recipe.model
+    if recipe.lora.enabled or m.load_in_4bit:
+        return m.dtype if m.dtype != "auto" else "float32"
+    return {"float32": "float32", "pure_bfloat16": "bfloat16", "pure_float16": "float16"}[m.trainable_dtype]
+
+
 def load_for_training(recipe, run_dir: str | Path):
     """(model, tokenizer, checkpoint): the newest checkpoint of run_dir if any, else the stage's start model
-    (`start_model`; fp32 master weights unless a dtype is set), wrapped in a new LoRA adapter when
-    recipe.lora.enabled."""
+    (`start_model`), wrapped in a new LoRA adapter when recipe.lora.enabled. Every trainable weight is in
+    model.trainable_dtype (fp32 master weights unless a pure low-precision optimizer is asked for by name):
+    AdamW updating bf16 weights in place loses every step below half an ulp (PITFALLS 14)."""
     from thinkforge import models
 
     m = recipe.model
     ckpt = latest_checkpoint(run_dir)
     source = str(ckpt / "model") if ckpt else start_model(recipe, run_dir)
-    model, tok = models.load(source, m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code,
-                             m.load_in_4bit, m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
+    model, tok = models.load(source, weights_dtype(recipe), m.device, m.trust_remote_code, m.load_in_4bit,
+                             m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
     if recipe.lora.enabled and not models.is_adapter(model):
         model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
+    want = TRAINABLE_DTYPES[m.trainable_dtype]
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != want:
+            p.data = p.data.to(want)
     return model, tok, ckpt
 
 

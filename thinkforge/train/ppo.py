@@ -132,10 +132,10 @@ class Critic:
         batch.advantages, batch.returns = ppo_targets(batch.rewards, batch.values, mask, self.gamma, self.lam, penalty)
 
     def loss(self, values: torch.Tensor, batch: Rollout, rows: slice, norm: Normaliser) -> torch.Tensor:
-        """vf_coef x the value loss of these rows (their share of the step's)."""
+        """The value loss of these rows (their share of the step's), unweighted: the caller adds vf_coef x it."""
         mask = batch.loss_mask[rows].to(values.device)
         old, ret = batch.values[rows].to(values.device), batch.returns[rows].to(values.device)
-        return self.vf_coef * value_loss(values, old, ret, mask, self.value_clip, norm)
+        return value_loss(values, old, ret, mask, self.value_clip, norm)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {f"value_head.{k}": v for k, v in self.head.state_dict().items()}

@@ -112,7 +112,7 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = 
                 logp, logits, values = forward_logp(model, batch, rows, baseline.head)
             old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
-            adv, mismatch = sampler_correction(logp, batch, rows, mask, cfg.tis_cap)
+            adv, mismatch = sampler_correction(old, batch, rows, mask, cfg.tis_cap)
             loss, parts = policy_loss(logp, old, adv, mask, share, cfg.policy_loss, (cfg.clip_low, cfg.clip_high), ref, beta)
             parts.update(mismatch)
             value = baseline.loss(values, batch, rows, share)  # PPO: this micro-batch's share of the value loss
@@ -131,19 +131,22 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = 
     return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": totals["entropy"]}
 
 
-def sampler_correction(logp: torch.Tensor, batch: Rollout, rows: slice, mask: torch.Tensor, cap: float | None):
-    """(advantages of these rows, mismatch statistics). With a server's log-probs (batch.sampler_logp): the
-    per-token mismatch between trainer and sampler (mean |diff|, KL k3), and with `cap` truncated importance
-    sampling, each token's advantage times min(exp(train - sampler log-prob), cap) (the weight is >= 0, so it
-    scales every policy loss's per-token term)."""
-    adv = batch.advantages[rows].to(logp.device)
+def sampler_correction(old: torch.Tensor, batch: Rollout, rows: slice, mask: torch.Tensor, cap: float | None):
+    """(advantages of these rows, mismatch statistics). old: the trainer's log-probs of these rows at sampling
+    time (theta_old: the detached training log-probs when mu = 1). With a server's log-probs
+    (batch.sampler_logp): the per-token mismatch between trainer and sampler (mean |diff|, KL k3), and with
+    `cap` truncated importance sampling, each token's advantage times min(exp(old - sampler log-prob), cap)
+    (the weight is >= 0, so it scales every policy loss's per-token term). The weight corrects only for the
+    sampler being another implementation of theta_old; pi_theta / pi_old is the policy loss's own ratio, inside
+    its clip, and must not be counted again here from the second epoch (mu > 1) on."""
+    adv = batch.advantages[rows].to(old.device)
     if batch.sampler_logp is None:
         return adv, {}
-    served = batch.sampler_logp[rows].to(logp.device)
+    served = batch.sampler_logp[rows].to(old.device)
     with torch.no_grad():
-        delta = logp.detach() - served  # (n, C)
+        delta = old - served  # (n, C)
         stats = {"sampler_logp_diff": masked_mean(delta.abs(), mask).item(),
-                 "sampler_kl": masked_mean(kl_k3(logp.detach(), served), mask).item()}
+                 "sampler_kl": masked_mean(kl_k3(old, served), mask).item()}
         if cap is None:
             return adv, stats
         weight = delta.exp().clamp(max=cap)
@@ -178,7 +181,7 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     lora = models.is_adapter(model)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not lora:
-        reference, _ = models.load(loop.start_model(recipe, run_dir), m.dtype if m.dtype != "auto" else "float32", m.device, m.trust_remote_code)
+        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code)
         reference.eval().requires_grad_(False)
     extras = loop.load_extras(ckpt) if ckpt else None
     baseline = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else GroupBaseline(cfg.advantage)
@@ -192,7 +195,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     if make_generator is not None:
         generator = make_generator(model, tok, cfg.gen_batch)
     else:
-        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist)
+        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, cfg.max_new_tokens,
+                                           loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
     with contextlib.closing(generator):  # a server started for this run stops with it, whatever happens
         return _steps(recipe, run_dir, (model, tok, ckpt, reference, ddp), (task, generator, baseline),
                       dist, (progress, stop_after))
@@ -222,7 +226,8 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
     empty = 0
     for step in range(start, cfg.steps):
         t0 = time.time()
-        batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
+        with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
+            batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
         gen_seconds = time.time() - t0
         if dist.all_max(batch is None):  # a rank kept no group: every rank skips the step
             empty += 1
@@ -239,7 +244,7 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
                 batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
             if cfg.mu > 1:
                 batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
-        baseline.targets(model, batch, cfg.micro_batch)  # advantages
+            baseline.targets(model, batch, cfg.micro_batch)  # advantages (PPO: V_old and the KL in the reward too)
         if cfg.balance:
             keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
             batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)

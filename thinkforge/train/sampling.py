@@ -2,7 +2,8 @@
 (zero variance, easy, all wrong, uniform length) and refill (dynamic sampling), into a Rollout.
 
 `collect(step, task, generator, cfg, seed)` is the first line of each RL step (rl.main). Prompt draws and
-sampling seeds are pure functions of (seed, step): a resumed run samples what the uninterrupted one did.
+random streams are pure functions of (seed, step, round, position, problem): a resumed run samples what the
+uninterrupted one did, whatever batch size its generator runs at.
 """
 
 from __future__ import annotations
@@ -17,11 +18,20 @@ import torch
 
 from thinkforge.config import RLConfig
 from thinkforge.data.sources import Problem
+from thinkforge.formats import response
 from thinkforge.grading import grade
 from thinkforge.losses import overlong_penalty
 from thinkforge.monitor import sample_stats
 from thinkforge.rewards import WeightedRewards
-from thinkforge.rollout.types import Completion, Generator, Rollout, SamplingParams, is_out_of_memory, pad_id
+from thinkforge.rollout.types import (
+    Completion,
+    Generator,
+    Rollout,
+    SamplingParams,
+    is_out_of_memory,
+    pad_id,
+    stream_key,
+)
 from thinkforge.train.dist import Dist
 
 
@@ -43,22 +53,20 @@ class Task:
 
 
 def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams,
-                    stats: dict, offset: int = 0) -> list[list[Completion] | None]:
+                    stats: dict) -> list[list[Completion] | None]:
     """n completions per prompt (None for a prompt whose chunk ran out of memory even after the backend
     halved its batch: skipped and counted). Any other error is a bug and propagates.
 
-    The prompts are positions offset.. of a draw: they are asked for in the chunks, and with the seeds, that
-    one process asking for the whole draw uses, so a rank's share samples what one process would.
+    params.streams names each prompt's random stream, so the chunks the prompts are asked for in (the
+    backend's batch size, halved after an out-of-memory) change nothing that is sampled.
     """
     out: list = [None] * len(prompts)
     i = 0
     while i < len(prompts):
         size = max(1, generator.batch_size // n)
-        g = offset + i  # this prompt's position in the whole draw
-        chunk = prompts[i : i + size - g % size]  # up to the end of one process's chunk
+        chunk = prompts[i : i + size]
         try:
-            comps = generator.generate(chunk, n, dataclasses.replace(params, seed=params.seed + g - g % size,
-                                                                      first_prompt=g % size))
+            comps = generator.generate(chunk, n, dataclasses.replace(params, streams=params.streams[i : i + size]))
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
@@ -72,12 +80,13 @@ def generate_groups(generator: Generator, prompts: list[str], n: int, params: Sa
 
 
 def score(text: str, finish: str, problem: Problem, cfg: RLConfig, rewards: WeightedRewards | None) -> tuple[float, dict, bool]:
-    """(reward, reward per function, correct) of one completion."""
+    """(reward, reward per function, correct) of one completion: graded once (with the problem's choices), the
+    verdict shared by the accuracy and every reward that grades."""
     correct = grade(text, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
     if rewards is None:
         total, parts = (1.0 if correct else -1.0), {"verifiable": 1.0 if correct else -1.0}
     else:
-        total, parts = rewards.score(text, problem.reference, problem.kind)
+        total, parts = rewards.score(text, problem.reference, problem.kind, correct)
     if finish == "length" and cfg.truncation == "penalize":
         total = -1.0 if rewards is None else 0.0
     return total, parts, correct
@@ -109,7 +118,7 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     g, tok = cfg.group_size, task.tokenizer
     quota = len(dist.share(range(cfg.prompts_per_step)))  # this rank's share of the groups
     temperature = temperature_at(step, cfg)
-    params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed * 1_000_003 + step * 1000)
+    params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed)
     rng = random.Random(f"{seed}-{step}")  # prompt draws are a pure function of the step: exact resume
     stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0}
     kept: list[tuple[Problem, list, list[float], list[dict], list[bool]]] = []
@@ -121,12 +130,16 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
         draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * dist.world * cfg.oversample))]
         start, end = dist.bounds(len(draw))
         draw = draw[start:end] if len(kept) < quota else []
-        groups = generate_groups(generator, [task.prompt_fn(p.question) for p in draw], g,
-                                 dataclasses.replace(params, seed=params.seed + 100 * round_), stats, start)
-        for p, comps in zip(draw, groups, strict=True):
+        # Each prompt's stream: its full identity (seed, step, refill round, position in the draw, problem), so no
+        # two samples of a run share uniforms, whatever the counts, the chunking or the number of ranks.
+        streams = tuple(stream_key("rl", seed, step, round_, start + k, p.id) for k, p in enumerate(draw))
+        prompts = [task.prompt_fn(p.question) for p in draw]
+        groups = generate_groups(generator, prompts, g, dataclasses.replace(params, streams=streams), stats)
+        for p, prompt, comps in zip(draw, prompts, groups, strict=True):
             if comps is None:
                 continue
             stats["groups_seen"] += 1
+            comps = [dataclasses.replace(c, text=response(prompt, c.text)) for c in comps]  # a pre-filled <think>
             scored = [score(c.text, c.finish_reason, p, cfg, task.rewards) for c in comps]
             r, corr = [s[0] for s in scored], [s[2] for s in scored]
             if max(r) - min(r) < 1e-9:
