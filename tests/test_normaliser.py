@@ -75,13 +75,13 @@ def test_rl_two_halves_equal_the_full_batch(tiny_loaded, agg):
         ro.advantages = grpo_advantages(ro.rewards, 2)
     whole, rank0, rank1 = parts
     full = normaliser(whole.loss_mask, agg, cfg.max_new_tokens)
-    stats = rl.backward(model, whole, full, cfg, rl.GroupBaseline())
+    stats = rl.backward(model, whole, full, cfg)
     want = _grads(model)
     rank1.loss_mask = rank1.completion_mask.float()  # rank 1's groups are the whole batch's groups 2 and 3
     assert torch.equal(rank1.advantages, whole.advantages[4:])
     halves = normaliser(rank0.loss_mask, agg, cfg.max_new_tokens) + normaliser(rank1.loss_mask, agg, cfg.max_new_tokens)
     assert halves == full
-    s0 = rl.backward(model, rank0, halves, cfg, rl.GroupBaseline())
-    s1 = rl.backward(model, rank1, halves, cfg, rl.GroupBaseline())
+    s0 = rl.backward(model, rank0, halves, cfg)
+    s1 = rl.backward(model, rank1, halves, cfg)
     assert torch.allclose(_grads(model), want, atol=1e-7)
     assert s0["loss"] + s1["loss"] == pytest.approx(stats["loss"], abs=1e-6)

@@ -220,7 +220,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model, agg):
     def grads(micro):
         cfg = load_config(None, [f"rl.loss_agg={agg}", f"rl.micro_batch={micro}", "rl.group_size=3", "rl.beta=0"]).rl
         model.zero_grad()
-        stats = rl.backward(model, ro, normaliser(ro.loss_mask, agg, cfg.max_new_tokens), cfg, rl.GroupBaseline())
+        stats = rl.backward(model, ro, normaliser(ro.loss_mask, agg, cfg.max_new_tokens), cfg)
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), stats
 
     full, s_full = grads(6)
@@ -439,7 +439,7 @@ def test_truncated_importance_weights_use_the_sampling_time_policy_when_mu_is_2(
     ro.old_logp = logp_no_grad(model, ro, 2) - 0.5 * ro.loss_mask  # the policy has moved since sampling
     ro.sampler_logp = ro.old_logp.clone()
     cfg = load_config(None, ["rl.mu=2", "rl.tis_cap=2.0", "rl.group_size=2", "rl.beta=0", "rollout.backend=vllm"]).rl
-    stats = rl.backward(model, ro, normaliser(ro.loss_mask, "token", cfg.max_new_tokens), cfg, rl.GroupBaseline())
+    stats = rl.backward(model, ro, normaliser(ro.loss_mask, "token", cfg.max_new_tokens), cfg)
     assert stats["tis_weight"] == pytest.approx(1.0, abs=1e-6)
     assert stats["sampler_logp_diff"] == pytest.approx(0.0, abs=1e-6)
 

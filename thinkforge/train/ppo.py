@@ -5,14 +5,13 @@
     returns           R_t = A_t + V_t;  advantages whitened over the batch
     value loss        0.5 max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token-normalised
 
-The math (`gae`, `ppo_targets`, `value_loss`) is pure; `Critic` holds the head and plugs into rl.main
-where GRPO's group baseline does (the same methods).
+The math (`gae`, `ppo_targets`, `value_loss`) is pure; `Critic` holds the head: rl.main has `critic: Critic |
+None` and one `if` where PPO differs (advantages from `targets`, the value loss beside the policy loss).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -80,15 +79,13 @@ class ValueHead(torch.nn.Linear):
 
 @dataclass
 class Critic:
-    """The PPO side of rl.main: targets before the update, a value loss inside it, its own parameters."""
+    """PPO's critic in rl.main: targets before the update, a value loss inside it, its own parameters."""
 
     head: ValueHead
     beta: float
     gamma: float
     lam: float
     value_clip: float
-    vf_coef: float
-    kl_in_reward: ClassVar[bool] = True
 
     @classmethod
     def create(cls, model, cfg, extras: dict[str, torch.Tensor] | None = None) -> Critic:
@@ -96,22 +93,12 @@ class Critic:
         head = ValueHead(model.get_input_embeddings().weight.shape[1], cfg.value_trunk).to(model.device)
         if extras:
             head.load_state_dict({"weight": extras["value_head.weight"], "bias": extras["value_head.bias"]})
-        return cls(head, cfg.beta, cfg.gamma, cfg.lam, cfg.value_clip, cfg.vf_coef)
+        return cls(head, cfg.beta, cfg.gamma, cfg.lam, cfg.value_clip)
 
     def attach(self, optimizer, lr: float, lr_scale: float) -> None:
         """The head's own parameter group: no weight decay, lr x lr_scale (it must fit the returns quickly)."""
         optimizer.add_param_group({"params": list(self.head.parameters()), "weight_decay": 0.0,
                                    "lr": lr * lr_scale, "lr_scale": lr_scale})
-
-    def clipped_with_policy(self) -> list:
-        """Parameters clipped with the policy's: the head's when its loss also trains the model."""
-        return list(self.head.parameters()) if self.head.trunk else []
-
-    def clip_grad(self, clip: float) -> dict[str, float]:
-        """A detached head is clipped alone: its gradient never scales the policy's."""
-        if self.head.trunk:
-            return {}
-        return {"value_grad_norm": torch.nn.utils.clip_grad_norm_(self.head.parameters(), clip).item()}
 
     @torch.no_grad()
     def targets(self, model, batch: Rollout, micro: int) -> None:

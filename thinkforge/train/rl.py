@@ -5,10 +5,11 @@ Each step of `main` reads as the algorithm:
                                   (+1/-1, or the weighted Infused Phi-2 set), filter groups (zero variance,
                                   easy, all wrong, uniform length), refill (dynamic sampling): sampling.py
     batch.ref_logp                the reference's log-probs (LoRA: the adapter disabled) when beta > 0
-    baseline.targets(batch)       advantages: ADVANTAGES[rl.advantage] over each group (GRPO, Dr. GRPO, RLOO,
-                                  REINFORCE++), or GAE over PPO's value head (ppo.py)
+    batch.advantages              ADVANTAGES[rl.advantage] over each group (GRPO, Dr. GRPO, RLOO, REINFORCE++),
+                                  or, with PPO's critic (ppo.py), GAE over its value head
     norm = normaliser(...)        the step's one loss normaliser (token / sequence / constant)
-    backward(...)                 -norm(POLICY_LOSSES[rl.policy_loss] - beta KL) per micro-batch
+    backward(...)                 -norm(POLICY_LOSSES[rl.policy_loss] - beta KL) per micro-batch (+ vf_coef x
+                                  the value loss where there is a critic)
     update -> sync the rollout backend -> log -> aha moments -> checkpoint
 
 No forward pass is done twice: with mu = 1 the old log-probs are the detached training log-probs; the
@@ -18,12 +19,10 @@ reference log-probs come from one no-grad pass (with LoRA: the adapter disabled,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import random
 import time
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
@@ -66,41 +65,15 @@ def balance_mask(adv: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return keep
 
 
-@dataclasses.dataclass
-class GroupBaseline:
-    """The GRPO family's baseline: each group's own rewards (no critic). It plugs into `main` where PPO's
-    ppo.Critic does, with the same methods, so the step has no per-algorithm branch."""
-
-    estimator: str = "grpo"
-    head: ClassVar[None] = None
-    kl_in_reward: ClassVar[bool] = False
-
-    def targets(self, model, batch: Rollout, micro: int) -> None:
-        batch.advantages = ADVANTAGES[self.estimator](batch.rewards, batch.group_size)  # (N,)
-
-    def loss(self, values, batch: Rollout, rows: slice, norm) -> None:
-        return None
-
-    def attach(self, optimizer, lr: float, lr_scale: float) -> None:
-        pass
-
-    def clipped_with_policy(self) -> list:
-        return []
-
-    def clip_grad(self, clip: float) -> dict[str, float]:
-        return {}
-
-    def state(self) -> None:
-        return None
-
-
-def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = Dist()) -> dict[str, float]:
+def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | None = None,
+             dist: Dist = Dist()) -> dict[str, float]:
     """One backward pass over the batch, micro-batch by micro-batch (those with loss tokens). Each divides by
     the step's normaliser, so their gradients add up to the full batch's; on N ranks every rank joins as many
-    rounds as the busiest (zero-weight repeats). Returns the step's loss statistics (over every rank)."""
+    rounds as the busiest (zero-weight repeats). With PPO's critic the value loss joins the policy loss, once
+    weighted by vf_coef, and the KL is in the reward instead. Returns the step's loss statistics (over every rank)."""
     totals: dict[str, float] = {}
     tokens = dist.all_sum([float(batch.loss_mask.sum())])[0]
-    beta = 0.0 if baseline.kl_in_reward else cfg.beta
+    beta = cfg.beta if critic is None else 0.0  # PPO: the KL penalty is in the reward (ppo.Critic.targets)
     micro = [slice(i, i + cfg.micro_batch) for i in range(0, len(batch.texts), cfg.micro_batch)
              if batch.loss_mask[i : i + cfg.micro_batch].sum() > 0]
     rounds = dist.rounds(len(micro))
@@ -109,15 +82,15 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, baseline, dist: Dist = 
         mask = batch.loss_mask[rows].to(model.device)
         with dist.sync(model, last=r == len(rounds) - 1):
             with loop.autocast(str(model.device), cfg.mixed_precision):
-                logp, logits, values = forward_logp(model, batch, rows, baseline.head)
+                logp, logits, values = forward_logp(model, batch, rows, critic.head if critic else None)
             old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
             adv, mismatch = sampler_correction(old, batch, rows, mask, cfg.tis_cap)
             loss, parts = policy_loss(logp, old, adv, mask, share, cfg.policy_loss, (cfg.clip_low, cfg.clip_high), ref, beta)
             parts.update(mismatch)
-            value = baseline.loss(values, batch, rows, share)  # PPO: this micro-batch's share of the value loss
-            if value is not None:
-                loss = loss + baseline.vf_coef * value
+            if critic is not None:  # PPO: this micro-batch's share of the value loss, weighted once
+                value = critic.loss(values, batch, rows, share)
+                loss = loss + cfg.vf_coef * value
                 parts["value_loss"] = value.item()
             loss.backward()
         # loss, pg_loss and value_loss are shares of the step's and add up; the rest are token means, weighted.
@@ -178,15 +151,20 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
         raise UserError("rl.algo=ppo runs on one process for now (its value head is not yet shared across ranks); "
                         "use rl.algo=grpo on several processes")
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
-    lora = models.is_adapter(model)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
-    if cfg.beta > 0 and not lora:
+    if cfg.beta > 0 and not models.is_adapter(model):
         reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code)
         reference.eval().requires_grad_(False)
     extras = loop.load_extras(ckpt) if ckpt else None
-    baseline = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else GroupBaseline(cfg.advantage)
+    critic = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else None  # GRPO: the group is the baseline
     model.train()
     ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
+    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    clipped = list(model.parameters())  # clipped together: the policy's (and a value head that trains the trunk)
+    if critic is not None:
+        critic.attach(optimizer, cfg.lr, cfg.value_lr_scale)
+        clipped += list(critic.head.parameters()) if critic.head.trunk else []
+    start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
 
     problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns,
                                  stream="rl" if cfg.fresh_prompts else "")
@@ -197,22 +175,6 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     else:
         generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, cfg.max_new_tokens,
                                            loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
-    with contextlib.closing(generator):  # a server started for this run stops with it, whatever happens
-        return _steps(recipe, run_dir, (model, tok, ckpt, reference, ddp), (task, generator, baseline),
-                      dist, (progress, stop_after))
-
-
-def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Dist, when: tuple) -> Path | None:
-    """The step loop of `main` (see the module docstring): loaded = (model, tokenizer, checkpoint, reference,
-    the DDP-wrapped model), pieces = (task, generator, baseline), when = (progress, stop_after)."""
-    cfg = recipe.rl
-    model, tok, ckpt, reference, ddp = loaded
-    task, generator, baseline = pieces
-    progress, stop_after = when
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    baseline.attach(optimizer, cfg.lr, cfg.value_lr_scale)
-    clipped = list(model.parameters()) + baseline.clipped_with_policy()
-    start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, "note": "with mu=1 and beta=0 the loss can read 0 "
@@ -224,55 +186,62 @@ def _steps(recipe: Recipe, run_dir: Path, loaded: tuple, pieces: tuple, dist: Di
     checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
     bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress and dist.main, start)
     empty = 0
-    for step in range(start, cfg.steps):
-        t0 = time.time()
-        with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
-            batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
-        gen_seconds = time.time() - t0
-        if dist.all_max(batch is None):  # a rank kept no group: every rank skips the step
-            empty += 1
-            metrics.log(step + 1, {"event": "empty_batch", **_flat(stats)})
-            if empty >= MAX_EMPTY_STEPS:
-                raise UserError(f"rl: {empty} steps in a row kept no group ({_why_empty(stats)}); loosen rl.drop_easy, "
-                                "rl.drop_all_wrong, rl.dynamic_sampling or rl.uniform_length, or lower rl.gen_batch")
+    with contextlib.closing(generator):  # a server started for this run stops with it, whatever happens
+        for step in range(start, cfg.steps):
+            t0 = time.time()
+            with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
+                batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
+            gen_seconds = time.time() - t0
+            if dist.all_max(batch is None):  # a rank kept no group: every rank skips the step
+                empty += 1
+                metrics.log(step + 1, {"event": "empty_batch", **_flat(stats)})
+                if empty >= MAX_EMPTY_STEPS:
+                    raise UserError(f"rl: {empty} steps in a row kept no group ({_why_empty(stats)}); loosen "
+                                    "rl.drop_easy, rl.drop_all_wrong, rl.dynamic_sampling or rl.uniform_length, or "
+                                    "lower rl.gen_batch")
+                bar.update(1)
+                continue
+            empty = 0
+            batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
+            with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
+                if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
+                    batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
+                if cfg.mu > 1:
+                    batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
+                if critic is None:  # the GRPO family: each sample against its group
+                    batch.advantages = ADVANTAGES[cfg.advantage](batch.rewards, batch.group_size)  # (N,)
+                else:  # PPO: GAE over the value head, the KL in the reward
+                    critic.targets(model, batch, cfg.micro_batch)  # (N, C)
+            if cfg.balance:
+                keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
+                batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
+            norm = dist.normaliser(normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens))  # one all-reduce
+
+            totals: dict[str, float] = {}
+            for _ in range(cfg.mu):
+                parts = backward(ddp, batch, norm, cfg, critic, dist)
+                if critic is not None and not critic.head.trunk:  # a detached head is clipped alone
+                    parts["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.head.parameters(), cfg.clip).item()
+                for k, v in parts.items():
+                    totals[k] = totals.get(k, 0.0) + v / cfg.mu
+                lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
+                grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
+            sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
+            dist.barrier()  # no rank samples before the push is done
+
+            row = _row(batch, stats, dist) | totals | sync | {"lr": lr, "grad_norm": grad_norm,
+                                                              "gen_seconds": gen_seconds, "step_seconds": time.time() - t0}
+            metrics.log(step + 1, row)
+            for event in aha.update(step + 1, row, batch.texts):
+                metrics.log(step + 1, event)
+            if row["truncated_rate"] > cfg.truncation_warn:
+                bar.write(f"warning: step {step + 1}: {row['truncated_rate']:.0%} of responses hit max_new_tokens="
+                          f"{cfg.max_new_tokens}; rewards are mostly about truncation (raise rl.max_new_tokens)")
             bar.update(1)
-            continue
-        empty = 0
-        batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
-        with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
-            if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
-                batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
-            if cfg.mu > 1:
-                batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
-            baseline.targets(model, batch, cfg.micro_batch)  # advantages (PPO: V_old and the KL in the reward too)
-        if cfg.balance:
-            keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
-            batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
-        norm = dist.normaliser(normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens))  # one all-reduce
-
-        totals: dict[str, float] = {}
-        for _ in range(cfg.mu):
-            parts = backward(ddp, batch, norm, cfg, baseline, dist)
-            parts.update(baseline.clip_grad(cfg.clip))
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.mu
-            lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
-            grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
-        sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
-        dist.barrier()  # no rank samples before the push is done
-
-        row = _row(batch, stats, dist) | totals | sync | {"lr": lr, "grad_norm": grad_norm, "gen_seconds": gen_seconds,
-                                                          "step_seconds": time.time() - t0}
-        metrics.log(step + 1, row)
-        for event in aha.update(step + 1, row, batch.texts):
-            metrics.log(step + 1, event)
-        if row["truncated_rate"] > cfg.truncation_warn:
-            bar.write(f"warning: step {step + 1}: {row['truncated_rate']:.0%} of responses hit max_new_tokens="
-                      f"{cfg.max_new_tokens}; rewards are mostly about truncation (raise rl.max_new_tokens)")
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.3f}", refresh=False)
-        if checkpoints.end_of_step(step + 1, model, tok, optimizer, baseline.state()):
-            return loop.finish(bar, metrics)
+            bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kl=f"{row.get('kl', 0):.3f}",
+                            refresh=False)
+            if checkpoints.end_of_step(step + 1, model, tok, optimizer, critic.state() if critic else None):
+                return loop.finish(bar, metrics)
     return loop.finish(bar, metrics, model, tok, run_dir / "final", dist)
 
 
