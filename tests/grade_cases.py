@@ -90,6 +90,11 @@ CASES = [
     (a("x = 3, x = 5"), "5", "math", False, "hedging equations separated by a comma"),
     (a("3 or x = 5"), "5", "math", False, "a number, then an equation"),
     (a("x = 1,000"), "1000", "math", True, "an equation with a thousands comma"),
+    (a("y = 2x + 1, so y = 7"), "7", "math", True, "one candidate after a working equation"),
+    (a("(B), or (C)"), "B", "mcq", False, "a leading letter, then another offered"),
+    (a("(B) or maybe (C)"), "B", "mcq", False, "a leading letter, then another offered later"),
+    (a("B) 4 or C) 5"), "B", "mcq", False, "two marked options with their texts"),
+    (a("(A) is wrong; the answer is (B)"), "B", "mcq", True, "a rejected option, then the named answer"),
     (a("the answer is d"), "C", "mcq", False, "wrong lower-case letter"),
     # -- hostile: wrong, fast, no crash
     (a("9^{9^{9^{9}}}"), "1", "math", False, "tower of powers"),

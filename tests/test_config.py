@@ -110,3 +110,10 @@ def test_a_setting_the_chosen_backend_or_switch_never_reads_is_a_config_error(ov
     with pytest.raises(UserError, match=re.escape(words)):
         load_config(None, overrides)
     load_config(None, [*overrides, reader])
+
+
+def test_the_config_of_a_run_made_before_the_context_default_changed_still_loads(tmp_path):
+    """Every config.yaml written before 2026-11-29 holds rollout.max_model_len: 4096 (the old default)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("rollout: {backend: hf, max_model_len: 4096}\n")
+    assert load_config(path).rollout.max_model_len == 4096

@@ -157,3 +157,12 @@ def test_a_correct_rollout_cut_off_at_the_token_limit_is_not_accepted(tmp_path):
     stats = selection.main(src, tmp_path / "sel")
     assert [r["finish_reason"] for r in _rows(tmp_path / "sel" / "accepted.jsonl")] == ["stop"]
     assert stats["cut_off_dropped"] == 1 and stats["duplicates_dropped"] == 0
+
+
+def test_a_correct_rollout_cut_off_at_the_token_limit_is_never_a_chosen_side():
+    from thinkforge.data import pairs
+
+    rows = [{"problem_id": "p", "question": "q", "completion": "<answer>4", "correct": True, "finish_reason": "length"},
+            {"problem_id": "p", "question": "q", "completion": "<answer>5</answer>", "correct": False, "finish_reason": "stop"}]
+    built, stats = pairs.build(rows)
+    assert built == [] and stats["cut_off_correct_dropped"] == 1

@@ -80,7 +80,8 @@ def test_pairs_prefer_similar_lengths_and_skip_one_sided_problems():
         {"problem_id": "b", "question": "q", "completion": "only right", "correct": True, "teacher": "t"},
     ]
     pairs, stats = pairs_mod.build(rows, per_problem=2)
-    assert stats == {"problems": 2, "problems_with_both": 1, "skipped_missing_side": 1, "pairs": 2}
+    assert stats == {"problems": 2, "problems_with_both": 1, "skipped_missing_side": 1, "pairs": 2,
+                     "cut_off_correct_dropped": 0}
     assert (pairs[0]["chosen"], pairs[0]["rejected"]) in {("right short", "wrong"),
                                                            ("right and a much much longer text", "wrong long text of similar size ok")}
     assert {p["chosen"] for p in pairs} == {"right short", "right and a much much longer text"}  # each used once
@@ -184,3 +185,13 @@ def test_a_regenerated_pairs_file_of_the_same_size_gets_fresh_reference_logprobs
     got = load_file(str(run / "reference_logps.safetensors"))["logps"]
     want = load_file(str(tmp_path / "fresh" / "reference_logps.safetensors"))["logps"]
     assert torch.equal(got, want) and len(got) == len(rows)
+
+
+def test_the_reference_key_names_the_start_model_by_what_it_is_not_where_it_lies(tiny_model, tmp_path):
+    """A moved run folder (or a relative path resumed from another directory) is the same start model."""
+    from thinkforge.train.dpo import model_identity
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, moved)
+    assert model_identity(str(moved)) == model_identity(tiny_model)
+    assert model_identity("microsoft/phi-2") == "microsoft/phi-2"

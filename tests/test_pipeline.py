@@ -137,3 +137,20 @@ def test_a_rerun_with_another_recipe_redoes_the_evaluations_or_refuses_stale_sta
                             "midtrain.lr=0.01"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "the finished midtrain step was made from another recipe than this one (changed: midtrain)" in err
+
+
+def test_what_a_step_is_made_from_leaves_out_how_it_ran_and_names_the_steps_before_it():
+    """A rerun refuses a stale step by these fingerprints: how a run executes (device, checkpointing) and the
+    evaluation's sampling are not stage inputs; a stage inserted before a finished one is."""
+    from thinkforge.config import load_config
+    from thinkforge.pipeline import EVAL_INPUTS, fingerprint, stage_inputs
+
+    base = load_config(ROOT / "recipes" / "tiny.yaml")
+    for harmless, step in ((["model.device=cpu"], "rl"), (["model.gradient_checkpointing=true"], "rl"),
+                           (["generation.temperature=0.8"], "rl"), (["dpo.lr=1e-6"], "pairs")):
+        assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", harmless), step) == stage_inputs(base, step), harmless
+    assert fingerprint(load_config(ROOT / "recipes" / "tiny.yaml", ["generation.temperature=0.8"]), EVAL_INPUTS) != \
+        fingerprint(base, EVAL_INPUTS)  # an evaluation input: the evaluations are redone
+    fewer = load_config(ROOT / "recipes" / "tiny.yaml", ["pipeline.stages=[distill,sft,dpo,rl]"])
+    assert stage_inputs(fewer, "sft")["steps"] != stage_inputs(base, "sft")["steps"]
+    assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["sft.lr=1e-3"]), "rl") != stage_inputs(base, "rl")

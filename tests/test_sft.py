@@ -185,3 +185,14 @@ def test_a_step_at_the_recipes_lr_moves_the_weights_with_a_bf16_model_dtype(tiny
 def test_a_low_precision_trainable_dtype_without_asking_by_name_is_a_config_error():
     with pytest.raises(UserError, match="model.trainable_dtype=bfloat16 would update bfloat16 weights in place.*pure_bfloat16"):
         load_config(None, ["model.trainable_dtype=bfloat16"])
+
+
+def test_a_prompt_that_prefills_think_is_not_followed_by_a_second_one_in_the_target(tiny_loaded):
+    """Graded rollouts of a template that pre-fills <think> are stored as whole responses ("<think>..."):
+    the training target starts inside the thinking, never with a second <think>."""
+    _, tok = tiny_loaded
+    opened = tokenize(tok, "<|assistant|><think>", "<think>2 + 2 = 4</think><answer>4</answer>", 256)
+    plain = tokenize(tok, "<|assistant|><think>", "2 + 2 = 4</think><answer>4</answer>", 256)
+    assert opened == plain
+    kept = tokenize(tok, "Question:", "<think>a</think>", 256).completion  # a prompt that opens nothing: kept whole
+    assert tok.decode(list(kept)).startswith("<think>a")

@@ -349,10 +349,13 @@ class Recipe(_Section):
         values that differ from the default are checked, so a recipe that leaves them alone is fine."""
         for section, key, reader, used in IGNORED_UNLESS:
             value, default = getattr(getattr(self, section), key), type(getattr(self, section)).model_fields[key].default
-            if value != default and not used(self):
+            if value != default and not used(self) and (section, key, value) not in LEGACY_DEFAULTS:  # (a list: values may be dicts)
                 raise ValueError(f"{section}.{key}={value!r} does nothing here: only {reader} reads it; remove it or set that")
         return self
 
+
+# Defaults of earlier releases, written into the config.yaml of every run they made: not a user's setting.
+LEGACY_DEFAULTS = [("rollout", "max_model_len", 4096)]
 
 # (section, key, what reads it, when it is read): settings that another setting switches off.
 _VLLM = "rollout.backend=vllm"

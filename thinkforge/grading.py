@@ -230,9 +230,11 @@ def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
         if p is not None:
             return p == g
         # Hedging ("12 or 13", "3, 4, 5", "x = 3 or x = 5") against a single-number reference is wrong: checked
-        # before the "=" rule, which would otherwise take the last candidate.
+        # before the "=" rule, which would otherwise take the last candidate. A candidate is a piece that is a
+        # number or ends "= number" ("y = 2x + 1, so y = 7" offers one).
         parts = [x for x in _LIST_SEP.split(pred) if _ANY_NUMBER.search(x)]
-        if len(parts) > 1:
+        candidates = [x for x in parts if as_number(x) is not None or ("=" in x and as_number(x.rsplit("=", 1)[1]) is not None)]
+        if len(candidates) > 1:
             return False
         if "=" in pred and (p := as_number(pred.rsplit("=", 1)[1])) is not None:
             return p == g
@@ -259,6 +261,8 @@ _NAMED = re.compile(r"\b(?i:answer|option|choice)(?:\s+is)?\s*:?\s*\(?([A-J])\)?
 _ALONE = re.compile(r"\s*\(?([A-Ja-j])\)?\s*\.?\s*")
 # After a leading letter: another option offered as an alternative ("(B) or (C)", "B, C").
 _ALTERNATIVE = re.compile(r"\s*(?:or|and|/|,)\s*\(?[A-Ja-j]\)?(?![A-Za-z0-9])")
+# Another option marked as one: "(C)", "C)"
+_MARKED = re.compile(r"(?<![A-Za-z0-9])(?:\([A-Ja-j]\)|[A-J]\))")
 # Two options offered as alternatives anywhere ("B or C", "(B)/(C)", "A and B", "B, C"): a hedge, never right.
 _HEDGE = re.compile(r"(?:(?<![A-Za-z0-9])\(?[A-J]\)?|\([a-j]\))\s*(?:or|and|/|,)\s*(?:\(?[A-J]\)?(?![A-Za-z0-9])|\([a-j]\))")
 # A capital that reads as a word before a lower-case word: the article "A ...", the pronoun "I ...".
@@ -266,29 +270,37 @@ _WORD_CAPITAL = re.compile(r"(?<![A-Za-z0-9])([AI])\s+[a-z]")
 
 
 def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> bool:
-    """Multiple choice: the answer names exactly one option, and it is the right one. In order: a leading
-    letter marked as an option (or the answer alone) decides; then an option's own text; then a named letter
-    ("the answer is C"); otherwise several standalone letters are a hedge and wrong.
+    """Multiple choice: the answer names exactly one option, and it is the right one. In order: an option's
+    own text; a leading letter marked as an option, or the answer alone, unless what follows offers or names
+    another option; a named letter ("the answer is C"); otherwise several standalone letters are a hedge.
 
     >>> mcq_equal("(B)", "B"), mcq_equal("B or C", "B"), mcq_equal("The answer is C", "C"), mcq_equal("(b)", "B")
     (True, False, True, True)
     >>> mcq_equal("(B) 4.2 J", "B"), mcq_equal("B. vitamin C", "B"), mcq_equal("I think B", "B")
     (True, True, True)
-    >>> mcq_equal("C", "C", ["N", "C", "O", "H"]), mcq_equal("(C) Both A and B", "C"), mcq_equal("(B) or (C)", "B")
+    >>> mcq_equal("C", "C", ["N", "C", "O", "H"]), mcq_equal("H", "D", ["N", "C", "O", "H"]), mcq_equal("(B) or (C)", "B")
     (True, True, False)
+    >>> mcq_equal("(A) is wrong; the answer is (C)", "C"), mcq_equal("C. elegans", "B", ["E. coli", "C. elegans"])
+    (True, True)
     """
     if pred is None:
         return False
     pred = _TEXT_WRAP.sub(r"\1", pred.strip())[:MAX_ANSWER_CHARS]
-    lead = _LEADING.match(pred) or _ALONE.fullmatch(pred)
-    if lead:  # what follows a marked letter is its option's text, unless it offers another option
-        if _ALTERNATIVE.match(pred[lead.end():]):
-            return False
-        return next(g for g in lead.groups() if g).upper() == gold.strip().upper()
     texts = [" ".join(c.lower().split()).rstrip(".") for c in choices or []]
     norm = " ".join(pred.lower().split()).rstrip(".")
-    if norm in texts:  # an option's own text ("vitamin C"), whatever capitals it holds
+    alone = _ALONE.fullmatch(pred)
+    a_letter = alone is not None and ord(alone.group(1).upper()) - ord("A") < max(len(texts), 1)  # not "H" of 4
+    if norm in texts and not a_letter:  # an option's own text ("vitamin C", "C. elegans", "H" of N, C, O, H)
         return texts.index(norm) == ord(gold.strip().upper()) - ord("A")
+    lead = _LEADING.match(pred) or _ALONE.fullmatch(pred)
+    if lead:  # what follows a marked letter is its option's text, unless it offers or names another option
+        rest = pred[lead.end():]
+        named = _NAMED.search(rest)
+        if named:  # "(A) is wrong; the answer is (C)"
+            return named.group(1).upper() == gold.strip().upper()
+        if _ALTERNATIVE.match(rest) or _MARKED.search(rest):  # "(B) or (C)", "B) 4 or C) 5"
+            return False
+        return next(g for g in lead.groups() if g).upper() == gold.strip().upper()
     if _HEDGE.search(pred):
         return False
     named = _NAMED.search(pred)

@@ -48,18 +48,20 @@ class Run:
 # What each step of the pipeline is made from (recipe sections, dotted), besides everything before it. A rerun
 # compares what a finished step recorded with the recipe it is given: a changed evaluation protocol redoes the
 # evaluations (the models are there); a changed stage input is refused (the stage and those after it are stale).
-# How a run executes (device, memory savers, attention kernel) is not what it is made from: left out.
+# How a run executes (device, memory savers, attention kernel) is not what it is made from: left out. The
+# weights' dtype is an input only where frozen weights train under an adapter; else it is the evaluation's.
 STAGE_INPUTS = {
-    "base": ["seed", "model.name_or_path", "model.dtype", "model.trainable_dtype", "model.load_in_4bit",
-             "model.prompt_format", "model.system_prompt", "init", "lora"],
+    "base": ["seed", "model.name_or_path", "model.trainable_dtype", "model.load_in_4bit", "model.prompt_format",
+             "model.system_prompt", "init", "lora"],
     "distill": ["distill", "select"],
     "midtrain": ["midtrain"],
     "sft": ["sft"],
-    "dpo": ["generation", "pairs", "dpo", "pipeline.policy_problems", "pipeline.policy_fresh",
-            "pipeline.policy_difficulties", "pipeline.pair_sources"],
+    "pairs": ["generation.max_new_tokens", "pairs", "pipeline.policy_problems", "pipeline.policy_fresh",
+              "pipeline.policy_difficulties", "pipeline.pair_sources"],
+    "dpo": ["dpo"],
     "rl": ["rl", "rewards", "rollout.backend"],
 }
-EVAL_INPUTS = ["seed", "eval", "generation", "synthetic", "model.prompt_format", "model.system_prompt"]
+EVAL_INPUTS = ["seed", "eval", "generation", "synthetic", "model.dtype", "model.prompt_format", "model.system_prompt"]
 
 
 def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
@@ -76,11 +78,24 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
     return out
 
 
-def stage_inputs(recipe: Recipe, stage: str) -> dict[str, str]:
-    """The fingerprint of everything `stage` was made from: its own sections and every earlier step's."""
-    order = ["base", "distill", *[s for s in recipe.pipeline.stages if s != "distill"]]
-    sections = [x for name in order[: order.index(stage) + 1] for x in STAGE_INPUTS[name]]
-    return fingerprint(recipe, sections)
+def steps(recipe: Recipe) -> list[str]:
+    """The pipeline's steps in order, as `_stages` runs them (distill when a stage needs its data; DPO's pairs)."""
+    stages = [s for s in recipe.pipeline.stages if s != "distill"]
+    runs_distill = "distill" in recipe.pipeline.stages or any(s in stages for s in ("midtrain", "sft"))
+    out = ["base", *(["distill"] if runs_distill else [])]
+    for s in stages:
+        out += ["pairs", "dpo"] if s == "dpo" else [s]
+    return out
+
+
+def stage_inputs(recipe: Recipe, step: str) -> dict[str, str]:
+    """The fingerprint of everything `step` was made from: its own sections, every earlier step's, and which
+    steps came before it (a stage inserted before a finished one makes it stale)."""
+    done = steps(recipe)[: steps(recipe).index(step) + 1]
+    sections = [x for name in done for x in STAGE_INPUTS[name]]
+    if recipe.lora.enabled or recipe.model.load_in_4bit:
+        sections.append("model.dtype")
+    return {**fingerprint(recipe, sections), "steps": ",".join(done)}
 
 
 def _check_not_stale(out: Path, stage: str, info: dict, now: dict[str, str]) -> None:
@@ -181,7 +196,7 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
         stage_recipe = with_model(recipe, current)
         if stage == "dpo":  # pairs made from another recipe (an unfinished earlier run) are made again
             made_from = data_dir / "pairs.made_from.json"
-            wanted = stage_inputs(recipe, "dpo")
+            wanted = stage_inputs(recipe, "pairs")
             if (data_dir / "pairs.jsonl").exists() and (not made_from.exists() or json.loads(made_from.read_text()) != wanted):
                 (data_dir / "pairs.jsonl").unlink()
             if not (data_dir / "pairs.jsonl").exists():

@@ -26,7 +26,12 @@ class Example:
 
 
 def tokenize(tokenizer, prompt: str, completion: str, max_len: int) -> Example:
-    """Tokenise prompt and completion separately (our own span boundary), append eos, cut to max_len."""
+    """Tokenise prompt and completion separately (our own span boundary), append eos, cut to max_len. Where the
+    prompt pre-fills `<think>` (a chat template's generation prompt), a completion that opens it again (graded
+    as the whole response, or a teacher's) starts inside the thinking instead: no target holds it twice."""
+    opened = "<think>"
+    if prompt.rstrip().endswith(opened) and completion.lstrip().startswith(opened):
+        completion = completion.lstrip()[len(opened):]
     p = tokenizer(prompt, add_special_tokens=False).input_ids
     c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     if len(p) >= max_len:

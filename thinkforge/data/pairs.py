@@ -19,7 +19,11 @@ REQUIRED = ["problem_id", "question", "completion", "correct"]
 def build(rows: list[dict], per_problem: int = 1, similar_length: bool = True, seed: int = 0) -> tuple[list[dict], dict]:
     rng = random.Random(seed)
     by_problem: dict[str, dict[str, list[dict]]] = {}
+    cut_off = 0
     for r in rows:
+        if r["correct"] and r.get("finish_reason") == "length":  # right but unfinished: chosen, it teaches not to stop
+            cut_off += 1
+            continue
         side = "chosen" if r["correct"] else "rejected"
         group = by_problem.setdefault(r["problem_id"], {"chosen": [], "rejected": [], "seen": set()})
         key = " ".join(r["completion"].split())
@@ -47,7 +51,7 @@ def build(rows: list[dict], per_problem: int = 1, similar_length: bool = True, s
                           "rejected": r["completion"], "chosen_source": c.get("teacher", "unknown"),
                           "rejected_source": r.get("teacher", "unknown")})
     stats = {"problems": len(by_problem), "problems_with_both": len(by_problem) - skipped,
-             "skipped_missing_side": skipped, "pairs": len(pairs)}
+             "skipped_missing_side": skipped, "pairs": len(pairs), "cut_off_correct_dropped": cut_off}
     return pairs, stats
 
 

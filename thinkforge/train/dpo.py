@@ -49,6 +49,16 @@ def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, 
     return logp[: len(pairs)], logp[len(pairs) :]
 
 
+def model_identity(source: str) -> str:
+    """A model as the reference log-probs depend on it: a local folder by its config and its weight files'
+    names and sizes (not its path: a moved run folder is the same model), a hub id by its name."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    files = sorted((f.name, f.stat().st_size) for f in folder.iterdir() if f.suffix == ".safetensors")
+    return repr(((folder / "config.json").read_text() if (folder / "config.json").is_file() else "", files))
+
+
 def reference_key(pairs: list[Pair], start_model: str, precision: str) -> str:
     """What the reference log-probs were computed from: every pair's token ids, the start model and the
     precision. A pairs file regenerated with as many pairs is another file (it was once validated by count)."""
@@ -118,7 +128,8 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
 
     pairs = load_pairs(data, tok, recipe, cfg.max_len)
     ref_path = run_dir / "reference_logps.safetensors"
-    key = reference_key(pairs, str(Path(loop.start_model(recipe, run_dir)).resolve()), cfg.mixed_precision)
+    key = reference_key(pairs, model_identity(loop.start_model(recipe, run_dir)),
+                        f"{cfg.mixed_precision}|{loop.weights_dtype(recipe)}")
     ref = None
     if ref_path.is_file():
         with safe_open(str(ref_path), "pt") as f:

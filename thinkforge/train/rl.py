@@ -226,7 +226,8 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                     totals[k] = totals.get(k, 0.0) + v / cfg.mu
                 lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
                 grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
-            sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
+            with loop.autocast(str(model.device), cfg.mixed_precision):  # its check compares in the server's precision
+                sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
             dist.barrier()  # no rank samples before the push is done
 
             row = _row(batch, stats, dist) | totals | sync | {"lr": lr, "grad_norm": grad_norm,
