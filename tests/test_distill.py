@@ -13,7 +13,7 @@ from thinkforge.errors import UserError
 from thinkforge.rollout.hf import HFGenerator
 from thinkforge.rollout.openai import OpenAIClient, ServerError
 from thinkforge.rollout.types import SamplingParams
-from thinkforge.serve import make_server
+from thinkforge.serve import Settings, make_server
 
 
 def _rows(path):
@@ -72,6 +72,7 @@ class FlakyGenerator:
 
     def __init__(self, inner, failures):
         self.inner, self.failures, self.calls = inner, failures, 0
+        self.batch_size, self.stop_ids, self.model, self.interrupt = inner.batch_size, inner.stop_ids, inner.model, None
 
     def generate(self, prompts, n, params):
         self.calls += 1
@@ -87,7 +88,7 @@ class FlakyGenerator:
 def flaky_server(tiny_loaded):
     model, tok = tiny_loaded
     gen = FlakyGenerator(HFGenerator(model, tok), failures=1)
-    srv = make_server(gen, tok, "tiny-teacher", port=0)
+    srv = make_server(gen, tok, Settings("tiny-teacher", port=0))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1", gen
     srv.shutdown()

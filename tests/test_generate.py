@@ -106,10 +106,10 @@ def test_own_decode_loop_matches_transformers_generate_greedy(tiny_loaded):
     ids, mask = left_pad([encode(tok, p) for p in prompts for _ in range(2)], tok.pad_token_id)
     with torch.no_grad():
         seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                              pad_token_id=tok.pad_token_id, eos_token_id=gen.stop_ids())
+                              pad_token_id=tok.pad_token_id, eos_token_id=gen.stop_ids)
     theirs, reasons = [], []
     for row in seqs[:, ids.shape[1]:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in gen.stop_ids()), None)
+        end = next((i + 1 for i, t in enumerate(row) if t in gen.stop_ids), None)
         theirs.append(tuple(row[:end]))
         reasons.append("length" if end is None else "stop")
     assert [c.token_ids for c in ours] == theirs

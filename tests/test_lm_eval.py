@@ -44,10 +44,10 @@ def _tasks(folder: Path) -> None:
 def test_lm_eval_local_completions_runs_against_serve(tiny_model, tiny_loaded, tmp_path):
     from thinkforge.rollout.hf import HFGenerator
     from thinkforge.rollout.types import SamplingParams
-    from thinkforge.serve import make_server
+    from thinkforge.serve import Settings, make_server
 
     model, tok = tiny_loaded
-    srv = make_server(HFGenerator(model, tok, 16), tok, "tiny", port=0)
+    srv = make_server(HFGenerator(model, tok, 16), tok, Settings("tiny", port=0))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     _tasks(tmp_path)
     try:

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from thinkforge.rollout.hf import HFGenerator
-from thinkforge.serve import make_server
+from thinkforge.serve import Settings, make_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_loaded):
     model, tok = tiny_loaded
-    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0, api_key="sekret")
+    srv = make_server(HFGenerator(model, tok), tok, Settings("tiny", port=0, api_key="sekret"))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
@@ -32,7 +32,7 @@ def client(url, key="sekret"):
 
 def test_binds_loopback_by_default(tiny_loaded):
     model, tok = tiny_loaded
-    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0)
+    srv = make_server(HFGenerator(model, tok), tok, Settings("tiny", port=0))
     try:
         assert srv.server_address[0] == "127.0.0.1"
     finally:
@@ -96,7 +96,7 @@ def test_server_close_ends_idle_keepalive_connections(tiny_loaded):
     import http.client
 
     model, tok = tiny_loaded
-    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0)
+    srv = make_server(HFGenerator(model, tok), tok, Settings("tiny", port=0))
     before = set(threading.enumerate())
     thread = threading.Thread(target=srv.serve_forever)
     thread.start()
@@ -154,7 +154,7 @@ def test_eval_through_an_openai_compatible_server_writes_what_in_process_eval_wr
     from thinkforge import models
 
     model, tok = models.load(tiny_model)
-    srv = make_server(HFGenerator(model, tok), tok, tiny_model, port=0)
+    srv = make_server(HFGenerator(model, tok), tok, Settings(tiny_model, port=0))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     try:
@@ -256,7 +256,7 @@ def test_framing_errors_methods_and_routes(server):
     import socket as sock
     from urllib.parse import urlparse
 
-    from thinkforge import serve
+    from thinkforge.serve import http as serve
 
     assert _raw(server, "POST", "/v1/completions", b"{not json")[0] == 400
     assert _raw(server, "GET", "/v1/completions")[0] == 405
@@ -325,7 +325,7 @@ def test_concurrent_requests_are_batched_and_draw_what_they_draw_alone(tiny_load
     from concurrent.futures import ThreadPoolExecutor
 
     model, tok = tiny_loaded
-    srv = make_server(HFGenerator(model, tok, 64), tok, "tiny", port=0)
+    srv = make_server(HFGenerator(model, tok, 64), tok, Settings("tiny", port=0))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
@@ -358,7 +358,7 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_model):
     model.generation_config.min_new_tokens = 1000
     model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
     lines = []
-    srv = make_server(HFGenerator(model, tok), tok, "tiny", port=0, log=lines.append)
+    srv = make_server(HFGenerator(model, tok), tok, Settings("tiny", port=0), log=lines.append)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     port = srv.server_address[1]
@@ -385,7 +385,7 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_model):
 
 def test_the_servers_system_prompt_reaches_a_chat_template_model_unless_the_client_sends_one(tiny_loaded):
     """`serve --system-prompt` with a chat-template model was dropped; a client's own system message wins."""
-    from thinkforge.serve import render_messages
+    from thinkforge.formats import render_messages
 
     _, tok = tiny_loaded
     user = [{"role": "user", "content": "2 + 2?"}]

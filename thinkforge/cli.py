@@ -380,13 +380,11 @@ class _ThinkingPrinter:
 def chat(config_path, overrides, **options):
     """Chat in the terminal: each answer streams, thinking and answer shown apart; the conversation is kept
     (each turn sees the ones before), `/reset` starts a new one, Ctrl-D ends."""
-    from thinkforge.formats import SYSTEM_PROMPT
-    from thinkforge.serve import render_messages
+    from thinkforge.formats import render_messages
 
     recipe = recipe_from(config_path, overrides, **options)
     gen, tok, _, params = load_generator(recipe)
     m = recipe.model
-    system = {"role": "system", "content": m.system_prompt if m.system_prompt is not None else SYSTEM_PROMPT}
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     while True:
@@ -403,7 +401,7 @@ def chat(config_path, overrides, **options):
             continue
         history.append({"role": "user", "content": line.strip()})
         printer, reply = _ThinkingPrinter(click.echo), []
-        for piece in gen.stream(render_messages([system, *history], tok, m.prompt_format, m.system_prompt), params):
+        for piece in gen.stream(render_messages(history, tok, m.prompt_format, m.system_prompt), params):
             printer.feed(piece)
             reply.append(piece)
         printer.close()
@@ -424,14 +422,14 @@ def chat(config_path, overrides, **options):
 @config_options
 def serve(host, port, api_key, served_model_name, config_path, overrides, **options):
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
-    from thinkforge.serve import make_server
+    from thinkforge.serve import Settings, make_server
 
     recipe = recipe_from(config_path, overrides, **options)
     gen, tok, _, _ = load_generator(recipe)
     name = served_model_name or recipe.model.name_or_path
     try:
-        server = make_server(gen, tok, name, host, port, api_key, recipe.model.prompt_format,
-                             recipe.model.system_prompt, log=lambda line: click.echo(line, err=True))
+        settings = Settings(name, host, port, api_key, recipe.model.prompt_format, recipe.model.system_prompt)
+        server = make_server(gen, tok, settings, log=lambda line: click.echo(line, err=True))
     except (OSError, OverflowError) as e:  # a port in use or out of range, a host that is not this machine's
         reason = getattr(e, "strerror", None) or str(e)
         raise UserError(f"cannot serve on {host}:{port} ({reason}); pick another --port (0-65535, free) or --host") from None

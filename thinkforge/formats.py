@@ -29,26 +29,55 @@ def prompt_renderer(model_cfg, tokenizer):
     return lambda question: render_prompt(question, model_cfg.prompt_format, model_cfg.system_prompt, tokenizer)
 
 
+# The seeds' layouts: each turn is `<|role|>` + NL + text + END (phi2: a newline after the tag and after the
+# text; phi4: nothing after the tag, <|end|> after the text), then `<|assistant|>` + NL for the model to continue.
+# The one owner of the layout: training, evaluation, serve, chat and the model card's snippet all render here.
+TURNS = {"phi2": ("\n", "\n"), "phi4": ("", "<|end|>")}
+
+
 def render_prompt(question: str, fmt: str = "phi2", system: str | None = None, tokenizer=None) -> str:
-    """The prompt text that precedes the model's completion."""
-    system = SYSTEM_PROMPT if system is None else system
+    """The prompt text that precedes the model's completion to one question."""
+    return render_messages([{"role": "user", "content": question}], tokenizer, fmt, system)
+
+
+def render_messages(messages: list[dict], tokenizer, fmt: str = "auto", system: str | None = None) -> str:
+    """Chat messages -> prompt text: the tokenizer's chat template (fmt chat_template, or auto where it has
+    one), else the seeds' phi2 / phi4 layout, or plain (one question). The system prompt is the messages' own,
+    else `system`, else the Infused Phi-2 card's think/answer prompt. ValueError for messages without a turn."""
+    own = next((m["content"] for m in messages if m["role"] == "system"), None)
+    system = own if own is not None else (SYSTEM_PROMPT if system is None else system)
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns:
+        raise ValueError("'messages' needs a user message")
     if fmt == "auto":
         fmt = "chat_template" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "phi2"
-    if fmt == "phi2":
-        return f"<|system|>\n{system}\n<|user|>\n{question}\n<|assistant|>\n"
-    if fmt == "phi4":
-        return f"<|system|>{system}<|end|><|user|>{question}<|end|><|assistant|>"
-    if fmt == "plain":
-        return f"{system}\n\nQuestion: {question}\nAnswer: "
     if fmt == "chat_template":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format chat_template needs a tokenizer that has a chat template")
         # An empty system prompt stays empty: without a system message, templates such as SmolLM2's or
         # Qwen's inject their own default one.
-        messages = [{"role": "system", "content": system}]
-        messages.append({"role": "user", "content": question})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        return tokenizer.apply_chat_template([{"role": "system", "content": system}, *turns], tokenize=False,
+                                             add_generation_prompt=True)
+    if fmt == "plain":
+        return f"{system}\n\nQuestion: {turns[-1]['content']}\nAnswer: "
+    if fmt not in TURNS:
+        raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    nl, end = TURNS[fmt]
+    text = f"<|system|>{nl}{system}{end}"
+    for m in turns:
+        text += f"<|{'assistant' if m['role'] == 'assistant' else 'user'}|>{nl}{m['content']}{end}"
+    return text + f"<|assistant|>{nl}"
+
+
+def prompt_snippet(fmt: str) -> str:
+    """The line of Python that renders a question's prompt in `fmt` (system_prompt and question variables), for
+    a model card: written from the renderer itself, so the card cannot drift from training."""
+    import json
+
+    if fmt == "chat_template":
+        return ('messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]\n'
+                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)")
+    return "prompt = f" + json.dumps(render_prompt("{question}", fmt, "{system_prompt}"))
 
 
 def format_completion(thinking: str, answer: str) -> str:

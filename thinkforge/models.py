@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from thinkforge import cards
 from thinkforge.errors import UserError
 from thinkforge.io import respect_umask
 
@@ -194,30 +195,6 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
     return get_peft_model(model, config)
 
 
-def adapter_card(cfg: dict) -> str:
-    """The card of a LoRA adapter folder: Hub metadata, what it is, and how plain peft loads it. A `thinkforge
-    run` replaces it with the full card of the run (results, schedule)."""
-    from thinkforge.report import metadata
-
-    base = cfg.get("base_model_name_or_path") or ""
-    targets = cfg.get("target_modules")
-    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
-    return metadata(base, True, ["lora"]) + f"""# LoRA adapter (thinkforge)
-
-A LoRA adapter (r {cfg.get("r")}, alpha {cfg.get("lora_alpha")}, targets {targets}) trained with thinkforge on
-`{base}`.
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})
-model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")
-tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
-```
-"""
-
-
 def forward_cached(model, cache, **inputs):
     """(output, cache): `model(**inputs)` continuing the KV cache `cache`, and the cache it returns.
 
@@ -290,7 +267,7 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
                 cfg["base_model_name_or_path"] = str(Path(base).resolve())
                 cfg_path.write_text(json.dumps(cfg, indent=2))
         if cfg_path.is_file():  # PEFT wrote its empty card template: ours says what this folder is
-            (tmp / "README.md").write_text(adapter_card(json.loads(cfg_path.read_text())))
+            (tmp / "README.md").write_text(cards.adapter_card(json.loads(cfg_path.read_text())))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         respect_umask(tmp)

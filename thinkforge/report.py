@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from thinkforge.formats import SYSTEM_PROMPT
+from thinkforge.cards import metadata
+from thinkforge.formats import SYSTEM_PROMPT, prompt_snippet
 from thinkforge.io import atomic_write
 
 
@@ -108,31 +109,6 @@ def _ran(out: Path | None, stage: str) -> str:
     return text
 
 
-def _license(base: str) -> str:
-    """The base model's license from its card's metadata or its GGUF conversion record (a local folder),
-    else "other"."""
-    record = Path(base) / "conversion.json"
-    if record.is_file() and json.loads(record.read_text()).get("license"):
-        return json.loads(record.read_text())["license"]
-    card = Path(base) / "README.md"
-    if card.is_file():
-        head = card.read_text(errors="replace").split("---")
-        for line in head[1].splitlines() if len(head) > 2 else []:
-            if line.startswith("license:"):
-                return line.split(":", 1)[1].strip() or "other"
-    return "other"
-
-
-def metadata(base: str, adapter: bool, tags: list[str], license_id: str | None = None) -> str:
-    """The Hub's YAML header of a model card: base_model (a hub id, or a local base as an absolute path),
-    library, tags, license."""
-    base_ref = str(Path(base).resolve()) if Path(base).exists() else base
-    lines = ["---", f"base_model: {json.dumps(base_ref)}", f"library_name: {'peft' if adapter else 'transformers'}",
-             "pipeline_tag: text-generation", f"license: {license_id or _license(base)}", "tags:"]
-    lines += [f"- {t}" for t in ["thinkforge", *tags]] + ["---", ""]
-    return "\n".join(lines)
-
-
 def model_card(recipe, summary: dict, base: str, out: Path | None = None) -> str:
     final = Path(summary["final_model"])
     adapter = (final / "adapter_config.json").is_file()
@@ -223,12 +199,7 @@ def _prompt_line(fmt: str, model_dir: Path) -> str:
         from thinkforge.models import load_tokenizer
 
         fmt = "chat_template" if getattr(load_tokenizer(str(model_dir)), "chat_template", None) else "phi2"
-    if fmt == "chat_template":
-        return ('messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]\n'
-                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)")
-    return {"phi2": 'prompt = f"<|system|>\\n{system_prompt}\\n<|user|>\\n{question}\\n<|assistant|>\\n"',
-            "phi4": 'prompt = f"<|system|>{system_prompt}<|end|><|user|>{question}<|end|><|assistant|>"',
-            "plain": 'prompt = f"{system_prompt}\\n\\nQuestion: {question}\\nAnswer: "'}[fmt]
+    return prompt_snippet(fmt)
 
 
 def _recipe_line(recipe) -> str:

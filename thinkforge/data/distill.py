@@ -68,7 +68,7 @@ class HFTeacher:
 class OpenAITeacher:
     def __init__(self, client, params: SamplingParams, system: str | None = None):
         self.client, self.params, self.system = client, params, system
-        self.name = client.model
+        self.name = client.model_name
 
     def _one(self, p: Problem, n: int) -> Result:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + [

@@ -13,7 +13,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
     sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step. On N
     ranks (dist) one server serves them all: rank 0 starts it and pushes the weights, every rank samples."""
-    from thinkforge.rollout.hf import HFGenerator, stop_ids
+    from thinkforge.rollout.hf import HFGenerator
 
     if cfg is None or cfg.backend == "hf":
         return HFGenerator(model, tokenizer, batch_size)
@@ -24,31 +24,29 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     from pathlib import Path
 
     from thinkforge import models
+    from thinkforge.rollout.types import stop_ids
     from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer
 
-    workdir = Path(workdir or ".")
-    server = None
+    workdir, lora = Path(workdir or "."), models.is_adapter(model)
+    stops = stop_ids(tokenizer, getattr(model, "generation_config", None))
     if dist is not None and not dist.main:
-        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync")
-        gen.push, gen.stop_ids = False, stop_ids(tokenizer, getattr(model, "generation_config", None))
-        if models.is_adapter(model) or cfg.base_url:
+        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, push=False)
+        if lora or cfg.base_url:
             gen.load_weights(model)
         dist.barrier()  # rank 0's starting weights are on the server
         return gen
+    server = None
     if cfg.base_url is None:
-        lora = models.is_adapter(model)
         if lora:  # the server serves the base; the adapter arrives by hot-loading
             peft = model.peft_config["default"]
-            start_dir, rank = peft.base_model_name_or_path, peft.r
-        else:  # the current weights (a resumed run's too)
-            start_dir, rank = str(models.save(model, tokenizer, workdir / "vllm-start").resolve()), None
+            start_dir, rank, owned = peft.base_model_name_or_path, peft.r, None
+        else:  # the current weights (a resumed run's too), a copy the server owns
+            start_dir = str(models.save(model, tokenizer, workdir / "vllm-start").resolve())
+            rank, owned = None, Path(start_dir)
         dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the trainer's compute dtype
-        server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens)
-        server.owned_dir = None if lora else Path(start_dir)
-        server.start()
-    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", server)
-    gen.stop_ids = stop_ids(tokenizer, getattr(model, "generation_config", None))
-    if models.is_adapter(model) or cfg.base_url:
+        server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens, owned).start()
+    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, server)
+    if lora or cfg.base_url:
         gen.load_weights(model)  # the starting adapter (or weights) onto the server
     if dist is not None:
         dist.broadcast(gen.url)
@@ -74,35 +72,35 @@ def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None
         if not cfg.base_url:
             raise UserError("rollout.backend=openai needs rollout.base_url (e.g. http://127.0.0.1:8000/v1)")
         tok = models.load_tokenizer(path, m.trust_remote_code)
-        client = server_client(cfg.base_url, path, os.environ.get(cfg.api_key_env), cfg.request_timeout, 3, cfg.concurrency)
-        client.batch_size = max(1, batch_size)
-        return client, tok
+        return server_client(cfg.base_url, path, os.environ.get(cfg.api_key_env), cfg.request_timeout, 3,
+                             cfg.concurrency, batch_size), tok
     if cfg is None or cfg.backend == "hf":
         model, tok = models.load(path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
                                  attn_implementation=m.attn_implementation)
         return make_generator(model, tok, batch_size), tok
     from transformers import GenerationConfig
 
-    from thinkforge.rollout.hf import stop_ids
+    from thinkforge.rollout.types import stop_ids
     from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer
 
     workdir = Path(workdir or ".")
     base, rank = models.adapter_base(path)
     tok = models.load_tokenizer(path if (Path(path) / "tokenizer_config.json").is_file() else base or path, m.trust_remote_code)
     dtype = str(models.resolve_dtype(m.dtype, models.resolve_device(m.device))).removeprefix("torch.")
-    server = VLLMServer(base or path, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens).start()
-    gen = VLLMGenerator(server.url, tok, batch_size, cfg, workdir / "vllm-sync", server)
     try:
-        gen.stop_ids = stop_ids(tok, GenerationConfig.from_pretrained(base or path))
+        stops = stop_ids(tok, GenerationConfig.from_pretrained(base or path))
     except OSError:  # no generation_config.json: the tokenizer's eos
-        gen.stop_ids = stop_ids(tok, None)
+        stops = stop_ids(tok, None)
+    server = VLLMServer(base or path, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens).start()
+    gen = VLLMGenerator(server.url, tok, batch_size, cfg, workdir / "vllm-sync", stops, server)
     if base:
         gen.load_adapter(str(Path(path).resolve()))
     return gen, tok
 
 
-def server_client(base_url: str, served_model: str, api_key: str | None, timeout: float, retries: int, concurrency: int):
+def server_client(base_url: str, served_model: str, api_key: str | None, timeout: float, retries: int, concurrency: int,
+                  batch_size: int = 16):
     """A client of any OpenAI-compatible server (vLLM, SGLang, DeepSeek's API, `thinkforge serve`)."""
     from thinkforge.rollout.openai import OpenAIClient
 
-    return OpenAIClient(base_url, served_model, api_key, timeout, retries, concurrency=concurrency)
+    return OpenAIClient(base_url, served_model, api_key, timeout, retries, concurrency=concurrency, batch_size=batch_size)

@@ -15,17 +15,15 @@ import threading
 from collections.abc import Iterator
 
 from thinkforge.models import cache_argument, forward_cached
-from thinkforge.rollout.types import Completion, SamplingParams, encode, is_out_of_memory, left_pad, pad_id
-
-
-def stop_ids(tokenizer, generation_config) -> list[int]:
-    """The tokenizer's eos and every eos of the model's generation config (Phi-4-mini lists two)."""
-    ids: list[int] = []
-    for src in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
-        for i in src if isinstance(src, (list, tuple)) else [src]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids
+from thinkforge.rollout.types import (
+    Completion,
+    SamplingParams,
+    encode,
+    is_out_of_memory,
+    left_pad,
+    pad_id,
+    stop_ids,
+)
 
 
 class HFGenerator:
@@ -36,6 +34,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
         cache_argument(model)  # a model the decode loop cannot run is refused here, in one line
+        self.stop_ids = stop_ids(tokenizer, getattr(model, "generation_config", None))
         self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
 
     def load_weights(self, model) -> dict[str, float]:
@@ -46,12 +45,9 @@ class HFGenerator:
     def close(self) -> None:
         pass
 
-    def stop_ids(self) -> list[int]:
-        return stop_ids(self.tokenizer, getattr(self.model, "generation_config", None))
-
     def _kwargs(self, params: SamplingParams) -> dict:
         tok = self.tokenizer
-        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids())
+        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids)
         if params.temperature > 0:
             kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         else:
@@ -60,7 +56,7 @@ class HFGenerator:
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         tok, model = self.tokenizer, self.model
-        stops = self.stop_ids()
+        stops = self.stop_ids
         out: list[Completion] = []
         was_training = model.training
         model.eval()

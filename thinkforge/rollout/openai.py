@@ -12,6 +12,7 @@ import random
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from thinkforge.errors import UserError
@@ -26,15 +27,26 @@ class ServerError(UserError):
 
 
 class OpenAIClient:
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 max_retries: int = 5, backoff: float = 1.0, concurrency: int = 8):
-        self.base_url = base_url.rstrip("/")
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.max_retries, self.backoff, self.concurrency = max_retries, backoff, max(1, concurrency)
-        self.retries = 0  # how many retries this client has made, for logs and tests
-        self.batch_size = 16  # prompts x samples per generate call (the Generator interface)
+    """The one HTTP client: a teacher's or evaluation's server by its model name (`chat`, and `generate` of
+    the Generator interface), and the transport of the vLLM rollout backend (`post`). `unreachable`: what the
+    one-line error adds when the server cannot be reached (where its log is, which setting names it)."""
 
-    def _post(self, route: str, body: dict) -> dict:
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+                 max_retries: int = 5, backoff: float = 1.0, concurrency: int = 8, batch_size: int = 16,
+                 unreachable: str = "is the server running at that address? check the base_url setting"):
+        self.base_url = base_url.rstrip("/")
+        self.model_name, self.api_key, self.timeout = model, api_key, timeout
+        self.max_retries, self.backoff, self.concurrency = max_retries, backoff, max(1, concurrency)
+        self.unreachable = unreachable
+        self.retries = 0  # how many retries this client has made, for logs and tests
+        self.batch_size = max(1, batch_size)  # prompts x samples per generate call (the Generator interface)
+        self.stop_ids: list[int] = []  # the served model's own end tokens decide
+        self.model = None  # no in-process model: no log-probs of arbitrary tokens
+        self.interrupt = None  # checked before each request: true skips those not yet sent
+
+    def post(self, route: str, body: dict) -> dict | None:
+        """POST body as JSON to base_url + route; the answer's JSON object (None for an empty or non-JSON
+        answer, as vLLM's admin routes give). Retries what RETRYABLE says; other 4xx are one UserError line."""
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -46,7 +58,8 @@ class OpenAIClient:
             request = urllib.request.Request(self.base_url + route, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read())
+                    text = response.read()
+                return json.loads(text) if text.strip().startswith(b"{") else None
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:300]
                 if e.code not in RETRYABLE:
@@ -58,13 +71,13 @@ class OpenAIClient:
                 wait = None
             if attempt < self.max_retries:
                 time.sleep(wait if wait is not None else self.backoff * 2**attempt * (0.5 + random.random()))
-        raise ServerError(f"{self.base_url}{route} failed after {self.max_retries + 1} attempts (last: {last}); is the "
-                          f"server running at that address? check the base_url setting")
+        raise ServerError(f"{self.base_url}{route} failed after {self.max_retries + 1} attempts (last: {last}); "
+                          f"{self.unreachable}")
 
     def _sampling(self, params: SamplingParams, n: int, i: int = 0) -> dict:
         """The sampling fields of request i of a call: its seed is that prompt's stream key (the rule of every
         backend, `SamplingParams.stream`), so no two prompts of a run share a seed."""
-        body = {"model": self.model, "n": n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+        body = {"model": self.model_name, "n": n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "seed": params.stream(i) % 2**63}
         if params.top_k:
             body["top_k"] = params.top_k
@@ -73,7 +86,7 @@ class OpenAIClient:
     def chat(self, messages: list[dict], n: int, params: SamplingParams) -> list[tuple[str, str]]:
         """n (text, finish_reason) answers to one conversation. Reasoning servers may put the thinking in
         `reasoning_content` (vLLM, DeepSeek): it is put back inside <think> tags."""
-        out = self._post("/chat/completions", {**self._sampling(params, n), "messages": messages})
+        out = self.post("/chat/completions", {**self._sampling(params, n), "messages": messages})
         results = []
         for choice in out["choices"]:
             msg = choice.get("message") or {}
@@ -87,12 +100,18 @@ class OpenAIClient:
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """The rollout Generator interface over /completions (prompts already formatted)."""
         def one(i: int) -> list[Completion]:
-            out = self._post("/completions", {**self._sampling(params, n, i), "prompt": prompts[i]})
+            if self.interrupt is not None and self.interrupt():  # its clients left: not sent
+                return [Completion(i, "", (), "length") for _ in range(n)]
+            out = self.post("/completions", {**self._sampling(params, n, i), "prompt": prompts[i]})
             return [Completion(i, c.get("text", ""), (), "length" if c.get("finish_reason") == "length" else "stop")
                     for c in out["choices"]]
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [c for group in pool.map(one, range(len(prompts))) for c in group]
+
+    def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
+        """The completion in one piece (this client does not stream)."""
+        yield self.generate([prompt], 1, params)[0].text
 
     def load_weights(self, model) -> dict[str, float]:
         raise RuntimeError("an OpenAI-compatible server takes no weight updates: RL needs rollout.backend hf or vllm")

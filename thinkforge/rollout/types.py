@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -64,12 +65,27 @@ class Completion:
     logprobs: tuple[float, ...] | None = None  # the sampler's log-prob of each token (server backends)
 
 
+def stop_ids(tokenizer, generation_config) -> list[int]:
+    """The ids that end a completion, for every backend: the tokenizer's eos and every eos of the model's
+    generation config (Phi-4-mini lists two)."""
+    ids: list[int] = []
+    for src in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        for i in src if isinstance(src, (list, tuple)) else [src]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
 class Generator(Protocol):
     """A rollout backend. The RL trainer uses `generate` (token ids required), `batch_size` (sequences per
-    call) and `load_weights` (after every optimizer step). A backend that runs out of memory halves its own
-    batch and retries; when even one prompt's group does not fit, it raises the out-of-memory error."""
+    call) and `load_weights` (after every optimizer step); the server and chat use `stream`, `interrupt`
+    and `model`. A backend that runs out of memory halves its own batch and retries; when even one prompt's
+    group does not fit, it raises the out-of-memory error."""
 
     batch_size: int
+    stop_ids: list[int]  # what ends a completion (`stop_ids` above)
+    model: Any  # the in-process model (log-probs of any tokens need it); None for a server backend
+    interrupt: Callable[[], bool] | None  # checked while generating: true ends the rows where they are
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i.
@@ -80,6 +96,10 @@ class Generator(Protocol):
         """The policy changed. A backend holding its own copy of the weights (a vLLM or SGLang server with
         LoRA hot-reload) pushes them here and proves the next generation uses them (PITFALLS 4); an
         in-process backend generates with the training model itself. Returns what to log (sync seconds)."""
+        ...
+
+    def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
+        """The text of one completion piece by piece; closing the iterator stops the generation."""
         ...
 
     def close(self) -> None:

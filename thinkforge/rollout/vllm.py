@@ -1,7 +1,7 @@
 """Rollouts on a vLLM server, with the policy's weights pushed after every optimizer step and proven.
 
     server = VLLMServer(model_dir, cfg, log_path).start()      # or cfg.base_url: a server already running
-    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, probe_dir)
+    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, sync_dir, stop_ids, server)
     gen.generate(prompts, n, params)   # token ids in, token ids and their log-probs out
     gen.load_weights(model)            # LoRA: hot-load the adapter under a new name; full: reload in place
 
@@ -31,10 +31,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from thinkforge.errors import UserError
+from thinkforge.rollout.openai import OpenAIClient
 from thinkforge.rollout.types import Completion, SamplingParams, encode
 
 
@@ -88,14 +90,14 @@ class VLLMServer:
     exit and on Ctrl-C (its own process group, so a Ctrl-C reaches us first and we stop it)."""
 
     def __init__(self, model_dir: str, cfg, log_path: Path, lora_rank: int | None = None, dtype: str = "float32",
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, owned_dir: Path | None = None):
+        """owned_dir: a copy of the starting weights made for this server, removed when it stops."""
         self.model_dir, self.cfg, self.log_path = model_dir, cfg, Path(log_path)
-        self.lora_rank, self.dtype = lora_rank, dtype
+        self.lora_rank, self.dtype, self.owned_dir = lora_rank, dtype, owned_dir
         self.max_model_len = context_length(model_dir, cfg.max_model_len, max_new_tokens)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.owned_dir: Path | None = None  # a copy of the starting weights made for the server, removed after
 
     def command(self) -> list[str]:
         cmd = shlex.split(self.cfg.vllm_command) + [
@@ -149,29 +151,25 @@ class VLLMGenerator:
     """The Generator interface over a vLLM server (see the module docstring). `server` (ours) is stopped by
     `close`; a server at rollout.base_url is the user's and left running."""
 
-    def __init__(self, url: str, tokenizer, batch_size: int, cfg, sync_dir: Path, server: VLLMServer | None = None):
+    def __init__(self, url: str, tokenizer, batch_size: int, cfg, sync_dir: Path, stop_ids: list[int],
+                 server: VLLMServer | None = None, push: bool = True):
+        """stop_ids: what ends a completion (`types.stop_ids`); push: False on ranks other than the first (rank
+        0 pushes the weights, every rank samples)."""
         self.url, self.tokenizer, self.batch_size, self.cfg = url.rstrip("/"), tokenizer, batch_size, cfg
-        self.sync_dir, self.server = Path(sync_dir), server
+        self.sync_dir, self.stop_ids, self.server, self.push = Path(sync_dir), list(stop_ids), server, push
+        self.http = OpenAIClient(self.url, "policy", timeout=cfg.request_timeout, max_retries=0,
+                                 concurrency=cfg.concurrency, unreachable="see " + str(server.log_path) if server
+                                 else "is rollout.base_url right?")
         self.model_name = "policy"
         self.version = 0
-        self.push = True  # False on ranks other than the first: rank 0 pushes, every rank samples
         self.probe: list[int] | None = None  # prompt + completion ids of one fixed sample, for the sync check
-        self.stop_ids: list[int] = []
+        self.model = None  # the weights live in the server
+        self.interrupt = None  # checked before each request: true skips those not yet sent
 
     # ------------------------------------------------------------ generation
 
-    def _post(self, route: str, body: dict, timeout: float | None = None) -> dict | None:
-        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout or self.cfg.request_timeout) as response:
-                text = response.read()
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"vLLM {route} answered {e.code}: {e.read().decode(errors='replace')[:300]}") from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            raise UserError(f"the vLLM server at {self.url} is unreachable ({getattr(e, 'reason', e)}); "
-                            f"{'see ' + str(self.server.log_path) if self.server else 'is rollout.base_url right?'}") from None
-        return json.loads(text) if text.strip().startswith(b"{") else None
+    def _post(self, route: str, body: dict) -> dict | None:
+        return self.http.post(route, body)
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """n completions per prompt, prompt by prompt, each with its token ids and their log-probs.
@@ -192,6 +190,8 @@ class VLLMGenerator:
         return out
 
     def _complete(self, prompt: list[int], n: int, params: SamplingParams, index: int) -> list[Completion]:
+        if self.interrupt is not None and self.interrupt():  # its clients left: not sent
+            return [Completion(index, "", (), "length") for _ in range(n)]
         body = {"model": self.model_name, "prompt": [prompt], "n": n, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
                 "seed": params.stream(index) % 2**63,
@@ -207,6 +207,10 @@ class VLLMGenerator:
                                   logprobs or None))
         return out
 
+    def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
+        """The completion in one piece (the server is asked without streaming)."""
+        yield self.generate([prompt], 1, params)[0].text
+
     # ------------------------------------------------------------ weight sync
 
     def load_weights(self, model) -> dict[str, float]:
@@ -216,10 +220,11 @@ class VLLMGenerator:
 
         start = time.time()
         self.version += 1
+        lora = models.is_adapter(model)
         if not self.push:  # rank 0 pushes the weights every rank holds; the adapter's name follows the version
-            self.model_name = f"policy-{self.version}" if models.is_adapter(model) else "policy"
+            self.model_name = f"policy-{self.version}" if lora else "policy"
             return {}
-        if models.is_adapter(model):
+        if lora:
             path = self.sync_dir / f"adapter-{self.version}"
             models.save(model, None, path)
             name = f"policy-{self.version}"

@@ -1,0 +1,55 @@
+"""Model cards' shared parts: the Hub's YAML header and a LoRA adapter folder's own card. The full card of a
+run (results, schedule, loading snippet) is report.model_card; both start with `metadata`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _license(base: str) -> str:
+    """The base model's license from its card's metadata or its GGUF conversion record (a local folder),
+    else "other"."""
+    record = Path(base) / "conversion.json"
+    if record.is_file() and json.loads(record.read_text()).get("license"):
+        return json.loads(record.read_text())["license"]
+    card = Path(base) / "README.md"
+    if card.is_file():
+        head = card.read_text(errors="replace").split("---")
+        for line in head[1].splitlines() if len(head) > 2 else []:
+            if line.startswith("license:"):
+                return line.split(":", 1)[1].strip() or "other"
+    return "other"
+
+
+def metadata(base: str, adapter: bool, tags: list[str], license_id: str | None = None) -> str:
+    """The Hub's YAML header of a model card: base_model (a hub id, or a local base as an absolute path),
+    library, tags, license."""
+    base_ref = str(Path(base).resolve()) if Path(base).exists() else base
+    lines = ["---", f"base_model: {json.dumps(base_ref)}", f"library_name: {'peft' if adapter else 'transformers'}",
+             "pipeline_tag: text-generation", f"license: {license_id or _license(base)}", "tags:"]
+    lines += [f"- {t}" for t in ["thinkforge", *tags]] + ["---", ""]
+    return "\n".join(lines)
+
+
+def adapter_card(cfg: dict) -> str:
+    """The card of a LoRA adapter folder: Hub metadata, what it is, and how plain peft loads it. A `thinkforge
+    run` replaces it with the full card of the run (results, schedule)."""
+    base = cfg.get("base_model_name_or_path") or ""
+    targets = cfg.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+    return metadata(base, True, ["lora"]) + f"""# LoRA adapter (thinkforge)
+
+A LoRA adapter (r {cfg.get("r")}, alpha {cfg.get("lora_alpha")}, targets {targets}) trained with thinkforge on
+`{base}`.
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})
+model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
+```
+"""
