@@ -19,7 +19,7 @@ from pathlib import Path
 
 from thinkforge.data.sources import Problem
 from thinkforge.formats import parse, response, words
-from thinkforge.grading import grade
+from thinkforge.grading import grade_answer
 from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import Generator, SamplingParams, stream_key
 
@@ -27,10 +27,11 @@ REASONING_MIN_WORDS = 5
 
 
 def score_sample(problem: Problem, text: str, finish_reason: str) -> dict:
+    """One sample's row: graded, and the card's metrics, from one parse of its text."""
     p = parse(text)
     think_words = words(p.thinking)
     return {
-        "correct": grade(text, problem.reference, problem.kind, list(problem.choices) if problem.choices else None),
+        "correct": grade_answer(p.answer, problem.reference, problem.kind, list(problem.choices) if problem.choices else None),
         "format_ok": p.format_ok,
         "has_reasoning": think_words >= REASONING_MIN_WORDS,
         "think_words": think_words,

@@ -317,7 +317,11 @@ def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> 
 
 def grade(completion: str, reference: str, kind: str = "math", choices: list[str] | None = None) -> bool:
     """Grade a whole completion against a reference (kind: math, gsm8k or mcq)."""
-    answer = parse(completion).answer
+    return grade_answer(parse(completion).answer, reference, kind, choices)
+
+
+def grade_answer(answer: str | None, reference: str, kind: str = "math", choices: list[str] | None = None) -> bool:
+    """Grade an answer already parsed out of its completion (`formats.parse(...).answer`)."""
     if kind == "gsm8k":
         return math_equal(answer, gsm8k_reference(reference))
     if kind == "mcq":
