@@ -148,10 +148,7 @@ def test_under_bf16_autocast_the_reference_pass_matches_the_policys_precision(ti
     if stage == "dpo":
         from thinkforge.train import dpo
 
-        # One batch of all 12 pairs for the reference and the first step: a pair's prompt is left-padded to its
-        # batch's longest, and in bf16 another batch shape rounds otherwise (measured 1.1e-5 on this loss).
-        dpo.main(_recipe(tiny_model, _pairs_file(tmp_path), **{"dpo.mixed_precision": "bf16", "dpo.max_steps": 1,
-                                                                "dpo.batch_size": 12, "dpo.grad_accum": 1}),
+        dpo.main(_recipe(tiny_model, _pairs_file(tmp_path), **{"dpo.mixed_precision": "bf16", "dpo.max_steps": 1}),
                  tmp_path / "run", progress=False)
         first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -198,31 +195,3 @@ def test_the_reference_key_names_the_start_model_by_what_it_is_not_where_it_lies
     shutil.copytree(tiny_model, moved)
     assert model_identity(str(moved)) == model_identity(tiny_model)
     assert model_identity("microsoft/phi-2") == "microsoft/phi-2"
-
-
-def test_a_pairs_prompt_runs_once_and_gives_the_log_probs_and_gradients_of_two_whole_passes(tiny_model):
-    """dpo.pair_logprobs runs each pair's prompt once (its cache repeated for chosen and rejected): the same
-    sequence log-probs and gradients as one pass per whole sequence, with prompts of different lengths."""
-    from thinkforge import models
-    from thinkforge.data.packing import collate_padded, tokenize
-    from thinkforge.train import dpo
-
-    model, tok = models.load(tiny_model)
-    model.eval()  # no dropout: both ways must see the same function
-    pairs = [(tokenize(tok, p, c, 256), tokenize(tok, p, r, 256)) for p, c, r in [
-        ("Mia has 3 apples. ", "<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>"),
-        ("Leo has 7 books and gives 2 to Sam. ", "<answer>5</answer>", "<think>7 - 2 = 9 more words</think><answer>9</answer>")]]
-
-    def grads(loss):
-        model.zero_grad()
-        loss.backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    chosen, rejected = dpo.pair_logprobs(model, pairs, tok.pad_token_id)
-    g_shared = grads((chosen - 0.5 * rejected).sum())
-    ids, labels, attn = collate_padded([c for c, _ in pairs] + [r for _, r in pairs], tok.pad_token_id)
-    whole = sequence_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
-    g_whole = grads((whole[:2] - 0.5 * whole[2:]).sum())
-    assert torch.allclose(chosen.detach(), whole[:2].detach(), atol=1e-4)
-    assert torch.allclose(rejected.detach(), whole[2:].detach(), atol=1e-4)
-    assert torch.allclose(g_shared, g_whole, atol=1e-4, rtol=1e-4)

@@ -27,8 +27,6 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     def visit(m: str, path: list[str]) -> list[str] | None:
         state[m] = 1
         for d in sorted(graph[m]):
-            if d.startswith(m + "."):  # a package's __init__ re-exporting its own modules is no circle
-                continue
             if state.get(d) == 1:
                 return path[path.index(d):] + [d] if d in path else [m, d]
             if d not in state and (found := visit(d, path + [d])):

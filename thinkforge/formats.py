@@ -47,17 +47,18 @@ def render_messages(messages: list[dict], tokenizer, fmt: str = "auto", system: 
     own = next((m["content"] for m in messages if m["role"] == "system"), None)
     system = own if own is not None else (SYSTEM_PROMPT if system is None else system)
     turns = [m for m in messages if m["role"] != "system"]
-    if not turns:
-        raise ValueError("'messages' needs a user message")
     if fmt == "auto":
         fmt = "chat_template" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "phi2"
     if fmt == "chat_template":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt_format chat_template needs a tokenizer that has a chat template")
-        # An empty system prompt stays empty: without a system message, templates such as SmolLM2's or
-        # Qwen's inject their own default one.
-        return tokenizer.apply_chat_template([{"role": "system", "content": system}, *turns], tokenize=False,
-                                             add_generation_prompt=True)
+        # The messages as the client sent them when they hold a system message; else ours first (an empty one
+        # stays empty: without a system message, templates such as SmolLM2's or Qwen's inject their own).
+        if own is None:
+            messages = [{"role": "system", "content": system}, *messages]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not turns:
+        raise ValueError("'messages' needs a user message")
     if fmt == "plain":
         return f"{system}\n\nQuestion: {turns[-1]['content']}\nAnswer: "
     if fmt not in TURNS:

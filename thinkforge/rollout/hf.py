@@ -39,7 +39,8 @@ class HFGenerator:
 
     def load_weights(self, model) -> dict[str, float]:
         """Generation runs on the training model itself: its weights are always the current ones."""
-        self.model = model
+        if model is not self.model:
+            self.model, self.stop_ids = model, stop_ids(self.tokenizer, getattr(model, "generation_config", None))
         return {}
 
     def close(self) -> None:

@@ -22,8 +22,12 @@ RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
 
 class ServerError(UserError):
-    """The server kept failing (or could not be reached) after every retry: one line for the user, who can
-    start it or fix the address."""
+    """The server kept failing (or could not be reached) after every retry, or refused the request (a 4xx):
+    one line for the user. `status`: the last HTTP status (None: no answer at all); `detail`: what it said."""
+
+    def __init__(self, message: str, status: int | None = None, detail: str = ""):
+        super().__init__(message)
+        self.status, self.detail = status, detail
 
 
 class OpenAIClient:
@@ -51,7 +55,7 @@ class OpenAIClient:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last = ""
+        last, status = "", (None, "")
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.retries += 1
@@ -63,16 +67,16 @@ class OpenAIClient:
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:300]
                 if e.code not in RETRYABLE:
-                    raise UserError(f"{self.base_url}{route} answered {e.code}: {detail}") from None
-                last = f"HTTP {e.code}: {detail}"
+                    raise ServerError(f"{self.base_url}{route} answered {e.code}: {detail}", e.code, detail) from None
+                last, status = f"HTTP {e.code}: {detail}", (e.code, detail)
                 wait = _retry_after(e.headers.get("Retry-After"))
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                last, status = f"{type(e).__name__}: {getattr(e, 'reason', e)}", (None, str(getattr(e, "reason", e)))
                 wait = None
             if attempt < self.max_retries:
                 time.sleep(wait if wait is not None else self.backoff * 2**attempt * (0.5 + random.random()))
         raise ServerError(f"{self.base_url}{route} failed after {self.max_retries + 1} attempts (last: {last}); "
-                          f"{self.unreachable}")
+                          f"{self.unreachable}", *status)
 
     def _sampling(self, params: SamplingParams, n: int, i: int = 0) -> dict:
         """The sampling fields of request i of a call: its seed is that prompt's stream key (the rule of every

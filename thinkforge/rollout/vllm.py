@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from thinkforge.errors import UserError
-from thinkforge.rollout.openai import OpenAIClient
+from thinkforge.rollout.openai import OpenAIClient, ServerError
 from thinkforge.rollout.types import Completion, SamplingParams, encode
 
 
@@ -169,7 +169,14 @@ class VLLMGenerator:
     # ------------------------------------------------------------ generation
 
     def _post(self, route: str, body: dict) -> dict | None:
-        return self.http.post(route, body)
+        """One request to our server. An HTTP error it answers is a RuntimeError (a 500 that says "out of
+        memory" is the one the sampler skips and counts); a server that does not answer is one line."""
+        try:
+            return self.http.post(route, body)
+        except ServerError as e:
+            if e.status is None:
+                raise UserError(f"the vLLM server at {self.url} is unreachable ({e.detail}); {self.http.unreachable}") from None
+            raise RuntimeError(f"vLLM {route} answered {e.status}: {e.detail}") from None
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """n completions per prompt, prompt by prompt, each with its token ids and their log-probs.

@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 
 from thinkforge.config import DPOConfig, Recipe
-from thinkforge.data.packing import Example, tokenize
+from thinkforge.data.packing import Example, collate_padded, tokenize
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
-from thinkforge.losses import Normaliser, dpo_loss, normaliser
+from thinkforge.losses import Normaliser, dpo_loss, normaliser, sequence_logprobs
 from thinkforge.monitor import progress_bar
-from thinkforge.rollout.types import Rollout
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop
-from thinkforge.train.forward import forward_logp
 
 Pair = tuple[Example, Example]  # (chosen, rejected), same prompt
 
@@ -44,18 +42,11 @@ def load_pairs(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Pair]
 
 
 def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of chosen and rejected completions. -> (B,), (B,)
-
-    A pair is an RL group of two: its prompt runs once and its KV cache is repeated for both continuations
-    (train.forward.forward_logp; under gradient checkpointing each row runs whole), where the prompt once
-    ran twice, with chosen and with rejected."""
-    if any(c.prompt != r.prompt for c, r in pairs):
-        raise ValueError("a preference pair's chosen and rejected continue different prompts")
-    rows = Rollout.build([c.prompt for c, _ in pairs], [x.completion for pair in pairs for x in pair],
-                         [i // 2 for i in range(2 * len(pairs))], pad_id, [0.0] * (2 * len(pairs)))
-    logp, _, _ = forward_logp(model, rows, slice(0, 2 * len(pairs)))  # (2B, C): 0 past each completion
-    seq = logp.sum(-1)  # (2B,) chosen, rejected, chosen, ...
-    return seq[0::2], seq[1::2]
+    """Sequence log-probs of chosen and rejected completions, one forward over [chosen; rejected]. -> (B,), (B,)"""
+    ids, labels, attn = collate_padded([c for c, _ in pairs] + [r for _, r in pairs], pad_id)  # (2B, T)
+    logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device), use_cache=False).logits
+    logp = sequence_logprobs(logits, labels.to(model.device))  # (2B,)
+    return logp[: len(pairs)], logp[len(pairs) :]
 
 
 def model_identity(source: str) -> str:

@@ -170,11 +170,6 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
                                  stream="rl" if cfg.fresh_prompts else "")
     task = Task(problems, prompt_renderer(m, tok), tok,
                 WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
-    if make_generator is not None:
-        generator = make_generator(model, tok, cfg.gen_batch)
-    else:
-        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, cfg.max_new_tokens,
-                                           loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, "note": "with mu=1 and beta=0 the loss can read 0 "
@@ -186,7 +181,13 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
     bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress and dist.main, start)
     empty = 0
-    with contextlib.closing(generator):  # a server started for this run stops with it, whatever happens
+    # Built last: from here on a server started for this run stops with it, whatever happens.
+    if make_generator is not None:
+        generator = make_generator(model, tok, cfg.gen_batch)
+    else:
+        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, cfg.max_new_tokens,
+                                           loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
+    with contextlib.closing(generator):
         for step in range(start, cfg.steps):
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
