@@ -156,6 +156,19 @@ def test_a_stage_after_a_lora_stage_starts_from_and_refers_to_that_policy(tiny_m
     assert torch.allclose(logp_no_grad(models.load(str(merged))[0], ro, 2), want, atol=1e-5)
 
 
+def _out_of_memory_above(gen, rows: int):
+    """The HF backend `gen` with a simulated memory limit: a chunk of more than `rows` sequences runs out."""
+    real = gen._rows
+
+    def limited(chunk, start, n, p, stops):
+        if len(chunk) * n > rows:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(chunk, start, n, p, stops)
+
+    gen._rows = limited
+    return gen
+
+
 def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_skipped(tiny_loaded):
     """The HF backend halves its batch on out-of-memory and retries (the same samples: per-sample streams);
     the sampler skips and counts a chunk that still does not fit; any other error is a bug and propagates."""
@@ -165,15 +178,7 @@ def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_s
     model, tok = tiny_loaded
     params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
     want = hf.HFGenerator(model, tok, 64).generate(["a", "b", "c"], 2, params)
-    gen = hf.HFGenerator(model, tok, 64)
-    real = gen._rows
-
-    def limited(chunk, start, n, p, stops):
-        if len(chunk) * n > 2:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(chunk, start, n, p, stops)
-
-    gen._rows = limited
+    gen = _out_of_memory_above(hf.HFGenerator(model, tok, 64), 2)
     assert gen.generate(["a", "b", "c"], 2, params) == want and gen.batch_size == 2
 
     class Backend:
@@ -495,16 +500,7 @@ def test_a_run_whose_generator_halved_its_batch_then_was_killed_resumes_as_if_it
     from thinkforge import rollout as backends
 
     def halving(model, tok, batch_size):
-        gen = backends.hf.HFGenerator(model, tok, batch_size)
-        real = gen._rows
-
-        def limited(chunk, start, n, p, stops):
-            if len(chunk) * n > 4:
-                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-            return real(chunk, start, n, p, stops)
-
-        gen._rows = limited
-        return gen
+        return _out_of_memory_above(backends.hf.HFGenerator(model, tok, batch_size), 4)
 
     extra = {"rl.steps": 4, "rl.gen_batch": 16, "rl.prompts_per_step": 4}
     rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "a", progress=False)
