@@ -28,7 +28,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer
 
     workdir, lora = Path(workdir or "."), models.is_adapter(model)
-    stops = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    stops = stop_ids(tokenizer, model.generation_config)
     if dist is not None and not dist.main:
         gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, push=False)
         if lora or cfg.base_url:

@@ -34,13 +34,13 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
         cache_argument(model)  # a model the decode loop cannot run is refused here, in one line
-        self.stop_ids = stop_ids(tokenizer, getattr(model, "generation_config", None))
+        self.stop_ids = stop_ids(tokenizer, model.generation_config)
         self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
 
     def load_weights(self, model) -> dict[str, float]:
         """Generation runs on the training model itself: its weights are always the current ones."""
         if model is not self.model:
-            self.model, self.stop_ids = model, stop_ids(self.tokenizer, getattr(model, "generation_config", None))
+            self.model, self.stop_ids = model, stop_ids(self.tokenizer, model.generation_config)
         return {}
 
     def close(self) -> None:
@@ -233,7 +233,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
 
     device = model.device
     if min_new_tokens is None:
-        min_new_tokens = getattr(getattr(model, "generation_config", None), "min_new_tokens", None) or 0
+        min_new_tokens = model.generation_config.min_new_tokens or 0
     ids, mask = left_pad(encoded, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -71,7 +71,8 @@ class OpenAIClient:
                 last, status = f"HTTP {e.code}: {detail}", (e.code, detail)
                 wait = _retry_after(e.headers.get("Retry-After"))
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last, status = f"{type(e).__name__}: {getattr(e, 'reason', e)}", (None, str(getattr(e, "reason", e)))
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e  # the socket error inside
+                last, status = f"{type(e).__name__}: {reason}", (None, str(reason))
                 wait = None
             if attempt < self.max_retries:
                 time.sleep(wait if wait is not None else self.backoff * 2**attempt * (0.5 + random.random()))

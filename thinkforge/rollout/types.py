@@ -69,7 +69,8 @@ def stop_ids(tokenizer, generation_config) -> list[int]:
     """The ids that end a completion, for every backend: the tokenizer's eos and every eos of the model's
     generation config (Phi-4-mini lists two)."""
     ids: list[int] = []
-    for src in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+    config_eos = generation_config.eos_token_id if generation_config is not None else None  # None: no config file
+    for src in (tokenizer.eos_token_id, config_eos):
         for i in src if isinstance(src, (list, tuple)) else [src]:
             if i is not None and i not in ids:
                 ids.append(int(i))

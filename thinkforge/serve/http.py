@@ -16,6 +16,7 @@ from thinkforge.serve.protocol import BadRequest, Request, parse_request
 from thinkforge.serve.responses import completion_body, stream_events
 
 MAX_BODY_BYTES = 16 * 2**20  # 16 MiB: far above any prompt the models here take
+SERVER_BACKEND_CONTEXT = 4096  # the context assumed for a model served elsewhere, unless Settings.context says
 BODY_TIMEOUT_S = 10.0  # a body that stops short of its Content-Length waits this long, then 408
 ROUTES = {"/v1/models": "GET", "/models": "GET", "/health": "GET", "/v1/health": "GET",
           "/v1/completions": "POST", "/v1/chat/completions": "POST"}
@@ -51,9 +52,11 @@ class Server(ThreadingHTTPServer):
         self.generator, self.tokenizer, self.model_name = generator, tokenizer, settings.model_name
         self.api_key, self.prompt_format, self.system = settings.api_key, settings.prompt_format, settings.system
         self.model = generator.model  # the in-process model (log-probs), None for a server backend
-        config = getattr(self.model, "config", None)
-        self.context = settings.context or getattr(config, "max_position_embeddings", None) or 4096
-        self.vocab_size = getattr(config, "vocab_size", None) or len(tokenizer)
+        if self.model is None:  # a server backend: it enforces its own context; ours is what the settings say
+            self.context, self.vocab_size = settings.context or SERVER_BACKEND_CONTEXT, len(tokenizer)
+        else:
+            self.context = settings.context or self.model.config.max_position_embeddings
+            self.vocab_size = self.model.config.vocab_size
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def process_request(self, request, client_address):
