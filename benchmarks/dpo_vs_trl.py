@@ -39,8 +39,8 @@ def run_thinkforge(model_dir, data, work, batch) -> dict:
     from thinkforge.train import dpo
 
     recipe = load_config(None, [f"model.name_or_path={model_dir}", f"model.system_prompt={SYSTEM}", "dpo.max_len=512",
-                                f"dpo.batch_size={batch}", "dpo.grad_accum=1", "dpo.lr=1e-5", "dpo.epochs=1"])
-    dpo.main(recipe, work / "tf", data=str(data), progress=False)
+                                f"dpo.batch_size={batch}", "dpo.grad_accum=1", "dpo.optim.lr=1e-5", "dpo.epochs=1"])
+    dpo.main(recipe, "dpo", work / "tf", data=str(data), progress=False)
     rows = [json.loads(x) for x in (work / "tf" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     return {"seconds": sum(r["step_seconds"] for r in rows), "steps": len(rows)}
 

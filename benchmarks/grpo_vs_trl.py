@@ -52,9 +52,9 @@ def run_thinkforge(model_dir: str, work: Path, a) -> dict:
 
     over = [f"model.name_or_path={model_dir}", f"model.system_prompt={SYSTEM}", "rl.algo=grpo", f"rl.steps={a.steps}",
             "rl.prompts_per_step=8", "rl.group_size=8", f"rl.max_new_tokens={a.max_new_tokens}", "rl.mu=1",
-            "rl.beta=0.04", "rl.lr=1e-5", "rl.temperature=1.0", "rl.temperature_start=null", "rl.top_p=1.0",
+            "rl.beta=0.04", "rl.optim.lr=1e-5", "rl.temperature=1.0", "rl.temperature_start=null", "rl.top_p=1.0",
             "rl.truncation=none", "rl.loss_agg=sequence", f"rl.micro_batch={a.micro_batch}", "rl.gen_batch=64",
-            "rl.save_every=0", "rl.difficulties=[1]"]
+            "rl.checkpoints.every=0", "rl.difficulties=[1]"]
     if a.lora:
         over.append("lora.enabled=true")
     if a.bf16:
@@ -66,7 +66,7 @@ def run_thinkforge(model_dir: str, work: Path, a) -> dict:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    rl.main(recipe, work / "tf", progress=False)
+    rl.main(recipe, "rl", work / "tf", progress=False)
     rows = [json.loads(x) for x in (work / "tf" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     timed = rows[1:] or rows
     return {"times": [r["step_seconds"] for r in timed], "gen_times": [r["gen_seconds"] for r in timed],

@@ -2,7 +2,7 @@
 
     python benchmarks/sft_vs_trl.py [--hidden 128 --layers 4 --docs 800 --max-len 1024 --batch 4]
 
-Measures non-pad training tokens per second of (1) `thinkforge sft --stage midtrain` (packing), (2) TRL's
+Measures non-pad training tokens per second of (1) `thinkforge midtrain` (packing), (2) TRL's
 SFTTrainer with packing (its default BFD packing, padding-free), and (3) the raw rate of the same model on
 the same packed batches: forward + backward + AdamW step and nothing else. Both trainers see the same
 documents (prompt + completion, loss on the completion) for one epoch. Prints a table, then one JSON line.
@@ -38,7 +38,7 @@ def run_thinkforge(model_dir, data, work, max_len, batch, system, autocast=False
 
     recipe = load_config(None, [f"model.name_or_path={model_dir}", f"model.system_prompt={system}",
                                 f"midtrain.max_len={max_len}", f"midtrain.batch_size={batch}", "midtrain.grad_accum=1",
-                                "midtrain.epochs=1", "midtrain.lr=1e-3", "midtrain.warmup_ratio=0.05",
+                                "midtrain.epochs=1", "midtrain.optim.lr=1e-3", "midtrain.optim.warmup_ratio=0.05",
                                 f"midtrain.mixed_precision={'bf16' if autocast else 'no'}"])
     run = work / "tf"
     start = time.time()

@@ -106,7 +106,7 @@ def cases(model: str, f: dict[str, Path]) -> list[tuple[str, list[str]]]:
         ("sft: empty data", ["sft", "-m", model, "--data", str(f["empty"]), "--out", str(W / "sft")]),
         ("sft: rows without completion", ["sft", "-m", model, "--data", str(f["no_completion"]), "--out", str(W / "sft")]),
         ("sft: negative learning rate", ["sft", "-m", model, "--data", str(f["graded"]), "--out", str(W / "sft"),
-                                        "sft.lr=-1"]),
+                                        "sft.optim.lr=-1"]),
         ("sft: LoRA target the model lacks", ["sft", "-m", model, "--data", str(f["graded"]), "--out", str(W / "sft"),
                                               "--lora", "lora.target_modules=[wq]"]),
         ("dpo: pairs without rejected", ["dpo", "-m", model, "--data", str(f["pairs_bad"]), "--out", str(W / "dpo")]),

@@ -149,7 +149,7 @@ def test_distill_select_sft_from_the_command_line(tiny_model, tmp_path, capsys):
     assert code == 0 and "40 new rollouts" in out, err
     code, out, err = run_cli(["data", "select", str(d), "--out", str(sel), "--max-pass-rate", "0.5"], capsys)
     assert code == 0 and (sel / "accepted.jsonl").is_file(), err
-    code, out, err = run_cli(["sft", "--stage", "midtrain", "--data", str(sel / "accepted.jsonl"), "-m", tiny_model,
+    code, out, err = run_cli(["midtrain", "--data", str(sel / "accepted.jsonl"), "-m", tiny_model,
                               "--out", str(run), "midtrain.max_len=256", "midtrain.batch_size=2",
                               "midtrain.grad_accum=1", "midtrain.epochs=1"], capsys)
     assert code == 0 and (run / "final" / "config.json").is_file() and (run / "config.yaml").is_file(), err
@@ -181,7 +181,7 @@ def test_pairs_and_dpo_from_the_command_line(tiny_model, tmp_path, capsys):
 def test_each_estimator_and_policy_loss_runs_two_steps_of_rl(tiny_model, tmp_path, capsys, settings):
     out = tmp_path / "rl"
     code, stdout, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--steps", "2", "rl.prompts_per_step=2",
-                                 "rl.group_size=3", "rl.max_new_tokens=8", "rl.lr=1e-3", "rl.reward=weighted",
+                                 "rl.group_size=3", "rl.max_new_tokens=8", "rl.optim.lr=1e-3", "rl.reward=weighted",
                                  "rewards.weights={'user_rewards:shorter_is_better': 1.0}", "rl.truncation=none",
                                  *settings], capsys)
     assert code == 0, err

@@ -80,14 +80,36 @@ def test_what_the_algorithm_does_anyway_is_accepted_and_old_keys_say_their_new_n
         load_config(None, ["rl.scale_advantages=false"])
 
 
+def test_a_stage_keeps_its_own_optimizer_defaults_for_every_key_a_recipe_leaves_out(tmp_path):
+    """pydantic alone would build a nested section from OptimConfig's class defaults: `sft: {optim: {lr: ...}}`
+    would silently drop SFT's 10% warmup and RL's constant schedule."""
+    path = tmp_path / "r.yaml"
+    path.write_text("sft: {optim: {lr: 1.0e-4}}\nrl: {optim: {lr: 1.0e-6}, checkpoints: {keep: 3}}\n")
+    r = load_config(path)
+    assert (r.sft.optim.lr, r.sft.optim.warmup_ratio) == (1e-4, 0.1)
+    assert (r.rl.optim.lr, r.rl.optim.min_lr_ratio, r.rl.checkpoints.every, r.rl.checkpoints.keep) == (1e-6, 1.0, 50, 3)
+    assert (r.midtrain.optim.warmup_ratio, r.dpo.optim.lr) == (0.1, 5e-7)
+    r = load_config(None, ["rl.optim.warmup_ratio=0.05"])  # an override alone, without a recipe
+    assert (r.rl.optim.lr, r.rl.optim.min_lr_ratio, r.rl.optim.warmup_ratio) == (5e-7, 1.0, 0.05)
+
+
+@pytest.mark.parametrize("old,new", [("sft.lr=1e-4", "sft.optim.lr"), ("midtrain.warmup_ratio=0", "midtrain.optim.warmup_ratio"),
+                                     ("dpo.clip=2", "dpo.optim.clip"), ("rl.save_every=5", "rl.checkpoints.every"),
+                                     ("rl.keep_checkpoints=1", "rl.checkpoints.keep")])
+def test_a_key_from_before_the_shared_optimizer_schema_says_where_it_moved(old, new):
+    with pytest.raises(UserError, match=f"'{old.split('=')[0]}' moved to '{new}'"):
+        load_config(None, [old])
+
+
 def test_no_function_in_train_takes_more_than_six_parameters():
-    """Components take a few plain arguments (STYLE 6); a long parameter list is a record waiting to exist."""
+    """Components take a few plain arguments (STYLE 6); a long parameter list is a record waiting to exist. A
+    stage's `main` takes the signature every stage shares (tests/test_layout.py) and what it needs beyond it."""
     import ast
     from pathlib import Path
 
     for path in sorted((Path(__file__).resolve().parent.parent / "thinkforge" / "train").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "main":
                 a = node.args
                 n = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
                 assert n <= 6, f"{path.name}:{node.lineno} {node.name} takes {n} parameters"
@@ -103,6 +125,8 @@ def test_no_function_in_train_takes_more_than_six_parameters():
      "rl.reward=weighted"),
     (["rl.temperature_start=0.9"], "rl.temperature_start=0.9 does nothing here: only rl.anneal_steps > 0",
      "rl.anneal_steps=5"),
+    (["rl.data_path=p.jsonl"], "rl.data_path='p.jsonl' does nothing here: only rl.source other than synthetic",
+     "rl.source=local"),
 ])
 def test_a_setting_the_chosen_backend_or_switch_never_reads_is_a_config_error(overrides, words, reader):
     """PITFALLS 19: rl.tis_cap with the hf backend (no sampler log-probs) was silently ignored, and so were the

@@ -96,8 +96,8 @@ def data(tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_sft_packed_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, strategy):
-    args = ["sft", "--stage", "midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
-            "midtrain.max_len=256", "midtrain.batch_size=2", "midtrain.grad_accum=3", "midtrain.epochs=2", "midtrain.lr=1e-3"]
+    args = ["midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
+            "midtrain.max_len=256", "midtrain.batch_size=2", "midtrain.grad_accum=3", "midtrain.epochs=2", "midtrain.optim.lr=1e-3"]
     _run([*args, "--out", "one"], 1, tmp_path)
     _run([*args, "--out", "two"], 2, tmp_path, strategy)
     _same(tmp_path / "one", tmp_path / "two", "loss", 1e-5)
@@ -107,7 +107,7 @@ def test_sft_packed_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_dpo_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, strategy):
     args = ["dpo", "--data", str(data / "pairs.jsonl"), "-m", tiny_model, "dpo.max_len=256", "dpo.batch_size=2",
-            "dpo.grad_accum=2", "dpo.lr=1e-3", "dpo.epochs=2"]
+            "dpo.grad_accum=2", "dpo.optim.lr=1e-3", "dpo.epochs=2"]
     _run([*args, "--out", "one"], 1, tmp_path)
     _run([*args, "--out", "two"], 2, tmp_path, strategy)
     _same(tmp_path / "one", tmp_path / "two", "loss", 2e-4)  # Adam at lr 1e-3 magnifies float-order noise
@@ -118,7 +118,7 @@ def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg):
     """Each rank samples its share of the same global draw with the seeds one process uses: the same
     rollouts, the same normaliser after one all-reduce, the same update."""
     args = ["rl", "-m", tiny_model, "--steps", "2", "rl.prompts_per_step=4", "rl.group_size=3", "rl.max_new_tokens=10",
-            "rl.lr=1e-3", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
+            "rl.optim.lr=1e-3", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
             "rl.truncation=none", "rl.micro_batch=4", "rl.temperature=1.0", "rl.temperature_start=null", f"rl.loss_agg={agg}"]
     _run([*args, "--out", "one"], 1, tmp_path)
     _run([*args, "--out", "two"], 2, tmp_path)
@@ -130,9 +130,9 @@ def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_a_two_rank_run_killed_mid_stage_resumes_on_one_process(tiny_model, data, tmp_path, strategy):
     """Checkpoints hold full weights and the optimizer state by parameter name: a sharded run resumes unsharded."""
-    args = ["sft", "--stage", "midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
+    args = ["midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
             "midtrain.max_len=128", "midtrain.batch_size=1", "midtrain.grad_accum=2", "midtrain.epochs=6",
-            "midtrain.save_every=1", "midtrain.lr=1e-3"]
+            "midtrain.checkpoints.every=1", "midtrain.optim.lr=1e-3"]
     _run([*args, "--out", "straight"], 1, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cut = str(tmp_path / "cut")

@@ -102,7 +102,7 @@ def _pairs_file(tmp_path, n=12):
 
 def _recipe(tiny_model, data, **extra):
     over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", f"dpo.data={data}", "dpo.max_len=256",
-            "dpo.batch_size=2", "dpo.grad_accum=2", "dpo.lr=1e-3", "dpo.epochs=3", "dpo.warmup_ratio=0"]
+            "dpo.batch_size=2", "dpo.grad_accum=2", "dpo.optim.lr=1e-3", "dpo.epochs=3", "dpo.optim.warmup_ratio=0"]
     return load_config(None, over + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -110,13 +110,13 @@ def test_dpo_raises_preference_for_chosen_and_resumes_exactly(tiny_model, tmp_pa
     from thinkforge.train import dpo
 
     data = _pairs_file(tmp_path)
-    straight = dpo.main(_recipe(tiny_model, data), tmp_path / "a", progress=False)
+    straight = dpo.main(_recipe(tiny_model, data), "dpo", tmp_path / "a", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
     assert rows[-1]["margin"] > rows[0]["margin"] + 0.1 and rows[-1]["preference_accuracy"] >= 0.75
 
-    assert dpo.main(_recipe(tiny_model, data), tmp_path / "b", progress=False, stop_after=4) is None
-    dpo.main(_recipe(tiny_model, data), tmp_path / "b", progress=False)
+    assert dpo.main(_recipe(tiny_model, data), "dpo", tmp_path / "b", progress=False, stop_after=4) is None
+    dpo.main(_recipe(tiny_model, data), "dpo", tmp_path / "b", progress=False)
     other = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in other]
     from safetensors.torch import load_file
@@ -131,7 +131,7 @@ def test_lora_dpo_reference_is_the_starting_model(tiny_model, tmp_path):
 
     data = _pairs_file(tmp_path, 4)
     recipe = _recipe(tiny_model, data, **{"lora.enabled": "true", "lora.r": 4, "dpo.epochs": 1})
-    final = dpo.main(recipe, tmp_path / "r", progress=False)
+    final = dpo.main(recipe, "dpo", tmp_path / "r", progress=False)
     assert (final / "adapter_config.json").is_file()
     model, tok = models.load(tiny_model)
     pairs = dpo.load_pairs(str(data), tok, recipe, 256)
@@ -148,16 +148,19 @@ def test_under_bf16_autocast_the_reference_pass_matches_the_policys_precision(ti
     if stage == "dpo":
         from thinkforge.train import dpo
 
-        dpo.main(_recipe(tiny_model, _pairs_file(tmp_path), **{"dpo.mixed_precision": "bf16", "dpo.max_steps": 1}),
+        # A pair's prompt is left-padded to its micro-batch's longest (one prompt pass per pair): in bf16 a batch
+        # of other companions than the reference pass's rounds otherwise (measured 6e-6 to 1.1e-5 on this loss),
+        # far below the 1e-3 of an fp32 reference this test is for.
+        dpo.main(_recipe(tiny_model, _pairs_file(tmp_path), **{"dpo.mixed_precision": "bf16", "dpo.max_steps": 1}), "dpo",
                  tmp_path / "run", progress=False)
         first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert first["loss"] == pytest.approx(math.log(2), abs=5e-5)
     else:
         from thinkforge.train import rl
 
         over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", "rl.steps=1", "rl.prompts_per_step=2",
                 "rl.group_size=4", "rl.max_new_tokens=12", "rl.beta=0.04", "rl.mixed_precision=bf16", "rl.truncation=none"]
-        rl.main(load_config(None, over), tmp_path / "run", progress=False)
+        rl.main(load_config(None, over), "rl", tmp_path / "run", progress=False)
         first = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x][0]
         assert first["kl"] == pytest.approx(0.0, abs=1e-7)
 
@@ -175,13 +178,13 @@ def test_a_regenerated_pairs_file_of_the_same_size_gets_fresh_reference_logprobs
     rows = [json.loads(x) for x in first.read_text().splitlines()]
     second.write_text("".join(json.dumps({**r, "rejected": r["rejected"] + " and more"}) + "\n" for r in rows))
     run = tmp_path / "run"
-    dpo.main(_recipe(tiny_model, first, **{"dpo.max_steps": 1}), run, progress=False)
+    dpo.main(_recipe(tiny_model, first, **{"dpo.max_steps": 1}), "dpo", run, progress=False)
     with pytest.raises(UserError, match="was computed for other pairs .* has checkpoints trained on them"):
-        dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), run, progress=False)
+        dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), "dpo", run, progress=False)
     for ckpt in run.glob("step-*"):  # a folder without checkpoints: the stale file is recomputed, not reused
         shutil.rmtree(ckpt)
-    dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), run, progress=False)
-    dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), tmp_path / "fresh", progress=False)
+    dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), "dpo", run, progress=False)
+    dpo.main(_recipe(tiny_model, second, **{"dpo.max_steps": 1}), "dpo", tmp_path / "fresh", progress=False)
     got = load_file(str(run / "reference_logps.safetensors"))["logps"]
     want = load_file(str(tmp_path / "fresh" / "reference_logps.safetensors"))["logps"]
     assert torch.equal(got, want) and len(got) == len(rows)
@@ -195,3 +198,31 @@ def test_the_reference_key_names_the_start_model_by_what_it_is_not_where_it_lies
     shutil.copytree(tiny_model, moved)
     assert model_identity(str(moved)) == model_identity(tiny_model)
     assert model_identity("microsoft/phi-2") == "microsoft/phi-2"
+
+
+def test_a_pairs_prompt_runs_once_and_gives_the_log_probs_and_gradients_of_two_whole_passes(tiny_model):
+    """dpo.pair_logprobs runs each pair's prompt once (its cache repeated for chosen and rejected): the same
+    sequence log-probs and gradients as one pass per whole sequence, with prompts of different lengths."""
+    from thinkforge import models
+    from thinkforge.data.packing import collate_padded, tokenize
+    from thinkforge.train import dpo
+
+    model, tok = models.load(tiny_model)
+    model.eval()  # no dropout: both ways must see the same function
+    pairs = [(tokenize(tok, p, c, 256), tokenize(tok, p, r, 256)) for p, c, r in [
+        ("Mia has 3 apples. ", "<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>"),
+        ("Leo has 7 books and gives 2 to Sam. ", "<answer>5</answer>", "<think>7 - 2 = 9 more words</think><answer>9</answer>")]]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    chosen, rejected = dpo.pair_logprobs(model, pairs, tok.pad_token_id)
+    g_shared = grads((chosen - 0.5 * rejected).sum())
+    ids, labels, attn = collate_padded([c for c, _ in pairs] + [r for _, r in pairs], tok.pad_token_id)
+    whole = sequence_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
+    g_whole = grads((whole[:2] - 0.5 * whole[2:]).sum())
+    assert torch.allclose(chosen.detach(), whole[:2].detach(), atol=1e-4)
+    assert torch.allclose(rejected.detach(), whole[2:].detach(), atol=1e-4)
+    assert torch.allclose(g_shared, g_whole, atol=1e-4, rtol=1e-4)

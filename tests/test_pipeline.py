@@ -16,7 +16,7 @@ FAST = [
     "init.hidden=32", "init.layers=1", "init.heads=2", "eval.limit=12", "generation.max_new_tokens=48",
     "distill.n_problems=40", "distill.samples=2", "midtrain.epochs=1", "midtrain.max_len=512",
     "sft.epochs=1", "pipeline.policy_problems=6", "pairs.policy_samples=2", "dpo.batch_size=4", "dpo.grad_accum=1",
-    "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=24", "rl.save_every=1",
+    "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=24", "rl.checkpoints.every=1",
     "rl.anneal_steps=1", "pipeline.pair_sources=[policy,teacher]",  # an untrained model has no correct rollouts of its own
 ]
 
@@ -87,7 +87,7 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
 def test_a_run_killed_mid_stage_resumes_and_finishes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "thinkforge", "run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST,
-           "midtrain.save_every=1", "midtrain.epochs=20", "midtrain.max_len=128", "midtrain.batch_size=1"]
+           "midtrain.checkpoints.every=1", "midtrain.epochs=20", "midtrain.max_len=128", "midtrain.batch_size=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     def checkpointed():  # at least 3 steps done (older checkpoints are pruned, so look at any)
@@ -134,7 +134,7 @@ def test_a_rerun_with_another_recipe_redoes_the_evaluations_or_refuses_stale_sta
     rows = [json.loads(x) for x in (out / "midtrain" / "eval" / "synthetic.samples.jsonl").read_text().splitlines()]
     assert len({r["problem_id"] for r in rows}) == 20
     code, _, err = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *few, "eval.limit=20",
-                            "midtrain.lr=0.01"], capsys)
+                            "midtrain.optim.lr=0.01"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "the finished midtrain step was made from another recipe than this one (changed: midtrain)" in err
 
@@ -147,10 +147,10 @@ def test_what_a_step_is_made_from_leaves_out_how_it_ran_and_names_the_steps_befo
 
     base = load_config(ROOT / "recipes" / "tiny.yaml")
     for harmless, step in ((["model.device=cpu"], "rl"), (["model.gradient_checkpointing=true"], "rl"),
-                           (["generation.temperature=0.8"], "rl"), (["dpo.lr=1e-6"], "pairs")):
+                           (["generation.temperature=0.8"], "rl"), (["dpo.optim.lr=1e-6"], "pairs")):
         assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", harmless), step) == stage_inputs(base, step), harmless
     assert fingerprint(load_config(ROOT / "recipes" / "tiny.yaml", ["generation.temperature=0.8"]), EVAL_INPUTS) != \
         fingerprint(base, EVAL_INPUTS)  # an evaluation input: the evaluations are redone
     fewer = load_config(ROOT / "recipes" / "tiny.yaml", ["pipeline.stages=[distill,sft,dpo,rl]"])
     assert stage_inputs(fewer, "sft")["steps"] != stage_inputs(base, "sft")["steps"]
-    assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["sft.lr=1e-3"]), "rl") != stage_inputs(base, "rl")
+    assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["sft.optim.lr=1e-3"]), "rl") != stage_inputs(base, "rl")

@@ -39,12 +39,12 @@ def test_infused_phi2_recipe_has_the_cards_numbers():
     r = load_config(Path(__file__).resolve().parent.parent / "recipes" / "infused-phi2.yaml")
     assert (r.lora.r, r.lora.alpha, r.lora.dropout) == (16, 32, 0.05)
     assert r.lora.target_modules == ["q_proj", "k_proj", "v_proj", "dense"]
-    assert (r.rl.group_size, r.rl.lr, r.rl.max_new_tokens, r.rl.temperature, r.rl.save_every) == (3, 1e-5, 384, 0.8, 50)
+    assert (r.rl.group_size, r.rl.optim.lr, r.rl.max_new_tokens, r.rl.temperature, r.rl.checkpoints.every) == (3, 1e-5, 384, 0.8, 50)
     assert r.model.load_in_4bit and r.rewards.weights == {"correctness": 1.0, "reasoning": 0.7, "format": 0.3}
 
 
 def test_phi4_recipe_has_the_papers_numbers():
     r = load_config(Path(__file__).resolve().parent.parent / "recipes" / "phi4-mini-reasoning.yaml")
-    assert (r.midtrain.max_len, r.midtrain.lr, r.midtrain.epochs, r.midtrain.warmup_ratio, r.midtrain.packing) == (16384, 1e-5, 5, 0.1, True)
-    assert (r.sft.max_len, r.sft.packing, r.dpo.lr, r.dpo.epochs, r.rl.lr) == (20480, False, 5e-7, 1, 5e-7)
+    assert (r.midtrain.max_len, r.midtrain.optim.lr, r.midtrain.epochs, r.midtrain.optim.warmup_ratio, r.midtrain.packing) == (16384, 1e-5, 5, 0.1, True)
+    assert (r.sft.max_len, r.sft.packing, r.dpo.optim.lr, r.dpo.epochs, r.rl.optim.lr) == (20480, False, 5e-7, 1, 5e-7)
     assert (r.rl.temperature_start, r.rl.temperature) == (1.0, 0.6)

@@ -89,17 +89,17 @@ def test_balance_keeps_all_positives_and_as_many_negatives():
 
 def _recipe(model, algo, **extra):
     over = [f"model.name_or_path={model}", "model.system_prompt=Think.", f"rl.algo={algo}", "rl.steps=4",
-            "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12", "rl.lr=1e-3", "rl.micro_batch=3",
-            "rl.save_every=2", "rl.truncation=none", "rl.temperature=1.0", "rl.temperature_start=null"]
+            "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12", "rl.optim.lr=1e-3", "rl.micro_batch=3",
+            "rl.checkpoints.every=2", "rl.truncation=none", "rl.temperature=1.0", "rl.temperature_start=null"]
     return load_config(None, over + [f"{k}={v}" for k, v in extra.items()])
 
 
 @pytest.mark.parametrize("algo,extra", [("grpo", {"rl.beta": 0.04}), ("ppo", {"rl.beta": 0.0}),
                                          ("grpo", {"lora.enabled": "true", "rl.loss_agg": "sequence", "rl.mu": 2})])
 def test_rl_runs_logs_and_resumes_exactly(tiny_model, tmp_path, algo, extra):
-    straight = rl.main(_recipe(tiny_model, algo, **extra), tmp_path / "a", progress=False)
-    assert rl.main(_recipe(tiny_model, algo, **extra), tmp_path / "b", progress=False, stop_after=2) is None
-    rl.main(_recipe(tiny_model, algo, **extra), tmp_path / "b", progress=False)
+    straight = rl.main(_recipe(tiny_model, algo, **extra), "rl", tmp_path / "a", progress=False)
+    assert rl.main(_recipe(tiny_model, algo, **extra), "rl", tmp_path / "b", progress=False, stop_after=2) is None
+    rl.main(_recipe(tiny_model, algo, **extra), "rl", tmp_path / "b", progress=False)
 
     def rows(d):
         return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
@@ -142,7 +142,7 @@ def test_a_stage_after_a_lora_stage_starts_from_and_refers_to_that_policy(tiny_m
 
     model, tok = models.load(tiny_model)
     previous = models.save(random_lora(model, 4, 8, 0.5), tok, tmp_path / "sft-final")
-    final = rl.main(_recipe(str(previous), "grpo", **{"lora.enabled": lora, "rl.beta": 0.04, "rl.steps": 1}),
+    final = rl.main(_recipe(str(previous), "grpo", **{"lora.enabled": lora, "rl.beta": 0.04, "rl.steps": 1}), "rl",
                     tmp_path / "rl", progress=False)
     first = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[1])
     assert first["step"] == 1 and first["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -205,7 +205,7 @@ def test_steps_that_keep_no_group_stop_the_run_with_the_reasons(tiny_model, tmp_
     """The random model answers nothing right: every group is all wrong, and dropping those keeps none."""
     recipe = _recipe(tiny_model, "grpo", **{"rl.drop_all_wrong": "true", "rl.max_refills": 0, "rl.steps": 5})
     with pytest.raises(UserError, match=r"3 steps in a row kept no group \(2 groups sampled, 2 dropped as all_wrong\)"):
-        rl.main(recipe, tmp_path / "r", progress=False)
+        rl.main(recipe, "rl", tmp_path / "r", progress=False)
     events = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if e["step"] > 0] == ["empty_batch"] * 3
 
@@ -268,8 +268,8 @@ def test_prompt_run_once_per_group_gives_the_same_logprobs_values_and_gradients(
 
 def test_the_ppo_value_head_steps_at_its_own_lr_scale(tiny_model, tmp_path):
     """The optimizer rl.main builds, read back from its checkpoint: the head's group at lr x value_lr_scale."""
-    recipe = _recipe(tiny_model, "ppo", **{"rl.beta": 0.0, "rl.steps": 1, "rl.lr": 2e-5, "rl.value_lr_scale": 7.0})
-    rl.main(recipe, tmp_path / "p", progress=False)
+    recipe = _recipe(tiny_model, "ppo", **{"rl.beta": 0.0, "rl.steps": 1, "rl.optim.lr": 2e-5, "rl.value_lr_scale": 7.0})
+    rl.main(recipe, "rl", tmp_path / "p", progress=False)
     state = json.loads((tmp_path / "p" / "step-0000001" / "trainer_state.json").read_text())
     groups = state["optimizer"]["param_groups"]
     assert [g["lr"] for g in groups] == pytest.approx([2e-5, 2e-5, 1.4e-4])
@@ -352,8 +352,8 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
             pass
 
     backends: list = []
-    plain = rl.main(_shorter(tiny_model), tmp_path / "a", progress=False)
-    served = rl.main(_shorter(tiny_model), tmp_path / "b", progress=False, make_generator=OwnCopy)
+    plain = rl.main(_shorter(tiny_model), "rl", tmp_path / "a", progress=False)
+    served = rl.main(_shorter(tiny_model), "rl", tmp_path / "b", progress=False, make_generator=OwnCopy)
 
     def rows(d):
         return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
@@ -370,7 +370,7 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
             self.syncs += 1
             return {}
 
-    rl.main(_shorter(tiny_model), tmp_path / "c", progress=False, make_generator=Unsynced)
+    rl.main(_shorter(tiny_model), "rl", tmp_path / "c", progress=False, make_generator=Unsynced)
     a, c = trace(tmp_path / "a"), trace(tmp_path / "c")
     assert a[0] == c[0] and a[1:] != c[1:]
 
@@ -394,7 +394,7 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
             pass
 
     with pytest.raises(RuntimeError, match="without token ids"):
-        rl.main(_recipe(tiny_model, "grpo"), tmp_path / "t", progress=False, make_generator=TextOnly)
+        rl.main(_recipe(tiny_model, "grpo"), "rl", tmp_path / "t", progress=False, make_generator=TextOnly)
 
 
 def test_ppo_value_loss_is_weighted_by_vf_coef_once_and_logged_unweighted(tiny_model):
@@ -460,7 +460,7 @@ def test_ppo_targets_run_in_the_loss_pass_precision_so_the_step_1_kl_penalty_is_
         return real(rewards, values, mask, gamma, lam, kl_penalty)
 
     monkeypatch.setattr(ppo, "ppo_targets", spy)
-    rl.main(_recipe(tiny_model, "ppo", **{"rl.beta": 0.04, "rl.steps": 1, "rl.mixed_precision": "bf16"}),
+    rl.main(_recipe(tiny_model, "ppo", **{"rl.beta": 0.04, "rl.steps": 1, "rl.mixed_precision": "bf16"}), "rl",
             tmp_path / "p", progress=False)
     assert seen == [0.0]
 
@@ -503,10 +503,10 @@ def test_a_run_whose_generator_halved_its_batch_then_was_killed_resumes_as_if_it
         return _out_of_memory_above(backends.hf.HFGenerator(model, tok, batch_size), 4)
 
     extra = {"rl.steps": 4, "rl.gen_batch": 16, "rl.prompts_per_step": 4}
-    rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "a", progress=False)
-    assert rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "b", progress=False, stop_after=2,
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "a", progress=False)
+    assert rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False, stop_after=2,
                    make_generator=halving) is None
-    rl.main(_recipe(tiny_model, "grpo", **extra), tmp_path / "b", progress=False)
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False)
 
     def rows(d):
         return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]

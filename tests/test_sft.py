@@ -99,8 +99,8 @@ def _data(tmp_path, n=24):
 
 def _recipe(tiny_model, data, stage, **extra):
     over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", f"{stage}.data={data}",
-            f"{stage}.max_len=256", f"{stage}.batch_size=2", f"{stage}.grad_accum=2", f"{stage}.lr=1e-3",
-            f"{stage}.epochs=1", f"{stage}.warmup_ratio=0.2"] + [f"{k}={v}" for k, v in extra.items()]
+            f"{stage}.max_len=256", f"{stage}.batch_size=2", f"{stage}.grad_accum=2", f"{stage}.optim.lr=1e-3",
+            f"{stage}.epochs=1", f"{stage}.optim.warmup_ratio=0.2"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, over)
 
 
@@ -110,7 +110,7 @@ def test_resume_continues_at_the_same_step_with_the_same_data(tiny_model, tmp_pa
 
     data = _data(tmp_path)
     straight = tmp_path / "straight"
-    small = {f"{stage}.save_every": 2, f"{stage}.batch_size": 1, f"{stage}.grad_accum": 2, f"{stage}.max_len": 128}
+    small = {f"{stage}.checkpoints.every": 2, f"{stage}.batch_size": 1, f"{stage}.grad_accum": 2, f"{stage}.max_len": 128}
     sft.main(_recipe(tiny_model, data, stage, **small), stage, straight, progress=False)
 
     cut = tmp_path / "cut"
@@ -167,7 +167,7 @@ def test_a_step_at_the_recipes_lr_moves_the_weights_with_a_bf16_model_dtype(tiny
     data = _data(tmp_path, 8)
 
     def changed(**extra):
-        over = {"model.dtype": "bfloat16", "sft.lr": 5e-7, "sft.warmup_ratio": 0.0, "sft.max_steps": 1,
+        over = {"model.dtype": "bfloat16", "sft.optim.lr": 5e-7, "sft.optim.warmup_ratio": 0.0, "sft.max_steps": 1,
                 "sft.batch_size": 2, "sft.grad_accum": 1, "sft.max_len": 128, **extra}
         final = sft.main(_recipe(tiny_model, data, "sft", **over), "sft", tmp_path / str(len(list(tmp_path.iterdir()))),
                          progress=False)

@@ -34,10 +34,10 @@ def vllm_model(tmp_path_factory):
 def _recipe(model, *extra):
     sys.path.insert(0, str(ROOT / "tests"))
     return load_config(None, [f"model.name_or_path={model}", "model.system_prompt=Think.", "rl.steps=2",
-                              "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16", "rl.lr=1e-2",
+                              "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16", "rl.optim.lr=1e-2",
                               "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
                               "rl.truncation=none", "rl.micro_batch=8", "rl.temperature=1.0", "rl.temperature_start=null",
-                              "rl.save_every=0", "rollout.backend=vllm",
+                              "rl.checkpoints.every=0", "rollout.backend=vllm",
                               f"rollout.vllm_command={json.dumps(COMMAND)}", *extra])
 
 
@@ -55,7 +55,7 @@ def test_grpo_on_a_vllm_server_syncs_and_proves_the_weights_every_step(vllm_mode
     from thinkforge.train import rl
 
     extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"] if lora else []
-    final = rl.main(_recipe(vllm_model, "rl.tis_cap=2.0", *extra), tmp_path / "run", progress=False)
+    final = rl.main(_recipe(vllm_model, "rl.tis_cap=2.0", *extra), "rl", tmp_path / "run", progress=False)
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -92,7 +92,7 @@ def test_a_skipped_sync_is_caught_and_the_server_stops(vllm_model, tmp_path):
         return gen
 
     with pytest.raises(SyncError, match="not generating with the new weights"):
-        rl.main(recipe, tmp_path / "run", progress=False, make_generator=make)
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
     assert _no_server_left()
 
 
@@ -155,7 +155,7 @@ def test_two_ranks_share_one_server_and_equal_one_process(vllm_model, tmp_path):
     from test_distributed import _cmd
 
     args = ["rl", "-m", vllm_model, "--steps", "2", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16",
-            "rl.lr=1e-2", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
+            "rl.optim.lr=1e-2", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
             "rl.truncation=none", "rl.micro_batch=8", "rl.temperature=1.0", "rl.temperature_start=null",
             "rollout.backend=vllm", "rollout.max_model_len=512", f"rollout.vllm_command={COMMAND}",
             "lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0"]

@@ -521,68 +521,48 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
                f"{stats['pairs']} pairs -> {out_path}")
 
 
-@cli.command(context_settings=CTX)
-@click.option("--data", "data_path", default=None, help="Pairs JSONL (question, chosen, rejected). [dpo.data]")
-@click.option("--model", "-m", default=None, help="Starting model and reference: the stage-2 checkpoint. [model.name_or_path]")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run folder: reference log-probs, checkpoints, metrics.jsonl, tensorboard/, final/. A rerun resumes.")
-@click.option("--loss", type=click.Choice(["sigmoid", "ipo"]), default=None, help="sigmoid = DPO, ipo = IPO. [dpo.loss]")
-@click.option("--beta", type=float, default=None, help="DPO beta. [dpo.beta]")
-@click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter instead of all weights. [lora.enabled]")
-@config_options
-def dpo(data_path, model, out_dir, loss, beta, lora, config_path, overrides):
-    """Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference."""
-    from thinkforge.train import dpo as dpo_stage
+def _stage_command(stage) -> None:
+    """`thinkforge <stage>`: the stage's run folder from --model (and --data) with the recipe's section; its own
+    options (stages.STAGES) are shortcuts for its keys."""
 
-    given = {"dpo.data": data_path, "model.name_or_path": model, "dpo.loss": loss, "dpo.beta": beta, "lora.enabled": lora}
-    recipe = recipe_from(config_path, overrides, given)
-    _quiet_hf()
-    with run_folder(out_dir):
-        save_resolved(recipe, out_dir)
-        final = dpo_stage.main(recipe, out_dir)
-    click.echo(f"dpo finished: model in {final}")
+    def command(data_path, model, out_dir, lora, config_path, overrides, **options):
+        given = {"model.name_or_path": model, "lora.enabled": lora,
+                 **{key: options[_param(flag)] for flag, (key, _, _) in stage.options.items()}}
+        recipe = recipe_from(config_path, overrides, given)
+        _quiet_hf()
+        with run_folder(out_dir):
+            save_resolved(recipe, out_dir)
+            final = stage.run(recipe, out_dir, data=data_path)
+        click.echo(f"{stage.name} finished: model in {final}")
 
-
-@cli.command(context_settings=CTX)
-@click.option("--stage", type=click.Choice(["midtrain", "sft"]), default="sft", show_default=True,
-              help="midtrain: stage 1 with sequence packing; sft: stage 2 without packing. Reads that recipe section.")
-@click.option("--data", "data_path", default=None, help="JSONL with question and completion columns. [<stage>.data]")
-@click.option("--model", "-m", default=None, help="Starting model (hub id or folder). [model.name_or_path]")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run folder: checkpoints, metrics.jsonl, tensorboard/, final/. A rerun resumes from it.")
-@click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter instead of all weights. [lora.enabled]")
-@config_options
-def sft(stage, data_path, model, out_dir, lora, config_path, overrides):
-    """Supervised fine-tuning on completion tokens (prompt masked): stage 1 packed, stage 2 unpacked."""
-    from thinkforge.train import sft as sft_stage
-
-    recipe = recipe_from(config_path, overrides, {f"{stage}.data": data_path, "model.name_or_path": model, "lora.enabled": lora})
-    _quiet_hf()
-    with run_folder(out_dir):
-        save_resolved(recipe, out_dir)
-        final = sft_stage.main(recipe, stage, out_dir)
-    click.echo(f"{stage} finished: model in {final}")
+    data_key = "rl.data_path (prompts with references)" if stage.data is None else f"{stage.name}.data"
+    opts = [
+        click.option("--data", "data_path", default=None, help=f"Input JSONL. [{data_key}]"),
+        click.option("--model", "-m", default=None, help="Starting model (hub id, folder or adapter folder); the "
+                     "reference where the stage has one. [model.name_or_path]"),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                     help="Run folder: checkpoints, metrics.jsonl, tensorboard/, final/. A rerun resumes from it."),
+        click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter instead of all weights. [lora.enabled]"),
+        *[click.option(flag, _param(flag), type=click.Choice(kind) if isinstance(kind, tuple) else kind, default=None,
+                       help=f"{text}. [{key}]") for flag, (key, kind, text) in stage.options.items()],
+    ]
+    for o in reversed(opts):
+        command = o(command)
+    cli.command(stage.name, context_settings=CTX, help=stage.summary)(config_options(command))
 
 
-@cli.command(context_settings=CTX)
-@click.option("--algo", type=click.Choice(["grpo", "ppo"]), default=None, help="grpo or ppo. [rl.algo]")
-@click.option("--model", "-m", default=None, help="Starting checkpoint (and reference). [model.name_or_path]")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run folder: checkpoints, metrics.jsonl (with aha events), tensorboard/, final/. A rerun resumes.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps. [rl.steps]")
-@click.option("--lora/--no-lora", default=None, help="Train a new LoRA adapter on the start model (an adapter folder is merged first); the KL reference is that start model. [lora.enabled]")
-@config_options
-def rl(algo, model, out_dir, steps, lora, config_path, overrides):
-    """RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring."""
-    from thinkforge.train import rl as rl_stage
+def _param(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
 
-    given = {"rl.algo": algo, "model.name_or_path": model, "rl.steps": steps, "lora.enabled": lora}
-    recipe = recipe_from(config_path, overrides, given)
-    _quiet_hf()
-    with run_folder(out_dir):
-        save_resolved(recipe, out_dir)
-        final = rl_stage.main(recipe, out_dir)
-    click.echo(f"rl finished: model in {final}")
+
+def _stage_commands() -> None:
+    from thinkforge.stages import STAGES
+
+    for stage in STAGES.values():
+        _stage_command(stage)
+
+
+_stage_commands()
 
 
 # ---------------------------------------------------------------- demo

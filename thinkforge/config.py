@@ -109,7 +109,41 @@ class SyntheticConfig(_Section):
     n_test: int = Field(200, ge=1, description="Held-out test problems generated (disjoint by construction).")
 
 
-class SFTConfig(_Section):
+class OptimConfig(_Section):
+    """AdamW and its learning-rate schedule (`loop.lr_at`): linear warmup to lr, then cosine down to a floor.
+    A stage's own defaults (its `optim` field) stay in force for every key a recipe does not set."""
+
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps with linear warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of the peak; 1.0 = constant lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (not on biases and norms).")
+    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (0 = only at the end).")
+    keep: int = Field(2, ge=1, description="Newest checkpoints kept.")
+
+
+class _Stage(_Section):
+    """A training stage's section: its nested `optim` and `checkpoints` start from the stage's own defaults, and
+    a recipe's keys are laid over them (pydantic alone would reset every key the recipe leaves out to
+    OptimConfig's class default: sft.optim.lr=1e-4 would silently drop SFT's 10% warmup)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nested_keys_over_the_stage_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in ("optim", "checkpoints"):
+            given = data.get(name)
+            if isinstance(given, dict):
+                data[name] = {**cls.model_fields[name].default.model_dump(), **given}
+        return data
+
+
+class SFTConfig(_Stage):
     """Stage 2 (SPEC 2): next-token loss on a harder subset, no packing so the model learns to stop."""
 
     data: str | None = Field(None, description="JSONL of accepted rollouts: `question` and `completion` columns.")
@@ -117,15 +151,11 @@ class SFTConfig(_Section):
     max_len: int = Field(20480, ge=8, description="Tokens per row (packed) or per document at most.")
     epochs: int = Field(5, ge=1, description="Passes over the data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None = all epochs).")
-    lr: float = Field(1e-5, gt=0, description="Peak learning rate (recipe: 1e-5).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup (recipe: 10%).")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of the peak.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
+    optim: OptimConfig = Field(OptimConfig(lr=1e-5, warmup_ratio=0.1), description="AdamW and its schedule (recipe: "
+                               "lr 1e-5, 10% warmup, cosine to 0).")
     batch_size: int = Field(4, ge=1, description="Rows per micro-batch.")
     grad_accum: int = Field(32, ge=1, description="Micro-batches per optimizer step (recipe batch 128 = 4 x 32).")
-    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    checkpoints: CheckpointConfig = Field(CheckpointConfig(), description="When checkpoints are written and how many are kept.")
     mixed_precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 
 
@@ -136,7 +166,7 @@ class MidtrainConfig(SFTConfig):
     max_len: int = Field(16384, ge=8, description="Tokens per packed row (recipe: 16K).")
 
 
-class DPOConfig(_Section):
+class DPOConfig(_Stage):
     """Stage 3 (SPEC 2): DPO on correct (chosen) vs incorrect (rejected) rollouts, stage-2 model as reference."""
 
     data: str | None = Field(None, description="JSONL of pairs: question, chosen, rejected (see `thinkforge data pairs`).")
@@ -145,15 +175,11 @@ class DPOConfig(_Section):
     max_len: int = Field(16384, ge=8, description="Tokens per prompt + completion at most (recipe: 16K).")
     epochs: int = Field(1, ge=1, description="Passes over the pairs (recipe: 1).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    lr: float = Field(5e-7, gt=0, description="Peak learning rate (recipe: 5e-7).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a share of the peak.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
+    optim: OptimConfig = Field(OptimConfig(lr=5e-7, warmup_ratio=0.1), description="AdamW and its schedule (recipe: "
+                               "lr 5e-7; warmup not published, 10%).")
     batch_size: int = Field(4, ge=1, description="Pairs per micro-batch.")
     grad_accum: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
-    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    checkpoints: CheckpointConfig = Field(CheckpointConfig(), description="When checkpoints are written and how many are kept.")
     mixed_precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 
 
@@ -167,7 +193,7 @@ class PairsConfig(_Section):
                                "distribution: more problems with both a correct and a wrong rollout).")
 
 
-class RLConfig(_Section):
+class RLConfig(_Stage):
     """Stage 4 (SPEC 2-4): RL with verifiable reward, GRPO or PPO, with the Phi-4 stability recipe.
 
     Values not published for Phi-4-mini-reasoning say where they come from: DeepSeekMath GRPO (KL 0.04,
@@ -187,11 +213,8 @@ class RLConfig(_Section):
     group_size: int = Field(8, ge=2, description="G: samples per prompt (Infused Phi-2: 3; DAPO: 16; DeepSeekMath: 64).")
     mu: int = Field(1, ge=1, description="Policy updates per rollout batch; 1 = on-policy (old log-probs need no extra pass).")
     micro_batch: int = Field(16, ge=1, description="Sequences per forward/backward.")
-    lr: float = Field(5e-7, gt=0, description="Learning rate (Phi-4-mini-reasoning RLVR: 5e-7).")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warmup (Infused Phi-2: 3%).")
-    min_lr_ratio: float = Field(1.0, ge=0, le=1, description="Cosine floor as a share of the peak; 1.0 = constant lr.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    clip: float = Field(1.0, gt=0, description="Gradient norm clipping.")
+    optim: OptimConfig = Field(OptimConfig(lr=5e-7, min_lr_ratio=1.0), description="AdamW and its schedule (Phi-4-mini-"
+                               "reasoning RLVR: lr 5e-7, constant; Infused Phi-2: 1e-5, 3% warmup, cosine).")
     beta: float = Field(0.04, ge=0, description="KL coefficient, k3 estimator (DeepSeekMath: 0.04; DAPO: 0). 0 = no reference pass.")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio clip below 1 (PPO/GRPO: 0.2).")
     clip_high: float = Field(0.28, ge=0, description="Ratio clip above 1 (DAPO clip-higher: 0.28).")
@@ -232,8 +255,8 @@ class RLConfig(_Section):
     value_trunk: bool = Field(False, description="PPO: the value loss also trains the shared model (true), or only the "
                               "value head on detached features (false: like a separate critic, it never pulls the "
                               "policy's weights, and the head's gradient is clipped on its own).")
-    save_every: int = Field(50, ge=0, description="Checkpoint every N steps (Infused Phi-2: 50); 0 = only at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    checkpoints: CheckpointConfig = Field(CheckpointConfig(every=50), description="When checkpoints are written (Infused "
+                                          "Phi-2: every 50 steps) and how many are kept.")
     aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")
     aha_rise: float = Field(0.3, ge=0, description="Relative rise over the window mean that flags an aha moment.")
     truncation_warn: float = Field(0.5, ge=0, le=1, description="Warn when this share of responses is truncated (PITFALLS 2).")
@@ -360,6 +383,7 @@ LEGACY_DEFAULTS = [("rollout", "max_model_len", 4096)]
 # (section, key, what reads it, when it is read): settings that another setting switches off.
 _VLLM = "rollout.backend=vllm"
 IGNORED_UNLESS = [
+    ("rl", "data_path", "rl.source other than synthetic", lambda r: r.rl.source != "synthetic"),
     ("rl", "tis_cap", "rollout.backend=vllm (the hf backend returns no sampler log-probs)", lambda r: r.rollout.backend == "vllm"),
     *[("rollout", k, _VLLM, lambda r: r.rollout.backend == "vllm") for k in (
         "vllm_command", "vllm_args", "max_model_len", "startup_timeout", "max_batched_tokens", "sync_atol")],
@@ -405,6 +429,9 @@ def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 
 RENAMED = {"rl.scale_advantages": "rl.advantage (grpo = divided by the group std, dr_grpo = not)"}
+# Keys every training stage had at its top level before the shared optimizer/checkpoint schemas.
+MOVED = {**{k: f"optim.{k}" for k in ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "clip")},
+         "save_every": "checkpoints.every", "keep_checkpoints": "checkpoints.keep"}
 
 
 def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
@@ -415,6 +442,8 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
         return f"{source}: {e['msg'].removeprefix('Value error, ')}"
     if e["type"] == "extra_forbidden" and key in RENAMED:
         return f"{source}: config key {key!r} was replaced by {RENAMED[key]}"
+    if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[1] in MOVED and issubclass(_section_at(schema, loc[:1]) or object, _Stage):
+        return f"{source}: config key {key!r} moved to '{loc[0]}.{MOVED[loc[1]]}'"
     if e["type"] == "extra_forbidden":
         parent = _section_at(schema, loc[:-1])
         known = list(parent.model_fields) if parent else []

@@ -21,8 +21,9 @@ from thinkforge.data import distill, pairs, selection
 from thinkforge.data.sources import load_benchmark
 from thinkforge.errors import UserError
 from thinkforge.io import atomic_write, read_jsonl, run_folder, write_json
+from thinkforge.stages import STAGES
 
-LABELS = {"base": "base", "midtrain": "+mid-training", "sft": "+fine-tuning", "dpo": "+rollout DPO", "rl": "+RLVR"}
+LABELS = {"base": "base", **{s.name: s.label for s in STAGES.values()}}
 
 
 class Run:
@@ -54,13 +55,11 @@ STAGE_INPUTS = {
     "base": ["seed", "model.name_or_path", "model.trainable_dtype", "model.load_in_4bit", "model.prompt_format",
              "model.system_prompt", "init", "lora"],
     "distill": ["distill", "select"],
-    "midtrain": ["midtrain"],
-    "sft": ["sft"],
     "pairs": ["generation.max_new_tokens", "pairs", "pipeline.policy_problems", "pipeline.policy_fresh",
               "pipeline.policy_difficulties", "pipeline.pair_sources"],
-    "dpo": ["dpo"],
-    "rl": ["rl", "rewards", "rollout.backend"],
+    **{s.name: [s.name, *s.inputs] for s in STAGES.values()},
 }
+PAIRS = "pairs.jsonl"  # the data step before the stage that trains on pairs
 EVAL_INPUTS = ["seed", "eval", "generation", "synthetic", "model.dtype", "model.prompt_format", "model.system_prompt"]
 
 
@@ -81,11 +80,17 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
 def steps(recipe: Recipe) -> list[str]:
     """The pipeline's steps in order, as `_stages` runs them (distill when a stage needs its data; DPO's pairs)."""
     stages = [s for s in recipe.pipeline.stages if s != "distill"]
-    runs_distill = "distill" in recipe.pipeline.stages or any(s in stages for s in ("midtrain", "sft"))
+    runs_distill = _runs_distill(recipe)
     out = ["base", *(["distill"] if runs_distill else [])]
     for s in stages:
-        out += ["pairs", "dpo"] if s == "dpo" else [s]
+        out += ["pairs", s] if STAGES[s].data == PAIRS else [s]
     return out
+
+
+def _runs_distill(recipe: Recipe) -> bool:
+    """Distillation runs when asked for or when a stage trains on its selected rollouts."""
+    return "distill" in recipe.pipeline.stages or any(
+        STAGES[s].data and STAGES[s].data.startswith("sel/") for s in recipe.pipeline.stages if s in STAGES)
 
 
 def stage_inputs(recipe: Recipe, step: str) -> dict[str, str]:
@@ -133,10 +138,6 @@ def _main(recipe: Recipe, out: Path, progress: bool, stop_after_stage: str | Non
 
 def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stage: str | None) -> tuple[str, str]:
     """Evaluate the base, distill, then each stage from the previous one's final model; (base, final model)."""
-    from thinkforge.train import dpo as dpo_stage
-    from thinkforge.train import rl as rl_stage
-    from thinkforge.train import sft as sft_stage
-
     log = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     base = recipe.model.name_or_path
     if recipe.init is not None and not Path(base).exists():
@@ -176,7 +177,7 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
 
     data_dir = out / "data"
     rollouts = data_dir / "rollouts.jsonl"
-    if "distill" in recipe.pipeline.stages or any(s in recipe.pipeline.stages for s in ("midtrain", "sft")):
+    if _runs_distill(recipe):
         if not finished("distill"):
             log("[distill] teacher rollouts, graded")
             problems = distill.problems_for(recipe.distill, recipe.seed)
@@ -193,8 +194,9 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
             current = info["model"]
             continue
         log(f"[{stage}] from {current}")
+        spec = STAGES[stage]
         stage_recipe = with_model(recipe, current)
-        if stage == "dpo":  # pairs made from another recipe (an unfinished earlier run) are made again
+        if spec.data == PAIRS:  # pairs made from another recipe (an unfinished earlier run) are made again
             made_from = data_dir / "pairs.made_from.json"
             wanted = stage_inputs(recipe, "pairs")
             if (data_dir / "pairs.jsonl").exists() and (not made_from.exists() or json.loads(made_from.read_text()) != wanted):
@@ -203,13 +205,8 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
                 _make_pairs(recipe, stage_recipe, data_dir, current, log, progress)
                 write_json(made_from, wanted)
         with run_folder(out / stage):
-            if stage in ("midtrain", "sft"):
-                data = data_dir / "sel" / ("accepted.jsonl" if stage == "midtrain" else "hard.jsonl")
-                final = sft_stage.main(stage_recipe, stage, out / stage, data=str(data), progress=progress)
-            elif stage == "dpo":
-                final = dpo_stage.main(stage_recipe, out / stage, data=str(data_dir / "pairs.jsonl"), progress=progress)
-            else:  # rl (stages are validated by the config)
-                final = rl_stage.main(stage_recipe, out / stage, progress=progress)
+            data = str(data_dir / spec.data) if spec.data else None
+            final = spec.run(stage_recipe, out / stage, data=data, progress=progress)
         current = str(final)
         stage_eval(stage, current)
         if stop_after_stage == stage:

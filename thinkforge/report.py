@@ -9,6 +9,7 @@ from pathlib import Path
 from thinkforge.cards import metadata
 from thinkforge.formats import SYSTEM_PROMPT, prompt_snippet
 from thinkforge.io import atomic_write
+from thinkforge.stages import STAGES
 
 
 def stage_table(summary: dict) -> str:
@@ -114,26 +115,8 @@ def model_card(recipe, summary: dict, base: str, out: Path | None = None) -> str
     adapter = (final / "adapter_config.json").is_file()
     base_ref = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] if adapter else base
     stages = [s for s in recipe.pipeline.stages]
-    hp = []
-    if "midtrain" in stages:
-        c = recipe.midtrain
-        hp.append(f"- Mid-training (stage 1): next-token loss on verified chains of thought, packing {c.packing}, "
-                  f"sequence length {c.max_len}, lr {c.lr}, epochs {c.epochs}, max steps {c.max_steps}, warmup "
-                  f"{c.warmup_ratio:.0%}, batch {c.batch_size} x {c.grad_accum}{_ran(out, 'midtrain')}")
-    if "sft" in stages:
-        c = recipe.sft
-        hp.append(f"- Fine-tuning (stage 2): harder subset, packing {c.packing}, sequence length {c.max_len}, lr {c.lr}, "
-                  f"epochs {c.epochs}, max steps {c.max_steps}, batch {c.batch_size} x {c.grad_accum}{_ran(out, 'sft')}")
-    if "dpo" in stages:
-        c = recipe.dpo
-        hp.append(f"- Rollout DPO (stage 3): loss {c.loss}, beta {c.beta}, lr {c.lr}, epochs {c.epochs}, "
-                  f"reference = the stage-2 model{_ran(out, 'dpo')}")
-    if "rl" in stages:
-        c = recipe.rl
-        hp.append(f"- RLVR (stage 4): {c.algo}, reward {c.reward}, {c.steps} steps, {c.prompts_per_step} prompts x "
-                  f"{c.group_size} samples, lr {c.lr}, beta {c.beta}, clip {c.clip_low}/{c.clip_high}, aggregation "
-                  f"{c.loss_agg}, temperature {c.temperature_start} -> {c.temperature} over {c.anneal_steps} steps, "
-                  f"max new tokens {c.max_new_tokens}{_ran(out, 'rl')}")
+    hp = [f"- {STAGES[s].title[0].upper()}{STAGES[s].title[1:]} (stage {STAGE_NUMBER[s]}): {STAGES[s].describe(recipe)}"
+          f"{_ran(out, s)}" for s in stages if s in STAGES]
     if recipe.lora.enabled:
         hp.append(f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, dropout {recipe.lora.dropout}, "
                   f"targets {recipe.lora.target_modules or 'architecture default'}")
@@ -157,8 +140,7 @@ outputs = model.generate(**inputs, max_new_tokens={recipe.generation.max_new_tok
                          pad_token_id=tokenizer.pad_token_id)
 print(tokenizer.decode(outputs[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))'''
     p = summary["protocol"]
-    tags = ["reasoning", *[{"midtrain": "distillation", "sft": "sft", "dpo": "dpo", "rl": recipe.rl.algo}[s]
-                           for s in stages if s != "distill"], *(["lora"] if adapter else [])]
+    tags = ["reasoning", *[STAGES[s].tag(recipe) for s in stages if s in STAGES], *(["lora"] if adapter else [])]
     return metadata(base, adapter, tags) + f"""# Model card: {final.name} (thinkforge)
 
 A reasoning model trained with thinkforge: {_recipe_line(recipe)}. It answers in the form
@@ -211,7 +193,8 @@ def _recipe_line(recipe) -> str:
     return f"the Phi-4-mini-reasoning recipe, stages {', '.join(stages)}"
 
 
-LABEL = {"distill": "teacher distillation", "midtrain": "mid-training", "sft": "fine-tuning", "dpo": "rollout DPO", "rl": "RLVR"}
+LABEL = {"distill": "teacher distillation", **{s.name: s.title for s in STAGES.values()}}
+STAGE_NUMBER = {s: i + 1 for i, s in enumerate(STAGES)}  # the recipe's numbering (Phi-4-mini-reasoning: 1-4)
 
 
 def write(recipe, out: Path, summary: dict, base: str) -> None:

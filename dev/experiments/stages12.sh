@@ -17,11 +17,11 @@ ev() {  # ev MODEL NAME
 [ -f model/config.json ] || $TF init-model model --arch phi3 --hidden 128 --layers 4 --heads 4 --seed $SEED 2>/dev/null
 $TF data distill --out rollouts.jsonl --problems 1500 -n 4 --slip-rate 0.3 seed=$SEED distill.difficulties=[1,2] 2>/dev/null
 $TF data select rollouts.jsonl --out sel --min-difficulty 2 2>/dev/null
-S1="midtrain.max_len=1024 midtrain.batch_size=4 midtrain.grad_accum=1 midtrain.lr=2e-3 midtrain.epochs=3 midtrain.warmup_ratio=0.03"
-$TF sft --stage midtrain --data sel/accepted.jsonl -m model --out midtrain "$SYS" seed=$SEED $S1 2>/dev/null
-$TF sft --stage midtrain --data rollouts.jsonl -m model --out midtrain-unverified "$SYS" seed=$SEED $S1 2>/dev/null
-$TF sft --stage sft --data sel/hard.jsonl -m midtrain/final --out sft "$SYS" seed=$SEED sft.max_len=512 \
-  sft.batch_size=16 sft.grad_accum=1 sft.lr=5e-4 sft.epochs=2 sft.warmup_ratio=0.03 2>/dev/null
+S1="midtrain.max_len=1024 midtrain.batch_size=4 midtrain.grad_accum=1 midtrain.optim.lr=2e-3 midtrain.epochs=3 midtrain.optim.warmup_ratio=0.03"
+$TF midtrain --data sel/accepted.jsonl -m model --out midtrain "$SYS" seed=$SEED $S1 2>/dev/null
+$TF midtrain --data rollouts.jsonl -m model --out midtrain-unverified "$SYS" seed=$SEED $S1 2>/dev/null
+$TF sft --data sel/hard.jsonl -m midtrain/final --out sft "$SYS" seed=$SEED sft.max_len=512 \
+  sft.batch_size=16 sft.grad_accum=1 sft.optim.lr=5e-4 sft.epochs=2 sft.optim.warmup_ratio=0.03 2>/dev/null
 echo "seed $SEED: fresh";               ev model fresh
 echo "seed $SEED: +midtrain";            ev midtrain/final midtrain
 echo "seed $SEED: +sft";                 ev sft/final sft

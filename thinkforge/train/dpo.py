@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from thinkforge.config import DPOConfig, Recipe
-from thinkforge.data.packing import Example, collate_padded, tokenize
+from thinkforge.data.packing import Example, tokenize
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
-from thinkforge.losses import Normaliser, dpo_loss, normaliser, sequence_logprobs
+from thinkforge.losses import Normaliser, dpo_loss, normaliser
 from thinkforge.monitor import progress_bar
+from thinkforge.rollout.types import Rollout
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop
+from thinkforge.train.forward import forward_logp
 
 Pair = tuple[Example, Example]  # (chosen, rejected), same prompt
 
@@ -42,11 +44,18 @@ def load_pairs(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Pair]
 
 
 def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of chosen and rejected completions, one forward over [chosen; rejected]. -> (B,), (B,)"""
-    ids, labels, attn = collate_padded([c for c, _ in pairs] + [r for _, r in pairs], pad_id)  # (2B, T)
-    logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device), use_cache=False).logits
-    logp = sequence_logprobs(logits, labels.to(model.device))  # (2B,)
-    return logp[: len(pairs)], logp[len(pairs) :]
+    """Sequence log-probs of chosen and rejected completions. -> (B,), (B,)
+
+    A pair is an RL group of two: its prompt runs once and its KV cache is repeated for both continuations
+    (train.forward.forward_logp; under gradient checkpointing each row runs whole), where the prompt once
+    ran twice, with chosen and with rejected."""
+    if any(c.prompt != r.prompt for c, r in pairs):
+        raise ValueError("a preference pair's chosen and rejected continue different prompts")
+    rows = Rollout.build([c.prompt for c, _ in pairs], [x.completion for pair in pairs for x in pair],
+                         [i // 2 for i in range(2 * len(pairs))], pad_id, [0.0] * (2 * len(pairs)))
+    logp, _, _ = forward_logp(model, rows, slice(0, 2 * len(pairs)))  # (2B, C): 0 past each completion
+    seq = logp.sum(-1)  # (2B,) chosen, rejected, chosen, ...
+    return seq[0::2], seq[1::2]
 
 
 def model_identity(source: str) -> str:
@@ -112,15 +121,17 @@ def preference_accuracy(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int
             "margin": (beta * (h[:, 0] - h[:, 1])).mean().item()}
 
 
-def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress: bool = True,
+def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
          stop_after: int | None = None) -> Path | None:
+    """Train stage `stage` (a DPO section of the recipe, "dpo") into run_dir; returns the final model folder.
+    The signature every stage shares (thinkforge/stages.py)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    cfg: DPOConfig = recipe.dpo
+    cfg: DPOConfig = getattr(recipe, stage)
     data = data or cfg.data
     if not data:
-        raise UserError("dpo.data is not set: pass --data PAIRS.jsonl (rows with question, chosen, rejected)")
+        raise UserError(f"{stage}.data is not set: pass --data PAIRS.jsonl (rows with question, chosen, rejected)")
     run_dir = Path(run_dir)
     loop.seed_everything(recipe.seed)
     dist = distributed.init()
@@ -152,12 +163,12 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
 
     per_step = cfg.batch_size * cfg.grad_accum
     n_steps = loop.total_steps(len(pairs), per_step, cfg.epochs, cfg.max_steps)
-    warmup = int(cfg.warmup_ratio * n_steps)
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    warmup = int(cfg.optim.warmup_ratio * n_steps)
+    optimizer = loop.make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
     start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
-    checkpoints = loop.Checkpoints(run_dir, "dpo", n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
-    bar = progress_bar(n_steps, "dpo", "step", progress and dist.main, start)
+    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)
+    bar = progress_bar(n_steps, stage, "step", progress and dist.main, start)
     for step in range(start, n_steps):
         t0 = time.time()
         idx = loop.step_indices(len(pairs), per_step, recipe.seed, step)  # the global batch, on every rank
@@ -174,8 +185,8 @@ def main(recipe: Recipe, run_dir: str | Path, data: str | None = None, progress:
             for key, v in parts.items():
                 totals[key] = totals.get(key, 0.0) + v * share
         totals = dict(zip(totals, dist.all_sum(list(totals.values())), strict=True))  # the step's, over ranks
-        lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
-        grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
+        lr = loop.lr_at(step, n_steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)
+        grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.optim.clip, lr)
         seconds = time.time() - t0
         metrics.log(step + 1, {**totals, "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / seconds,
                                "step_seconds": seconds})

@@ -135,11 +135,13 @@ def reference_logp(model, reference, batch: Rollout, micro: int) -> torch.Tensor
     return logp_no_grad(reference, batch, micro)
 
 
-def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after: int | None = None,
-         make_generator=None) -> Path | None:
-    """Run the RL stage into run_dir (resuming from its last checkpoint). `make_generator(model, tokenizer,
-    batch_size)` returns the rollout backend (`rollout.types.Generator`); default: `rollout.make_generator`."""
-    cfg: RLConfig = recipe.rl
+def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
+         stop_after: int | None = None, make_generator=None) -> Path | None:
+    """Run the RL stage `stage` (its recipe section, "rl") into run_dir, resuming from its last checkpoint; `data`
+    is a prompts file (default: the section's data_path). The signature every stage shares (thinkforge/stages.py),
+    plus `make_generator(model, tokenizer, batch_size)`, the rollout backend (`rollout.types.Generator`;
+    default: `rollout.make_generator`)."""
+    cfg: RLConfig = getattr(recipe, stage)
     run_dir = Path(run_dir)
     m = recipe.model
     loop.seed_everything(recipe.seed)
@@ -159,14 +161,15 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     critic = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else None  # GRPO: the group is the baseline
     model.train()
     ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = loop.make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
     clipped = list(model.parameters())  # clipped together: the policy's (and a value head that trains the trunk)
     if critic is not None:
-        critic.attach(optimizer, cfg.lr, cfg.value_lr_scale)
+        critic.attach(optimizer, cfg.optim.lr, cfg.value_lr_scale)
         clipped += list(critic.head.parameters()) if critic.head.trunk else []
     start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
 
-    problems = training_problems(cfg.source, cfg.n_problems, cfg.difficulties, recipe.seed, cfg.data_path, cfg.columns,
+    source = "local" if data and cfg.source == "synthetic" else cfg.source  # a prompts file given: the prompts
+    problems = training_problems(source, cfg.n_problems, cfg.difficulties, recipe.seed, data or cfg.data_path, cfg.columns,
                                  stream="rl" if cfg.fresh_prompts else "")
     task = Task(problems, prompt_renderer(m, tok), tok,
                 WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
@@ -177,9 +180,9 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
     aha = AhaDetector(cfg.aha_window, cfg.aha_rise)
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
-    warmup = int(cfg.warmup_ratio * cfg.steps)
-    checkpoints = loop.Checkpoints(run_dir, "rl", cfg.steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
-    bar = progress_bar(cfg.steps, f"rl/{cfg.algo}", "step", progress and dist.main, start)
+    warmup = int(cfg.optim.warmup_ratio * cfg.steps)
+    checkpoints = loop.Checkpoints(run_dir, stage, cfg.steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)
+    bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
     empty = 0
     # Built last: from here on a server started for this run stops with it, whatever happens.
     if make_generator is not None:
@@ -222,11 +225,11 @@ def main(recipe: Recipe, run_dir: str | Path, progress: bool = True, stop_after:
             for _ in range(cfg.mu):
                 parts = backward(ddp, batch, norm, cfg, critic, dist)
                 if critic is not None and not critic.head.trunk:  # a detached head is clipped alone
-                    parts["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.head.parameters(), cfg.clip).item()
+                    parts["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.head.parameters(), cfg.optim.clip).item()
                 for k, v in parts.items():
                     totals[k] = totals.get(k, 0.0) + v / cfg.mu
-                lr = loop.lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
-                grad_norm = loop.apply_update(clipped, optimizer, cfg.clip, lr)
+                lr = loop.lr_at(step, cfg.steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)
+                grad_norm = loop.apply_update(clipped, optimizer, cfg.optim.clip, lr)
             with loop.autocast(str(model.device), cfg.mixed_precision):  # its check compares in the server's precision
                 sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
             dist.barrier()  # no rank samples before the push is done

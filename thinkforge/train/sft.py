@@ -86,8 +86,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     rows = build_rows(examples, cfg)
     per_step = cfg.batch_size * cfg.grad_accum
     n_steps = loop.total_steps(len(rows), per_step, cfg.epochs, cfg.max_steps)
-    warmup = int(cfg.warmup_ratio * n_steps)
-    optimizer = loop.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    warmup = int(cfg.optim.warmup_ratio * n_steps)
+    optimizer = loop.make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
     start = 0
     if ckpt:
         start = loop.restore(ckpt, optimizer, model, dist)["step"]
@@ -98,7 +98,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         "tokens": n_tok, "packing": cfg.packing})
 
     device = str(model.device)
-    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.save_every, cfg.keep_checkpoints, stop_after, dist)
+    checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)
     bar = progress_bar(n_steps, stage, "step", progress and dist.main, start)
     for step in range(start, n_steps):
         t0 = time.time()
@@ -113,8 +113,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                     loss = forward_loss(ddp, batches[k], norm.scaled(weight))
                 loss.backward()
             loss_sum += loss.item()
-        lr = loop.lr_at(step, n_steps, cfg.lr, warmup, cfg.min_lr_ratio)
-        grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.clip, lr)
+        lr = loop.lr_at(step, n_steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)
+        grad_norm = loop.apply_update(model.parameters(), optimizer, cfg.optim.clip, lr)
 
         seconds = time.time() - t0
         n_in = sum(int(b["input_ids"].numel()) for b in batches[: len(micro)])

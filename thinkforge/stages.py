@@ -1,0 +1,78 @@
+"""The training stages, one row each: what `thinkforge run`, the CLI and the report know about a stage.
+
+Every stage is a module under `thinkforge/train/` whose `main` has one signature:
+
+    main(recipe, stage, run_dir, data=None, progress=True, stop_after=None) -> final model folder | None
+
+`stage` is the name of its recipe section (and of its run folder and checkpoints); `data` is its input file
+(None: the section's own); `stop_after` checkpoints and returns None after that many steps, as an interruption
+would. A new stage is its module, its section in `config.py` (its schema with nested `optim` and
+`checkpoints`), and one row below: the pipeline runs it in recipe order, the CLI gets a command of its name,
+and the report a row and a hyper-parameter line.
+
+This module stays light (no torch): a stage's module is imported when the stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the recipe section, the CLI command, the run folder
+    module: str  # the module under thinkforge/train/ with its `main`
+    label: str  # its row in the stage table ("+fine-tuning")
+    title: str  # what the model card calls it
+    tag: Callable  # recipe -> its hub tag
+    summary: str  # the CLI command's help line
+    data: str | None  # the pipeline's input for it, under the run's data folder (None: it needs no file)
+    describe: Callable  # recipe -> the model card's hyper-parameter line (without what it ran)
+    inputs: tuple[str, ...] = ()  # recipe keys it is made from besides its own section (pipeline fingerprints)
+    options: dict[str, tuple[str, type | tuple, str]] = field(default_factory=dict)  # CLI --flag -> (key, type, help)
+
+    def main(self) -> Callable:
+        return importlib.import_module(f"thinkforge.train.{self.module}").main
+
+    def run(self, recipe, run_dir: str | Path, data: str | None = None, progress: bool = True,
+            stop_after: int | None = None) -> Path | None:
+        return self.main()(recipe, self.name, run_dir, data=data, progress=progress, stop_after=stop_after)
+
+
+def _sft_line(recipe, name: str, what: str) -> str:
+    c = getattr(recipe, name)
+    return (f"{what}, packing {c.packing}, sequence length {c.max_len}, lr {c.optim.lr}, epochs {c.epochs}, max steps "
+            f"{c.max_steps}, warmup {c.optim.warmup_ratio:.0%}, batch {c.batch_size} x {c.grad_accum}")
+
+
+def _dpo_line(recipe) -> str:
+    c = recipe.dpo
+    return f"loss {c.loss}, beta {c.beta}, lr {c.optim.lr}, epochs {c.epochs}, reference = the stage-2 model"
+
+
+def _rl_line(recipe) -> str:
+    c = recipe.rl
+    return (f"{c.algo}, reward {c.reward}, {c.steps} steps, {c.prompts_per_step} prompts x {c.group_size} samples, "
+            f"lr {c.optim.lr}, beta {c.beta}, clip {c.clip_low}/{c.clip_high}, aggregation {c.loss_agg}, temperature "
+            f"{c.temperature_start} -> {c.temperature} over {c.anneal_steps} steps, max new tokens {c.max_new_tokens}")
+
+
+STAGES = {s.name: s for s in [
+    Stage("midtrain", "sft", "+mid-training", "mid-training", lambda r: "distillation",
+          "Distillation mid-training (stage 1): next-token loss on verified chains of thought, packed rows.",
+          "sel/accepted.jsonl", lambda r: _sft_line(r, "midtrain", "next-token loss on verified chains of thought")),
+    Stage("sft", "sft", "+fine-tuning", "fine-tuning", lambda r: "sft",
+          "Supervised fine-tuning (stage 2) on the harder subset, unpacked, completion tokens only.",
+          "sel/hard.jsonl", lambda r: _sft_line(r, "sft", "harder subset")),
+    Stage("dpo", "dpo", "+rollout DPO", "rollout DPO", lambda r: "dpo",
+          "Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference.",
+          "pairs.jsonl", _dpo_line, (),
+          {"--loss": ("dpo.loss", ("sigmoid", "ipo"), "sigmoid = DPO, ipo = IPO"), "--beta": ("dpo.beta", float, "DPO beta")}),
+    Stage("rl", "rl", "+RLVR", "RLVR", lambda r: r.rl.algo,
+          "RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring.",
+          None, _rl_line, ("rewards", "rollout.backend"),
+          {"--algo": ("rl.algo", ("grpo", "ppo"), "grpo or ppo"), "--steps": ("rl.steps", int, "optimizer steps")}),
+]}
