@@ -10,7 +10,8 @@ from conftest import run_cli
 
 from thinkforge.cli import cli
 
-COMMANDS = ["eval", "compare", "grade", "generate", "chat", "serve", "init-model", "sft", "data distill", "data select", "data pairs", "dpo", "rl"]
+COMMANDS = ["eval", "compare", "grade", "generate", "chat", "serve", "init-model", "midtrain", "sft", "data distill",
+            "data select", "data pairs", "dpo", "rl"]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -21,7 +22,7 @@ def test_help_explains_every_option(name, capsys):
     for part in name.split():
         command = command.commands[part]
     for param in command.params:
-        if isinstance(param, click.Option):
+        if isinstance(param, click.Option) and not param.hidden:  # hidden: a removed option's pointer
             assert param.help, f"{name} {param.opts} has no help"
             assert param.opts[0] in out
 
@@ -207,3 +208,25 @@ def test_a_binary_or_empty_input_file_is_one_line(tiny_model, tmp_path, capsys, 
     _bad([a.replace("{}", str(binary)) for a in args], capsys, "not UTF-8 text")
     err = _bad([a.replace("{}", str(empty)) for a in args], capsys, str(empty))
     assert "no rows" in err or "no training rows" in err or "nothing to generate" in err
+
+
+def test_rl_data_is_a_local_prompts_file_recorded_in_the_run_folder(tiny_model, tmp_path, capsys):
+    """`thinkforge rl --data FILE` trains on FILE's prompts, and the saved config says so (rl.data_path and
+    rl.source=local): a rerun without --data resumes on the same prompts."""
+    import yaml
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
+                               for i in range(1, 9)))
+    out = tmp_path / "rl"
+    code, _, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--data", str(prompts), "--steps", "1",
+                            "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.truncation=none",
+                            "rl.drop_easy=false"], capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((out / "config.yaml").read_text())["rl"]
+    assert (saved["data_path"], saved["source"]) == (str(prompts), "local")
+    assert any('"reward"' in x for x in (out / "metrics.jsonl").read_text().splitlines())
+    bad = tmp_path / "bad.jsonl"  # and it is FILE that is read: one without questions is refused by name
+    bad.write_text(json.dumps({"text": "no question here"}) + "\n")
+    code, _, err = run_cli(["rl", "-m", tiny_model, "--out", str(tmp_path / "rl2"), "--data", str(bad), "--steps", "1"], capsys)
+    assert code == 2 and "bad.jsonl" in err, err

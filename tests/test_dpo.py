@@ -200,15 +200,16 @@ def test_the_reference_key_names_the_start_model_by_what_it_is_not_where_it_lies
     assert model_identity("microsoft/phi-2") == "microsoft/phi-2"
 
 
-def test_a_pairs_prompt_runs_once_and_gives_the_log_probs_and_gradients_of_two_whole_passes(tiny_model):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_pairs_prompt_runs_once_and_gives_the_log_probs_and_gradients_of_two_whole_passes(tiny_model, checkpointing):
     """dpo.pair_logprobs runs each pair's prompt once (its cache repeated for chosen and rejected): the same
     sequence log-probs and gradients as one pass per whole sequence, with prompts of different lengths."""
     from thinkforge import models
     from thinkforge.data.packing import collate_padded, tokenize
     from thinkforge.train import dpo
 
-    model, tok = models.load(tiny_model)
-    model.eval()  # no dropout: both ways must see the same function
+    model, tok = models.load(tiny_model, gradient_checkpointing=checkpointing)
+    model.train(checkpointing)  # checkpointing recomputes in training only; the tiny model has no dropout
     pairs = [(tokenize(tok, p, c, 256), tokenize(tok, p, r, 256)) for p, c, r in [
         ("Mia has 3 apples. ", "<think>3 + 1 = 4</think><answer>4</answer>", "<answer>5</answer>"),
         ("Leo has 7 books and gives 2 to Sam. ", "<answer>5</answer>", "<think>7 - 2 = 9 more words</think><answer>9</answer>")]]

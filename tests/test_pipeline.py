@@ -154,3 +154,23 @@ def test_what_a_step_is_made_from_leaves_out_how_it_ran_and_names_the_steps_befo
     fewer = load_config(ROOT / "recipes" / "tiny.yaml", ["pipeline.stages=[distill,sft,dpo,rl]"])
     assert stage_inputs(fewer, "sft")["steps"] != stage_inputs(base, "sft")["steps"]
     assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["sft.optim.lr=1e-3"]), "rl") != stage_inputs(base, "rl")
+
+
+def test_a_run_finished_before_the_nested_optimizer_schema_still_resumes(tmp_path):
+    """The fingerprint of the tiny recipe's RL step as 879909c (flat sft.lr, rl.save_every) recorded it: a run
+    folder made then is not judged stale by a release that nests optim/checkpoints; and its config.yaml loads
+    (the flat keys read as their new names, with a warning)."""
+    import hashlib
+
+    from thinkforge.config import load_config
+    from thinkforge.pipeline import stage_inputs
+
+    recipe = load_config(ROOT / "recipes" / "tiny.yaml")
+    made_from = stage_inputs(recipe, "rl")
+    assert hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16] == "fb60f5948cd7378b"
+    assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["rl.head_chunk=64"]), "rl") == made_from
+    old = tmp_path / "config.yaml"
+    old.write_text("sft: {lr: 0.0005, warmup_ratio: 0.03, save_every: 0, keep_checkpoints: 2, clip: 1.0}\n")
+    with pytest.warns(FutureWarning, match="'sft.lr' is now 'sft.optim.lr'"):
+        loaded = load_config(old)
+    assert (loaded.sft.optim.lr, loaded.sft.optim.warmup_ratio, loaded.sft.checkpoints.every) == (5e-4, 0.03, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -525,24 +526,29 @@ def _stage_command(stage) -> None:
     """`thinkforge <stage>`: the stage's run folder from --model (and --data) with the recipe's section; its own
     options (stages.STAGES) are shortcuts for its keys."""
 
-    def command(data_path, model, out_dir, lora, config_path, overrides, **options):
+    def command(data_path, model, out_dir, lora, old_stage, config_path, overrides, **options):
+        if old_stage:
+            raise UserError(f"`thinkforge sft --stage {old_stage}` is now `thinkforge {old_stage}` (the same options)")
+        data_keys, _ = stage.data_option
         given = {"model.name_or_path": model, "lora.enabled": lora,
+                 **({k: data_path if v is None else v for k, v in data_keys.items()} if data_path else {}),
                  **{key: options[_param(flag)] for flag, (key, _, _) in stage.options.items()}}
-        recipe = recipe_from(config_path, overrides, given)
+        recipe = recipe_from(config_path, overrides, given)  # what it trains on is in the saved config
         _quiet_hf()
         with run_folder(out_dir):
             save_resolved(recipe, out_dir)
-            final = stage.run(recipe, out_dir, data=data_path)
+            final = stage.run(recipe, out_dir)
         click.echo(f"{stage.name} finished: model in {final}")
 
-    data_key = "rl.data_path (prompts with references)" if stage.data is None else f"{stage.name}.data"
+    data_keys, data_help = stage.data_option
+    keys = ", ".join(k if v is None else f"{k}={v}" for k, v in data_keys.items())
     opts = [
-        click.option("--data", "data_path", default=None, help=f"Input JSONL. [{data_key}]"),
-        click.option("--model", "-m", default=None, help="Starting model (hub id, folder or adapter folder); the "
-                     "reference where the stage has one. [model.name_or_path]"),
-        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                     help="Run folder: checkpoints, metrics.jsonl, tensorboard/, final/. A rerun resumes from it."),
+        click.option("--data", "data_path", default=None, help=f"{data_help}. [{keys}]"),
+        click.option("--model", "-m", default=None, help="Starting model (hub id, folder, or a LoRA adapter folder: "
+                     "merged first, a new adapter trains on it); the reference where the stage has one. [model.name_or_path]"),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help=stage.out_help),
         click.option("--lora/--no-lora", default=None, help="Train a LoRA adapter instead of all weights. [lora.enabled]"),
+        click.option("--stage", "old_stage", default=None, hidden=True),
         *[click.option(flag, _param(flag), type=click.Choice(kind) if isinstance(kind, tuple) else kind, default=None,
                        help=f"{text}. [{key}]") for flag, (key, kind, text) in stage.options.items()],
     ]
@@ -630,7 +636,16 @@ def _fail(line: str) -> None:
     sys.exit(2)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"thinkforge: warning: {message}\n" if filename.startswith(_PACKAGE) else _python_format(message, category, filename, lineno, line)
+
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+_python_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> None:
+    warnings.formatwarning = _one_line_warning  # ours read as one line; a library's keep their source
     try:
         code = cli.main(args=argv, prog_name="thinkforge", standalone_mode=False)
     except UserError as e:

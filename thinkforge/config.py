@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from thinkforge.errors import UserError
 
@@ -127,20 +136,22 @@ class CheckpointConfig(_Section):
 
 class _Stage(_Section):
     """A training stage's section: its nested `optim` and `checkpoints` start from the stage's own defaults, and
-    a recipe's keys are laid over them (pydantic alone would reset every key the recipe leaves out to
-    OptimConfig's class default: sft.optim.lr=1e-4 would silently drop SFT's 10% warmup)."""
+    the keys a recipe (or an assignment) gives are laid over them (pydantic alone would reset every key left
+    out to OptimConfig's class default: sft.optim.lr=1e-4 would silently drop SFT's 10% warmup)."""
 
-    @model_validator(mode="before")
+    head_chunk: int | None = Field(None, ge=1, description="Tokens the output layer runs on at a time in this stage's "
+                                   "passes (training, reference, old log-probs): never the whole (T, V) logits. None = as "
+                                   "many as 2^26 fp32 logits hold (256 MB; 335 tokens at a 200,064 vocabulary).")
+
+    @field_validator("optim", "checkpoints", mode="before", check_fields=False)
     @classmethod
-    def _nested_keys_over_the_stage_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for name in ("optim", "checkpoints"):
-            given = data.get(name)
-            if isinstance(given, dict):
-                data[name] = {**cls.model_fields[name].default.model_dump(), **given}
-        return data
+    def _given_keys_over_the_stage_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """Runs on construction and on assignment; an instance contributes only the keys it was given."""
+        if isinstance(value, BaseModel):
+            value = value.model_dump(include=value.model_fields_set)
+        if isinstance(value, dict):
+            return {**cls.model_fields[info.field_name].default.model_dump(), **value}
+        return value
 
 
 class SFTConfig(_Stage):
@@ -429,9 +440,34 @@ def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 
 RENAMED = {"rl.scale_advantages": "rl.advantage (grpo = divided by the group std, dr_grpo = not)"}
-# Keys every training stage had at its top level before the shared optimizer/checkpoint schemas.
-MOVED = {**{k: f"optim.{k}" for k in ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "clip")},
-         "save_every": "checkpoints.every", "keep_checkpoints": "checkpoints.keep"}
+# Keys every training stage had at its top level before the shared optimizer/checkpoint schemas (2026-11-29):
+# the config.yaml of every earlier run holds them, so they are read as their new names, with a warning.
+MOVED = {**{k: ("optim", k) for k in ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "clip")},
+         "save_every": ("checkpoints", "every"), "keep_checkpoints": ("checkpoints", "keep")}
+
+
+def _move_flat_stage_keys(data: dict, schema: type[BaseModel], source: str) -> dict:
+    """A stage section's pre-2026-11-29 flat keys (sft.lr) moved under its nested schemas (sft.optim.lr)."""
+    import warnings
+
+    data = dict(data)
+    for name, field in schema.model_fields.items():
+        section = data.get(name)
+        if not (isinstance(section, dict) and isinstance(field.annotation, type) and issubclass(field.annotation, _Stage)):
+            continue
+        section = dict(section)
+        for old, (group, new) in MOVED.items():
+            if old not in section:
+                continue
+            nested = dict(section.get(group) or {}) if isinstance(section.get(group, {}), dict) else None
+            if nested is None or new in nested:
+                raise UserError(f"{source}: config keys '{name}.{old}' and '{name}.{group}.{new}' are both set; keep the second")
+            nested[new] = section.pop(old)
+            section[group] = nested
+            warnings.warn(f"{source}: config key '{name}.{old}' is now '{name}.{group}.{new}' (read as such)", FutureWarning,
+                          stacklevel=1)
+        data[name] = section
+    return data
 
 
 def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
@@ -442,8 +478,6 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
         return f"{source}: {e['msg'].removeprefix('Value error, ')}"
     if e["type"] == "extra_forbidden" and key in RENAMED:
         return f"{source}: config key {key!r} was replaced by {RENAMED[key]}"
-    if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[1] in MOVED and issubclass(_section_at(schema, loc[:1]) or object, _Stage):
-        return f"{source}: config key {key!r} moved to '{loc[0]}.{MOVED[loc[1]]}'"
     if e["type"] == "extra_forbidden":
         parent = _section_at(schema, loc[:-1])
         known = list(parent.model_fields) if parent else []
@@ -455,7 +489,7 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
 
 def validate(data: dict, schema: type[BaseModel] = Recipe, source: str = "config") -> BaseModel:
     try:
-        return schema.model_validate(data)
+        return schema.model_validate(_move_flat_stage_keys(data, schema, source))
     except ValidationError as err:
         raise UserError(_explain(err, schema, source)) from None
 

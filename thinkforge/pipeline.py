@@ -73,8 +73,18 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
         value = data
         for part in section.split("."):
             value = value.get(part) if isinstance(value, dict) else None
+        if section in STAGES:
+            value = _as_recorded(value)
         out[section] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
     return out
+
+
+def _as_recorded(stage: dict) -> dict:
+    """A stage section in the flat form finished steps recorded before the nested optim/checkpoints schemas
+    (2026-11-29), so their runs still resume; head_chunk changes how it runs, not what it is made from."""
+    flat = {k: v for k, v in stage.items() if k not in ("optim", "checkpoints", "head_chunk")}
+    return {**flat, **stage["optim"], "save_every": stage["checkpoints"]["every"],
+            "keep_checkpoints": stage["checkpoints"]["keep"]}
 
 
 def steps(recipe: Recipe) -> list[str]:

@@ -31,6 +31,8 @@ class Stage:
     summary: str  # the CLI command's help line
     data: str | None  # the pipeline's input for it, under the run's data folder (None: it needs no file)
     describe: Callable  # recipe -> the model card's hyper-parameter line (without what it ran)
+    data_option: tuple[dict, str]  # the CLI's --data FILE: the keys it sets ({key: None} -> FILE), its help
+    out_help: str  # what the CLI's --out run folder holds
     inputs: tuple[str, ...] = ()  # recipe keys it is made from besides its own section (pipeline fingerprints)
     options: dict[str, tuple[str, type | tuple, str]] = field(default_factory=dict)  # CLI --flag -> (key, type, help)
 
@@ -60,19 +62,29 @@ def _rl_line(recipe) -> str:
             f"{c.temperature_start} -> {c.temperature} over {c.anneal_steps} steps, max new tokens {c.max_new_tokens}")
 
 
+_FOLDER = "checkpoints, metrics.jsonl, tensorboard/, final/; a rerun resumes from it"
+_SFT_DATA = "JSONL of graded rollouts: question and completion columns"
+
 STAGES = {s.name: s for s in [
     Stage("midtrain", "sft", "+mid-training", "mid-training", lambda r: "distillation",
           "Distillation mid-training (stage 1): next-token loss on verified chains of thought, packed rows.",
-          "sel/accepted.jsonl", lambda r: _sft_line(r, "midtrain", "next-token loss on verified chains of thought")),
+          "sel/accepted.jsonl", lambda r: _sft_line(r, "midtrain", "next-token loss on verified chains of thought"),
+          ({"midtrain.data": None}, _SFT_DATA), f"Run folder: {_FOLDER}."),
     Stage("sft", "sft", "+fine-tuning", "fine-tuning", lambda r: "sft",
           "Supervised fine-tuning (stage 2) on the harder subset, unpacked, completion tokens only.",
-          "sel/hard.jsonl", lambda r: _sft_line(r, "sft", "harder subset")),
+          "sel/hard.jsonl", lambda r: _sft_line(r, "sft", "harder subset"),
+          ({"sft.data": None}, _SFT_DATA), f"Run folder: {_FOLDER}."),
     Stage("dpo", "dpo", "+rollout DPO", "rollout DPO", lambda r: "dpo",
           "Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference.",
-          "pairs.jsonl", _dpo_line, (),
+          "pairs.jsonl", _dpo_line,
+          ({"dpo.data": None}, "Pairs JSONL: question, chosen, rejected (`thinkforge data pairs`)"),
+          f"Run folder: reference log-probs, {_FOLDER}.", (),
           {"--loss": ("dpo.loss", ("sigmoid", "ipo"), "sigmoid = DPO, ipo = IPO"), "--beta": ("dpo.beta", float, "DPO beta")}),
     Stage("rl", "rl", "+RLVR", "RLVR", lambda r: r.rl.algo,
           "RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring.",
-          None, _rl_line, ("rewards", "rollout.backend"),
+          None, _rl_line,
+          ({"rl.data_path": None, "rl.source": "local"}, "Prompts JSONL/Parquet with references (question, answer; "
+           "rl.columns maps others); default: the recipe's rl.source"),
+          f"Run folder: {_FOLDER} (metrics with aha events).", ("rewards", "rollout.backend"),
           {"--algo": ("rl.algo", ("grpo", "ppo"), "grpo or ppo"), "--steps": ("rl.steps", int, "optimizer steps")}),
 ]}

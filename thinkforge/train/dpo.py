@@ -5,8 +5,9 @@
 The reference log-probabilities are computed once, before the first update, with the starting weights (the
 stage-2 model; with a fresh LoRA adapter that is the base with the adapter at zero), and saved in the run
 folder: no second model is kept in memory and a resumed run uses the same reference.
-Reads top to bottom: tokenise pairs -> reference pass -> for each step: micro-batches of [chosen; rejected]
--> sequence log-probs -> loss -> backward -> clip -> update -> log -> checkpoint.
+Reads top to bottom: tokenise pairs -> reference pass -> for each step: micro-batches of pairs, each pair's
+prompt run once and continued by chosen and rejected -> sequence log-probs -> loss -> backward -> clip ->
+update -> log -> checkpoint.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def load_pairs(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Pair]
     return out
 
 
-def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, pairs: list[Pair], pad_id: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of chosen and rejected completions. -> (B,), (B,)
 
     A pair is an RL group of two: its prompt runs once and its KV cache is repeated for both continuations
@@ -53,7 +54,7 @@ def pair_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, 
         raise ValueError("a preference pair's chosen and rejected continue different prompts")
     rows = Rollout.build([c.prompt for c, _ in pairs], [x.completion for pair in pairs for x in pair],
                          [i // 2 for i in range(2 * len(pairs))], pad_id, [0.0] * (2 * len(pairs)))
-    logp, _, _ = forward_logp(model, rows, slice(0, 2 * len(pairs)))  # (2B, C): 0 past each completion
+    logp, _, _ = forward_logp(model, rows, slice(0, 2 * len(pairs)), chunk=chunk)  # (2B, C): 0 past each completion
     seq = logp.sum(-1)  # (2B,) chosen, rejected, chosen, ...
     return seq[0::2], seq[1::2]
 
@@ -88,7 +89,7 @@ def backward(model, batch: list[Pair], ref: torch.Tensor, norm: Normaliser, cfg:
     """Backpropagate these pairs' share of the step's loss (ref: their (b, 2) reference log-probs); returns
     the share and the pair-mean statistics."""
     with loop.autocast(str(model.device), cfg.mixed_precision):
-        chosen, rejected = pair_logprobs(model, batch, pad_id)
+        chosen, rejected = pair_logprobs(model, batch, pad_id, cfg.head_chunk)
     r = ref.to(chosen.device)
     losses, parts = dpo_loss(chosen.float(), rejected.float(), r[:, 0], r[:, 1], cfg.beta, cfg.loss)  # (b,)
     loss = norm(losses.unsqueeze(-1), torch.ones_like(losses).unsqueeze(-1))
@@ -97,13 +98,13 @@ def backward(model, batch: list[Pair], ref: torch.Tensor, norm: Normaliser, cfg:
 
 
 @torch.no_grad()
-def reference_logprobs(model, pairs: list[Pair], pad_id: int, batch_size: int) -> torch.Tensor:
+def reference_logprobs(model, pairs: list[Pair], pad_id: int, batch_size: int, chunk: int | None = None) -> torch.Tensor:
     """(N, 2) reference log-probs [chosen, rejected] with the current weights, dropout off."""
     was = model.training
     model.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
-        c, r = pair_logprobs(model, pairs[i : i + batch_size], pad_id)
+        c, r = pair_logprobs(model, pairs[i : i + batch_size], pad_id, chunk)
         out.append(torch.stack([c, r], -1).float().cpu())
     model.train(was)
     return torch.cat(out)
@@ -154,7 +155,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         if ckpt:
             raise UserError(f"{run_dir} has checkpoints but no reference log-probs; use a new run folder")
         with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass
-            ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size)  # (N, 2), on every rank
+            ref = reference_logprobs(model, pairs, tok.pad_token_id, cfg.batch_size, cfg.head_chunk)  # (N, 2), on every rank
         if dist.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_file({"logps": ref}, str(ref_path), metadata={"key": key})

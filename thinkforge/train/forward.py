@@ -1,4 +1,4 @@
-"""The policy's forward pass over a Rollout: log-probs of the completion tokens, their logits, the values.
+"""The policy's forward pass over a Rollout: log-probs of the completion tokens, their entropy, the values.
 
 Shared by the RL stage (training, reference and old log-probs) and PPO's critic. Log-probs are taken at the
 sampler's temperature (PITFALLS 5): `Rollout.temperature`.
@@ -10,22 +10,27 @@ from contextlib import nullcontext
 
 import torch
 
-from thinkforge.losses import IGNORE, token_logprobs
+from thinkforge.losses import IGNORE
 from thinkforge.models import forward_cached
 from thinkforge.rollout.types import Rollout
+from thinkforge.train.head import hidden_states
 
 
 def uses_checkpointing(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def forward_logp(model, batch: Rollout, rows: slice, value_head=None, share_prompt: bool | None = None):
-    """Log-probs of the completion tokens (n, C), the logits that predict them (n, C, V), and with a value
-    head the values before each of them (n, C) (PPO).
+def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_prompt: bool | None = None,
+                 with_entropy: bool = False, chunk: int | None = None):
+    """Log-probs of the completion tokens (n, C) at the sampler's temperature, with_entropy their policy's
+    entropy (n, C) (a metric), and with a value head the values before each of them (n, C) (PPO); None for
+    what is not asked. The output layer runs a chunk of completion tokens at a time (train/head.py): never
+    the (n, C, V) logits.
 
     A group's prompt is run once: its KV cache is repeated for the group's completions, which run on top of
     it (gradients flow into the prompt pass through the cache). Under gradient checkpointing, which drops the
-    cache in training, each row runs prompt + completion in one pass instead; the numbers are the same.
+    cache in training, each row runs prompt + completion in one pass instead, and so do the reference and
+    old log-prob passes of such a model (in eval mode), so that in low precision both round alike.
     """
     dev = model.device
     comp = batch.completion_ids[rows].to(dev)
@@ -34,39 +39,37 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, share_prom
     p_ids, p_mask = batch.prompt_ids[needed].to(dev), batch.prompt_mask[needed].to(dev)
     row_prompt = row_prompt.to(dev)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = value_head is not None
-    if share_prompt is None:
-        share_prompt = not (model.training and uses_checkpointing(model))
-    if share_prompt:
-        from transformers import DynamicCache
+    if share_prompt is None:  # one layout for the training pass and the no-grad passes it is compared with
+        share_prompt = not uses_checkpointing(model)
+    with hidden_states(model, chunk) as head:  # .logits below are final hidden states (D wide)
+        if share_prompt:
+            from transformers import DynamicCache
 
-        first, cache = forward_cached(model, DynamicCache(config=model.config), input_ids=p_ids, attention_mask=p_mask,
-                                      position_ids=p_pos, logits_to_keep=1, output_hidden_states=hidden)
-        cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
-        c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
-        out, _ = forward_cached(model, cache, input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1),
-                                position_ids=c_pos, output_hidden_states=hidden)
-        logits = torch.cat([first.logits[row_prompt, -1:], out.logits[:, :-1]], 1)  # (n, C, V)
-        states = torch.cat([first.hidden_states[-1][row_prompt, -1:], out.hidden_states[-1][:, :-1]], 1) if hidden else None
-    else:
-        mask = torch.cat([p_mask[row_prompt], c_mask], -1)
-        out = model(input_ids=torch.cat([p_ids[row_prompt], comp], -1), attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False, output_hidden_states=hidden)
-        start = p_ids.shape[1] - 1  # the last prompt position predicts the first completion token
-        logits = out.logits[:, start:-1]
-        states = out.hidden_states[-1][:, start:-1] if hidden else None
-    logp, _ = token_logprobs(logits, comp.masked_fill(c_mask == 0, IGNORE), batch.temperature)  # (n, C)
-    return logp, logits, value_head(states) if hidden else None
+            first, cache = forward_cached(model, DynamicCache(config=model.config), input_ids=p_ids,
+                                          attention_mask=p_mask, position_ids=p_pos, logits_to_keep=1)
+            cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
+            c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
+            out, _ = forward_cached(model, cache, input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1),
+                                    position_ids=c_pos)
+            states = torch.cat([first.logits[row_prompt, -1:], out.logits[:, :-1]], 1)  # (n, C, D)
+        else:
+            mask = torch.cat([p_mask[row_prompt], c_mask], -1)
+            out = model(input_ids=torch.cat([p_ids[row_prompt], comp], -1), attention_mask=mask,
+                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+            start = p_ids.shape[1] - 1  # the last prompt position predicts the first completion token
+            states = out.logits[:, start:-1]  # (n, C, D)
+    got = head.logprobs(states, comp.masked_fill(c_mask == 0, IGNORE), batch.temperature, with_entropy)  # (n, C)
+    return got[0], got[2] if with_entropy else None, value_head(states) if value_head is not None else None
 
 
 @torch.no_grad()
-def logp_no_grad(model, batch: Rollout, micro: int, disable_adapter: bool = False) -> torch.Tensor:
+def logp_no_grad(model, batch: Rollout, micro: int, disable_adapter: bool = False, chunk: int | None = None) -> torch.Tensor:
     """(N, C) log-probs in eval mode, `micro` rows at a time; with disable_adapter the LoRA base's."""
     outs = []
     was = model.training
     model.eval()
     with model.disable_adapter() if disable_adapter else nullcontext():
         for i in range(0, len(batch.texts), micro):
-            outs.append(forward_logp(model, batch, slice(i, i + micro))[0].float().cpu())
+            outs.append(forward_logp(model, batch, slice(i, i + micro), chunk=chunk)[0].float().cpu())
     model.train(was)
     return torch.cat(outs)

@@ -101,13 +101,13 @@ class Critic:
                                    "lr": lr * lr_scale, "lr_scale": lr_scale})
 
     @torch.no_grad()
-    def targets(self, model, batch: Rollout, micro: int) -> None:
+    def targets(self, model, batch: Rollout, micro: int, chunk: int | None = None) -> None:
         """Values before the update, per-token advantages and returns, into the batch."""
         was = model.training
         model.eval()
         values, logps = [], []
         for i in range(0, len(batch.texts), micro):
-            lp, _, v = forward_logp(model, batch, slice(i, i + micro), self.head)
+            lp, _, v = forward_logp(model, batch, slice(i, i + micro), self.head, chunk=chunk)
             values.append(v.float().cpu())
             logps.append(lp.float().cpu())
         model.train(was)

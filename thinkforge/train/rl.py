@@ -31,7 +31,7 @@ from thinkforge.config import Recipe, RLConfig
 from thinkforge.data.sources import training_problems
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
-from thinkforge.losses import ADVANTAGES, entropy, kl_k3, masked_mean, normaliser, policy_loss
+from thinkforge.losses import ADVANTAGES, kl_k3, masked_mean, normaliser, policy_loss
 from thinkforge.monitor import AhaDetector, progress_bar
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import Rollout
@@ -82,7 +82,8 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | No
         mask = batch.loss_mask[rows].to(model.device)
         with dist.sync(model, last=r == len(rounds) - 1):
             with loop.autocast(str(model.device), cfg.mixed_precision):
-                logp, logits, values = forward_logp(model, batch, rows, critic.head if critic else None)
+                logp, ent, values = forward_logp(model, batch, rows, critic.head if critic else None,
+                                                 with_entropy="entropy" not in totals, chunk=cfg.head_chunk)
             old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
             adv, mismatch = sampler_correction(old, batch, rows, mask, cfg.tis_cap)
@@ -98,9 +99,8 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | No
         totals["loss"] = totals.get("loss", 0.0) + loss.item() / dist.world
         for key, v in parts.items():
             totals[key] = totals.get(key, 0.0) + (v / dist.world if key in ("pg_loss", "value_loss") else v * w)
-        if "entropy" not in totals:  # of the first micro-batch: a (n, C, V) softmax per micro-batch costs
-            with torch.no_grad():
-                totals["entropy"] = entropy(logits, mask).item()
+        if "entropy" not in totals:  # of the first micro-batch: its softmax costs another pass of the output layer
+            totals["entropy"] = masked_mean(ent, mask).item()
     return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": totals["entropy"]}
 
 
@@ -127,12 +127,12 @@ def sampler_correction(old: torch.Tensor, batch: Rollout, rows: slice, mask: tor
     return (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * weight, stats
 
 
-def reference_logp(model, reference, batch: Rollout, micro: int) -> torch.Tensor:
+def reference_logp(model, reference, batch: Rollout, micro: int, chunk: int | None = None) -> torch.Tensor:
     """(N, C) the reference's log-probs: the LoRA base with the adapter disabled (reference None), else the
     frozen starting model."""
     if reference is None:
-        return logp_no_grad(model, batch, micro, disable_adapter=True)
-    return logp_no_grad(reference, batch, micro)
+        return logp_no_grad(model, batch, micro, disable_adapter=True, chunk=chunk)
+    return logp_no_grad(reference, batch, micro, chunk=chunk)
 
 
 def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
@@ -209,13 +209,13 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
             with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
                 if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
-                    batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch)
+                    batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch, cfg.head_chunk)
                 if cfg.mu > 1:
-                    batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch)
+                    batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch, chunk=cfg.head_chunk)
                 if critic is None:  # the GRPO family: each sample against its group
                     batch.advantages = ADVANTAGES[cfg.advantage](batch.rewards, batch.group_size)  # (N,)
                 else:  # PPO: GAE over the value head, the KL in the reward
-                    critic.targets(model, batch, cfg.micro_batch)  # (N, C)
+                    critic.targets(model, batch, cfg.micro_batch, cfg.head_chunk)  # (N, C)
             if cfg.balance:
                 keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
                 batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)

@@ -19,10 +19,11 @@ from thinkforge.data.packing import Example, collate_packed, collate_padded, pac
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.io import read_jsonl
-from thinkforge.losses import Normaliser, label_mask, normaliser, sft_loss
+from thinkforge.losses import Normaliser, label_mask, normaliser, shift_labels
 from thinkforge.monitor import progress_bar
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop
+from thinkforge.train.head import hidden_states
 
 
 def load_examples(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Example]:
@@ -56,10 +57,14 @@ def step_normaliser(batches: list[dict]) -> Normaliser:
     return sum(normaliser(label_mask(b["labels"]), "token") for b in batches)
 
 
-def forward_loss(model, batch: dict, norm: Normaliser) -> torch.Tensor:
+def forward_loss(model, batch: dict, norm: Normaliser, chunk: int | None = None) -> torch.Tensor:
+    """SPEC 4's SFT loss of this micro-batch (its share of the step's `norm`), the output layer applied a chunk
+    of completion tokens at a time (train/head.py: never the (B, T, V) logits)."""
     inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    return sft_loss(logits, batch["labels"].to(model.device), norm)
+    with hidden_states(model, chunk) as head:
+        hidden = model(**inputs, use_cache=False).logits  # (B, T, D): the final hidden states
+    logp, mask = head.logprobs(hidden, shift_labels(batch["labels"].to(model.device)))  # (B, T)
+    return norm(-logp, mask)
 
 
 def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
@@ -110,7 +115,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         for r, (k, weight) in enumerate(rounds):
             with dist.sync(ddp, last=r == len(rounds) - 1):
                 with loop.autocast(device, cfg.mixed_precision):
-                    loss = forward_loss(ddp, batches[k], norm.scaled(weight))
+                    loss = forward_loss(ddp, batches[k], norm.scaled(weight), cfg.head_chunk)
                 loss.backward()
             loss_sum += loss.item()
         lr = loop.lr_at(step, n_steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)

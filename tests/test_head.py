@@ -1,0 +1,116 @@
+"""The chunked output head (train/head.py) computes what the full (T, V) logits computed, without them."""
+
+import pytest
+import torch
+
+from thinkforge.config import InitConfig
+from thinkforge.losses import IGNORE, shift_labels, token_logprobs
+from thinkforge.tiny import tiny_config
+from thinkforge.train.head import hidden_states
+
+VOCAB = 211
+
+
+def _model(arch: str, lora: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = AutoModelForCausalLM.from_config(tiny_config(InitConfig(arch=arch, hidden=32, layers=2, heads=4), VOCAB, **ids))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
+                                                 init_lora_weights=False))
+    return model.eval()  # no dropout: both paths must see one function
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 17), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 12:] = 0  # right padding
+    labels = ids.masked_fill(attn == 0, IGNORE)
+    labels[:, :5] = IGNORE  # a prompt without loss
+    labels[2, 9] = IGNORE
+    return ids, attn, labels
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("arch,lora", [("phi3", False), ("qwen2", False), ("phi3", True)])  # untied, tied, LoRA on it
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_log_probs_and_gradients_equal_the_full_logits(arch, lora, temperature):
+    model = _model(arch, lora)
+    if arch == "qwen2":
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    ids, attn, labels = _batch()
+    targets = shift_labels(labels)
+    weights = torch.linspace(0.5, 1.5, ids.numel()).view(ids.shape)  # a loss that weighs every position apart
+
+    full, mask = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, targets, temperature)
+    g_full = _grads(model, (full * weights).sum())
+    for chunk in (1, 4, 1000):
+        with hidden_states(model, chunk) as head:
+            hidden = model(input_ids=ids, attention_mask=attn).logits
+        assert hidden.shape == (*ids.shape, model.config.hidden_size)  # the forward made no logits
+        logp, m = head.logprobs(hidden, targets, temperature)
+        assert torch.equal(m, mask)
+        assert torch.allclose(logp, full.detach(), atol=1e-5)
+        assert torch.allclose(_grads(model, (logp * weights).sum()), g_full, atol=1e-5, rtol=1e-4)
+    assert model.get_output_embeddings() is not None and not isinstance(model.get_output_embeddings(), torch.nn.Identity)
+
+
+def test_under_bf16_autocast_the_head_rounds_as_the_full_logits_do():
+    model = _model("phi3")
+    ids, attn, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = token_logprobs(model(input_ids=ids, attention_mask=attn).logits, shift_labels(labels))
+        with hidden_states(model, 5) as head:
+            hidden = model(input_ids=ids, attention_mask=attn).logits
+        logp, _ = head.logprobs(hidden, shift_labels(labels))
+    assert torch.allclose(logp, full, atol=1e-6)
+
+
+def test_no_call_of_the_output_layer_sees_more_than_a_chunk_of_labelled_tokens():
+    """The point of the head: the (T, V) logits never exist. Every call of the output layer, forward and the
+    backward's recomputation, gets at most `chunk` rows, and unlabelled positions never reach it."""
+    model = _model("phi3")
+    ids, attn, labels = _batch()
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    with hidden_states(model, 4) as head:
+        hidden = model(input_ids=ids, attention_mask=attn).logits
+    logp, mask = head.logprobs(hidden, shift_labels(labels), with_entropy=False)
+    logp.sum().backward()
+    hook.remove()
+    labelled = int(mask.sum())
+    assert max(rows) <= 4 and sum(rows) == 2 * labelled  # once forward, once recomputed in backward
+
+
+def test_the_entropy_is_the_full_softmax_entropy_on_labelled_positions():
+    from thinkforge.losses import masked_mean
+
+    model = _model("qwen2")
+    ids, attn, labels = _batch()
+    targets = shift_labels(labels)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        with hidden_states(model, 3) as head:
+            hidden = model(input_ids=ids, attention_mask=attn).logits
+        _, mask, ent = head.logprobs(hidden, targets, 0.5, with_entropy=True)  # the entropy is untempered
+    assert torch.allclose(ent, want * mask, atol=1e-5)
+    assert masked_mean(ent, mask).item() == pytest.approx(masked_mean(want, mask).item(), abs=1e-6)
+
+
+def test_a_model_that_transforms_its_logits_after_the_output_layer_is_refused():
+    model = _model("phi3")
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
+        with hidden_states(model):
+            pass
