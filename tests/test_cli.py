@@ -181,7 +181,7 @@ def test_pairs_and_dpo_from_the_command_line(tiny_model, tmp_path, capsys):
                          ids=["gspo", "cispo", "rloo", "reinforce_pp"])
 def test_each_estimator_and_policy_loss_runs_two_steps_of_rl(tiny_model, tmp_path, capsys, settings):
     out = tmp_path / "rl"
-    code, stdout, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--steps", "2", "rl.prompts_per_step=2",
+    code, stdout, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--steps", "2", "rl.preflight=false", "rl.prompts_per_step=2",
                                  "rl.group_size=3", "rl.max_new_tokens=8", "rl.optim.lr=1e-3", "rl.reward=weighted",
                                  "rewards.weights={'user_rewards:shorter_is_better': 1.0}", "rl.truncation=none",
                                  *settings], capsys)
@@ -219,7 +219,7 @@ def test_rl_data_is_a_local_prompts_file_recorded_in_the_run_folder(tiny_model, 
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
                                for i in range(1, 9)))
     out = tmp_path / "rl"
-    code, _, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--data", str(prompts), "--steps", "1",
+    code, _, err = run_cli(["rl", "-m", tiny_model, "--out", str(out), "--data", str(prompts), "--steps", "1", "rl.preflight=false",
                             "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.truncation=none",
                             "rl.drop_easy=false"], capsys)
     assert code == 0, err

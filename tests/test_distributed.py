@@ -117,7 +117,7 @@ def test_dpo_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, strateg
 def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg):
     """Each rank samples its share of the same global draw with the seeds one process uses: the same
     rollouts, the same normaliser after one all-reduce, the same update."""
-    args = ["rl", "-m", tiny_model, "--steps", "2", "rl.prompts_per_step=4", "rl.group_size=3", "rl.max_new_tokens=10",
+    args = ["rl", "-m", tiny_model, "--steps", "2", "rl.preflight=false", "rl.prompts_per_step=4", "rl.group_size=3", "rl.max_new_tokens=10",
             "rl.optim.lr=1e-3", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
             "rl.truncation=none", "rl.micro_batch=4", "rl.temperature=1.0", "rl.temperature_start=null", f"rl.loss_agg={agg}"]
     _run([*args, "--out", "one"], 1, tmp_path)

@@ -158,7 +158,7 @@ def test_under_bf16_autocast_the_reference_pass_matches_the_policys_precision(ti
     else:
         from thinkforge.train import rl
 
-        over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", "rl.steps=1", "rl.prompts_per_step=2",
+        over = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", "rl.steps=1", "rl.preflight=false", "rl.prompts_per_step=2",
                 "rl.group_size=4", "rl.max_new_tokens=12", "rl.beta=0.04", "rl.mixed_precision=bf16", "rl.truncation=none"]
         rl.main(load_config(None, over), "rl", tmp_path / "run", progress=False)
         first = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"kl"' in x][0]

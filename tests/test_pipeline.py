@@ -16,7 +16,7 @@ FAST = [
     "init.hidden=32", "init.layers=1", "init.heads=2", "eval.limit=12", "generation.max_new_tokens=48",
     "distill.n_problems=40", "distill.samples=2", "midtrain.epochs=1", "midtrain.max_len=512",
     "sft.epochs=1", "pipeline.policy_problems=6", "pairs.policy_samples=2", "dpo.batch_size=4", "dpo.grad_accum=1",
-    "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=24", "rl.checkpoints.every=1",
+    "rl.steps=2", "rl.preflight=false", "rl.prompts_per_step=2", "rl.group_size=2", "rl.max_new_tokens=24", "rl.checkpoints.every=1",
     "rl.anneal_steps=1", "pipeline.pair_sources=[policy,teacher]",  # an untrained model has no correct rollouts of its own
 ]
 

@@ -131,9 +131,22 @@ def test_two_steps_of_sft_and_grpo_on_the_real_model(tmp_path, capsys):
     # the 2 steps are one epoch of the 16 documents: every token counted, the eos too although pad == eos here
     assert sum(r["tokens"] for r in rows) == events[0]["tokens"]
     code, _, err = run_cli(["rl", "-m", str(tmp_path / "sft" / "final"), "--out", str(tmp_path / "rl"), "--lora",
-                            "rl.steps=2", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=24",
+                            "rl.steps=2", "rl.preflight=false", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=24",
                             "rl.difficulties=[2]", "rl.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
     assert code == 0, err
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # refers to the SFT policy
     assert (tmp_path / "rl" / "start-model" / "config.json").is_file()
+
+
+def test_the_rl_preflight_stops_the_base_instruct_model_that_never_uses_the_tags(tmp_path, capsys):
+    """dev/LOG.md: SmolLM2-135M-Instruct wrote the <think>/<answer> tags in 0 of 64 samples, so GRPO with the
+    Infused Phi-2 rewards saw a format reward of 0 everywhere. The preflight says so before the first step."""
+    from conftest import run_cli
+
+    code, _, err = run_cli(["rl", "-m", str(MODEL), "--out", str(tmp_path / "rl"), "rl.reward=weighted",
+                            "rl.preflight_groups=2", "rl.group_size=4", "rl.max_new_tokens=48", "rl.difficulties=[2]",
+                            "rl.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "rl preflight: 0 of 8 samples used the <think>/<answer> format" in err and "cold-start SFT" in err
+    assert not (tmp_path / "rl").exists()  # a run stopped before its first step leaves no folder

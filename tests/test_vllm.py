@@ -34,7 +34,7 @@ def vllm_model(tmp_path_factory):
 def _recipe(model, *extra):
     sys.path.insert(0, str(ROOT / "tests"))
     return load_config(None, [f"model.name_or_path={model}", "model.system_prompt=Think.", "rl.steps=2",
-                              "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16", "rl.optim.lr=1e-2",
+                              "rl.preflight=false", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16", "rl.optim.lr=1e-2",
                               "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
                               "rl.truncation=none", "rl.micro_batch=8", "rl.temperature=1.0", "rl.temperature_start=null",
                               "rl.checkpoints.every=0", "rollout.backend=vllm",
@@ -154,7 +154,7 @@ def test_two_ranks_share_one_server_and_equal_one_process(vllm_model, tmp_path):
 
     from test_distributed import _cmd
 
-    args = ["rl", "-m", vllm_model, "--steps", "2", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16",
+    args = ["rl", "-m", vllm_model, "--steps", "2", "rl.preflight=false", "rl.prompts_per_step=4", "rl.group_size=4", "rl.max_new_tokens=16",
             "rl.optim.lr=1e-2", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
             "rl.truncation=none", "rl.micro_batch=8", "rl.temperature=1.0", "rl.temperature_start=null",
             "rollout.backend=vllm", "rollout.max_model_len=512", f"rollout.vllm_command={COMMAND}",

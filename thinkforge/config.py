@@ -270,6 +270,10 @@ class RLConfig(_Stage):
                                           "Phi-2: every 50 steps) and how many are kept.")
     aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")
     aha_rise: float = Field(0.3, ge=0, description="Relative rise over the window mean that flags an aha moment.")
+    preflight: bool = Field(True, description="Before the first step, sample rl.preflight_groups groups from the starting "
+                            "policy and stop with what to do when RL could not learn from it (no group with reward variance, "
+                            "most samples truncated, the format rewarded but never used); the report is in metrics.jsonl.")
+    preflight_groups: int = Field(8, ge=1, description="Groups (of rl.group_size samples) the preflight samples.")
     truncation_warn: float = Field(0.5, ge=0, le=1, description="Warn when this share of responses is truncated (PITFALLS 2).")
     mixed_precision: Precision = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
 

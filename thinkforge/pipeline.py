@@ -79,10 +79,15 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
     return out
 
 
+# Stage settings that change how a stage runs or whether it starts, never what it makes: the output head's chunk
+# (float rounding), RL's learnability preflight.
+RUNS_ONLY = ("head_chunk", "preflight", "preflight_groups")
+
+
 def _as_recorded(stage: dict) -> dict:
     """A stage section in the flat form finished steps recorded before the nested optim/checkpoints schemas
-    (2026-11-29), so their runs still resume; head_chunk changes how it runs, not what it is made from."""
-    flat = {k: v for k, v in stage.items() if k not in ("optim", "checkpoints", "head_chunk")}
+    (2026-11-29), so their runs still resume; how it runs (RUNS_ONLY) is not what it is made from."""
+    flat = {k: v for k, v in stage.items() if k not in ("optim", "checkpoints", *RUNS_ONLY)}
     return {**flat, **stage["optim"], "save_every": stage["checkpoints"]["every"],
             "keep_checkpoints": stage["checkpoints"]["keep"]}
 

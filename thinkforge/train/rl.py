@@ -39,7 +39,7 @@ from thinkforge.train import dist as distributed
 from thinkforge.train import loop, ppo
 from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
-from thinkforge.train.sampling import Task, collect
+from thinkforge.train.sampling import Task, collect, preflight, unlearnable
 
 MAX_EMPTY_STEPS = 3  # consecutive steps that keep no group before the run stops with the reasons
 
@@ -182,7 +182,6 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         aha.update(row["step"], row, [])
     warmup = int(cfg.optim.warmup_ratio * cfg.steps)
     checkpoints = loop.Checkpoints(run_dir, stage, cfg.steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)
-    bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
     empty = 0
     # Built last: from here on a server started for this run stops with it, whatever happens.
     if make_generator is not None:
@@ -191,6 +190,14 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, cfg.max_new_tokens,
                                            loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
     with contextlib.closing(generator):
+        if start == 0 and cfg.preflight:  # can this policy learn at all? (before the budget is spent)
+            with loop.autocast(str(model.device), cfg.mixed_precision):
+                report = preflight(task, generator, cfg, recipe.seed, dist)
+            metrics.log(0, {"event": "preflight", **report})
+            if why := unlearnable(report, cfg, task.rewards):
+                metrics.close()  # its writer's thread would outlive a folder removed for a failed start
+                raise UserError(f"{stage} preflight: {why} (or set {stage}.preflight=false to train anyway)")
+        bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
         for step in range(start, cfg.steps):
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision

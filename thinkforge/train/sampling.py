@@ -182,3 +182,57 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()
     return batch, stats
+
+
+def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> dict:
+    """Can RL learn from this policy? A few groups (rl.preflight_groups) sampled at the first step's temperature
+    on their own random streams (training samples what it would have without it) and scored as training
+    scores them: format rate, reward mean and spread, the share of groups without reward variance (they give
+    no gradient), the truncation rate. Summed over ranks."""
+    rng = random.Random(f"{seed}-preflight")
+    draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(cfg.preflight_groups)]
+    start, end = dist.bounds(len(draw))
+    draw = draw[start:end]
+    streams = tuple(stream_key("rl-preflight", seed, start + k, p.id) for k, p in enumerate(draw))
+    params = SamplingParams(cfg.max_new_tokens, temperature_at(0, cfg), cfg.top_p, 0, seed, streams=streams)
+    prompts = [task.prompt_fn(p.question) for p in draw]
+    stats: dict = {}
+    n = groups = flat = formatted = truncated = correct = 0
+    total = squares = 0.0
+    for p, prompt, comps in zip(draw, prompts, generate_groups(generator, prompts, cfg.group_size, params, stats), strict=True):
+        if comps is None:
+            continue
+        texts = [response(prompt, c.text) for c in comps]
+        scored = [score(t, c.finish_reason, p, cfg, task.rewards) for t, c in zip(texts, comps, strict=True)]
+        r = [s[0] for s in scored]
+        groups, n = groups + 1, n + len(r)
+        flat += max(r) - min(r) < 1e-9
+        formatted += round(sample_stats(texts)["format_rate"] * len(texts))
+        truncated += sum(c.finish_reason == "length" for c in comps)
+        correct += sum(s[2] for s in scored)
+        total, squares = total + sum(r), squares + sum(x * x for x in r)
+    n, groups, flat, formatted, truncated, correct, total, squares = dist.all_sum(
+        [n, groups, flat, formatted, truncated, correct, total, squares])
+    mean = total / max(n, 1)
+    return {"groups": int(groups), "samples": int(n), "format_rate": formatted / max(n, 1), "accuracy": correct / max(n, 1),
+            "reward_mean": mean, "reward_std": max(squares / max(n, 1) - mean * mean, 0.0) ** 0.5,
+            "flat_group_share": flat / max(groups, 1), "truncated_rate": truncated / max(n, 1)}
+
+
+def unlearnable(report: dict, cfg: RLConfig, rewards: WeightedRewards | None) -> str | None:
+    """Why RL from this policy would learn nothing (and what to do), or None."""
+    n = report["samples"]
+    if report["groups"] == 0:
+        return "no preflight group could be sampled (out of memory): lower rl.gen_batch"
+    if rewards is not None and "format" in rewards.weights and report["format_rate"] == 0:
+        return (f"0 of {n} samples used the <think>/<answer> format, so the format and reasoning rewards are 0 for all: "
+                f"cold-start SFT on formatted rollouts first (thinkforge sft), or check model.prompt_format")
+    if report["truncated_rate"] > 0.5:
+        return (f"{report['truncated_rate']:.0%} of {n} samples hit rl.max_new_tokens={cfg.max_new_tokens} unfinished (a cut "
+                f"response earns no answer): raise rl.max_new_tokens, or cold-start SFT on shorter reasoning")
+    if report["flat_group_share"] == 1.0:
+        which = ("every sample right: harder prompts" if report["accuracy"] == 1.0 else
+                 "easier prompts (rl.difficulties, rl.source), a cold-start SFT, or a larger rl.group_size")
+        return (f"none of {report['groups']} groups has reward variance (accuracy {report['accuracy']:.0%}, format "
+                f"{report['format_rate']:.0%}), so every advantage is 0: {which}")
+    return None
