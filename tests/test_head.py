@@ -114,3 +114,34 @@ def test_a_model_that_transforms_its_logits_after_the_output_layer_is_refused():
     with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
         with hidden_states(model):
             pass
+
+
+@pytest.mark.parametrize("stage", ["midtrain", "sft", "dpo", "rl"])
+def test_every_stage_steps_alike_with_gradient_checkpointing(tiny_model, tmp_path, stage):
+    """Long rows need activation checkpointing: each stage's first step (its loss and gradient norm) is the same
+    with it on, through the chunked head and (RL, DPO) the whole-row layout checkpointing takes. (Weights after
+    an AdamW step are no test: Adam turns a 1e-9 gradient into a full lr step either way.)"""
+    import json
+
+    from test_dpo import _pairs_file
+    from test_sft import _data
+
+    from thinkforge.config import load_config
+    from thinkforge.stages import STAGES
+
+    data = {"midtrain": _data, "sft": _data, "dpo": _pairs_file, "rl": lambda p: None}[stage](tmp_path)
+    common = [f"model.name_or_path={tiny_model}", "model.system_prompt=Think.", f"{stage}.optim.lr=1e-3",
+              f"{stage}.head_chunk=7"]
+    extra = {"rl": ["rl.steps=1", "rl.preflight=false", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=12",
+                    "rl.truncation=none", "rl.beta=0.04", "rl.reward=weighted", "rl.micro_batch=3",
+                    "rewards.weights={'user_rewards:shorter_is_better': 1.0}"],
+             "dpo": ["dpo.max_steps=1", "dpo.batch_size=4", "dpo.grad_accum=1"]}.get(
+        stage, [f"{stage}.max_steps=1", f"{stage}.batch_size=4", f"{stage}.grad_accum=1", f"{stage}.max_len=256"])
+    runs = {}
+    for on in (False, True):
+        recipe = load_config(None, [*common, *extra, f"model.gradient_checkpointing={str(on).lower()}"])
+        STAGES[stage].run(recipe, tmp_path / str(on), data=str(data) if data else None, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        runs[on] = rows[0]["loss"], rows[0]["grad_norm"]
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=5e-6)  # metrics keep 6 decimals
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5) and runs[True][1] > 0

@@ -522,6 +522,28 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
                f"{stats['pairs']} pairs -> {out_path}")
 
 
+@cli.command("plan", context_settings=CTX)
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(dir_okay=False))
+@click.option("--gpus", type=int, default=0, show_default=True,
+              help="GPUs the stages train on (ranks); 0 = this machine's CPU and memory.")
+@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU, e.g. 80GB or 24GB.")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp2"]), default="auto", show_default=True,
+              help="How the model state is laid out over the GPUs; auto = FSDP2 on several GPUs (RL: DDP, for now).")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+def plan_cmd(recipe_path, gpus, gpu_memory, strategy, overrides):
+    """Predict each stage's peak memory per device from the model's config (no weights), the largest
+    micro-batch that fits, and what to change where a stage does not fit."""
+    from thinkforge import plan
+    from thinkforge.config import load_config
+
+    if gpus < 0:
+        raise UserError(f"--gpus {gpus}: give 0 (this machine) or a number of GPUs")
+    recipe = load_config(recipe_path, list(overrides))
+    _quiet_hf()
+    memory = plan.parse_memory(gpu_memory) if gpus else plan.machine_memory()
+    click.echo(plan.render(plan.plan(recipe, gpus, memory, strategy), gpus, memory))
+
+
 def _stage_command(stage) -> None:
     """`thinkforge <stage>`: the stage's run folder from --model (and --data) with the recipe's section; its own
     options (stages.STAGES) are shortcuts for its keys."""

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinkforge.errors import UserError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -41,7 +43,40 @@ class Stage:
 
     def run(self, recipe, run_dir: str | Path, data: str | None = None, progress: bool = True,
             stop_after: int | None = None) -> Path | None:
-        return self.main()(recipe, self.name, run_dir, data=data, progress=progress, stop_after=stop_after)
+        """The stage's main; out of memory is one line naming the stage, its rows and batch, and what
+        `thinkforge plan` says to change (a traceback of a 13 GB allocation in lm_head helps nobody)."""
+        try:
+            return self.main()(recipe, self.name, run_dir, data=data, progress=progress, stop_after=stop_after)
+        except (RuntimeError, MemoryError) as e:
+            from thinkforge.rollout.types import is_out_of_memory
+
+            if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+                raise
+            raise UserError(_out_of_memory(recipe, self.name, e)) from None
+
+
+def _out_of_memory(recipe, stage: str, error: BaseException) -> str:
+    from thinkforge import plan
+
+    s = plan.settings_for(recipe, stage, "cuda" if str(recipe.model.device).startswith("cuda") else "cpu")
+    what = f"rows of {s.row_tokens} tokens x {s.batch} per micro-batch" + (" (pairs: 2 rows each)" if s.rows_per_item == 2 else "")
+    try:
+        import torch
+
+        memory = (torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
+                  else plan.machine_memory())
+        advice = plan.plan(recipe, 1 if torch.cuda.is_available() else 0, memory)
+        advice = next((r["advice"] for r in advice if r["stage"] == stage), "")
+        advice = advice.removeprefix("does not fit: ") if advice != "fits" else (
+            f"the plan predicts it fits ({stage}.batch_size or a shorter row may still be needed)")
+    except Exception as e:  # the plan needs the model's config; the error line must not fail with it
+        advice = f"lower the micro-batch or the row length, or set model.gradient_checkpointing=true ({type(e).__name__} in the plan)"
+    import re
+
+    size = re.search(r"allocate (\d+) bytes", str(error))
+    first = (f"an allocation of {int(size.group(1)) / 2**30:.1f} GB failed" if size else
+             str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__)
+    return f"{stage}: out of memory with {what} ({first}); `thinkforge plan` says: {advice}"
 
 
 def _sft_line(recipe, name: str, what: str) -> str:

@@ -1,0 +1,73 @@
+"""`thinkforge plan`'s predicted peak against the measured peak of one step on this CPU.
+
+    python benchmarks/plan_vs_measured.py
+
+Each configuration is measured by benchmarks/long_context_memory.py's one-step child (a fresh process, peak
+resident memory), and predicted by thinkforge.plan from the same model config and step shape (fp32, no
+gradient checkpointing, the default output-head chunk). Configurations differ in length, vocabulary and
+width. Prints a table, then one JSON line with the largest relative error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = [  # stage, tokens, vocab, hidden, layers
+    ("sft", 4096, 200_064, 64, 2),
+    ("sft", 16384, 200_064, 64, 2),
+    ("dpo", 8192, 200_064, 64, 2),
+    ("grpo", 16384, 200_064, 64, 2),
+    ("sft", 8192, 32_000, 256, 4),
+    ("grpo", 4096, 32_000, 256, 4),
+]
+
+
+def predicted(stage: str, tokens: int, vocab: int, hidden: int, layers: int) -> float:
+    from thinkforge import plan
+
+    cfg = _config(vocab, hidden, layers, 2 * tokens)
+    shape = plan.shape_of(cfg)
+    if stage == "sft":
+        s = plan.Setting("sft", tokens, 1, 1, False, True, 4, None, False, 0, 0, 0.0)
+    elif stage == "dpo":
+        s = plan.Setting("dpo", tokens, 2, 1, False, True, 4, None, False, 0, 0, 0.0)
+    else:
+        s = plan.Setting("rl", tokens, 2, 1, False, True, 4, None, False, 0, 0, 0.0)
+    return sum(plan.predict(shape, s, 1, "ddp", "cpu", 4).values()) / 2**30
+
+
+def _config(vocab, hidden, layers, max_len):
+    from transformers import Phi3Config
+
+    return Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_len, tie_word_embeddings=True,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def measured(stage: str, tokens: int, vocab: int, hidden: int, layers: int) -> float:
+    cmd = [sys.executable, str(HERE / "long_context_memory.py"), "--stage", stage, "--one", str(tokens), "--path", "head",
+           "--vocab", str(vocab), "--hidden", str(hidden), "--layers", str(layers), "--limit-gb", "20"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_gb"]
+
+
+def main() -> None:
+    rows = []
+    for c in CONFIGS:
+        m, p = measured(*c), predicted(*c)
+        rows.append((*c, p, m, p / m - 1))
+        print(rows[-1], file=sys.stderr, flush=True)
+    print("| stage | tokens | vocabulary | hidden x layers | predicted GB | measured GB | error |\n|---|---|---|---|---|---|---|")
+    for stage, t, v, h, n, p, m, e in rows:
+        print(f"| {stage} | {t} | {v} | {h} x {n} | {p:.2f} | {m:.2f} | {100 * e:+.0f}% |")
+    print(json.dumps({"metric": "plan_relative_error", "max_abs": round(max(abs(r[-1]) for r in rows), 3),
+                      "configurations": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""`thinkforge plan`: memory per stage from the config alone; out of memory in training is one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thinkforge import plan
+from thinkforge.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PHI4 = ROOT / "benchmarks" / "configs" / "phi-4-mini"
+GB = 1024**3
+
+
+def _phi4(*extra):
+    return load_config(ROOT / "recipes" / "phi4-mini-reasoning.yaml", [f"model.name_or_path={PHI4}", *extra])
+
+
+def test_the_phi4_recipe_on_8_gpus_of_80gb(capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(["plan", str(ROOT / "recipes" / "phi4-mini-reasoning.yaml"), "--gpus", "8", "--gpu-memory",
+                              "80GB", f"model.name_or_path={PHI4}"], capsys)
+    assert code == 0, err
+    assert "8 GPU(s) of 80 GB" in out and all(f"| {s} |" in out for s in ("midtrain", "sft", "dpo", "rl"))
+    rows = {r["stage"]: r for r in plan.plan(_phi4(), 8, 80 * GB)}
+    shape = plan.shape_of(plan._config(_phi4()))
+    assert 3.7e9 < shape.params < 3.9e9 and shape.vocab == 200_064  # Phi-4-mini: 3.8B, tied embeddings counted once
+    # FSDP2 over 8 ranks: a full fine-tuning's 16 bytes per parameter (61 GB) become 7.7 GB per GPU
+    assert rows["sft"]["strategy"] == "fsdp2" and rows["sft"]["parts"]["model state"] / GB == pytest.approx(16 * shape.params / 8 / GB + 0.9, rel=0.1)
+    # RL runs on DDP (for now), its rollouts in-process: 64 sequences of 25.5K tokens of KV cache (199 GB) do not fit
+    rl = rows["rl"]
+    assert rl["strategy"] == "ddp" and rl["parts"]["model state"] == pytest.approx(16 * shape.params, rel=0.01)
+    assert rl["advice"].startswith("does not fit: rollouts: rl.gen_batch=") and "rollout.backend=vllm" in rl["advice"]
+    # on vLLM colocated (its default 0.9 of the GPU) with a KL reference: the fp32 reference is a second copy
+    rl = {r["stage"]: r for r in plan.plan(_phi4("rl.beta=0.04", "rollout.backend=vllm"), 8, 80 * GB)}["rl"]
+    assert rl["parts"]["reference"] == pytest.approx(4 * shape.params) and rl["budget"] == pytest.approx(8 * GB)
+    assert "lora.enabled=true" in rl["advice"] and "--gpu-memory-utilization" in rl["advice"]
+
+
+def test_the_largest_micro_batch_is_the_largest_that_fits():
+    recipe = _phi4("model.gradient_checkpointing=false")
+    shape = plan.shape_of(plan._config(recipe), recipe.lora)
+    for row in plan.plan(recipe, 8, 80 * GB):
+        s = plan.settings_for(recipe, row["stage"], "cuda")
+
+        def training(b, s=s, row=row):
+            parts = plan.predict(shape, s, 8, row["strategy"], "cuda", 2, batch=b)
+            return plan.peak({**parts, "rollout KV cache": 0.0})
+
+        b = row["largest_batch"]
+        assert (b == 0 or training(b) <= row["budget"]) and training(b + 1) > row["budget"], row["stage"]
+
+
+def test_checkpointing_lora_and_sharding_each_lower_what_they_should():
+    base = {r["stage"]: r["parts"] for r in plan.plan(_phi4("model.gradient_checkpointing=false"), 8, 80 * GB, "ddp")}
+    ckpt = {r["stage"]: r["parts"] for r in plan.plan(_phi4(), 8, 80 * GB, "ddp")}
+    lora = {r["stage"]: r["parts"] for r in plan.plan(_phi4("lora.enabled=true"), 8, 80 * GB, "ddp")}
+    fsdp = {r["stage"]: r["parts"] for r in plan.plan(_phi4(), 8, 80 * GB, "fsdp2")}
+    assert ckpt["sft"]["activations"] < base["sft"]["activations"] / 10
+    assert lora["sft"]["model state"] < ckpt["sft"]["model state"] / 4 and lora["rl"]["reference"] == 0
+    assert fsdp["sft"]["model state"] < ckpt["sft"]["model state"] / 6
+    # the head: one chunk of logits and the gathered hidden states, never T x V (4 rows of 20K tokens: 61 GB of fp32 logits)
+    assert ckpt["sft"]["output head"] < 2 * GB
+
+
+@pytest.mark.parametrize("args,words", [(["--gpu-memory", "lots", "--gpus", "2"], "--gpu-memory 'lots' is not a size"),
+                                        (["--gpus", "-1"], "--gpus -1"),
+                                        (["model.name_or_path=/nowhere/model"], "/nowhere/model")])
+def test_bad_plan_input_is_one_line(args, words, capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(["plan", str(ROOT / "recipes" / "tiny.yaml"), *args], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_out_of_memory_in_training_is_one_line_naming_the_stage_the_rows_and_what_to_change(tiny_model, tmp_path):
+    """A packed 65,536-token row of 8 under a 4 GB address-space limit: its (T, T) masks alone are 4 GB. Today's
+    answer is one line and exit 2, not an allocator traceback (exit 1)."""
+    from thinkforge.data import distill, sources
+
+    data = tmp_path / "d.jsonl"
+    distill.main(sources.synthetic("train", 64, 2, seed=0), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+              "from thinkforge.cli import main; main(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", script, "midtrain", "--data", str(data), "-m", tiny_model, "--out",
+                        str(tmp_path / "m"), "midtrain.max_len=65536", "midtrain.batch_size=8", "midtrain.grad_accum=1",
+                        "midtrain.epochs=1"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert err[-1].startswith("thinkforge: error: midtrain: out of memory with rows of 65536 tokens x 8"), err[-1]
+    assert "(an allocation of 4.0 GB failed); `thinkforge plan` says: a shorter midtrain.max_len" in err[-1]
+    assert not (tmp_path / "m").exists()  # a failed start leaves no folder
