@@ -68,11 +68,11 @@ def _timed(a, fn):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    fn()
+    out = fn()
     if a.device == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if a.device == "cuda" else None
-    return time.time() - t0, peak
+    return time.time() - t0, peak, out
 
 
 def _autocast(a):
@@ -91,8 +91,9 @@ def sft_step(a) -> dict:
     model = model_of("phi-4-mini", a)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     T, g = a.sft_tokens, torch.Generator().manual_seed(0)
-    docs = [Example(tuple(_ids(256, model.config.vocab_size, g)), tuple(_ids(4096 - 256, model.config.vocab_size, g)))
-            for _ in range(max(1, T // 4096))]
+    doc = min(4096, T)  # documents of 4K tokens (256 of prompt), packed into one row
+    docs = [Example(tuple(_ids(doc // 16, model.config.vocab_size, g)), tuple(_ids(doc - doc // 16, model.config.vocab_size, g)))
+            for _ in range(T // doc)]
     x, labels, pos = collate_packed([docs], T, 0)
     batch = {"input_ids": x.to(a.device), "labels": labels.to(a.device), "position_ids": pos.to(a.device)}
     norm = normaliser((labels != -100).float(), "token")
@@ -105,9 +106,9 @@ def sft_step(a) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up
-    seconds, peak = _timed(a, step)
+    seconds, peak, _ = _timed(a, step)
     n, cfg = sum(p.numel() for p in model.parameters()), model.config
-    flops = 6 * n * T + 6 * cfg.num_hidden_layers * cfg.hidden_size * 4096 * T  # causal attention within 4K documents
+    flops = 6 * n * T + 6 * cfg.num_hidden_layers * cfg.hidden_size * doc * T  # causal attention within documents
     return {"seconds": seconds, "peak_gb": peak, "tokens": T, "flops": flops, "params": n}
 
 
@@ -121,8 +122,9 @@ def dpo_step(a) -> dict:
     model = model_of("phi-4-mini", a)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-7)
     T, g, v = a.dpo_tokens, torch.Generator().manual_seed(0), model.config.vocab_size
-    prompt = tuple(_ids(512, v, g))
-    pair = (Example(prompt, tuple(_ids(T - 512, v, g))), Example(prompt, tuple(_ids(T - 512, v, g))))
+    p = min(512, T // 4)
+    prompt = tuple(_ids(p, v, g))
+    pair = (Example(prompt, tuple(_ids(T - p, v, g))), Example(prompt, tuple(_ids(T - p, v, g))))
 
     def step():
         with _autocast(a):
@@ -134,7 +136,7 @@ def dpo_step(a) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step()
-    seconds, peak = _timed(a, step)
+    seconds, peak, _ = _timed(a, step)
     n, cfg = sum(p.numel() for p in model.parameters()), model.config
     flops = 6 * n * 2 * T + 6 * cfg.num_hidden_layers * cfg.hidden_size * 2 * T * T
     return {"seconds": seconds, "peak_gb": peak, "tokens": 2 * T, "flops": flops, "params": n}
@@ -178,11 +180,11 @@ def grpo_lora_step(a) -> dict:
         opt.zero_grad(set_to_none=True)
         return ro
 
-    seconds, peak = _timed(a, step)
+    seconds, peak, ro = _timed(a, step)
     n = sum(p.numel() for p in model.parameters())
-    seqs = a.prompts * G
-    flops = 2 * n * seqs * a.new_tokens + 6 * n * seqs * (a.new_tokens + 16)  # generation + the loss pass
-    return {"seconds": seconds, "peak_gb": peak, "tokens": seqs * a.new_tokens, "flops": flops, "params": n}
+    new = int(ro.completion_mask.sum())  # generated tokens, as sampled
+    flops = 2 * n * new + 6 * n * (new + ro.prompt_mask.sum().item() * G)  # generation + the loss pass
+    return {"seconds": seconds, "peak_gb": peak, "tokens": new, "flops": flops, "params": n}
 
 
 def main() -> None:
@@ -210,7 +212,7 @@ def main() -> None:
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
         print(f"| {name} | {r['params'] / 1e9:.2f}B | {r['tokens']} | {r['seconds']:.2f} | {peak} | {100 * r['mfu']:.1f}% |")
     print(json.dumps({"metric": "gpu_scale", "device": device,
-                      **{k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items() if m != "flops"}
+                      **{k: {m: float(f"{v:.4g}") if isinstance(v, float) else v for m, v in r.items() if m != "flops"}
                          for k, r in res.items()}}))
 
 

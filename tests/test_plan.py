@@ -95,3 +95,18 @@ def test_out_of_memory_in_training_is_one_line_naming_the_stage_the_rows_and_wha
     assert err[-1].startswith("thinkforge: error: midtrain: out of memory with rows of 65536 tokens x 8"), err[-1]
     assert "(an allocation of 4.0 GB failed); `thinkforge plan` says: a shorter midtrain.max_len" in err[-1]
     assert not (tmp_path / "m").exists()  # a failed start leaves no folder
+
+
+@pytest.mark.slow
+def test_the_gpu_scale_benchmark_runs_its_three_steps_on_tiny_shapes():
+    """benchmarks/gpu_scale.py is what a GPU session runs in its few minutes: on a CPU with tiny shapes of the
+    same architectures it must run sft, dpo and grpo_lora through thinkforge's step functions and report."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--tiny"], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["metric"] == "gpu_scale" and set(res) >= {"sft", "dpo", "grpo_lora"}
+    assert all(res[k]["seconds"] > 0 and 0 < res[k]["mfu"] < 1 for k in ("sft", "dpo", "grpo_lora"))
+    assert res["grpo_lora"]["tokens"] == 2 * 4 * 16  # prompts x G x exactly the new tokens

@@ -147,7 +147,7 @@ def settings_for(recipe, stage: str, device: str) -> Setting:
 
 def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) -> list[dict]:
     """One row per training stage of the recipe: predicted peak, the largest micro-batch that fits, advice."""
-    from thinkforge.stages import STAGES
+    from thinkforge.config import _Stage
 
     device = "cuda" if gpus > 0 else "cpu"
     config = config or _config(recipe)
@@ -155,7 +155,7 @@ def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) 
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     frozen_bytes = 0.5 if recipe.model.load_in_4bit else {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     rows = []
-    for stage in [s for s in recipe.pipeline.stages if s in STAGES]:
+    for stage in [s for s in recipe.pipeline.stages if isinstance(getattr(recipe, s), _Stage)]:
         strat = strategy if strategy != "auto" else ("fsdp2" if gpus > 1 and stage != "rl" else "ddp")
         s = settings_for(recipe, stage, device)
         budget = memory * (1 - s.vllm_share)
