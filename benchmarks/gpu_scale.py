@@ -14,8 +14,8 @@ Three measurements, each a fresh model (fp32 master weights, bf16 autocast on CU
   (`forward.forward_logp`), backward, step.
 Seconds (after one warm-up step for sft and dpo), peak allocated memory (torch.cuda.max_memory_allocated) and
 MFU: model FLOPs (6 x parameters x tokens + 6 x layers x hidden x tokens^2 for causal attention; generation
-2 x parameters per new token; the recompute of checkpointing not counted) over seconds, against 989 TFLOP/s,
-an H100/H200's dense bf16 peak. Prints a table, then one JSON line.
+2 x parameters per new token; a frozen LoRA base 4 x parameters per trained token; the recompute of
+checkpointing not counted) over seconds, against 989 TFLOP/s, an H100/H200's dense bf16 peak. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -87,8 +87,10 @@ def sft_step(a) -> dict:
     from thinkforge.data.packing import Example, collate_packed
     from thinkforge.losses import normaliser
     from thinkforge.train import sft
+    from thinkforge.train.attention import use_document_attention
 
     model = model_of("phi-4-mini", a)
+    use_document_attention(model)  # as sft.main runs packed rows: no (T, T) mask
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     T, g = a.sft_tokens, torch.Generator().manual_seed(0)
     doc = min(4096, T)  # documents of 4K tokens (256 of prompt), packed into one row
@@ -183,7 +185,9 @@ def grpo_lora_step(a) -> dict:
     seconds, peak, ro = _timed(a, step)
     n = sum(p.numel() for p in model.parameters())
     new = int(ro.completion_mask.sum())  # generated tokens, as sampled
-    flops = 2 * n * new + 6 * n * (new + ro.prompt_mask.sum().item() * G)  # generation + the loss pass
+    # generation (2N a token) + the loss pass over the frozen base: forward 2N and input gradients 2N a token
+    # (no weight gradients but the adapter's), the prompt once per group
+    flops = 2 * n * new + 4 * n * (new + ro.prompt_mask.sum().item())
     return {"seconds": seconds, "peak_gb": peak, "tokens": new, "flops": flops, "params": n}
 
 

@@ -68,7 +68,10 @@ def one_step(stage: str, path: str, tokens: int, a) -> dict:
         norm = normaliser((labels != -100).float(), "token")
         if path == "full":
             loss = sft_loss(model(input_ids=x, position_ids=pos, use_cache=False).logits, labels, norm)
-        else:
+        else:  # as sft.main runs a packed row: each document's attention on its own
+            from thinkforge.train.attention import use_document_attention
+
+            use_document_attention(model)
             loss = sft.forward_loss(model, batch, norm, a.chunk)
     elif stage == "dpo":
         from thinkforge.losses import dpo_loss
@@ -104,7 +107,7 @@ def one_step(stage: str, path: str, tokens: int, a) -> dict:
     loss.backward()
     opt.step()
     return {"seconds": time.time() - t0, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def child(a) -> None:

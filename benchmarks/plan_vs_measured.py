@@ -32,11 +32,11 @@ def predicted(stage: str, tokens: int, vocab: int, hidden: int, layers: int) -> 
 
     cfg = _config(vocab, hidden, layers, 2 * tokens)
     shape = plan.shape_of(cfg)
-    if stage == "sft":
-        s = plan.Setting("sft", tokens, 1, 1, False, True, 4, None, False, 0, 0, 0.0)
+    if stage == "sft":  # a packed row: per-document attention, no mask (as sft.main runs it)
+        s = plan.Setting("sft", tokens, 1, 1, False, False, 4, None, False, 0, 0, 0.0)
     elif stage == "dpo":
         s = plan.Setting("dpo", tokens, 2, 1, False, True, 4, None, False, 0, 0, 0.0)
-    else:
+    else:  # dpo and grpo: padded rows, sdpa's (T, T) mask
         s = plan.Setting("rl", tokens, 2, 1, False, True, 4, None, False, 0, 0, 0.0)
     return sum(plan.predict(shape, s, 1, "ddp", "cpu", 4).values()) / 2**30
 

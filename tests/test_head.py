@@ -145,3 +145,62 @@ def test_every_stage_steps_alike_with_gradient_checkpointing(tiny_model, tmp_pat
         runs[on] = rows[0]["loss"], rows[0]["grad_norm"]
     assert runs[True][0] == pytest.approx(runs[False][0], abs=5e-6)  # metrics keep 6 decimals
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-5) and runs[True][1] > 0
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "phi"])  # kv heads = heads, grouped (GQA), partial rotary
+def test_document_attention_equals_the_masked_packed_row_without_a_t_by_t_mask(arch, monkeypatch):
+    """A packed row (documents of 7, 9 and 4 tokens, and a row of one) through train/attention.py gives the
+    logits and gradients of transformers' block-diagonal mask, and no mask is built at all."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.train.attention import use_document_attention
+
+    torch.manual_seed(0)
+    ids_ = dict(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = AutoModelForCausalLM.from_config(tiny_config(InitConfig(arch=arch, hidden=32, layers=2, heads=4), VOCAB, **ids_),
+                                             attn_implementation="sdpa").eval()
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    pos = torch.tensor([[*range(7), *range(9), *range(4)], list(range(20))])
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        (out * torch.linspace(0, 1, out.numel()).view(out.shape)).sum().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    masked, g_masked = run()
+    padded = torch.ones(2, 20, dtype=torch.long)
+    padded[0, :5] = 0  # a left-padded batch, as generation sees it
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=padded).logits
+    from thinkforge.train import attention
+
+    masks = []
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        masks.append(attention_mask)
+        return real(module, q, k, v, attention_mask, **kw)
+
+    real = attention.document_attention
+    monkeypatch.setattr(attention, "document_attention", spy)
+    assert use_document_attention(model) and model.config._attn_implementation == "thinkforge_documents"
+    mine, g_mine = run()
+    assert len(masks) == model.config.num_hidden_layers and all(m is None for m in masks)  # no (T, T) mask made
+    assert torch.allclose(mine, masked, atol=1e-5) and torch.allclose(g_mine, g_masked, atol=1e-5)
+    alone = model(input_ids=ids[:1, 7:16], use_cache=False).logits  # the second document by itself
+    assert torch.allclose(mine[0, 7:16], alone[0], atol=1e-5)
+    with torch.no_grad():  # padded rows and a cache after the switch: transformers' own mask, the same numbers
+        after = model(input_ids=ids, attention_mask=padded).logits
+    assert torch.allclose(after[:, 5:], before[:, 5:], atol=1e-5) and torch.allclose(after[1], before[1], atol=1e-5)
+
+
+def test_a_sliding_window_model_keeps_its_own_attention():
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.train.attention import use_document_attention
+
+    config = tiny_config(InitConfig(arch="phi3", hidden=32, layers=1, heads=4), VOCAB, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=1)
+    config.sliding_window = 8
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    assert not use_document_attention(model) and model.config._attn_implementation == "sdpa"

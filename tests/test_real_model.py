@@ -145,8 +145,8 @@ def test_the_rl_preflight_stops_the_base_instruct_model_that_never_uses_the_tags
     from conftest import run_cli
 
     code, _, err = run_cli(["rl", "-m", str(MODEL), "--out", str(tmp_path / "rl"), "rl.reward=weighted",
-                            "rl.preflight_groups=2", "rl.group_size=4", "rl.max_new_tokens=48", "rl.difficulties=[2]",
+                            "rl.preflight_groups=2", "rl.group_size=4", "rl.max_new_tokens=256", "rl.difficulties=[2]",
                             "rl.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "rl preflight: 0 of 8 samples used the <think>/<answer> format" in err and "cold-start SFT" in err
+    assert "rl preflight: the format and reasoning rewards are 0 for all 8 samples" in err and "cold-start SFT" in err
     assert not (tmp_path / "rl").exists()  # a run stopped before its first step leaves no folder

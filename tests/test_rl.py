@@ -553,7 +553,7 @@ def _preflight_recipe(model, **extra):
     ("no variance", type("AllWrong", (_Scripted,), {"texts": staticmethod(lambda i, j: "<think>no</think><answer>-7</answer>")}),
      {}, "none of 4 groups has reward variance (accuracy 0%, format 100%)"),
     ("no tags", type("Plain", (_Scripted,), {"texts": staticmethod(lambda i, j: "The answer is 4." if j else "It is 5.")}),
-     {"rl.reward": "weighted"}, "0 of 16 samples used the <think>/<answer> format"),
+     {"rl.reward": "weighted"}, "the format and reasoning rewards are 0 for all 16 samples (format rate 0%"),
 ])
 def test_the_preflight_stops_a_run_that_could_not_learn_with_what_to_do(tiny_model, tmp_path, case, backend, extra, words):
     """Before the first step: truncation -> zero reward -> zero variance -> zero gradient is a run that silently

@@ -526,9 +526,10 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
 @click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(dir_okay=False))
 @click.option("--gpus", type=int, default=0, show_default=True,
               help="GPUs the stages train on (ranks); 0 = this machine's CPU and memory.")
-@click.option("--gpu-memory", default="80GB", show_default=True, help="Memory of one GPU, e.g. 80GB or 24GB.")
+@click.option("--gpu-memory", default=None, help="Memory of one GPU, e.g. 80GB or 24GB (with --gpus; default 80GB).")
 @click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp2"]), default="auto", show_default=True,
-              help="How the model state is laid out over the GPUs; auto = FSDP2 on several GPUs (RL: DDP, for now).")
+              help="How the model state is laid out over the GPUs (the accelerate config you launch with: "
+                   "recipes/accelerate/ddp.yaml or fsdp2.yaml); auto = FSDP2 on several GPUs. RL: DDP (for now).")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def plan_cmd(recipe_path, gpus, gpu_memory, strategy, overrides):
     """Predict each stage's peak memory per device from the model's config (no weights), the largest
@@ -538,9 +539,11 @@ def plan_cmd(recipe_path, gpus, gpu_memory, strategy, overrides):
 
     if gpus < 0:
         raise UserError(f"--gpus {gpus}: give 0 (this machine) or a number of GPUs")
+    if gpu_memory and not gpus:
+        raise UserError(f"--gpu-memory {gpu_memory} needs --gpus N (without it the plan is for this machine's memory)")
     recipe = load_config(recipe_path, list(overrides))
     _quiet_hf()
-    memory = plan.parse_memory(gpu_memory) if gpus else plan.machine_memory()
+    memory = plan.parse_memory(gpu_memory or "80GB") if gpus else plan.machine_memory()
     click.echo(plan.render(plan.plan(recipe, gpus, memory, strategy), gpus, memory))
 
 

@@ -9,7 +9,7 @@ No weights are read: the parameter count comes from the architecture built on th
 - activations: per token and layer, the tensors autograd keeps (about 8 D + 5 I + 3 kv elements; calibrated
   below); with gradient checkpointing only each layer's input plus one layer recomputed; a (T, T) boolean mask
   per row where the attention is not flash-attention and rows are packed or padded;
-- the output head: one chunk of fp32 logits (train/head.py) about three times over in the backward, never
+- the output head: one chunk of fp32 logits (train/head.py) about twice over in the backward, never
   the (T, V) logits;
 - RL: the rollout KV cache of the in-process backend (generation and backward do not overlap), or vLLM's
   share of the device when it is started here (`--gpu-memory-utilization`);
@@ -29,8 +29,11 @@ from thinkforge.errors import UserError
 GB = 1024**3
 ACT_D, ACT_I, ACT_KV = 8, 5, 3  # elements kept per token and layer, times D, I and the kv width
 RUNTIME = {"cuda": 1.0 * GB, "cpu": 0.55 * GB}  # CUDA context; on a CPU the process with torch + transformers
-HEAD_COPIES = 3  # chunk logits, their softmax and its gradient alive at once in the head's backward
+HEAD_COPIES = 2  # chunk logits and their gradient alive at once in the head's backward (calibrated)
 RL_PROMPT = 512  # prompt tokens assumed per RL sample
+# Bytes per element of a padded batch's (T, T) attention mask: transformers' bool mask and the float bias the
+# kernel makes of it (measured on this CPU: DPO at 16K tokens, BENCHMARKS.md)
+MASK_BYTES = {"cpu": 8, "cuda": 3}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Shape:
     intermediate: int
     kv_width: int  # kv heads x head dim
     vocab: int
+    tied: bool
     lora_params: int  # the adapter's parameters for the recipe's LoRA targets (0 without LoRA)
 
     @property
@@ -70,7 +74,7 @@ def shape_of(config, lora=None) -> Shape:
             if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
                 lora_params += lora.r * (module.in_features + module.out_features)
     return Shape(sum(p.numel() for p in model.parameters()), text.num_hidden_layers, text.hidden_size,
-                 text.intermediate_size, kv, text.vocab_size, lora_params)
+                 text.intermediate_size, kv, text.vocab_size, bool(text.to_dict().get("tie_word_embeddings")), lora_params)
 
 
 @dataclass(frozen=True)
@@ -101,16 +105,22 @@ def predict(shape: Shape, s: Setting, gpus: int, strategy: str, device: str, fro
     trained = shape.lora_params or shape.params
     state = trained * (4 + 4 + 8)  # fp32 weights, gradients, AdamW moments
     frozen = shape.params * frozen_bytes if shape.lora_params else 0
-    out = {"model state": (state + frozen) / shard + (2 * shape.layer_params * 2 if shard > 1 else 0),
+    # FSDP2 (no mixed-precision policy): two fp32 layers gathered in flight, and the root's embedding and output
+    # layer unsharded from forward to backward (weights and gradients); AdamW's foreach step on CUDA: one
+    # temporary per trained parameter
+    root = shape.hidden * shape.vocab * (1 if shape.tied else 2) * (4 + 4)
+    gathered = 2 * shape.layer_params * 4 + root if shard > 1 else 0
+    foreach = trained * 4 / shard if device == "cuda" else 0
+    out = {"model state": (state + frozen) / shard + gathered + foreach,
            "reference": shape.params * 4 / shard if s.reference and not shape.lora_params else 0.0}
     tokens = b * s.rows_per_item * s.row_tokens
     per_layer = ACT_D * shape.hidden + ACT_I * shape.intermediate + ACT_KV * shape.kv_width
-    if s.checkpointing:
-        acts = tokens * s.act_bytes * (shape.layers * shape.hidden + per_layer)
+    if s.checkpointing:  # each layer's input is the fp32 residual stream (fp32 master weights), one layer recomputed
+        acts = tokens * (4 * shape.layers * shape.hidden + s.act_bytes * per_layer)
     else:
         acts = tokens * s.act_bytes * shape.layers * per_layer
     acts += tokens * s.act_bytes * 2 * shape.hidden  # embeddings, final norm
-    acts += (b * s.rows_per_item * s.row_tokens**2) if s.masks else 0
+    acts += (b * s.rows_per_item * s.row_tokens**2 * MASK_BYTES[device]) if s.masks else 0
     out["activations"] = acts
     out["output head"] = HEAD_COPIES * chunk_tokens(shape.vocab, s.head_chunk) * shape.vocab * 4 + tokens * shape.hidden * 4
     out["rollout KV cache"] = s.kv_cache * s.kv_tokens * shape.layers * 2 * shape.kv_width * s.act_bytes
@@ -130,8 +140,9 @@ def settings_for(recipe, stage: str, device: str) -> Setting:
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda")
     flash = m.attn_implementation == "flash_attention_2"
     if stage in ("midtrain", "sft"):
+        # packed rows: each document attends on its own (train/attention.py), no mask; padded rows: sdpa's mask
         return Setting(stage, cfg.max_len, 1, cfg.batch_size, m.gradient_checkpointing,
-                       not flash and (cfg.packing or cfg.batch_size > 1), 2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0)
+                       not flash and not cfg.packing and cfg.batch_size > 1, 2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0)
     if stage == "dpo":
         return Setting(stage, cfg.max_len, 2, cfg.batch_size, m.gradient_checkpointing, not flash, 2 if bf16 else 4,
                        cfg.head_chunk, False, 0, 0, 0.0)
@@ -156,7 +167,8 @@ def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) 
     frozen_bytes = 0.5 if recipe.model.load_in_4bit else {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     rows = []
     for stage in [s for s in recipe.pipeline.stages if isinstance(getattr(recipe, s), _Stage)]:
-        strat = strategy if strategy != "auto" else ("fsdp2" if gpus > 1 and stage != "rl" else "ddp")
+        strat = strategy if strategy != "auto" else ("fsdp2" if gpus > 1 else "ddp")
+        strat = "ddp" if stage == "rl" else strat  # rl refuses FSDP2 for now
         s = settings_for(recipe, stage, device)
         budget = memory * (1 - s.vllm_share)
         parts = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes)
@@ -181,10 +193,14 @@ def _advice(recipe, stage: str, s: Setting, strategy: str, fits: tuple, fixed: f
     if gen is not None and gen < s.kv_cache:
         tips.append(f"rollouts: rl.gen_batch={max(gen, 1)} (the in-process KV cache of {s.kv_cache} x {s.kv_tokens} tokens "
                     f"does not fit) or rollout.backend=vllm")
-    if 1 <= train < s.batch:
-        accum = "rl.prompts_per_step stays the batch" if stage == "rl" else f"{stage}.grad_accum x{math.ceil(s.batch / train)} keeps the batch"
-        key = "micro_batch" if stage == "rl" else "batch_size"
-        tips.append(f"{stage}.{key}={train} ({accum})")
+    length = "rl.max_new_tokens" if stage == "rl" else f"{stage}.max_len"
+    if 1 <= train < s.batch and stage == "rl":
+        tips.append(f"rl.micro_batch={train} (rl.prompts_per_step stays the batch)")
+    elif 1 <= train < s.batch:
+        cfg = getattr(recipe, stage)
+        b = max(d for d in range(1, train + 1) if s.batch % d == 0)  # a divisor: the same batch per step
+        tips.append(f"{stage}.batch_size={b} with {stage}.grad_accum={cfg.grad_accum * s.batch // b} (the same "
+                    f"{s.batch * cfg.grad_accum} per step)")
     if train < s.batch and s.masks and s.row_tokens**2 * s.rows_per_item > per_item / 2:
         tips.append(f"a shorter {stage}.max_len or model.attn_implementation=flash_attention_2 (CUDA): a {s.row_tokens}-token "
                     f"row's (T, T) attention mask alone is {s.row_tokens**2 / GB:.1f} GB")
@@ -192,11 +208,13 @@ def _advice(recipe, stage: str, s: Setting, strategy: str, fits: tuple, fixed: f
         tips.append("model.gradient_checkpointing=true")
     if fixed > budget and strategy != "fsdp2" and stage != "rl":
         tips.append("FSDP2 over more GPUs (recipes/accelerate/fsdp2.yaml) to shard the model state")
-    if fixed > budget and not recipe.lora.enabled:
+    if train < 1:
+        tips.append(f"a shorter {length}")
+    if (fixed > budget or train < 1) and not recipe.lora.enabled:
         tips.append("lora.enabled=true (only the adapter trains: no fp32 master copy, gradients or AdamW state of the base)")
     if s.vllm_share and train < s.batch:
         tips.append("a smaller vLLM share (--gpu-memory-utilization in rollout.vllm_args) or a vLLM server elsewhere (rollout.base_url)")
-    return "does not fit: " + "; ".join(tips or [f"a shorter {stage} sequence"])
+    return "does not fit: " + "; ".join(tips or [f"a shorter {length}"])
 
 
 def _config(recipe):
@@ -222,7 +240,7 @@ def machine_memory() -> float:
 
 def parse_memory(text: str) -> float:
     """'80GB', '80 GiB', '24G' -> bytes (binary gigabytes, as GPUs are sold)."""
-    found = re.fullmatch(r"\s*([0-9.]+)\s*([GgMmTt])i?[Bb]?\s*", text)
+    found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([GgMmTt])i?[Bb]?\s*", text)
     if not found:
         raise UserError(f"--gpu-memory {text!r} is not a size; write e.g. 80GB")
     return float(found.group(1)) * {"m": 1024**2, "g": GB, "t": 1024**4}[found.group(2).lower()]

@@ -52,25 +52,30 @@ class Stage:
 
             if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
                 raise
-            raise UserError(_out_of_memory(recipe, self.name, e)) from None
+            raise UserError(_out_of_memory(recipe, self.name, e)) from e  # the chain stays for a debugger
 
 
 def _out_of_memory(recipe, stage: str, error: BaseException) -> str:
-    from thinkforge import plan
+    import os
 
-    s = plan.settings_for(recipe, stage, "cuda" if str(recipe.model.device).startswith("cuda") else "cpu")
+    from thinkforge import plan
+    from thinkforge.models import resolve_device
+
+    cuda = resolve_device(recipe.model.device).startswith("cuda")
+    s = plan.settings_for(recipe, stage, "cuda" if cuda else "cpu")
     what = f"rows of {s.row_tokens} tokens x {s.batch} per micro-batch" + (" (pairs: 2 rows each)" if s.rows_per_item == 2 else "")
     try:
         import torch
 
-        memory = (torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
-                  else plan.machine_memory())
-        advice = plan.plan(recipe, 1 if torch.cuda.is_available() else 0, memory)
+        memory = torch.cuda.get_device_properties(0).total_memory if cuda else plan.machine_memory()
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))  # the run's ranks, as accelerate launched them
+        advice = plan.plan(recipe, ranks if cuda else 0, memory, "fsdp2" if os.environ.get("ACCELERATE_USE_FSDP") else "ddp")
         advice = next((r["advice"] for r in advice if r["stage"] == stage), "")
         advice = advice.removeprefix("does not fit: ") if advice != "fits" else (
             f"the plan predicts it fits ({stage}.batch_size or a shorter row may still be needed)")
     except Exception as e:  # the plan needs the model's config; the error line must not fail with it
-        advice = f"lower the micro-batch or the row length, or set model.gradient_checkpointing=true ({type(e).__name__} in the plan)"
+        tip = "" if recipe.model.gradient_checkpointing else ", or set model.gradient_checkpointing=true"
+        advice = f"lower the micro-batch or the row length{tip} (the plan itself failed: {type(e).__name__}: {e})"
     import re
 
     size = re.search(r"allocate (\d+) bytes", str(error))

@@ -270,10 +270,14 @@ class VLLMGenerator:
         served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
         was = model.training
         model.eval()
+        from thinkforge.train.head import hidden_states  # the output layer by chunks: never the (T, V) logits
+
+        ids = torch.tensor([seq], device=model.device)
+        with torch.no_grad(), hidden_states(model) as head:
+            hidden = model(input_ids=ids).logits[:, :-1]  # (1, T-1, D)
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([seq], device=model.device)).logits[0, :-1].float()
+            mine = head.logprobs(hidden, ids[:, 1:])[0][0].cpu()  # (T-1,)
         model.train(was)
-        mine = torch.log_softmax(logits, -1).gather(-1, torch.tensor(seq[1:], device=logits.device)[:, None])[:, 0].cpu()
         diff = (served - mine).abs().max().item()
         if not diff <= self.cfg.sync_atol:
             raise SyncError(f"after weight sync {self.version} the vLLM server's log-probs differ from the trainer's by "

@@ -94,7 +94,7 @@ def hidden_states(model, chunk: int | None = None):
     by the identity); yields the `Head` that applies the real output layer afterwards, chunk by chunk."""
     hf = _hf_model(model)
     config = hf.config.get_text_config()
-    for key in ("final_logit_softcapping", "logit_scale"):
+    for key in ("final_logit_softcapping",):  # (a scale after a bias-free layer commutes with it: not here)
         if config.to_dict().get(key) not in (None, 1.0):
             raise NotImplementedError(f"{type(hf).__name__} transforms its logits after the output layer "
                                       f"({key}={config.to_dict()[key]}); the chunked head does not apply it")

@@ -155,7 +155,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not models.is_adapter(model):
-        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code)
+        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code,
+                                   False, m.gradient_checkpointing, m.attn_implementation)  # the policy's layout: KL 0 at the start
         reference.eval().requires_grad_(False)
     extras = loop.load_extras(ckpt) if ckpt else None
     critic = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else None  # GRPO: the group is the baseline

@@ -198,7 +198,7 @@ def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: 
     prompts = [task.prompt_fn(p.question) for p in draw]
     stats: dict = {}
     n = groups = flat = formatted = truncated = correct = 0
-    total = squares = 0.0
+    total = squares = format_reward = 0.0
     for p, prompt, comps in zip(draw, prompts, generate_groups(generator, prompts, cfg.group_size, params, stats), strict=True):
         if comps is None:
             continue
@@ -211,28 +211,35 @@ def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: 
         truncated += sum(c.finish_reason == "length" for c in comps)
         correct += sum(s[2] for s in scored)
         total, squares = total + sum(r), squares + sum(x * x for x in r)
-    n, groups, flat, formatted, truncated, correct, total, squares = dist.all_sum(
-        [n, groups, flat, formatted, truncated, correct, total, squares])
+        format_reward += sum(abs(s[1].get("format", 0.0)) + abs(s[1].get("reasoning", 0.0)) for s in scored)
+    n, groups, flat, formatted, truncated, correct, total, squares, format_reward = dist.all_sum(
+        [n, groups, flat, formatted, truncated, correct, total, squares, format_reward])
     mean = total / max(n, 1)
     return {"groups": int(groups), "samples": int(n), "format_rate": formatted / max(n, 1), "accuracy": correct / max(n, 1),
             "reward_mean": mean, "reward_std": max(squares / max(n, 1) - mean * mean, 0.0) ** 0.5,
-            "flat_group_share": flat / max(groups, 1), "truncated_rate": truncated / max(n, 1)}
+            "flat_group_share": flat / max(groups, 1), "truncated_rate": truncated / max(n, 1),
+            "format_reward_mean": format_reward / max(n, 1)}
 
 
 def unlearnable(report: dict, cfg: RLConfig, rewards: WeightedRewards | None) -> str | None:
-    """Why RL from this policy would learn nothing (and what to do), or None."""
-    n = report["samples"]
-    if report["groups"] == 0:
+    """Why RL from this policy would learn nothing (and what to do), or None. In order: samples cut before they
+    finish (they cannot be graded), a format that is rewarded but earns nothing, no reward variance at all."""
+    n, groups = report["samples"], report["groups"]
+    if groups == 0:
         return "no preflight group could be sampled (out of memory): lower rl.gen_batch"
-    if rewards is not None and "format" in rewards.weights and report["format_rate"] == 0:
-        return (f"0 of {n} samples used the <think>/<answer> format, so the format and reasoning rewards are 0 for all: "
-                f"cold-start SFT on formatted rollouts first (thinkforge sft), or check model.prompt_format")
     if report["truncated_rate"] > 0.5:
         return (f"{report['truncated_rate']:.0%} of {n} samples hit rl.max_new_tokens={cfg.max_new_tokens} unfinished (a cut "
                 f"response earns no answer): raise rl.max_new_tokens, or cold-start SFT on shorter reasoning")
+    shaped = rewards is not None and any(rewards.weights.get(k, 0) > 0 for k in ("format", "reasoning"))
+    if shaped and report["format_reward_mean"] == 0:
+        return (f"the format and reasoning rewards are 0 for all {n} samples (format rate {report['format_rate']:.0%}: the "
+                f"<think>/<answer> tags are not used): cold-start SFT on formatted rollouts first (thinkforge sft), or "
+                f"check model.prompt_format")
     if report["flat_group_share"] == 1.0:
         which = ("every sample right: harder prompts" if report["accuracy"] == 1.0 else
-                 "easier prompts (rl.difficulties, rl.source), a cold-start SFT, or a larger rl.group_size")
-        return (f"none of {report['groups']} groups has reward variance (accuracy {report['accuracy']:.0%}, format "
-                f"{report['format_rate']:.0%}), so every advantage is 0: {which}")
+                 "easier prompts (rl.difficulties, rl.source), a cold-start SFT, a larger rl.group_size, or more "
+                 "rl.preflight_groups if the set is merely hard")
+        signal = "every advantage is 0" if cfg.algo == "grpo" else "the rewards carry no signal"
+        return (f"none of {groups} groups has reward variance (accuracy {report['accuracy']:.0%}, format "
+                f"{report['format_rate']:.0%}), so {signal}: {which}")
     return None
