@@ -23,7 +23,7 @@ NAME = "thinkforge_documents"
 NEEDS_MASK = ("sdpa", "eager")  # what builds the (T, T) mask; flash-attention and flex attention do not
 
 
-def document_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+def document_attention(module, query, key, value, attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs):
     """Causal attention within each document. query (B, H, T, hd), key and value (B, Hkv, T, hd); the
     documents start where kwargs["position_ids"] (B, T) is 0. -> (B, T, H, hd), None"""
