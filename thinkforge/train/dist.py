@@ -182,12 +182,15 @@ def _comm_device() -> str:
     return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
-def leave() -> None:
+def leave() -> bool:
     """End this rank's membership once every rank is done: the process group's threads are joined here, not
-    torn down by the interpreter's exit (gloo's then abort a rank: "terminate called without an active exception")."""
+    torn down by the interpreter's exit (gloo's then abort a rank: "terminate called without an active
+    exception"). True when this was a rank of several."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        return True
+    return False
 
 
 def init() -> Dist:
