@@ -111,7 +111,9 @@ def test_the_entropy_is_the_full_softmax_entropy_on_labelled_positions():
 def test_a_model_that_transforms_its_logits_after_the_output_layer_is_refused():
     model = _model("phi3")
     model.config.final_logit_softcapping = 30.0
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
+    from thinkforge.errors import UserError
+
+    with pytest.raises(UserError, match="final_logit_softcapping=30.0"):
         with hidden_states(model):
             pass
 

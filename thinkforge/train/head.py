@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from thinkforge.errors import UserError
 from thinkforge.losses import IGNORE
 
 # Elements of one chunk's fp32 logits (256 MB): 335 tokens at a 200,064 vocabulary, 1,024 at 65,536 (TRL's tiles
@@ -96,8 +97,9 @@ def hidden_states(model, chunk: int | None = None):
     config = hf.config.get_text_config()
     for key in ("final_logit_softcapping",):  # (a scale after a bias-free layer commutes with it: not here)
         if config.to_dict().get(key) not in (None, 1.0):
-            raise NotImplementedError(f"{type(hf).__name__} transforms its logits after the output layer "
-                                      f"({key}={config.to_dict()[key]}); the chunked head does not apply it")
+            raise UserError(f"{type(hf).__name__} transforms its logits after the output layer ({key}="
+                            f"{config.to_dict()[key]}), which thinkforge's chunked output head does not apply; "
+                            f"train a model without it")
     layer = hf.get_output_embeddings()
     hf.set_output_embeddings(torch.nn.Identity())
     try:
