@@ -272,9 +272,3 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache: int) -> torch.T
     """DAPO's soft overlong punishment: 0 up to max_len - cache, then falling linearly to -1 at max_len."""
     start = max_len - cache
     return -((lengths.float() - start) / max(1, cache)).clamp(0.0, 1.0)
-
-
-def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token entropy of the policy over masked positions (PITFALLS 12). logits (N, T, V)."""
-    logp = torch.log_softmax(logits.float(), -1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)  # mean of (N, T) entropies
