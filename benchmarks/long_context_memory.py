@@ -10,8 +10,9 @@ One step, through the stage's own functions:
 - sft: one packed row of `tokens` (documents of 2,048 tokens, 64 of prompt each), `sft.forward_loss`;
 - dpo: one pair whose chosen and rejected are each `tokens` long (64 of prompt), `dpo.pair_logprobs`;
 - grpo: one prompt (64 tokens) and G = 2 completions of `tokens - 64`, `forward.forward_logp` + policy loss;
-then backward and an AdamW step. `--path full` runs what thinkforge did before train/head.py (the model's
-(T, V) logits, then the loss). The per-token cost is the slope of the peak between the two longest lengths.
+then backward and an AdamW step, with the attention every stage uses (train/attention.py). `--path full` runs
+what thinkforge did before train/head.py (the model's (T, V) logits, then the loss; transformers' masks). The
+per-token cost is the slope of the peak between the two longest lengths.
 Prints a table, then one JSON line.
 """
 
@@ -48,6 +49,10 @@ def one_step(stage: str, path: str, tokens: int, a) -> dict:
     from thinkforge.rollout.types import Rollout
 
     model = build_model(a.vocab, a.hidden, a.layers, 2 * tokens)
+    if path == "head":  # as every stage loads its model (loop.load_for_training): no (T, T) or (Q, K) mask
+        from thinkforge.train.attention import use_document_attention
+
+        use_document_attention(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(0)
 
@@ -68,10 +73,7 @@ def one_step(stage: str, path: str, tokens: int, a) -> dict:
         norm = normaliser((labels != -100).float(), "token")
         if path == "full":
             loss = sft_loss(model(input_ids=x, position_ids=pos, use_cache=False).logits, labels, norm)
-        else:  # as sft.main runs a packed row: each document's attention on its own
-            from thinkforge.train.attention import use_document_attention
-
-            use_document_attention(model)
+        else:
             loss = sft.forward_loss(model, batch, norm, a.chunk)
     elif stage == "dpo":
         from thinkforge.losses import dpo_loss

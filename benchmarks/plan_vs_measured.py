@@ -32,12 +32,9 @@ def predicted(stage: str, tokens: int, vocab: int, hidden: int, layers: int) -> 
 
     cfg = _config(vocab, hidden, layers, 2 * tokens)
     shape = plan.shape_of(cfg)
-    if stage == "sft":  # a packed row: per-document attention, no mask (as sft.main runs it)
-        s = plan.Setting("sft", tokens, 1, 1, False, False, 4, None, False, 0, 0, 0.0)
-    elif stage == "dpo":
-        s = plan.Setting("dpo", tokens, 2, 1, False, True, 4, None, False, 0, 0, 0.0)
-    else:  # dpo and grpo: padded rows, sdpa's (T, T) mask
-        s = plan.Setting("rl", tokens, 2, 1, False, True, 4, None, False, 0, 0, 0.0)
+    # every stage attends without a (T, T) mask (train/attention.py): a packed row, a pair, a group of two
+    s = plan.Setting({"grpo": "rl"}.get(stage, stage), tokens, 1 if stage == "sft" else 2, 1, False, False, 4, None,
+                     False, 0, 0, 0.0)
     return sum(plan.predict(shape, s, 1, "ddp", "cpu", 4).values()) / 2**30
 
 

@@ -196,13 +196,120 @@ def test_document_attention_equals_the_masked_packed_row_without_a_t_by_t_mask(a
     assert torch.allclose(after[:, 5:], before[:, 5:], atol=1e-5) and torch.allclose(after[1], before[1], atol=1e-5)
 
 
-def test_a_sliding_window_model_keeps_its_own_attention():
+@pytest.mark.parametrize("window", [8, 64])
+def test_a_sliding_window_keeps_transformers_mask_where_it_bites(window, monkeypatch):
+    """A window shorter than the row (8) keeps transformers' mask and numbers; one that covers the row (64,
+    as Phi-4-mini's covers its context) is plain causal attention and takes the mask-free paths."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.train import attention
+
+    def build():
+        torch.manual_seed(0)
+        config = tiny_config(InitConfig(arch="phi3", hidden=32, layers=2, heads=4), VOCAB, bos_token_id=0,
+                             eos_token_id=0, pad_token_id=1)
+        config.sliding_window = window
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+    ids = torch.randint(2, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    packed = torch.tensor([[*range(12), *range(8)], list(range(20))])
+    padded = torch.ones(2, 20, dtype=torch.long)
+    padded[0, :5] = 0
+    calls = [dict(input_ids=ids, position_ids=packed, use_cache=False), dict(input_ids=ids, attention_mask=padded)]
+    with torch.no_grad():
+        want = [build()(**c).logits for c in calls]
+    masks = []
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        masks.append(None if attention_mask is None else attention_mask.dim())
+        return real(module, q, k, v, attention_mask, **kw)
+
+    real = attention.document_attention
+    monkeypatch.setattr(attention, "document_attention", spy)
+    monkeypatch.setattr(attention, "SMALL_MASK", 0)
+    model = build()
+    assert attention.use_document_attention(model)
+    with torch.no_grad():
+        got = [model(**c).logits for c in calls]
+    assert torch.allclose(got[0], want[0], atol=1e-5)
+    assert torch.allclose(got[1][:, 5:], want[1][:, 5:], atol=1e-5) and torch.allclose(got[1][1], want[1][1], atol=1e-5)
+    assert set(masks) == ({4} if window == 8 else {None, 2})  # biting: transformers' (B, 1, T, T); else none built
+
+
+def test_a_soft_capped_attention_keeps_its_own_implementation():
     from transformers import AutoModelForCausalLM
 
     from thinkforge.train.attention import use_document_attention
 
     config = tiny_config(InitConfig(arch="phi3", hidden=32, layers=1, heads=4), VOCAB, bos_token_id=0, eos_token_id=0,
                          pad_token_id=1)
-    config.sliding_window = 8
+    config.attn_logit_softcapping = 50.0
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     assert not use_document_attention(model) and model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, share_prompt, monkeypatch):
+    """RL and DPO rows (prompts padded on the left, completions on the right, the completions on top of the
+    prompt's cache or in one pass) through train/attention.py's padded path give the log-probs and gradients
+    of transformers' (B, 1, Q, K) mask, and no such mask is built."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.rollout.types import Rollout
+    from thinkforge.train import attention
+    from thinkforge.train.forward import forward_logp
+
+    def build():
+        torch.manual_seed(0)
+        ids_ = dict(bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        return AutoModelForCausalLM.from_config(tiny_config(InitConfig(arch=arch, hidden=32, layers=2, heads=4), VOCAB,
+                                                            **ids_), attn_implementation="sdpa").eval()
+
+    g = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(11), ids(3), ids(8)], [0, 0, 1, 1], 1, [1.0, 0.0, 1.0, 0.0],
+                          temperature=0.7)
+
+    def run(model):
+        model.zero_grad()
+        logp = forward_logp(model, batch, slice(0, 4), share_prompt=share_prompt)[0]
+        (logp * batch.completion_mask * torch.linspace(0.5, 1.5, logp.numel()).view(logp.shape)).sum().backward()
+        return (logp * batch.completion_mask).detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    want, g_want = run(build())
+    masks = []
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        masks.append(None if attention_mask is None else attention_mask.dim())
+        return real(module, q, k, v, attention_mask, **kw)
+
+    real = attention.document_attention
+    monkeypatch.setattr(attention, "document_attention", spy)
+    monkeypatch.setattr(attention, "SMALL_MASK", 0)  # these short rows take the long rows' path
+    model = build()
+    assert attention.use_document_attention(model)
+    got, g_got = run(model)
+    assert masks and set(masks) == {2}  # every layer got the (B, K) valid keys, never a (B, 1, Q, K) mask
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_padded_attention_with_valid_keys_in_several_runs_uses_that_rows_mask():
+    """A row whose valid keys are not one run (not a layout thinkforge makes) is still right: its own mask."""
+    import torch.nn.functional as F
+
+    from thinkforge.train.attention import padded_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    keys = torch.ones(2, 9, dtype=torch.bool)
+    keys[0, 2] = False  # a hole
+    keys[1, :3] = False  # left padding
+    k9, v9 = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(2))
+    got = padded_attention(q, k9, v9, keys)  # (B, Q, H, hd): queries at positions 4..8
+    causal = torch.arange(9) <= torch.arange(4, 9)[:, None]
+    want = F.scaled_dot_product_attention(q, k9, v9, attn_mask=(causal & keys[:, None, None, :])).transpose(1, 2)
+    assert torch.allclose(got, want, atol=1e-6)

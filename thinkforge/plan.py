@@ -7,8 +7,9 @@ No weights are read: the parameter count comes from the architecture built on th
   frozen weights in model.dtype (a LoRA base); FSDP2 divides all of it by the ranks (plus two gathered layers
   in flight), DDP keeps it whole; RL's frozen reference (full fine-tuning with beta > 0) is a second copy;
 - activations: per token and layer, the tensors autograd keeps (about 8 D + 5 I + 3 kv elements; calibrated
-  below); with gradient checkpointing only each layer's input plus one layer recomputed; a (T, T) boolean mask
-  per row where the attention is not flash-attention and rows are packed or padded;
+  below); with gradient checkpointing only each layer's input plus one layer recomputed; no (T, T) mask
+  (train/attention.py), except where the model keeps transformers' own (a sliding window shorter than the row,
+  soft-capped scores, and not flash-attention);
 - the output head: one chunk of fp32 logits (train/head.py) about twice over in the backward, never
   the (T, V) logits;
 - RL: the rollout KV cache of the in-process backend (generation and backward do not overlap), or vLLM's
@@ -31,8 +32,8 @@ ACT_D, ACT_I, ACT_KV = 8, 5, 3  # elements kept per token and layer, times D, I 
 RUNTIME = {"cuda": 1.0 * GB, "cpu": 0.55 * GB}  # CUDA context; on a CPU the process with torch + transformers
 HEAD_COPIES = 2  # chunk logits and their gradient alive at once in the head's backward (calibrated)
 RL_PROMPT = 512  # prompt tokens assumed per RL sample
-# Bytes per element of a padded batch's (T, T) attention mask: transformers' bool mask and the float bias the
-# kernel makes of it (measured on this CPU: DPO at 16K tokens, BENCHMARKS.md)
+# Bytes per element of transformers' (T, T) attention mask where a model keeps it: the bool mask and the float
+# bias the kernel makes of it (measured on this CPU: DPO at 16K tokens through transformers' mask, BENCHMARKS.md)
 MASK_BYTES = {"cpu": 8, "cuda": 3}
 
 
@@ -86,7 +87,7 @@ class Setting:
     rows_per_item: int  # rows of one micro-batch item (DPO: a pair is 2 rows; RL: 1)
     batch: int  # items per micro-batch
     checkpointing: bool
-    masks: bool  # a (T, T) mask per row (packed or padded rows, no flash-attention)
+    masks: bool  # transformers' (T, T) mask per row (a biting sliding window or soft-capped scores)
     act_bytes: int  # 2 under bf16 autocast, else 4
     head_chunk: int | None
     reference: bool  # RL: a frozen full copy of the model
@@ -134,26 +135,34 @@ def peak(parts: dict) -> float:
     return static + max(parts["activations"] + parts["output head"], parts["rollout KV cache"])
 
 
-def settings_for(recipe, stage: str, device: str) -> Setting:
+def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
+    """How `stage` runs: from the recipe, and from the model's config whether its attention keeps transformers'
+    (T, T) masks (a sliding window shorter than the row, soft-capped scores: train/attention.py)."""
     cfg = getattr(recipe, stage)
     m = recipe.model
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda")
-    flash = m.attn_implementation == "flash_attention_2"
+    text = config.get_text_config().to_dict() if config is not None else {}
+
+    def masked(row: int, padded: bool) -> bool:  # everything else attends without a mask (train/attention.py)
+        window = text.get("sliding_window")
+        return (m.attn_implementation != "flash_attention_2" and padded
+                and bool(text.get("attn_logit_softcapping") or (window and window < row)))
+
     if stage in ("midtrain", "sft"):
-        # packed rows: each document attends on its own (train/attention.py), no mask; padded rows: sdpa's mask
         return Setting(stage, cfg.max_len, 1, cfg.batch_size, m.gradient_checkpointing,
-                       not flash and not cfg.packing and cfg.batch_size > 1, 2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0)
+                       masked(cfg.max_len, cfg.packing or cfg.batch_size > 1), 2 if bf16 else 4, cfg.head_chunk, False,
+                       0, 0, 0.0)
     if stage == "dpo":
-        return Setting(stage, cfg.max_len, 2, cfg.batch_size, m.gradient_checkpointing, not flash, 2 if bf16 else 4,
-                       cfg.head_chunk, False, 0, 0, 0.0)
+        return Setting(stage, cfg.max_len, 2, cfg.batch_size, m.gradient_checkpointing, masked(cfg.max_len, True),
+                       2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0)
     row = RL_PROMPT + cfg.max_new_tokens
     in_process = recipe.rollout.backend == "hf"
     share = 0.0
     if recipe.rollout.backend == "vllm" and recipe.rollout.base_url is None:
         found = re.search(r"--gpu-memory-utilization[ =]([0-9.]+)", recipe.rollout.vllm_args)
         share = float(found.group(1)) if found else 0.9
-    return Setting(stage, row, 1, cfg.micro_batch, m.gradient_checkpointing, not flash, 2 if bf16 else 4, cfg.head_chunk,
-                   cfg.beta > 0, cfg.gen_batch if in_process else 0, row, share)
+    return Setting(stage, row, 1, cfg.micro_batch, m.gradient_checkpointing, masked(row, True), 2 if bf16 else 4,
+                   cfg.head_chunk, cfg.beta > 0, cfg.gen_batch if in_process else 0, row, share)
 
 
 def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) -> list[dict]:
@@ -169,7 +178,7 @@ def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) 
     for stage in [s for s in recipe.pipeline.stages if isinstance(getattr(recipe, s), _Stage)]:
         strat = strategy if strategy != "auto" else ("fsdp2" if gpus > 1 else "ddp")
         strat = "ddp" if stage == "rl" else strat  # rl refuses FSDP2 for now
-        s = settings_for(recipe, stage, device)
+        s = settings_for(recipe, stage, device, config)
         budget = memory * (1 - s.vllm_share)
         parts = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes)
         zero = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes, batch=0)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from thinkforge.io import respect_umask, write_json
+from thinkforge.train.attention import use_document_attention
 from thinkforge.train.dist import Dist
 
 CHECKPOINT_PREFIX = "step-"
@@ -140,7 +141,7 @@ def weights_dtype(recipe) -> str:
 
 def load_for_training(recipe, run_dir: str | Path):
     """(model, tokenizer, checkpoint): the newest checkpoint of run_dir if any, else the stage's start model
-    (`start_model`), wrapped in a new LoRA adapter when recipe.lora.enabled. Every trainable weight is in
+    (`start_model`), wrapped in a new LoRA adapter when recipe.lora.enabled, its attention without (T, T) masks. Every trainable weight is in
     model.trainable_dtype (fp32 master weights unless a pure low-precision optimizer is asked for by name):
     AdamW updating bf16 weights in place loses every step below half an ulp (PITFALLS 14)."""
     from thinkforge import models
@@ -156,6 +157,7 @@ def load_for_training(recipe, run_dir: str | Path):
     for p in model.parameters():
         if p.requires_grad and p.dtype != want:
             p.data = p.data.to(want)
+    use_document_attention(model)  # long packed or padded rows without a (T, T) mask (train/attention.py)
     return model, tok, ckpt
 
 

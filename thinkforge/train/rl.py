@@ -37,6 +37,7 @@ from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import Rollout
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop, ppo
+from thinkforge.train.attention import use_document_attention
 from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
 from thinkforge.train.sampling import Task, collect, preflight, unlearnable
@@ -158,6 +159,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code,
                                    False, m.gradient_checkpointing, m.attn_implementation)  # the policy's layout: KL 0 at the start
         reference.eval().requires_grad_(False)
+        use_document_attention(reference)
     extras = loop.load_extras(ckpt) if ckpt else None
     critic = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else None  # GRPO: the group is the baseline
     model.train()

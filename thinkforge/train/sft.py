@@ -23,7 +23,6 @@ from thinkforge.losses import Normaliser, label_mask, normaliser, shift_labels
 from thinkforge.monitor import progress_bar
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop
-from thinkforge.train.attention import use_document_attention
 from thinkforge.train.head import hidden_states
 
 
@@ -86,8 +85,6 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     dist = distributed.init()
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     model.train()
-    if cfg.packing:  # each document's block on its own: no (T, T) mask per packed row (train/attention.py)
-        use_document_attention(model)
     ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
 
     examples = load_examples(data, tok, recipe, cfg.max_len)
