@@ -313,3 +313,72 @@ def test_padded_attention_with_valid_keys_in_several_runs_uses_that_rows_mask():
     causal = torch.arange(9) <= torch.arange(4, 9)[:, None]
     want = F.scaled_dot_product_attention(q, k9, v9, attn_mask=(causal & keys[:, None, None, :])).transpose(1, 2)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_generation_and_unpadded_batches_through_the_switched_model_are_unchanged(monkeypatch):
+    """The policy generates with the switched model: a long prefill takes the padded path, one-token decode
+    steps keep transformers' small mask, an unpadded batch runs one batched causal call; the tokens and
+    logits are those of the unswitched model."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.rollout.hf import decode
+    from thinkforge.rollout.types import SamplingParams
+    from thinkforge.train import attention
+
+    def build():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(tiny_config(InitConfig(arch="qwen2", hidden=32, layers=2, heads=4), VOCAB,
+                                                            bos_token_id=0, eos_token_id=0, pad_token_id=1),
+                                                attn_implementation="sdpa").eval()
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    params = SamplingParams(12, 0.0, 1.0, 0, 0)
+    plain = build()
+    want = decode(plain, prompts, 2, params, [0], 1)
+    ids = torch.randint(2, VOCAB, (2, 10), generator=g)
+    with torch.no_grad():
+        want_logits = plain(input_ids=ids, position_ids=torch.arange(10).expand(2, -1), use_cache=False).logits
+    masks = []
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        masks.append((q.shape[2], None if attention_mask is None else attention_mask.dim()))
+        return real(module, q, k, v, attention_mask, **kw)
+
+    real = attention.document_attention
+    monkeypatch.setattr(attention, "document_attention", spy)
+    monkeypatch.setattr(attention, "SMALL_MASK", 0)
+    model = build()
+    assert attention.use_document_attention(model)
+    assert decode(model, prompts, 2, params, [0], 1) == want
+    assert masks[0] == (9, 2) and {m for q, m in masks if q == 1} == {4}  # prefill: valid keys; steps: sdpa's mask
+    masks.clear()
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=torch.arange(10).expand(2, -1), use_cache=False).logits
+    assert torch.allclose(got, want_logits, atol=1e-5) and {m for _, m in masks} == {None}
+
+
+@pytest.mark.parametrize("how", ["eager", "sinks"])
+def test_models_whose_attention_is_more_than_sdpa_keep_their_own(how):
+    """An eager-loaded model, and GPT-OSS (learned attention sinks, no sdpa), are not switched; a forced switch
+    of a model passing sinks raises instead of dropping them."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    from thinkforge.train import attention
+
+    if how == "eager":
+        config = tiny_config(InitConfig(arch="phi3", hidden=32, layers=1, heads=4), VOCAB, bos_token_id=0,
+                             eos_token_id=0, pad_token_id=1)
+    else:
+        config = GptOssConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                              num_experts_per_tok=1, sliding_window=4, max_position_embeddings=64, pad_token_id=1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert not attention.use_document_attention(model) and model.config._attn_implementation == "eager"
+    if how == "sinks":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(attention.NAME, attention.document_attention)
+        model.config._attn_implementation_internal = attention.NAME
+        with pytest.raises(RuntimeError, match="s_aux"):
+            model(input_ids=torch.randint(2, VOCAB, (1, 6)), use_cache=False)
