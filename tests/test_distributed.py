@@ -33,7 +33,7 @@ def _cmd(args, ranks: int, strategy: str = "ddp") -> list[str]:
 
 
 def _run(args, ranks: int, tmp_path, strategy: str = "ddp") -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     for _ in range(2):  # the free port _port() found can be taken before the ranks' store binds it: once more
         r = subprocess.run(_cmd(args, ranks, strategy), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         if r.returncode == 0 or "address already in use" not in r.stderr.lower():
@@ -86,7 +86,7 @@ def _same(a: Path, b: Path, key: str, atol: float) -> None:
 @pytest.fixture(scope="module")
 def data(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("dist-data")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     for args in (["data", "distill", "--out", "d.jsonl", "--problems", "24", "-n", "2"], ["data", "select", "d.jsonl", "--out", "sel"],
                  ["data", "pairs", "--rollouts", "d.jsonl", "-m", tiny_model, "--samples", "2", "--problems", "6",
                   "--out", "pairs.jsonl", "generation.max_new_tokens=8", "distill.difficulties=[1]"]):
@@ -113,18 +113,62 @@ def test_dpo_on_two_ranks_equals_one_process(tiny_model, data, tmp_path, strateg
     _same(tmp_path / "one", tmp_path / "two", "loss", 2e-4)  # Adam at lr 1e-3 magnifies float-order noise
 
 
-@pytest.mark.parametrize("agg", ["token", "sequence", "constant"])
-def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg):
-    """Each rank samples its share of the same global draw with the seeds one process uses: the same
-    rollouts, the same normaliser after one all-reduce, the same update."""
-    args = ["rl", "-m", tiny_model, "--steps", "2", "rl.preflight=false", "rl.prompts_per_step=4", "rl.group_size=3", "rl.max_new_tokens=10",
-            "rl.optim.lr=1e-3", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
-            "rl.truncation=none", "rl.micro_batch=4", "rl.temperature=1.0", "rl.temperature_start=null", f"rl.loss_agg={agg}"]
-    _run([*args, "--out", "one"], 1, tmp_path)
-    _run([*args, "--out", "two"], 2, tmp_path)
-    _same(tmp_path / "one", tmp_path / "two", "pg_loss", 1e-4)
-    for x, y in zip(_rows(tmp_path / "one", "pg_loss"), _rows(tmp_path / "two", "pg_loss"), strict=True):
+RL = ["rl", "--steps", "2", "rl.preflight=false", "rl.prompts_per_step=4", "rl.group_size=3", "rl.max_new_tokens=10",
+      "rl.optim.lr=1e-3", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
+      "rl.truncation=none", "rl.micro_batch=4", "rl.temperature=1.0", "rl.temperature_start=null"]
+
+
+def _same_rl(one: Path, two: Path) -> None:
+    _same(one, two, "pg_loss", 1e-4)
+    for x, y in zip(_rows(one, "pg_loss"), _rows(two, "pg_loss"), strict=True):
         assert (x["reward"], x["kept_groups"], x["response_tokens"]) == pytest.approx((y["reward"], y["kept_groups"], y["response_tokens"]))
+        assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)  # the reference (beta 0.04): whole, or sharded under FSDP2
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("agg", ["token", "sequence", "constant"])
+def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg, strategy):
+    """Each rank samples its share of the same global draw with the seeds one process uses: the same
+    rollouts, the same normaliser after one all-reduce, the same update. Under FSDP2 every forward is a
+    collective: the ranks generate their shares in lockstep (their samples end at different lengths), and
+    the frozen reference is sharded too."""
+    args = [*RL, "-m", tiny_model, f"rl.loss_agg={agg}"]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path, strategy)
+    _same_rl(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ppo_on_two_ranks_equals_one_process(tiny_model, tmp_path, strategy):
+    """PPO's value head (training the trunk too) is averaged over the ranks like the policy, its advantages
+    whitened over the whole step, its loss normalised by the one all-reduce: the same values and updates."""
+    args = [*RL, "-m", tiny_model, "rl.algo=ppo", "rl.value_trunk=true", "rl.mu=2"]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path, strategy)
+    _same_rl(tmp_path / "one", tmp_path / "two")
+    for x, y in zip(_rows(tmp_path / "one", "value_loss"), _rows(tmp_path / "two", "value_loss"), strict=True):
+        assert x["value_loss"] == pytest.approx(y["value_loss"], abs=1e-5) and x["value_loss"] > 0
+
+
+def _kill_and_resume(args: list[str], tmp_path: Path, strategy: str, step: int, key: str, atol: float) -> None:
+    """Run args straight on one process; on 2 ranks killed once checkpoint `step` exists, then resumed on one
+    process: the same losses and weights."""
+    _run([*args, "--out", "straight"], 1, tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen(_cmd([*args, "--out", cut], 2, strategy), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(int(p.name[5:]) >= step for p in (tmp_path / "cut").glob("step-*")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    _kill_every_process_of(cut)  # the launcher and both ranks (torch's launcher puts ranks in their own sessions)
+    proc.wait()
+    assert not (tmp_path / "cut" / "final").exists()
+    _run([*args, "--out", cut], 1, tmp_path)
+    rows = _rows(tmp_path / "cut", key)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # no step lost, none repeated
+    _same(tmp_path / "straight", tmp_path / "cut", key, atol)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -133,22 +177,15 @@ def test_a_two_rank_run_killed_mid_stage_resumes_on_one_process(tiny_model, data
     args = ["midtrain", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model,
             "midtrain.max_len=128", "midtrain.batch_size=1", "midtrain.grad_accum=2", "midtrain.epochs=6",
             "midtrain.checkpoints.every=1", "midtrain.optim.lr=1e-3"]
-    _run([*args, "--out", "straight"], 1, tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cut = str(tmp_path / "cut")
-    proc = subprocess.Popen(_cmd([*args, "--out", cut], 2, strategy), cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not any(int(p.name[5:]) >= 3 for p in (tmp_path / "cut").glob("step-*")) and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    _kill_every_process_of(cut)  # the launcher and both ranks (torch's launcher puts ranks in their own sessions)
-    proc.wait()
-    assert not (tmp_path / "cut" / "final").exists()
-    _run([*args, "--out", cut], 1, tmp_path)
-    rows = _rows(tmp_path / "cut", "loss")
-    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # no step lost, none repeated
-    _same(tmp_path / "straight", tmp_path / "cut", "loss", 1e-5)
+    _kill_and_resume(args, tmp_path, strategy, 3, "loss", 1e-5)
+
+
+def test_a_two_rank_fsdp2_ppo_run_killed_mid_stage_resumes_on_one_process(tiny_model, tmp_path):
+    """An FSDP2 PPO checkpoint: full weights, the sharded optimizer state by name, the value head and its
+    AdamW state (outside the sharded model) beside them: it resumes on one process where it stopped."""
+    args = [*RL, "-m", tiny_model, "rl.algo=ppo", "rl.value_trunk=true", "rl.checkpoints.every=1"]
+    args[args.index("2")] = "6"  # --steps
+    _kill_and_resume(args, tmp_path, "fsdp2", 2, "pg_loss", 1e-4)
 
 
 def test_accelerate_cpu_launch_starts_one_process_and_is_refused(tiny_model, data, tmp_path):

@@ -43,11 +43,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / (std + eps) over the masked positions (population std); 0 outside the mask."""
-    mean = masked_mean(values, mask)
-    std = masked_mean((values - mean) ** 2, mask).sqrt()
-    return (values - mean) / (std + eps) * mask
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=None) -> torch.Tensor:
+    """(values - mean) / (std + eps) over the masked positions (population std); 0 outside the mask. total:
+    sums over the ranks (`Dist.all_sum`) where the batch is split over them: the whole batch's mean and std."""
+    if total is None:
+        mean = masked_mean(values, mask)
+        std = masked_mean((values - mean) ** 2, mask).sqrt()
+        return (values - mean) / (std + eps) * mask
+    v, m = values.double(), mask.double()
+    count, summed = total([float(m.sum()), float((v * m).sum())])
+    mean = summed / max(count, 1.0)
+    spread = total([float(((v - mean) ** 2 * m).sum())])[0] / max(count, 1.0)
+    return ((values - mean) / (spread**0.5 + eps) * mask).to(values.dtype)
 
 
 AGGREGATIONS = ("token", "sequence", "constant")

@@ -16,7 +16,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     from thinkforge.rollout.hf import HFGenerator
 
     if cfg is None or cfg.backend == "hf":
-        return HFGenerator(model, tokenizer, batch_size)
+        return HFGenerator(model, tokenizer, batch_size, peers=dist)
     if cfg.backend == "openai":
         from thinkforge.errors import UserError
 

@@ -27,15 +27,36 @@ from thinkforge.rollout.types import (
 
 
 class HFGenerator:
-    """Generate with a loaded model and tokenizer. `batch_size` counts sequences (prompts x samples)."""
+    """Generate with a loaded model and tokenizer. `batch_size` counts sequences (prompts x samples).
 
-    def __init__(self, model, tokenizer, batch_size: int = 16):
+    peers: the ranks of a sharded (FSDP2) model, whose every forward is a collective. Each rank generates its
+    own share, and before each forward all ranks agree that one more runs (`Dist.lockstep`); a rank whose
+    share is done calls `done()`, which runs stand-in forwards until every rank's share is done. The ranks'
+    shares need not match in prompts, chunks or lengths."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, peers=None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
         cache_argument(model)  # a model the decode loop cannot run is refused here, in one line
         self.stop_ids = stop_ids(tokenizer, model.generation_config)
         self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
+        self.peers = peers if peers is not None and peers.sharded else None
+
+    def done(self) -> None:
+        """This rank's generation is over: with sharded peers, join their forwards until theirs is too."""
+        if self.peers is None:
+            return
+        import torch
+
+        model = self.model
+        was = model.training
+        model.eval()
+        ids = torch.full((1, 1), pad_id(self.tokenizer), dtype=torch.long, device=model.device)
+        with torch.no_grad():
+            while self.peers.lockstep(False):
+                model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False)  # its collectives only
+        model.train(was)
 
     def load_weights(self, model) -> dict[str, float]:
         """Generation runs on the training model itself: its weights are always the current ones."""
@@ -68,7 +89,7 @@ class HFGenerator:
                 try:
                     rows = self._rows(chunk, start, n, params, stops)
                 except RuntimeError as e:  # out of memory: halve the batch and retry; a bug propagates
-                    if not is_out_of_memory(e) or len(chunk) == 1:
+                    if not is_out_of_memory(e) or len(chunk) == 1 or self.peers is not None:  # peers wait in a collective
                         raise
                     self.batch_size = max(n, self.batch_size // 2)
                     _free_cache(model.device)
@@ -90,7 +111,8 @@ class HFGenerator:
         if params.temperature > 0:
             keys = [(params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
             uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
-        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt)
+        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt,
+                      lockstep=self.peers.lockstep if self.peers is not None else None)
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
         """The text of one completion piece by piece. Generation stops at the next token when the consumer
@@ -218,10 +240,11 @@ def pick(logits, params: SamplingParams, u):
 
 
 def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int,
-           uniforms=None, min_new_tokens: int | None = None, interrupt=None) -> list[list[int]]:
+           uniforms=None, min_new_tokens: int | None = None, interrupt=None, lockstep=None) -> list[list[int]]:
     """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
     uniforms: the draws of each output row (`RowStreams`); None when greedy. interrupt: a function checked
-    every step; when it returns true the rows end where they are (a server whose clients left).
+    every step; when it returns true the rows end where they are (a server whose clients left). lockstep:
+    called with True before each forward (a sharded model's ranks agree on one more: `HFGenerator.done`).
 
     The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
     each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
@@ -240,7 +263,9 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
     cache = DynamicCache(config=model.config)
     reserved = reserved_layer()
     cache.layers = [reserved(ids.shape[1] + params.max_new_tokens) if type(x) is DynamicLayer else x for x in cache.layers]
+    step = lockstep or (lambda going: going)
     with torch.no_grad():
+        step(True)
         out, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -269,6 +294,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
                 cache.batch_select_indices(keep)
                 rows, alive, nxt, mask, next_pos = rows[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            step(True)
             out, cache = forward_cached(model, cache, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos)
             logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1

@@ -124,6 +124,9 @@ class OpenAIClient:
     def close(self) -> None:
         pass
 
+    def done(self) -> None:
+        pass
+
 
 def _retry_after(value: str | None) -> float | None:
     try:

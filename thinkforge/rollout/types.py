@@ -107,6 +107,11 @@ class Generator(Protocol):
         """Stop what the backend started (a server)."""
         ...
 
+    def done(self) -> None:
+        """This rank's share of a generation phase is over (called on sharded ranks only): an in-process
+        backend on a sharded model joins the other ranks' forwards until theirs is over too."""
+        ...
+
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Out of device or host memory (CUDA, MPS, CPU allocator): the one generation error that is not a bug."""

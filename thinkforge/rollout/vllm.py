@@ -284,6 +284,9 @@ class VLLMGenerator:
                             f"{diff:.2e} (> rollout.sync_atol={self.cfg.sync_atol}): it is not generating with the new weights")
         return diff
 
+    def done(self) -> None:
+        """A server samples without the trainer's collectives: nothing to join."""
+
     def close(self) -> None:
         """Stop our server and drop the sync folder (copies of weights the run's checkpoints already hold)."""
         if self.server is not None:

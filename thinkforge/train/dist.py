@@ -35,6 +35,16 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Parameters sharded over several ranks: every forward is a collective, so every rank runs as many."""
+        return self.strategy == "fsdp2" and self.world > 1
+
+    def lockstep(self, going: bool) -> bool:
+        """One round of in-step work: whether any rank still has a forward to run (a rank that has none runs
+        a stand-in forward while this is true, so the sharded forwards' collectives pair up)."""
+        return self.all_max(float(going)) > 0
+
     def bounds(self, n: int) -> tuple[int, int]:
         """[start, end) of this rank's contiguous share of n items (the first ranks one more where it does not divide)."""
         k, extra = divmod(n, self.world)
@@ -68,6 +78,18 @@ class Dist:
         n = n_local if self.world == 1 else int(max(self.all_max(n_local), 1))
         return [(i, 1.0) for i in range(n_local)] + [(max(n_local - 1, 0), 0.0)] * (n - n_local)
 
+    def average(self, params) -> None:
+        """Average the gradients of parameters outside the wrapped model (PPO's value head) over the ranks, as
+        DDP and FSDP2 average the model's (one all-reduce)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.world == 1 or not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
     def all_max(self, value: float) -> float:
         if self.world == 1:
             return value
@@ -80,6 +102,11 @@ class Dist:
         if self.world == 1 or last:
             return nullcontext()
         return _no_gradient_sync(model) if self.strategy == "fsdp2" else model.no_sync()
+
+    def shard_frozen(self, model):
+        """A frozen model (RL's reference) sharded as the policy is under fsdp2 (no rank holds it whole); else
+        as it is."""
+        return self.wrap(model) if self.sharded else model
 
     def wrap(self, model):
         """The model the loss runs through: DDP over the ranks (attributes still reach the module), or with
@@ -111,25 +138,52 @@ class Dist:
 
     def optimizer_state(self, model, optimizer) -> dict:
         """The optimizer's full state keyed by parameter name (a collective under fsdp2), so a checkpoint
-        resumes under any strategy and number of ranks."""
-        if self.strategy == "fsdp2" and self.world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        resumes under any strategy and number of ranks. Parameters outside the model (PPO's value head,
+        replicated on every rank) are named extra.i, as `_param_names` names them."""
         names = _param_names(model, optimizer)
-        state = optimizer.state_dict()
-        return {"state": {names[i]: v for i, v in state["state"].items()},
-                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        if not self.sharded:
+            state = optimizer.state_dict()
+            return {"state": {names[i]: v for i, v in state["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        own, extra = _model_groups(model, optimizer)
+        state = get_optimizer_state_dict(model, _view(optimizer, own), options=StateDictOptions(full_state_dict=True,
+                                                                                                   cpu_offload=True))
+        if not state:  # the full state is gathered on rank 0 only
+            return state
+        name = dict(zip(map(id, _params(optimizer)), names, strict=True))
+        for g in extra:
+            state["param_groups"].append({**{k: v for k, v in g.items() if k != "params"}, "params": [name[id(p)] for p in g["params"]]})
+            state["state"].update({name[id(p)]: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                                                 for k, v in optimizer.state[p].items()}
+                                   for p in g["params"] if p in optimizer.state})
+        return state
 
     def load_optimizer_state(self, model, optimizer, state: dict) -> None:
         """Load what optimizer_state saved (or an older checkpoint's index-keyed state)."""
         groups = state["param_groups"]
         if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
             optimizer.load_state_dict(state)
-        elif self.strategy == "fsdp2" and self.world > 1:
+        elif self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+            own, extra = _model_groups(model, optimizer)
+            is_extra = {n for g in groups for n in g["params"] if n.startswith("extra.")}
+            view = _view(optimizer, own)
+            set_optimizer_state_dict(model, view, {"state": {n: v for n, v in state["state"].items() if n not in is_extra},
+                                                   "param_groups": [g for g in groups if not set(g["params"]) & is_extra]},
+                                     options=StateDictOptions(full_state_dict=True))
+            for mine, loaded in zip(own, view.param_groups, strict=True):  # load_state_dict made new group dicts
+                mine.update({k: v for k, v in loaded.items() if k != "params"})
+            optimizer.state.update(view.state)
+            name = dict(zip(map(id, _params(optimizer)), _param_names(model, optimizer), strict=True))
+            for g, saved in zip(extra, [g for g in groups if set(g["params"]) & is_extra], strict=True):
+                g.update({k: v for k, v in saved.items() if k != "params"})
+                for p in g["params"]:
+                    if name[id(p)] in state["state"]:
+                        optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() else v
+                                              for k, v in state["state"][name[id(p)]].items()}
         else:
             index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
             optimizer.load_state_dict({"state": {index[n]: v for n, v in state["state"].items()},
@@ -159,6 +213,32 @@ class _no_gradient_sync:
 
     def __exit__(self, *exc):
         self.model.set_requires_gradient_sync(True)
+
+
+def _params(optimizer) -> list:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _model_groups(model, optimizer) -> tuple[list[dict], list[dict]]:
+    """The optimizer's parameter groups of the model's parameters, and those of parameters outside it."""
+    own = {id(p) for p in model.parameters()}
+    inside = [g for g in optimizer.param_groups if all(id(p) in own for p in g["params"])]
+    outside = [g for g in optimizer.param_groups if not any(id(p) in own for p in g["params"])]
+    if len(inside) + len(outside) != len(optimizer.param_groups):
+        raise ValueError("a parameter group mixes the model's parameters with others")
+    return inside, outside
+
+
+def _view(optimizer, groups: list[dict]):
+    """The optimizer restricted to `groups` (their parameters' state shared): what torch's distributed state
+    dict functions take, which know only the model's parameters."""
+    from collections import defaultdict
+
+    view = object.__new__(type(optimizer))
+    view.__dict__.update(optimizer.__dict__)
+    view.param_groups = groups
+    view.state = defaultdict(dict, {p: optimizer.state[p] for g in groups for p in g["params"] if p in optimizer.state})
+    return view
 
 
 def _param_names(model, optimizer) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 from thinkforge.losses import IGNORE
 from thinkforge.models import forward_cached
 from thinkforge.rollout.types import Rollout
+from thinkforge.train.dist import Dist
 from thinkforge.train.head import hidden_states
 
 
@@ -63,13 +64,24 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
 
 
 @torch.no_grad()
-def logp_no_grad(model, batch: Rollout, micro: int, disable_adapter: bool = False, chunk: int | None = None) -> torch.Tensor:
-    """(N, C) log-probs in eval mode, `micro` rows at a time; with disable_adapter the LoRA base's."""
+def logp_no_grad(model, batch: Rollout, micro: int, disable_adapter: bool = False, chunk: int | None = None,
+                 dist: Dist = Dist()) -> torch.Tensor:
+    """(N, C) log-probs in eval mode, `micro` rows at a time; with disable_adapter the LoRA base's. On sharded
+    ranks every rank runs as many passes as the busiest (repeats of its last, dropped)."""
     outs = []
     was = model.training
     model.eval()
     with model.disable_adapter() if disable_adapter else nullcontext():
-        for i in range(0, len(batch.texts), micro):
-            outs.append(forward_logp(model, batch, slice(i, i + micro), chunk=chunk)[0].float().cpu())
+        for k, weight in no_grad_rounds(len(batch.texts), micro, dist):
+            got = forward_logp(model, batch, slice(k * micro, (k + 1) * micro), chunk=chunk)[0]
+            if weight:
+                outs.append(got.float().cpu())
     model.train(was)
     return torch.cat(outs)
+
+
+def no_grad_rounds(rows: int, micro: int, dist: Dist) -> list[tuple[int, float]]:
+    """(micro-batch index, weight) of a no-grad pass over `rows`: each micro-batch once, and on sharded ranks
+    zero-weight repeats up to the busiest rank's count (its forwards are collectives)."""
+    n = -(-rows // micro)
+    return dist.rounds(n) if dist.sharded else [(i, 1.0) for i in range(n)]

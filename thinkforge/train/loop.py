@@ -56,12 +56,29 @@ def set_lr(optimizer, lr: float) -> None:
 
 def apply_update(params, optimizer, clip: float, lr: float) -> float:
     """Clip the gradient norm, set the learning rate, step, zero the gradients; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # sharded (FSDP2): a DTensor
+    grad_norm = clip_gradients(list(params), clip)
     set_lr(optimizer, lr)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def clip_gradients(params: list, clip: float) -> float:
+    """Clip the gradients' joint norm to `clip`; returns the norm before. Sharded (FSDP2: DTensor) and plain
+    gradients together (PPO's value head beside a sharded policy) are clipped as one vector, as on one process."""
+    def full(norm) -> float:
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a sharded norm is a DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    kinds = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
+    if not all(kinds):
+        return full(torch.nn.utils.clip_grad_norm_(params, clip))
+    total = sum(full(torch.nn.utils.get_total_norm(k)) ** 2 for k in kinds) ** 0.5
+    scale = clip / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -17,7 +17,8 @@ import torch
 
 from thinkforge.losses import Normaliser, kl_k3, masked_whiten
 from thinkforge.rollout.types import Rollout
-from thinkforge.train.forward import forward_logp
+from thinkforge.train.dist import Dist
+from thinkforge.train.forward import forward_logp, no_grad_rounds
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -41,11 +42,12 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_targets(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-                kl_penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                kl_penalty: torch.Tensor | None = None, dist: Dist = Dist()) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages whitened over the batch, returns), each (N, T), from sequence rewards (N,) and values (N, T).
 
     The reward sits on each sample's last completion token; kl_penalty (N, T) (beta KL_k3) is subtracted per
-    token (the classic RLHF shaping: the policy loss then carries no KL term).
+    token (the classic RLHF shaping: the policy loss then carries no KL term). On N ranks the whitening's mean
+    and spread are the whole step's (summed over the ranks), as one process computes them.
     """
     token_rewards = torch.zeros_like(mask)
     last = (mask * torch.arange(mask.shape[1])).argmax(-1)  # index of the last completion token
@@ -53,7 +55,7 @@ def ppo_targets(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     if kl_penalty is not None:
         token_rewards = token_rewards - kl_penalty * mask
     adv, returns = gae(token_rewards, values, mask, gamma, lam)
-    return masked_whiten(adv, mask), returns
+    return masked_whiten(adv, mask, total=dist.all_sum), returns
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -101,22 +103,24 @@ class Critic:
                                    "lr": lr * lr_scale, "lr_scale": lr_scale})
 
     @torch.no_grad()
-    def targets(self, model, batch: Rollout, micro: int, chunk: int | None = None) -> None:
+    def targets(self, model, batch: Rollout, micro: int, chunk: int | None = None, dist: Dist = Dist()) -> None:
         """Values before the update, per-token advantages and returns, into the batch."""
         was = model.training
         model.eval()
         values, logps = [], []
-        for i in range(0, len(batch.texts), micro):
-            lp, _, v = forward_logp(model, batch, slice(i, i + micro), self.head, chunk=chunk)
-            values.append(v.float().cpu())
-            logps.append(lp.float().cpu())
+        for k, weight in no_grad_rounds(len(batch.texts), micro, dist):
+            lp, _, v = forward_logp(model, batch, slice(k * micro, (k + 1) * micro), self.head, chunk=chunk)
+            if weight:
+                values.append(v.float().cpu())
+                logps.append(lp.float().cpu())
         model.train(was)
         mask = batch.loss_mask
         batch.values = torch.cat(values) * mask  # (N, C)
         penalty = None
         if batch.ref_logp is not None and self.beta > 0:
             penalty = self.beta * kl_k3(torch.cat(logps), batch.ref_logp)
-        batch.advantages, batch.returns = ppo_targets(batch.rewards, batch.values, mask, self.gamma, self.lam, penalty)
+        batch.advantages, batch.returns = ppo_targets(batch.rewards, batch.values, mask, self.gamma, self.lam, penalty,
+                                                      dist)
 
     def loss(self, values: torch.Tensor, batch: Rollout, rows: slice, norm: Normaliser) -> torch.Tensor:
         """The value loss of these rows (their share of the step's), unweighted: the caller adds vf_coef x it."""

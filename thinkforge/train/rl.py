@@ -128,12 +128,12 @@ def sampler_correction(old: torch.Tensor, batch: Rollout, rows: slice, mask: tor
     return (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * weight, stats
 
 
-def reference_logp(model, reference, batch: Rollout, micro: int, chunk: int | None = None) -> torch.Tensor:
+def reference_logp(model, reference, batch: Rollout, micro: int, chunk: int | None = None, dist: Dist = Dist()) -> torch.Tensor:
     """(N, C) the reference's log-probs: the LoRA base with the adapter disabled (reference None), else the
     frozen starting model."""
     if reference is None:
-        return logp_no_grad(model, batch, micro, disable_adapter=True, chunk=chunk)
-    return logp_no_grad(reference, batch, micro, chunk=chunk)
+        return logp_no_grad(model, batch, micro, disable_adapter=True, chunk=chunk, dist=dist)
+    return logp_no_grad(reference, batch, micro, chunk=chunk, dist=dist)
 
 
 def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
@@ -147,12 +147,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     m = recipe.model
     loop.seed_everything(recipe.seed)
     dist = distributed.init()
-    if dist.strategy == "fsdp2":
-        raise UserError("rl on FSDP2 is not supported yet (generation and the sync check would need every rank in "
-                        "step); launch it with DDP (recipes/accelerate/ddp.yaml)")
-    if dist.world > 1 and cfg.algo == "ppo":
-        raise UserError("rl.algo=ppo runs on one process for now (its value head is not yet shared across ranks); "
-                        "use rl.algo=grpo on several processes")
+    if dist.sharded and recipe.rollout.backend == "vllm":
+        raise UserError("rl with rollout.backend=vllm on FSDP2 is not supported yet (the weight push would need the "
+                        "full weights gathered); use rollout.backend=hf on FSDP2, or DDP (recipes/accelerate/ddp.yaml)")
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not models.is_adapter(model):
@@ -160,10 +157,11 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                                    False, m.gradient_checkpointing, m.attn_implementation)  # the policy's layout: KL 0 at the start
         reference.eval().requires_grad_(False)
         use_document_attention(reference)
+        reference = dist.shard_frozen(reference)  # FSDP2: sharded as the policy is, no rank holds it whole
     extras = loop.load_extras(ckpt) if ckpt else None
     critic = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else None  # GRPO: the group is the baseline
     model.train()
-    ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
+    ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks; FSDP2 shards it in place)
     optimizer = loop.make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
     clipped = list(model.parameters())  # clipped together: the policy's (and a value head that trains the trunk)
     if critic is not None:
@@ -219,13 +217,13 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
             with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
                 if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
-                    batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch, cfg.head_chunk)
+                    batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch, cfg.head_chunk, dist)
                 if cfg.mu > 1:
-                    batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch, chunk=cfg.head_chunk)
+                    batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch, chunk=cfg.head_chunk, dist=dist)
                 if critic is None:  # the GRPO family: each sample against its group
                     batch.advantages = ADVANTAGES[cfg.advantage](batch.rewards, batch.group_size)  # (N,)
                 else:  # PPO: GAE over the value head, the KL in the reward
-                    critic.targets(model, batch, cfg.micro_batch, cfg.head_chunk)  # (N, C)
+                    critic.targets(model, batch, cfg.micro_batch, cfg.head_chunk, dist)  # (N, C)
             if cfg.balance:
                 keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
                 batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
@@ -234,6 +232,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             totals: dict[str, float] = {}
             for _ in range(cfg.mu):
                 parts = backward(ddp, batch, norm, cfg, critic, dist)
+                if critic is not None:  # its head is outside the wrapped model: averaged over the ranks here
+                    dist.average(critic.head.parameters())
                 if critic is not None and not critic.head.trunk:  # a detached head is clipped alone
                     parts["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.head.parameters(), cfg.optim.clip).item()
                 for k, v in parts.items():

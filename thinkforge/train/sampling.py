@@ -135,6 +135,8 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
         streams = tuple(stream_key("rl", seed, step, round_, start + k, p.id) for k, p in enumerate(draw))
         prompts = [task.prompt_fn(p.question) for p in draw]
         groups = generate_groups(generator, prompts, g, dataclasses.replace(params, streams=streams), stats)
+        if dist.sharded:  # a sharded model's forwards are collectives: every rank ends the round together
+            generator.done()
         for p, prompt, comps in zip(draw, prompts, groups, strict=True):
             if comps is None:
                 continue
@@ -199,7 +201,10 @@ def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: 
     stats: dict = {}
     n = groups = flat = formatted = truncated = correct = 0
     total = squares = format_reward = 0.0
-    for p, prompt, comps in zip(draw, prompts, generate_groups(generator, prompts, cfg.group_size, params, stats), strict=True):
+    sampled = generate_groups(generator, prompts, cfg.group_size, params, stats)
+    if dist.sharded:
+        generator.done()
+    for p, prompt, comps in zip(draw, prompts, sampled, strict=True):
         if comps is None:
             continue
         texts = [response(prompt, c.text) for c in comps]
