@@ -188,6 +188,22 @@ def test_a_two_rank_fsdp2_ppo_run_killed_mid_stage_resumes_on_one_process(tiny_m
     _kill_and_resume(args, tmp_path, "fsdp2", 2, "pg_loss", 1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_rank_that_fails_mid_step_stops_every_rank_with_its_one_line(tiny_model, tmp_path, strategy):
+    """Rank 1's reward function raises in step 2 while rank 0 waits in a collective: both ranks end at once
+    with rank 1's one line and exit code (its traceback printed once, by rank 1), no hang, no gloo traceback."""
+    args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:fails_on_rank_1': 1.0}", "--out", "x"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    r = subprocess.run(_cmd(args, 2, strategy), capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and time.time() - t0 < 60
+    line = "thinkforge: error: rank 1: ValueError: the reward service is down"
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]  # each rank's last word
+    assert r.stderr.count("Traceback") == 1 and "fails_on_rank_1" in r.stderr  # rank 1's own, nothing from rank 0
+    assert "Connection closed by peer" not in r.stderr
+    assert not (tmp_path / "x" / "final").exists()
+
+
 def test_accelerate_cpu_launch_starts_one_process_and_is_refused(tiny_model, data, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port",
            _port(), "-m", "thinkforge", "sft", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model, "--out", "x"]

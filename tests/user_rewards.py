@@ -3,3 +3,17 @@
 
 def shorter_is_better(completion, reference):
     return -len(completion) / 100.0
+
+
+_calls = {"n": 0}
+
+
+def fails_on_rank_1(completion, reference):
+    """Scores like shorter_is_better, but on rank 1 breaks at its 20th call (mid-step, the other rank in a
+    collective): the failure test of tests/test_distributed.py."""
+    import os
+
+    _calls["n"] += 1
+    if os.environ.get("RANK") == "1" and _calls["n"] == 20:
+        raise ValueError("the reward service is down")
+    return -len(completion) / 100.0

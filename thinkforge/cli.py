@@ -652,13 +652,30 @@ def disk_error(error: BaseException) -> str | None:
     return f"cannot write to {where}: {what}; free space there or choose another output path (--out)"
 
 
-def _fail(line: str) -> None:
-    """The one error line, on a line of its own (open progress bars end first), and exit 2."""
+def _fail(line: str, code: int = 2) -> None:
+    """The one error line, on a line of its own (open progress bars end first), and exit `code` (2: the user's
+    input; 1: a bug, its traceback above). On N ranks every rank ends with the same line and code."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
         bar.close()
+    ranks = _ranks()
+    if ranks is not None:
+        code, line = ranks.failed(code, line)  # the first failing rank's, where another failed first
     click.echo(f"thinkforge: error: {line}", err=True)
-    sys.exit(2)
+    if ranks is not None:  # no barrier: a peer may be gone; skip the teardown (see main)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _ranks():
+    """thinkforge.train.dist when this process is a rank of several, else None."""
+    if "torch" not in sys.modules:
+        return None
+    from thinkforge.train import dist
+
+    return dist if dist.joined() else None
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -683,15 +700,26 @@ def main(argv: list[str] | None = None) -> None:
         _fail(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
     except Exception as e:
         line = disk_error(e)
-        if line is None:
+        if line is None and _ranks() is None:
             raise
+        if line is None:  # on N ranks: a peer's failure seen here as a broken collective, or this rank's own bug
+            peer = _ranks().peer_failure()
+            if peer is None:  # this rank's own bug: its traceback, then the line every rank ends with
+                import traceback
+
+                traceback.print_exc()
+                peer = 1, (f"rank {_ranks().rank()}: {type(e).__name__}: {e}".splitlines() or [""])[0]
+            _fail(peer[1], peer[0])
         _fail(line)
     code = code if isinstance(code, int) else 0
-    if "torch" in sys.modules:  # a training command on N ranks: leave the group together
-        from thinkforge.train.dist import leave
-
-        if leave():  # and skip the interpreter's teardown, where a C++ thread still held aborts 1 run in ~10
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+    if _ranks() is not None:  # a training command on N ranks: leave the group together
+        try:
+            _ranks().leave()
+        except Exception:  # noqa: BLE001 - a peer failed while this rank waited to leave
+            peer = _ranks().peer_failure() or (1, "a peer rank stopped without a word before the end (killed?)")
+            _fail(peer[1], peer[0])
+        # skip the interpreter's teardown, where a C++ thread still held aborts 1 run in ~10
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

@@ -13,6 +13,7 @@ alone writes checkpoints, metrics and logs; a checkpoint holds full weights and 
 
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -262,6 +263,15 @@ def _comm_device() -> str:
     return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
 
 
+def joined() -> bool:
+    """Whether this process is a rank of several (a process group is up)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank()
+
+
 def leave() -> bool:
     """End this rank's membership once every rank is done: the process group's threads are joined here, not
     torn down by the interpreter's exit (gloo's then abort a rank: "terminate called without an active
@@ -273,8 +283,48 @@ def leave() -> bool:
     return False
 
 
-def init() -> Dist:
-    """Join the ranks `accelerate launch` started (WORLD_SIZE > 1), else one process."""
+FAILURE = "thinkforge/failure"  # the store key of the first rank's failure: "code<TAB>line"
+
+
+def failed(code: int, line: str) -> tuple[int, str]:
+    """This rank stops with (code, line): published for the other ranks, unless one failed first, whose
+    (code, line) is returned so that every rank ends alike."""
+    store = _store()
+    if store is None:
+        return code, line
+    try:
+        first = store.compare_set(FAILURE, "", f"{code}\t{line}").decode()
+    except Exception:  # noqa: BLE001 - the launcher's store is gone: this rank's own line
+        return code, line
+    got, _, said = first.partition("\t")
+    return (int(got), said) if said else (code, line)
+
+
+def peer_failure() -> tuple[int, str] | None:
+    """(code, line) of a rank that failed, or None: read by a rank whose collective broke (its peer left)."""
+    store = _store()
+    try:
+        if store is None or not store.check([FAILURE]):
+            return None
+        code, _, line = store.get(FAILURE).decode().partition("\t")
+        return int(code), line
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _store():
+    """The process group's key-value store (the launcher's TCP store), where ranks leave each other word."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # noqa: BLE001 - no group, or the private accessor moved: no word, each rank its own line
+        return None
+
+
+def init(timeout: float = 600.0) -> Dist:
+    """Join the ranks `accelerate launch` started (WORLD_SIZE > 1), else one process. Every collective waits at
+    most `timeout` seconds (a rank that hangs or died without a word ends the others' wait with an error)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if os.environ.get("MASTER_ADDR") and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
@@ -287,7 +337,7 @@ def init() -> Dist:
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=timeout))
     if state.num_processes != world:
         raise UserError(f"the launcher asked for {world} processes but {state.num_processes} joined; "
                         "launch with accelerate launch --multi_gpu --num_processes N")
