@@ -199,9 +199,23 @@ def test_a_rank_that_fails_mid_step_stops_every_rank_with_its_one_line(tiny_mode
     assert r.returncode != 0 and time.time() - t0 < 60
     line = "thinkforge: error: rank 1: ValueError: the reward service is down"
     assert r.stderr.count(line) == 2, r.stderr[-3000:]  # each rank's last word
-    assert r.stderr.count("Traceback") == 1 and "fails_on_rank_1" in r.stderr  # rank 1's own, nothing from rank 0
-    assert "Connection closed by peer" not in r.stderr
+    assert r.stderr.count("in fails_on_rank_1") == 1  # rank 1's own traceback, once; rank 0 prints none
+    assert "Connection closed by peer" not in r.stderr and "[rank0]" not in r.stderr
+    assert r.stderr.count("exitcode  : 1") == 2  # the launcher's summary: both ranks ended with code 1
     assert not (tmp_path / "x" / "final").exists()
+
+
+def test_a_rank_that_hangs_ends_the_others_wait_at_the_collective_timeout(tiny_model, tmp_path):
+    """Rank 1 hangs in its reward function: rank 0 waits collective_timeout (5 s) in its collective, then stops
+    with one line that says so; the launcher then ends rank 1. Nothing waits forever."""
+    args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:hangs_on_rank_1': 1.0}", "collective_timeout=5",
+            "--out", "x"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    r = subprocess.run(_cmd(args, 2), capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and time.time() - t0 < 60
+    assert "thinkforge: error: rank 0: waited 5 s in a collective for the other ranks: one hangs or died" in r.stderr
+    assert "[rank0]" not in r.stderr and "Timed out waiting" not in r.stderr  # the line, not gloo's traceback
 
 
 def test_accelerate_cpu_launch_starts_one_process_and_is_refused(tiny_model, data, tmp_path):

@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
         if line is None and _ranks() is None:
             raise
         if line is None:  # on N ranks: a peer's failure seen here as a broken collective, or this rank's own bug
-            peer = _ranks().peer_failure()
+            peer = _ranks().peer_failure() or _ranks().timed_out(e)
             if peer is None:  # this rank's own bug: its traceback, then the line every rank ends with
                 import traceback
 

@@ -312,6 +312,18 @@ def peer_failure() -> tuple[int, str] | None:
         return None
 
 
+def timed_out(error: BaseException) -> tuple[int, str] | None:
+    """(1, line) when `error` is a collective that waited out the process group's timeout, else None."""
+    text = str(error)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    return 1, (f"rank {rank()}: waited {TIMEOUT['seconds']:g} s in a collective for the other ranks: one hangs or died "
+               "without a word (its output says which); raise collective_timeout if a step legitimately takes longer")
+
+
+TIMEOUT = {"seconds": 600.0}  # the process group's, set by init
+
+
 def _store():
     """The process group's key-value store (the launcher's TCP store), where ranks leave each other word."""
     try:
@@ -337,6 +349,7 @@ def init(timeout: float = 600.0) -> Dist:
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config (recipes/accelerate/fsdp2.yaml)")
+    TIMEOUT["seconds"] = timeout
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=datetime.timedelta(seconds=timeout))
     if state.num_processes != world:
         raise UserError(f"the launcher asked for {world} processes but {state.num_processes} joined; "

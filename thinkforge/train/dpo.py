@@ -135,7 +135,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         raise UserError(f"{stage}.data is not set: pass --data PAIRS.jsonl (rows with question, chosen, rejected)")
     run_dir = Path(run_dir)
     loop.seed_everything(recipe.seed)
-    dist = distributed.init()
+    dist = distributed.init(recipe.collective_timeout)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
 
     pairs = load_pairs(data, tok, recipe, cfg.max_len)

@@ -146,7 +146,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     run_dir = Path(run_dir)
     m = recipe.model
     loop.seed_everything(recipe.seed)
-    dist = distributed.init()
+    dist = distributed.init(recipe.collective_timeout)
     if dist.sharded and recipe.rollout.backend == "vllm":
         raise UserError("rl with rollout.backend=vllm on FSDP2 is not supported yet (the weight push would need the "
                         "full weights gathered); use rollout.backend=hf on FSDP2, or DDP (recipes/accelerate/ddp.yaml)")

@@ -82,7 +82,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     run_dir = Path(run_dir)
     final_dir = run_dir / "final"
     loop.seed_everything(recipe.seed)
-    dist = distributed.init()
+    dist = distributed.init(recipe.collective_timeout)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     model.train()
     ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
