@@ -9,6 +9,7 @@ from thinkforge.config import load_config
 from thinkforge.errors import UserError
 from thinkforge.losses import grpo_advantages, normaliser, policy_loss
 from thinkforge.rollout.types import Completion, Rollout
+from thinkforge.rollout.vllm import SyncError
 from thinkforge.train import ppo, rl, sampling
 from thinkforge.train.forward import forward_logp, logp_no_grad
 
@@ -341,12 +342,20 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
         def batch_size(self, value):
             self.inner.batch_size = value
 
+        @property
+        def version(self):
+            return self.inner.version
+
         def generate(self, prompts, n, params):
             return self.inner.generate(prompts, n, params)
 
         def load_weights(self, model):
             self.inner.model.load_state_dict(model.state_dict())
+            self.inner.version += 1  # its samples are of the new version
             self.syncs += 1
+            return {}
+
+        def prove(self, model):
             return {}
 
         def close(self):
@@ -366,14 +375,13 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
     assert trace(tmp_path / "a") == trace(tmp_path / "b")
     assert plain.is_dir() and served.is_dir()
 
-    class Unsynced(OwnCopy):  # a sync that never arrives: the rollouts come from the start weights
+    class Unsynced(OwnCopy):  # a sync that never arrives: step 2's rollouts would come from the start weights
         def load_weights(self, model):
             self.syncs += 1
             return {}
 
-    rl.main(_shorter(tiny_model), "rl", tmp_path / "c", progress=False, make_generator=Unsynced)
-    a, c = trace(tmp_path / "a"), trace(tmp_path / "c")
-    assert a[0] == c[0] and a[1:] != c[1:]
+    with pytest.raises(SyncError, match="step 2's samples came from policy version\\(s\\) \\[0\\], the trainer is at version 1"):
+        rl.main(_shorter(tiny_model), "rl", tmp_path / "c", progress=False, make_generator=Unsynced)
 
 
 def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
@@ -381,6 +389,7 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
 
     class TextOnly:
         batch_size = 8
+        version = 0
 
         def __init__(self, *args):
             pass
@@ -389,6 +398,9 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
             return [Completion(i, "<think>2</think><answer>2</answer>", (), "stop") for i in range(len(prompts)) for _ in range(n)]
 
         def load_weights(self, model):
+            return {}
+
+        def prove(self, model):
             return {}
 
         def close(self):
@@ -456,9 +468,9 @@ def test_ppo_targets_run_in_the_loss_pass_precision_so_the_step_1_kl_penalty_is_
     seen = []
     real = ppo.ppo_targets
 
-    def spy(rewards, values, mask, gamma, lam, kl_penalty=None):
+    def spy(rewards, values, mask, gamma, lam, kl_penalty=None, **kw):
         seen.append(kl_penalty.abs().max().item())
-        return real(rewards, values, mask, gamma, lam, kl_penalty)
+        return real(rewards, values, mask, gamma, lam, kl_penalty, **kw)
 
     monkeypatch.setattr(ppo, "ppo_targets", spy)
     rl.main(_recipe(tiny_model, "ppo", **{"rl.beta": 0.04, "rl.steps": 1, "rl.mixed_precision": "bf16"}), "rl",
@@ -522,6 +534,7 @@ class _Scripted:
     length, finished; `truncate` marks every sample cut at max_new_tokens."""
 
     batch_size = 64
+    version = 0
     texts = staticmethod(lambda i, j: "<think>1 + 1 = 2</think><answer>2</answer>")
     truncate = False
 
@@ -538,6 +551,9 @@ class _Scripted:
         return out
 
     def load_weights(self, model):
+        return {}
+
+    def prove(self, model):
         return {}
 
     def close(self):

@@ -74,15 +74,20 @@ def test_grpo_on_a_vllm_server_syncs_and_proves_the_weights_every_step(vllm_mode
     assert _no_server_left() and not (tmp_path / "run" / "vllm-sync").exists()
 
 
-def test_a_skipped_sync_is_caught_and_the_server_stops(vllm_model, tmp_path):
+@pytest.mark.parametrize("how", ["lost", "silent"])
+def test_a_skipped_sync_is_caught_and_the_server_stops(vllm_model, tmp_path, how):
+    """A push that never reaches the server: its weight version stays behind (lost), or even moves on while
+    the weights stay (silent): the version, then the server's own checksums, stop the run in one line."""
     from thinkforge import rollout
     from thinkforge.rollout.vllm import SyncError, VLLMGenerator
     from thinkforge.train import rl
 
     class Skipping(VLLMGenerator):
-        def load_weights(self, model):  # the push never happens; the check still runs
+        def load_weights(self, model):  # the push never happens
             self.version += 1
-            return {"sync_logp_diff": self.check(model)}
+            if how == "silent":
+                self._tell_version()
+            return {}
 
     recipe = _recipe(vllm_model)
 
@@ -91,8 +96,50 @@ def test_a_skipped_sync_is_caught_and_the_server_stops(vllm_model, tmp_path):
         gen.__class__ = Skipping
         return gen
 
-    with pytest.raises(SyncError, match="not generating with the new weights"):
+    match = "holds weight version 0 before sampling, the trainer pushed version 1" if how == "lost" else "the push did not arrive"
+    with pytest.raises(SyncError, match=match):
         rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+    assert _no_server_left()
+
+
+@pytest.mark.parametrize("late", [True, False], ids=["late", "on-time"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_push_one_step_late_is_caught_at_the_recipes_learning_rate(vllm_model, tmp_path, lora, late):
+    """The recipe's learning rates (full 5e-7, LoRA 1e-5) move the probe's log-probs less than rollout.sync_atol
+    in one step, so a push made before the optimizer step would pass a log-prob check: the pushed weights are
+    compared with the policy when it samples, and the server's checksums with the policy. A late push stops
+    the run at the first step; the same run pushing on time passes with every check."""
+    import copy
+
+    from thinkforge import rollout
+    from thinkforge.rollout.vllm import SyncError, VLLMGenerator
+    from thinkforge.train import rl
+
+    class Late(VLLMGenerator):
+        def prove(self, model):  # the policy before this step's update: what a push made before it would send
+            self.before = copy.deepcopy(model)
+            return super().prove(model)
+
+        def load_weights(self, model):
+            return super().load_weights(self.before)
+
+    extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0", "rl.optim.lr=1e-5"] if lora else [
+        "rl.optim.lr=5e-7"]
+    recipe = _recipe(vllm_model, *extra, "rl.optim.warmup_ratio=0.0")
+
+    def make(model, tok, batch_size):
+        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
+        gen.__class__ = Late if late else VLLMGenerator
+        return gen
+
+    if late:
+        with pytest.raises(SyncError, match=r"weight version \d on the vLLM server is not the trainer.s current policy"):
+            rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+    else:
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+        rows = _rows(tmp_path / "run")
+        assert [r["step"] for r in rows] == [1, 2] and all(r["sync_logp_diff"] < 1e-4 for r in rows)
+        assert all(r["sync_checksum_share"] > 0 for r in rows) if not lora else "sync_checksum_share" not in rows[0]
     assert _no_server_left()
 
 

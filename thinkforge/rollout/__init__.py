@@ -46,6 +46,7 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
         dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the trainer's compute dtype
         server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens, owned).start()
     gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, server)
+    gen._tell_version()  # version 0: the starting weights
     if lora or cfg.base_url:
         gen.load_weights(model)  # the starting adapter (or weights) onto the server
     if dist is not None:

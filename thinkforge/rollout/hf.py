@@ -42,6 +42,7 @@ class HFGenerator:
         self.stop_ids = stop_ids(tokenizer, model.generation_config)
         self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
         self.peers = peers if peers is not None and peers.sharded else None
+        self.version = 0  # load_weights calls: the training model's optimizer steps since the run (re)started
 
     def done(self) -> None:
         """This rank's generation is over: with sharded peers, join their forwards until theirs is too."""
@@ -62,6 +63,11 @@ class HFGenerator:
         """Generation runs on the training model itself: its weights are always the current ones."""
         if model is not self.model:
             self.model, self.stop_ids = model, stop_ids(self.tokenizer, model.generation_config)
+        self.version += 1
+        return {}
+
+    def prove(self, model) -> dict[str, float]:
+        """The training model itself samples: nothing to prove."""
         return {}
 
     def close(self) -> None:
@@ -97,7 +103,8 @@ class HFGenerator:
                 for row, ids in enumerate(rows):
                     stopped = bool(ids) and ids[-1] in stops
                     text = tok.decode(ids, skip_special_tokens=True)
-                    out.append(Completion(start + row // n, text, tuple(ids), "stop" if stopped else "length"))
+                    out.append(Completion(start + row // n, text, tuple(ids), "stop" if stopped else "length",
+                                          version=self.version))
                 start += len(chunk)
         finally:
             model.train(was_training)

@@ -47,11 +47,12 @@ class OpenAIClient:
         self.stop_ids: list[int] = []  # the served model's own end tokens decide
         self.model = None  # no in-process model: no log-probs of arbitrary tokens
         self.interrupt = None  # checked before each request: true skips those not yet sent
+        self.version = 0  # a fixed model: no pushes
 
     def post(self, route: str, body: dict) -> dict | None:
         """POST body as JSON to base_url + route; the answer's JSON object (None for an empty or non-JSON
         answer, as vLLM's admin routes give). Retries what RETRYABLE says; other 4xx are one UserError line."""
-        data = json.dumps(body).encode()
+        data = json.dumps(body).encode() if body is not None else None  # None: a GET
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -59,7 +60,8 @@ class OpenAIClient:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.retries += 1
-            request = urllib.request.Request(self.base_url + route, data=data, headers=headers, method="POST")
+            request = urllib.request.Request(self.base_url + route, data=data, headers=headers,
+                                             method="POST" if data is not None else "GET")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     text = response.read()
@@ -126,6 +128,13 @@ class OpenAIClient:
 
     def done(self) -> None:
         pass
+
+    def prove(self, model) -> dict[str, float]:
+        raise RuntimeError("an OpenAI-compatible server takes no weight updates: RL needs rollout.backend hf or vllm")
+
+    def get(self, route: str) -> dict | None:
+        """GET base_url + route: its JSON object (retried as `post` is)."""
+        return self.post(route, None)
 
 
 def _retry_after(value: str | None) -> float | None:

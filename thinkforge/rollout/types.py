@@ -63,6 +63,7 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: str
     logprobs: tuple[float, ...] | None = None  # the sampler's log-prob of each token (server backends)
+    version: int | None = None  # the policy version that sampled it (pushes since the run (re)started)
 
 
 def stop_ids(tokenizer, generation_config) -> list[int]:
@@ -87,6 +88,7 @@ class Generator(Protocol):
     stop_ids: list[int]  # what ends a completion (`stop_ids` above)
     model: Any  # the in-process model (log-probs of any tokens need it); None for a server backend
     interrupt: Callable[[], bool] | None  # checked while generating: true ends the rows where they are
+    version: int  # the policy version it samples: one more per `load_weights` (each sample carries it)
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i.
@@ -94,9 +96,14 @@ class Generator(Protocol):
         ...
 
     def load_weights(self, model) -> dict[str, float]:
-        """The policy changed. A backend holding its own copy of the weights (a vLLM or SGLang server with
-        LoRA hot-reload) pushes them here and proves the next generation uses them (PITFALLS 4); an
-        in-process backend generates with the training model itself. Returns what to log (sync seconds)."""
+        """The policy changed: its version goes up by one. A backend holding its own copy of the weights (a
+        vLLM server) pushes them here; an in-process backend generates with the training model itself.
+        Returns what to log (sync seconds)."""
+        ...
+
+    def prove(self, model) -> dict[str, float]:
+        """Before sampling: prove the backend samples with `model`'s current weights (PITFALLS 4), or raise
+        SyncError. Returns what to log."""
         ...
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:

@@ -10,12 +10,15 @@ sampled tokens' log-probs (`return_token_ids`, `logprobs: 0`); nothing is re-tok
 with `--logprobs-mode processed_logprobs` (started here with it) so the log-probs follow the sampling
 temperature, as the trainer's do (PITFALLS 5).
 
-Weight sync (PITFALLS 4): LoRA adapters are saved (safetensors) and loaded with /v1/load_lora_adapter
+Weight sync (PITFALLS 4): every push is a version (pushes since the run started; the server is told it
+with /update_weight_version). LoRA adapters are saved (safetensors) and loaded with /v1/load_lora_adapter
 under a new name per step (the old one unloaded: a name reused would serve stale cached prefixes); full
 weights are saved to a safetensors folder and reloaded in place (/pause, /collective_rpc reload_weights,
-/reset_prefix_cache, /resume; VLLM_SERVER_DEV_MODE, loopback only). After each sync the server's log-probs
-of one fixed sample must equal the trainer's within `rollout.sync_atol`, or the run stops: a policy that
-did not arrive is an error, never a silently stale generator.
+/reset_prefix_cache, /resume; VLLM_SERVER_DEV_MODE, loopback only). Before each step's samples `prove`
+shows the server holds the trainer's current weights (its version; what the push wrote against the policy
+now; the server's own checksums where its layout is the trainer's; the log-probs of a fixed sample within
+`rollout.sync_atol`), and every sample carries the version it came from (checked by the trainer): a policy
+that did not arrive, or arrived a step late, is an error, never a silently stale generator.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ from thinkforge.rollout.types import Completion, SamplingParams, encode
 
 class SyncError(RuntimeError):
     """The server does not generate with the trainer's weights after a sync."""
+
+
+def tensor_digest(t) -> str:
+    """sha256 of a tensor's bytes, as vLLM's weight checker computes it."""
+    import hashlib
+
+    import torch
+
+    return hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _free_port() -> int:
@@ -161,7 +173,10 @@ class VLLMGenerator:
                                  concurrency=cfg.concurrency, unreachable="see " + str(server.log_path) if server
                                  else "is rollout.base_url right?")
         self.model_name = "policy"
-        self.version = 0
+        self.version = 0  # pushes since the run (re)started; the server is told it with each
+        self.dtype = server.dtype if server is not None else None  # the server's weights dtype (None: the trainer's)
+        self.pushed: dict[str, str] | None = None  # digests of what the last push wrote
+        self.layout: set[str] | None = None  # weights the server keeps in the trainer's layout (its checksums comparable)
         self.probe: list[int] | None = None  # prompt + completion ids of one fixed sample, for the sync check
         self.model = None  # the weights live in the server
         self.interrupt = None  # checked before each request: true skips those not yet sent
@@ -189,8 +204,10 @@ class VLLMGenerator:
         ids = [encode(self.tokenizer, p) for p in prompts]
         longest = max((len(x) for x in ids), default=1)
         in_flight = max(1, min(self.cfg.concurrency, self.cfg.max_batched_tokens // (2 * n * longest)))
+        self._same_version("before sampling")
         with ThreadPoolExecutor(in_flight) as pool:
             results = list(pool.map(lambda i: self._complete(ids[i], n, params, i), range(len(ids))))
+        self._same_version("while it sampled")  # no push came in between: every sample is of this version
         out = [c for one in results for c in one]
         if self.probe is None and out and out[0].token_ids:
             self.probe = ids[0] + list(out[0].token_ids)
@@ -211,7 +228,7 @@ class VLLMGenerator:
             logprobs = tuple((choice.get("logprobs") or {}).get("token_logprobs") or ())
             text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
             out.append(Completion(index, text, ids, "length" if choice["finish_reason"] == "length" else "stop",
-                                  logprobs or None))
+                                  logprobs or None, self.version))
         return out
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
@@ -221,8 +238,8 @@ class VLLMGenerator:
     # ------------------------------------------------------------ weight sync
 
     def load_weights(self, model) -> dict[str, float]:
-        """Push the trainer's weights, then prove the server generates with them (SyncError if not); returns
-        the sync's seconds and the check's log-prob difference."""
+        """Push the trainer's weights as version + 1 (the server is told the number with them); `prove` shows,
+        before the next samples, that the server holds them. Returns the push's seconds."""
         from thinkforge import models
 
         start = time.time()
@@ -231,6 +248,7 @@ class VLLMGenerator:
         if not self.push:  # rank 0 pushes the weights every rank holds; the adapter's name follows the version
             self.model_name = f"policy-{self.version}" if lora else "policy"
             return {}
+        self.pushed = self._digests(model)  # what this push writes, to compare with the policy when it samples
         if lora:
             path = self.sync_dir / f"adapter-{self.version}"
             models.save(model, None, path)
@@ -240,16 +258,98 @@ class VLLMGenerator:
             if old != "policy":
                 self._post("/v1/unload_lora_adapter", {"lora_name": old})
                 shutil.rmtree(self.sync_dir / f"adapter-{self.version - 1}", ignore_errors=True)
+            self._tell_version()
         else:
             path = self.sync_dir / "weights"
             models.save(model, None, path)
             self._post("/pause", {})
             self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}})
             self._post("/reset_prefix_cache", {})
+            self._tell_version()  # with the weights, before generation resumes
             self._post("/resume", {})
-        seconds = time.time() - start
-        diff = self.check(model)
-        return {"sync_seconds": seconds, "sync_check_seconds": time.time() - start - seconds, "sync_logp_diff": diff}
+        return {"sync_seconds": time.time() - start}
+
+    def prove(self, model) -> dict[str, float]:
+        """Before sampling, that the server holds exactly the trainer's current weights, three ways (SyncError
+        otherwise): its weight version is the last push's; what that push wrote is the policy as it is now (a
+        push made before the optimizer step fails here, at whatever learning rate); the server's own per-weight
+        checksums (/weight_checker) equal the policy's wherever its layout keeps the trainer's (full weights:
+        the norms on the CPU engine, which repacks linear layers and pads embeddings); and, second, the log-probs
+        of a fixed sample agree within rollout.sync_atol. Returns the checks' seconds, the share of the
+        parameters the server's checksums covered and the log-prob difference."""
+        from thinkforge import models
+
+        start = time.time()
+        self._same_version("before sampling")
+        if not self.push:  # rank 0 proves the weights; every rank checks the version it samples
+            return {}
+        out = {}
+        now = self._digests(model)
+        if self.pushed is not None:
+            moved = [n for n in now if self.pushed.get(n) != now[n]]
+            if moved:
+                raise SyncError(f"weight version {self.version} on the vLLM server is not the trainer's current policy: "
+                                f"{len(moved)} of {len(now)} tensors differ from what was pushed (e.g. {moved[0]}); "
+                                "the push came before the optimizer step, or the policy changed after it")
+        if not models.is_adapter(model):
+            out["sync_checksum_share"] = self._compare_checksums(model, now)
+        out["sync_logp_diff"] = self.check(model)
+        out["sync_check_seconds"] = time.time() - start
+        return out
+
+    def _tell_version(self) -> None:
+        """The server's weight version is this generator's (a server without vLLM's RL API: not told)."""
+        try:
+            self._post("/update_weight_version", {"new_version": str(self.version)})
+        except RuntimeError:  # a server without vLLM's RL API: its version is not checked (see _same_version)
+            pass
+
+    def _same_version(self, when: str) -> None:
+        """The server's weight version (/weight_info) is this generator's, or SyncError. A server without the
+        route (not vLLM's RL API) is not asked."""
+        try:
+            got = (self.http.get("/weight_info") or {}).get("weight_version")
+        except ServerError:
+            return
+        if got is not None and got != "default" and got != str(self.version):
+            raise SyncError(f"the vLLM server holds weight version {got} {when}, the trainer pushed version {self.version}: "
+                            "a push was lost or another trainer pushes to this server")
+
+    def _digests(self, model) -> dict[str, str]:
+        """sha256 of each tensor a push writes (the adapter's, or every weight), in the server's dtype: the
+        digests vLLM's /weight_checker computes of its own copy."""
+        import torch
+
+        from thinkforge import models
+
+        if models.is_adapter(model):
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(model)
+        else:
+            state = model.state_dict()
+        dtype = getattr(torch, self.dtype) if self.dtype else None
+        return {n: tensor_digest(t.to(dtype) if dtype is not None else t) for n, t in state.items()}
+
+    def _compare_checksums(self, model, now: dict[str, str]) -> float:
+        """The server's per-weight checksums against the policy's digests `now`, SyncError on a difference;
+        returns the share of the policy's parameters they cover. Which weights the server keeps in the trainer's
+        layout (not repacked, padded or fused) is learned at the first check, when it holds the weights it was
+        started on; only those are compared (the CPU engine's checksums of its repacked linear layers do not
+        follow a reload: no use). 0 for a server without a checker."""
+        try:
+            served = (self._post("/weight_checker", {"action": "checksum"}) or {}).get("checksums") or {}
+        except RuntimeError:  # a server without the RL API
+            return 0.0
+        served = {key.rsplit(":", 1)[-1]: digest for key, digest in served.items()}
+        if self.layout is None:  # the server holds the weights it was started on: the policy's
+            self.layout = {n for n in served if now.get(n) == served[n]}
+        wrong = [n for n in self.layout if served.get(n) != now.get(n)]
+        if wrong:
+            raise SyncError(f"the vLLM server's weights are not the trainer's: its checksums of {len(wrong)} of {len(served)} "
+                            f"weights disagree with the policy's (e.g. {wrong[0]}): the push did not arrive")
+        sizes = {n: t.numel() for n, t in model.state_dict().items()}
+        return sum(sizes.get(n, 0) for n in self.layout) / max(sum(sizes.values()), 1)
 
     def load_adapter(self, path: str) -> None:
         """Serve a saved LoRA adapter folder (evaluation of a LoRA checkpoint; no trainer to check against)."""

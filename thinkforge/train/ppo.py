@@ -42,7 +42,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def ppo_targets(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
-                kl_penalty: torch.Tensor | None = None, dist: Dist = Dist()) -> tuple[torch.Tensor, torch.Tensor]:
+                kl_penalty: torch.Tensor | None = None, *, dist: Dist = Dist()) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages whitened over the batch, returns), each (N, T), from sequence rewards (N,) and values (N, T).
 
     The reward sits on each sample's last completion token; kl_penalty (N, T) (beta KL_k3) is subtracted per
@@ -120,7 +120,7 @@ class Critic:
         if batch.ref_logp is not None and self.beta > 0:
             penalty = self.beta * kl_k3(torch.cat(logps), batch.ref_logp)
         batch.advantages, batch.returns = ppo_targets(batch.rewards, batch.values, mask, self.gamma, self.lam, penalty,
-                                                      dist)
+                                                      dist=dist)
 
     def loss(self, values: torch.Tensor, batch: Rollout, rows: slice, norm: Normaliser) -> torch.Tensor:
         """The value loss of these rows (their share of the step's), unweighted: the caller adds vf_coef x it."""

@@ -35,6 +35,7 @@ from thinkforge.losses import ADVANTAGES, kl_k3, masked_mean, normaliser, policy
 from thinkforge.monitor import AhaDetector, progress_bar
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import Rollout
+from thinkforge.rollout.vllm import SyncError
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop, ppo
 from thinkforge.train.attention import use_document_attention
@@ -199,10 +200,15 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 metrics.close()  # its writer's thread would outlive a folder removed for a failed start
                 raise UserError(f"{stage} preflight: {why} (or set {stage}.preflight=false to train anyway)")
         bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
+        pushed = generator.version  # the policy version every sample must carry (one more per push)
         for step in range(start, cfg.steps):
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
+                proof = generator.prove(model)  # the backend holds this policy (a server: its weights, proven)
                 batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
+            if batch is not None and stats["versions"] not in ([], [pushed]):  # on-policy: no other version's samples
+                raise SyncError(f"step {step + 1}'s samples came from policy version(s) {stats['versions']}, the trainer "
+                                f"is at version {pushed}: the rollout backend did not sample the current policy")
             gen_seconds = time.time() - t0
             if dist.all_max(batch is None):  # a rank kept no group: every rank skips the step
                 empty += 1
@@ -240,11 +246,11 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                     totals[k] = totals.get(k, 0.0) + v / cfg.mu
                 lr = loop.lr_at(step, cfg.steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)
                 grad_norm = loop.apply_update(clipped, optimizer, cfg.optim.clip, lr)
-            with loop.autocast(str(model.device), cfg.mixed_precision):  # its check compares in the server's precision
-                sync = generator.load_weights(model)  # a server backend pushes the new weights, and proves them
+            sync = generator.load_weights(model)  # a server backend pushes the new weights (proven before sampling)
+            pushed += 1
             dist.barrier()  # no rank samples before the push is done
 
-            row = _row(batch, stats, dist) | totals | sync | {"lr": lr, "grad_norm": grad_norm,
+            row = _row(batch, stats, dist) | totals | proof | sync | {"lr": lr, "grad_norm": grad_norm,
                                                               "gen_seconds": gen_seconds, "step_seconds": time.time() - t0}
             metrics.log(step + 1, row)
             for event in aha.update(step + 1, row, batch.texts):

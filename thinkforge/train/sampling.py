@@ -181,6 +181,7 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
         for i, s in enumerate(served):
             batch.sampler_logp[i, : len(s)] = torch.tensor(s)
     stats.update(sample_stats(texts))
+    stats["versions"] = sorted({c.version for _, comps, *_ in kept for c in comps if c.version is not None})
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()
     return batch, stats
