@@ -34,13 +34,14 @@ def test_the_phi4_recipe_on_8_gpus_of_80gb(capsys):
     # and AdamW's foreach temporary (4 bytes a parameter, sharded)
     want = 16 * shape.params / 8 + shape.vocab * shape.hidden * 8 + 2 * shape.layer_params * 4 + 4 * shape.params / 8
     assert rows["sft"]["strategy"] == "fsdp2" and rows["sft"]["parts"]["model state"] == pytest.approx(want)
-    # RL runs on DDP (for now), its rollouts in-process: 64 sequences of 25.5K tokens of KV cache (199 GB) do not fit
+    # RL on FSDP2 too, the same sharded state; its rollouts in-process: 64 sequences of 25.5K tokens of KV cache
+    # (199 GB) do not fit
     rl = rows["rl"]
-    assert rl["strategy"] == "ddp" and rl["parts"]["model state"] == pytest.approx(20 * shape.params, rel=0.01)  # + foreach
+    assert rl["strategy"] == "fsdp2" and rl["parts"]["model state"] == pytest.approx(want)
     assert rl["advice"].startswith("does not fit: rollouts: rl.gen_batch=") and "rollout.backend=vllm" in rl["advice"]
-    # on vLLM colocated (its default 0.9 of the GPU) with a KL reference: the fp32 reference is a second copy
+    # on vLLM colocated (its default 0.9 of the GPU) with a KL reference: the fp32 reference, sharded like the policy
     rl = {r["stage"]: r for r in plan.plan(_phi4("rl.beta=0.04", "rollout.backend=vllm"), 8, 80 * GB)}["rl"]
-    assert rl["parts"]["reference"] == pytest.approx(4 * shape.params) and rl["budget"] == pytest.approx(8 * GB)
+    assert rl["parts"]["reference"] == pytest.approx(4 * shape.params / 8) and rl["budget"] == pytest.approx(8 * GB)
     assert "lora.enabled=true" in rl["advice"] and "--gpu-memory-utilization" in rl["advice"]
 
 

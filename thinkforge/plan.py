@@ -177,7 +177,6 @@ def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) 
     rows = []
     for stage in [s for s in recipe.pipeline.stages if isinstance(getattr(recipe, s), _Stage)]:
         strat = strategy if strategy != "auto" else ("fsdp2" if gpus > 1 else "ddp")
-        strat = "ddp" if stage == "rl" else strat  # rl refuses FSDP2 for now
         s = settings_for(recipe, stage, device, config)
         budget = memory * (1 - s.vllm_share)
         parts = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes)

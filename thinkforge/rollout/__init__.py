@@ -12,7 +12,8 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     """The backend that samples the policy `model`: rollout.backend (cfg) hf = transformers' forward in our
     decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
     sync folders in workdir) or at cfg.base_url, synced by `load_weights` after every optimizer step. On N
-    ranks (dist) one server serves them all: rank 0 starts it and pushes the weights, every rank samples."""
+    ranks (dist) one server serves them all: rank 0 starts it and pushes the weights, every rank samples; a
+    sharded (FSDP2) policy is gathered by every rank a weight at a time for rank 0 to write."""
     from thinkforge.rollout.hf import HFGenerator
 
     if cfg is None or cfg.backend == "hf":
@@ -25,12 +26,17 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
 
     from thinkforge import models
     from thinkforge.rollout.types import stop_ids
-    from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer
+    from thinkforge.rollout.vllm import VLLMGenerator, VLLMServer, write_weights
 
     workdir, lora = Path(workdir or "."), models.is_adapter(model)
     stops = stop_ids(tokenizer, model.generation_config)
+    peers = dist if dist is not None and dist.sharded else None  # a sharded policy: every rank joins its gathers
+    start_dir = workdir / "vllm-start"
     if dist is not None and not dist.main:
-        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, push=False)
+        if peers is not None and not lora and cfg.base_url is None:
+            write_weights(model, None, start_dir, peers)  # rank 0 writes the server's starting weights
+        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, push=False,
+                            peers=peers)
         if lora or cfg.base_url:
             gen.load_weights(model)
         dist.barrier()  # rank 0's starting weights are on the server
@@ -39,18 +45,20 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     if cfg.base_url is None:
         if lora:  # the server serves the base; the adapter arrives by hot-loading
             peft = model.peft_config["default"]
-            start_dir, rank, owned = peft.base_model_name_or_path, peft.r, None
-        else:  # the current weights (a resumed run's too), a copy the server owns
-            start_dir = str(models.save(model, tokenizer, workdir / "vllm-start").resolve())
-            rank, owned = None, Path(start_dir)
+            start, rank, owned = peft.base_model_name_or_path, peft.r, None
+        else:  # the current weights (a resumed run's too), a copy the server owns, a bucket at a time
+            start = str(write_weights(model, tokenizer, start_dir, peers).resolve())
+            rank, owned = None, Path(start)
         dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the trainer's compute dtype
-        server = VLLMServer(start_dir, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens, owned).start()
-    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, server)
+        server = VLLMServer(start, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens, owned).start()
+    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, server,
+                        peers=peers)
     gen._tell_version()  # version 0: the starting weights
+    if dist is not None:
+        dist.broadcast(gen.url)  # before the first push: under FSDP2 every rank gathers it with rank 0
     if lora or cfg.base_url:
         gen.load_weights(model)  # the starting adapter (or weights) onto the server
     if dist is not None:
-        dist.broadcast(gen.url)
         dist.barrier()
     return gen
 

@@ -47,6 +47,68 @@ class SyncError(RuntimeError):
     """The server does not generate with the trainer's weights after a sync."""
 
 
+def full_weights(model, peers=None):
+    """(name, tensor) of every weight of `model`, whole: a sharded (FSDP2) weight gathered from the ranks one
+    at a time (a collective: every rank iterates alike), so no rank holds the whole model at once."""
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if peers is not None and hasattr(t, "full_tensor") else t)
+
+
+def adapter_state(model, peers=None) -> dict:
+    """The LoRA adapter's weights by PEFT's names, whole (gathered from the ranks under FSDP2)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    if peers is None:
+        return state
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in state.items()}
+
+
+BUCKET_BYTES = 2**30  # a push's shard files: at most this much of the model in memory on rank 0 at once
+
+
+def write_weights(model, tokenizer, out: Path, peers=None, bucket_bytes: int = BUCKET_BYTES) -> Path:
+    """The full weights of `model` as safetensors shards of at most bucket_bytes (and their index), written
+    by rank 0 while every rank gathers a sharded model's weights one at a time with it; with a tokenizer, a
+    loadable folder (config, generation config, tokenizer). Replaces out's shards; returns out."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    main = peers is None or peers.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("model*.safetensors*"):
+            old.unlink()
+    bucket, size, files, index = {}, 0, 0, {}
+
+    def flush():
+        nonlocal bucket, size, files
+        if main and bucket:
+            files += 1
+            name = f"model-{files:05d}.safetensors"
+            save_file(bucket, str(out / name), metadata={"format": "pt"})
+            index.update(dict.fromkeys(bucket, name))
+        bucket, size = {}, 0
+
+    for name, t in full_weights(model, peers):
+        if main:
+            bucket[name] = t.detach().cpu().contiguous().clone()
+            size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            flush()
+    flush()
+    if main:
+        (out / "model.safetensors.index.json").write_text(_json.dumps({"metadata": {}, "weight_map": index}))
+        if tokenizer is not None:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base.config.save_pretrained(out)
+            if base.generation_config is not None:
+                base.generation_config.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+    return out
+
+
 def tensor_digest(t) -> str:
     """sha256 of a tensor's bytes, as vLLM's weight checker computes it."""
     import hashlib
@@ -164,9 +226,10 @@ class VLLMGenerator:
     `close`; a server at rollout.base_url is the user's and left running."""
 
     def __init__(self, url: str, tokenizer, batch_size: int, cfg, sync_dir: Path, stop_ids: list[int],
-                 server: VLLMServer | None = None, push: bool = True):
+                 server: VLLMServer | None = None, push: bool = True, peers=None):
         """stop_ids: what ends a completion (`types.stop_ids`); push: False on ranks other than the first (rank
-        0 pushes the weights, every rank samples)."""
+        0 pushes the weights, every rank samples); peers: the ranks of a sharded (FSDP2) policy, which every
+        rank gathers with the others, a weight at a time, for rank 0 to push and prove."""
         self.url, self.tokenizer, self.batch_size, self.cfg = url.rstrip("/"), tokenizer, batch_size, cfg
         self.sync_dir, self.stop_ids, self.server, self.push = Path(sync_dir), list(stop_ids), server, push
         self.http = OpenAIClient(self.url, "policy", timeout=cfg.request_timeout, max_retries=0,
@@ -177,6 +240,7 @@ class VLLMGenerator:
         self.dtype = server.dtype if server is not None else None  # the server's weights dtype (None: the trainer's)
         self.pushed: dict[str, str] | None = None  # digests of what the last push wrote
         self.layout: set[str] | None = None  # weights the server keeps in the trainer's layout (its checksums comparable)
+        self.peers = peers if peers is not None and peers.sharded else None
         self.probe: list[int] | None = None  # prompt + completion ids of one fixed sample, for the sync check
         self.model = None  # the weights live in the server
         self.interrupt = None  # checked before each request: true skips those not yet sent
@@ -239,7 +303,8 @@ class VLLMGenerator:
 
     def load_weights(self, model) -> dict[str, float]:
         """Push the trainer's weights as version + 1 (the server is told the number with them); `prove` shows,
-        before the next samples, that the server holds them. Returns the push's seconds."""
+        before the next samples, that the server holds them. A sharded policy is gathered a weight at a time
+        by every rank and written by rank 0 in buckets (`write_weights`). Returns the push's seconds."""
         from thinkforge import models
 
         start = time.time()
@@ -247,11 +312,14 @@ class VLLMGenerator:
         lora = models.is_adapter(model)
         if not self.push:  # rank 0 pushes the weights every rank holds; the adapter's name follows the version
             self.model_name = f"policy-{self.version}" if lora else "policy"
+            if self.peers is not None:  # its shards join rank 0's gathers
+                self._digests(model)
+                write_weights(model, None, self.sync_dir / "weights", self.peers) if not lora else adapter_state(model, self.peers)
             return {}
         self.pushed = self._digests(model)  # what this push writes, to compare with the policy when it samples
         if lora:
             path = self.sync_dir / f"adapter-{self.version}"
-            models.save(model, None, path)
+            models.save(model, None, path, state_dict=adapter_state(model, self.peers) if self.peers else None)
             name = f"policy-{self.version}"
             self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
             old, self.model_name = self.model_name, name
@@ -261,7 +329,7 @@ class VLLMGenerator:
             self._tell_version()
         else:
             path = self.sync_dir / "weights"
-            models.save(model, None, path)
+            write_weights(model, None, path, self.peers)
             self._post("/pause", {})
             self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}})
             self._post("/reset_prefix_cache", {})
@@ -276,12 +344,16 @@ class VLLMGenerator:
         checksums (/weight_checker) equal the policy's wherever its layout keeps the trainer's (full weights:
         the norms on the CPU engine, which repacks linear layers and pads embeddings); and, second, the log-probs
         of a fixed sample agree within rollout.sync_atol. Returns the checks' seconds, the share of the
-        parameters the server's checksums covered and the log-prob difference."""
+        parameters the server's checksums covered and the log-prob difference. On sharded ranks every rank
+        joins the gathers and the probe's forward; rank 0 judges."""
         from thinkforge import models
 
         start = time.time()
         self._same_version("before sampling")
         if not self.push:  # rank 0 proves the weights; every rank checks the version it samples
+            if self.peers is not None:
+                self._digests(model)
+                self.check(model)
             return {}
         out = {}
         now = self._digests(model)
@@ -322,13 +394,11 @@ class VLLMGenerator:
 
         from thinkforge import models
 
-        if models.is_adapter(model):
-            from peft import get_peft_model_state_dict
-
-            state = get_peft_model_state_dict(model)
-        else:
-            state = model.state_dict()
         dtype = getattr(torch, self.dtype) if self.dtype else None
+        if models.is_adapter(model):
+            state = adapter_state(model, self.peers)
+        else:
+            return {n: tensor_digest(t.to(dtype) if dtype is not None else t) for n, t in full_weights(model, self.peers)}
         return {n: tensor_digest(t.to(dtype) if dtype is not None else t) for n, t in state.items()}
 
     def _compare_checksums(self, model, now: dict[str, str]) -> float:
@@ -360,14 +430,18 @@ class VLLMGenerator:
     def check(self, model) -> float:
         """max |server - trainer| log-prob over the probe sample's tokens at temperature 1; SyncError above
         rollout.sync_atol. No probe yet (nothing generated): 0."""
+        if self.peers is not None:  # the probe's forward is a collective: every rank runs rank 0's probe
+            self.probe = self.peers.broadcast(self.probe)
         if self.probe is None:
             return 0.0
         import torch
 
         seq = self.probe
-        out = self._post("/v1/completions", {"model": self.model_name, "prompt": [seq], "max_tokens": 1,
-                                             "temperature": 1.0, "prompt_logprobs": 0})
-        served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
+        served = None
+        if self.push:
+            out = self._post("/v1/completions", {"model": self.model_name, "prompt": [seq], "max_tokens": 1,
+                                                 "temperature": 1.0, "prompt_logprobs": 0})
+            served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
         was = model.training
         model.eval()
         from thinkforge.train.head import hidden_states  # the output layer by chunks: never the (T, V) logits
@@ -378,6 +452,8 @@ class VLLMGenerator:
         with torch.no_grad():
             mine = head.logprobs(hidden, ids[:, 1:])[0][0].cpu()  # (T-1,)
         model.train(was)
+        if served is None:  # a rank that joined rank 0's forward
+            return 0.0
         diff = (served - mine).abs().max().item()
         if not diff <= self.cfg.sync_atol:
             raise SyncError(f"after weight sync {self.version} the vLLM server's log-probs differ from the trainer's by "

@@ -148,9 +148,6 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     m = recipe.model
     loop.seed_everything(recipe.seed)
     dist = distributed.init(recipe.collective_timeout)
-    if dist.sharded and recipe.rollout.backend == "vllm":
-        raise UserError("rl with rollout.backend=vllm on FSDP2 is not supported yet (the weight push would need the "
-                        "full weights gathered); use rollout.backend=hf on FSDP2, or DDP (recipes/accelerate/ddp.yaml)")
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not models.is_adapter(model):
