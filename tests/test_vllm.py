@@ -265,6 +265,40 @@ def test_a_push_is_written_in_buckets_that_load_back_whole(tmp_path):
         assert torch.equal(again.state_dict()[k], v)
 
 
+def test_a_server_that_stops_answering_is_one_line_within_its_timeout_and_is_stopped(vllm_model, tmp_path):
+    """The server freezes (SIGSTOP) before step 2's samples: the request times out after rollout.request_timeout,
+    the run stops with one line naming the server, and the child server is gone."""
+    import signal
+    import time
+
+    from thinkforge import rollout
+    from thinkforge.errors import UserError
+    from thinkforge.rollout.vllm import VLLMGenerator
+    from thinkforge.train import rl
+
+    class Freezing(VLLMGenerator):
+        def load_weights(self, model):
+            out = super().load_weights(model)
+            os.kill(self.server.proc.pid, signal.SIGSTOP)  # after step 1's push: the server answers nothing more
+            self.frozen = time.time()
+            return out
+
+    recipe = _recipe(vllm_model, "rollout.request_timeout=5")
+    gens = []
+
+    def make(model, tok, batch_size):
+        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
+        gen.__class__ = Freezing
+        gens.append(gen)
+        return gen
+
+    with pytest.raises(UserError, match="the vLLM server at http://127.0.0.1:[0-9]+ is unreachable .*see .*vllm.log"):
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+    took = time.time() - gens[0].frozen
+    assert took < 5 + 20 + 3, took  # the request's timeout, then the server's stop (20 s at most)
+    assert _no_server_left()
+
+
 def test_the_server_context_defaults_to_what_the_stage_needs_within_the_models_own(vllm_model):
     """The old default 4,096 made vLLM refuse any model with a shorter context (a tiny llama's 1,024; Phi-2's
     2,048): the default is the stage's new tokens + 2,048, at most the model's; a larger value is one line."""

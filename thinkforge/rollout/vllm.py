@@ -213,6 +213,7 @@ class VLLMServer:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a server that stopped answering because it was stopped
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -381,8 +382,10 @@ class VLLMGenerator:
         route (not vLLM's RL API) is not asked."""
         try:
             got = (self.http.get("/weight_info") or {}).get("weight_version")
-        except ServerError:
-            return
+        except ServerError as e:
+            if e.status is None:  # no answer within rollout.request_timeout: one line, as every request
+                raise UserError(f"the vLLM server at {self.url} is unreachable ({e.detail}); {self.http.unreachable}") from None
+            return  # a server without vLLM's RL API (404): its version is not known
         if got is not None and got != "default" and got != str(self.version):
             raise SyncError(f"the vLLM server holds weight version {got} {when}, the trainer pushed version {self.version}: "
                             "a push was lost or another trainer pushes to this server")
