@@ -608,3 +608,22 @@ def test_a_learnable_policy_passes_the_preflight_and_rl_proceeds_on_its_own_stre
         runs[name] = [(r["reward"], r["loss"], r["response_tokens"]) for r in
                       map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines()) if "pg_loss" in r]
     assert runs["with"] == runs["without"] and len(runs["with"]) == 2
+
+
+def test_out_of_memory_on_sharded_ranks_stops_the_run_instead_of_skipping_the_prompts():
+    """One process skips (and counts) prompts whose generation ran out of memory; on sharded ranks the other
+    ranks wait in the forward this rank left, so the error propagates (the run ends with one line)."""
+    from thinkforge.rollout.types import SamplingParams
+
+    class OutOfMemory:
+        batch_size = 8
+
+        def generate(self, prompts, n, params):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    params = SamplingParams(8, 1.0, 1.0, 0, 0, streams=(1, 2))
+    stats: dict = {}
+    assert sampling.generate_groups(OutOfMemory(), ["a", "b"], 2, params, stats) == [None, None]
+    assert stats["generation_failures"] == 2
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sampling.generate_groups(OutOfMemory(), ["a", "b"], 2, params, {}, sharded=True)

@@ -9,22 +9,22 @@ _calls = {"n": 0}
 
 
 def fails_on_rank_1(completion, reference):
-    """Scores like shorter_is_better, but on rank 1 breaks at its 8th call (step 2) (mid-step, the other rank in a
+    """Scores like shorter_is_better, but on rank 1 breaks at its 5th call (step 2: 3 samples a step) (mid-step, the other rank in a
     collective): the failure test of tests/test_distributed.py."""
     import os
 
     _calls["n"] += 1
-    if os.environ.get("RANK") == "1" and _calls["n"] == 8:
+    if os.environ.get("RANK") == "1" and _calls["n"] == 5:
         raise ValueError("the reward service is down")
     return -len(completion) / 100.0
 
 
 def hangs_on_rank_1(completion, reference):
-    """On rank 1 hangs at its 8th call (step 2) while rank 0 waits in a collective."""
+    """On rank 1 hangs at its 5th call (step 2) while rank 0 waits in a collective."""
     import os
     import time
 
     _calls["n"] += 1
-    if os.environ.get("RANK") == "1" and _calls["n"] == 8:
+    if os.environ.get("RANK") == "1" and _calls["n"] == 5:
         time.sleep(120)
     return -len(completion) / 100.0

@@ -662,7 +662,10 @@ def _fail(line: str, code: int = 2) -> None:
     if ranks is not None:
         code, line = ranks.failed(code, line)  # the first failing rank's, where another failed first
     click.echo(f"thinkforge: error: {line}", err=True)
-    if ranks is not None:  # no barrier: a peer may be gone; skip the teardown (see main)
+    if ranks is not None:  # no barrier: a peer may be gone; skip the teardown (see main), not the exit handlers
+        import atexit
+
+        atexit._run_exitfuncs()  # a rollout server this rank started stops with it
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -364,9 +364,10 @@ class PipelineConfig(_Section):
 
 class Recipe(_Section):
     seed: int = Field(0, description="Seed for data order, sampling and init.")
-    collective_timeout: float = Field(600.0, gt=0, description="Seconds a rank of several waits in one collective "
+    collective_timeout: float = Field(1800.0, gt=0, description="Seconds a rank of several waits in one collective "
                                       "(all-reduce, all-gather, barrier) before it stops with an error: a rank that "
-                                      "hangs or died without a word cannot hang the others.")
+                                      "hangs or died without a word cannot hang the others. Longer than any legitimate "
+                                      "wait (rank 0 alone saving or pushing a large model).")
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
     generation: GenerationConfig = GenerationConfig()

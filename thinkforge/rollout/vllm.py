@@ -385,7 +385,9 @@ class VLLMGenerator:
         except ServerError as e:
             if e.status is None:  # no answer within rollout.request_timeout: one line, as every request
                 raise UserError(f"the vLLM server at {self.url} is unreachable ({e.detail}); {self.http.unreachable}") from None
-            return  # a server without vLLM's RL API (404): its version is not known
+            if e.status != 404:
+                raise RuntimeError(f"vLLM /weight_info answered {e.status}: {e.detail}") from None
+            return  # a server without vLLM's RL API: its version is not known
         if got is not None and got != "default" and got != str(self.version):
             raise SyncError(f"the vLLM server holds weight version {got} {when}, the trainer pushed version {self.version}: "
                             "a push was lost or another trainer pushes to this server")
@@ -410,18 +412,20 @@ class VLLMGenerator:
         layout (not repacked, padded or fused) is learned at the first check, when it holds the weights it was
         started on; only those are compared (the CPU engine's checksums of its repacked linear layers do not
         follow a reload: no use). 0 for a server without a checker."""
+        if self.server is None:  # a server this run did not start: what it holds at the first check is not known
+            return 0.0
         try:
             served = (self._post("/weight_checker", {"action": "checksum"}) or {}).get("checksums") or {}
         except RuntimeError:  # a server without the RL API
             return 0.0
         served = {key.rsplit(":", 1)[-1]: digest for key, digest in served.items()}
-        if self.layout is None:  # the server holds the weights it was started on: the policy's
+        if self.layout is None:  # the server holds the weights this run started it on: the policy's
             self.layout = {n for n in served if now.get(n) == served[n]}
         wrong = [n for n in self.layout if served.get(n) != now.get(n)]
         if wrong:
             raise SyncError(f"the vLLM server's weights are not the trainer's: its checksums of {len(wrong)} of {len(served)} "
                             f"weights disagree with the policy's (e.g. {wrong[0]}): the push did not arrive")
-        sizes = {n: t.numel() for n, t in model.state_dict().items()}
+        sizes = {n: p.numel() for n, p in model.named_parameters()}  # no state_dict on rank 0 alone (FSDP2 reshards)
         return sum(sizes.get(n, 0) for n in self.layout) / max(sum(sizes.values()), 1)
 
     def load_adapter(self, path: str) -> None:

@@ -315,13 +315,15 @@ def peer_failure() -> tuple[int, str] | None:
 def timed_out(error: BaseException) -> tuple[int, str] | None:
     """(1, line) when `error` is a collective that waited out the process group's timeout, else None."""
     text = str(error)
-    if "timed out" not in text.lower() and "timeout" not in text.lower():
+    gloo = "Timed out waiting" in text and "gloo" in text  # gloo's own message
+    backend = isinstance(error, getattr(torch.distributed, "DistBackendError", ())) and "timeout" in text.lower()
+    if not (gloo or backend or "collective operation timeout" in text.lower()):  # the last: NCCL's watchdog
         return None
     return 1, (f"rank {rank()}: waited {TIMEOUT['seconds']:g} s in a collective for the other ranks: one hangs or died "
                "without a word (its output says which); raise collective_timeout if a step legitimately takes longer")
 
 
-TIMEOUT = {"seconds": 600.0}  # the process group's, set by init
+TIMEOUT = {"seconds": 1800.0}  # the process group's, set by init
 
 
 def _store():
@@ -334,7 +336,7 @@ def _store():
         return None
 
 
-def init(timeout: float = 600.0) -> Dist:
+def init(timeout: float = 1800.0) -> Dist:
     """Join the ranks `accelerate launch` started (WORLD_SIZE > 1), else one process. Every collective waits at
     most `timeout` seconds (a rank that hangs or died without a word ends the others' wait with an error)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -149,6 +149,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     loop.seed_everything(recipe.seed)
     dist = distributed.init(recipe.collective_timeout)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
+    model.train()
+    ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks; FSDP2 shards it in place, before
+    # the reference is loaded: no rank holds two whole models)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not models.is_adapter(model):
         reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code,
@@ -158,8 +161,6 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         reference = dist.shard_frozen(reference)  # FSDP2: sharded as the policy is, no rank holds it whole
     extras = loop.load_extras(ckpt) if ckpt else None
     critic = ppo.Critic.create(model, cfg, extras) if cfg.algo == "ppo" else None  # GRPO: the group is the baseline
-    model.train()
-    ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks; FSDP2 shards it in place)
     optimizer = loop.make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)
     clipped = list(model.parameters())  # clipped together: the policy's (and a value head that trains the trunk)
     if critic is not None:
@@ -221,6 +222,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
                 if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
                     batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch, cfg.head_chunk, dist)
+                    if dist.sharded and reference is not None:  # FSDP2 keeps a root gathered after a no-grad
+                        reference.reshard()  # forward (only a backward reshards it): the reference has none
                 if cfg.mu > 1:
                     batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch, chunk=cfg.head_chunk, dist=dist)
                 if critic is None:  # the GRPO family: each sample against its group
@@ -280,10 +283,18 @@ def _row(batch: Rollout, stats: dict, dist: Dist) -> dict:
     }
     if dist.world == 1:
         return row
-    shared = [k for k in row if k.startswith(("reward", "accuracy", "response", "think", "verify", "format", "reasoning",
-                                               "truncated", "zero_variance", "kept"))]
-    means = dist.all_sum([row[k] / dist.world for k in shared])
-    return row | {k: (round(v * dist.world) if k.startswith("kept") else v) for k, v in zip(shared, means, strict=True)}
+    # per-sample means weighted by each rank's samples (the shares may differ), counts summed, the share of flat
+    # groups from the summed counts: what one process logs
+    means = [k for k in row if k.startswith(("reward", "accuracy", "response", "think", "verify", "format", "reasoning",
+                                              "truncated"))]
+    counts = ["kept_groups", "kept_samples"]
+    n = float(len(batch.texts))
+    got = dist.all_sum([row[k] * n for k in means] + [row[k] for k in counts] + [n, stats["zero_variance_groups"],
+                                                                                 stats["groups_seen"]])
+    total = got[len(means) + len(counts)]
+    out = {k: v / total for k, v in zip(means, got, strict=False)}
+    out |= {k: round(v) for k, v in zip(counts, got[len(means):], strict=False)}
+    return row | out | {"zero_variance_share": got[-2] / max(1.0, got[-1])}
 
 
 def _flat(stats: dict) -> dict:

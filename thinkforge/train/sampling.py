@@ -53,9 +53,10 @@ class Task:
 
 
 def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams,
-                    stats: dict) -> list[list[Completion] | None]:
+                    stats: dict, *, sharded: bool = False) -> list[list[Completion] | None]:
     """n completions per prompt (None for a prompt whose chunk ran out of memory even after the backend
-    halved its batch: skipped and counted). Any other error is a bug and propagates.
+    halved its batch: skipped and counted). Any other error is a bug and propagates; so does out of memory on
+    sharded ranks, where the other ranks wait in the forward this rank left (the run stops with one line).
 
     params.streams names each prompt's random stream, so the chunks the prompts are asked for in (the
     backend's batch size, halved after an out-of-memory) change nothing that is sampled.
@@ -68,7 +69,7 @@ def generate_groups(generator: Generator, prompts: list[str], n: int, params: Sa
         try:
             comps = generator.generate(chunk, n, dataclasses.replace(params, streams=params.streams[i : i + size]))
         except RuntimeError as e:
-            if not is_out_of_memory(e):
+            if not is_out_of_memory(e) or sharded:
                 raise
             stats["generation_failures"] = stats.get("generation_failures", 0) + len(chunk)
             stats["last_generation_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -134,7 +135,8 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
         # two samples of a run share uniforms, whatever the counts, the chunking or the number of ranks.
         streams = tuple(stream_key("rl", seed, step, round_, start + k, p.id) for k, p in enumerate(draw))
         prompts = [task.prompt_fn(p.question) for p in draw]
-        groups = generate_groups(generator, prompts, g, dataclasses.replace(params, streams=streams), stats)
+        groups = generate_groups(generator, prompts, g, dataclasses.replace(params, streams=streams), stats,
+                                 sharded=dist.sharded)
         if dist.sharded:  # a sharded model's forwards are collectives: every rank ends the round together
             generator.done()
         for p, prompt, comps in zip(draw, prompts, groups, strict=True):
@@ -202,7 +204,7 @@ def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: 
     stats: dict = {}
     n = groups = flat = formatted = truncated = correct = 0
     total = squares = format_reward = 0.0
-    sampled = generate_groups(generator, prompts, cfg.group_size, params, stats)
+    sampled = generate_groups(generator, prompts, cfg.group_size, params, stats, sharded=dist.sharded)
     if dist.sharded:
         generator.done()
     for p, prompt, comps in zip(draw, prompts, sampled, strict=True):
