@@ -50,18 +50,21 @@ class SyncError(RuntimeError):
 def full_weights(model, peers=None):
     """(name, tensor) of every weight of `model`, whole: a sharded (FSDP2) weight gathered from the ranks one
     at a time (a collective: every rank iterates alike), so no rank holds the whole model at once."""
+    from torch.distributed.tensor import DTensor
+
     for name, t in model.state_dict().items():
-        yield name, (t.full_tensor() if peers is not None and hasattr(t, "full_tensor") else t)
+        yield name, (t.full_tensor() if peers is not None and isinstance(t, DTensor) else t)
 
 
 def adapter_state(model, peers=None) -> dict:
     """The LoRA adapter's weights by PEFT's names, whole (gathered from the ranks under FSDP2)."""
     from peft import get_peft_model_state_dict
+    from torch.distributed.tensor import DTensor
 
     state = get_peft_model_state_dict(model)
     if peers is None:
         return state
-    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in state.items()}
+    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in state.items()}
 
 
 BUCKET_BYTES = 2**30  # a push's shard files: at most this much of the model in memory on rank 0 at once
@@ -101,7 +104,9 @@ def write_weights(model, tokenizer, out: Path, peers=None, bucket_bytes: int = B
     if main:
         (out / "model.safetensors.index.json").write_text(_json.dumps({"metadata": {}, "weight_map": index}))
         if tokenizer is not None:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            from thinkforge import models
+
+            base = model.get_base_model() if models.is_adapter(model) else model
             base.config.save_pretrained(out)
             if base.generation_config is not None:
                 base.generation_config.save_pretrained(out)

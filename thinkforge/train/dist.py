@@ -316,7 +316,7 @@ def timed_out(error: BaseException) -> tuple[int, str] | None:
     """(1, line) when `error` is a collective that waited out the process group's timeout, else None."""
     text = str(error)
     gloo = "Timed out waiting" in text and "gloo" in text  # gloo's own message
-    backend = isinstance(error, getattr(torch.distributed, "DistBackendError", ())) and "timeout" in text.lower()
+    backend = isinstance(error, torch.distributed.DistBackendError) and "timeout" in text.lower()
     if not (gloo or backend or "collective operation timeout" in text.lower()):  # the last: NCCL's watchdog
         return None
     return 1, (f"rank {rank()}: waited {TIMEOUT['seconds']:g} s in a collective for the other ranks: one hangs or died "

@@ -66,11 +66,13 @@ def apply_update(params, optimizer, clip: float, lr: float) -> float:
 def clip_gradients(params: list, clip: float) -> float:
     """Clip the gradients' joint norm to `clip`; returns the norm before. Sharded (FSDP2: DTensor) and plain
     gradients together (PPO's value head beside a sharded policy) are clipped as one vector, as on one process."""
+    from torch.distributed.tensor import DTensor
+
     def full(norm) -> float:
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a sharded norm is a DTensor
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # a sharded norm is a DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    kinds = [[g for g in grads if hasattr(g, "full_tensor")], [g for g in grads if not hasattr(g, "full_tensor")]]
+    kinds = [[g for g in grads if isinstance(g, DTensor)], [g for g in grads if not isinstance(g, DTensor)]]
     if not all(kinds):
         return full(torch.nn.utils.clip_grad_norm_(params, clip))
     total = sum(full(torch.nn.utils.get_total_norm(k)) ** 2 for k in kinds) ** 0.5
