@@ -660,10 +660,19 @@ def _fail(line: str, code: int = 2) -> None:
         bar.close()
     ranks = _ranks()
     if ranks is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher ends the other ranks once one exits: finish first
+        first = ranks.peer_failure() is None
         code, line = ranks.failed(code, line)  # the first failing rank's, where another failed first
     click.echo(f"thinkforge: error: {line}", err=True)
     if ranks is not None:  # no barrier: a peer may be gone; skip the teardown (see main), not the exit handlers
         import atexit
+
+        sys.stderr.flush()
+        ranks.said()
+        if first:  # wake the peers waiting in a collective and let them say the line before this rank exits
+            ranks.release_peers(ranks.world())
 
         atexit._run_exitfuncs()  # a rollout server this rank started stops with it
         sys.stdout.flush()

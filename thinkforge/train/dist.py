@@ -272,6 +272,10 @@ def rank() -> int:
     return torch.distributed.get_rank()
 
 
+def world() -> int:
+    return torch.distributed.get_world_size()
+
+
 def leave() -> bool:
     """End this rank's membership once every rank is done: the process group's threads are joined here, not
     torn down by the interpreter's exit (gloo's then abort a rank: "terminate called without an active
@@ -296,8 +300,42 @@ def failed(code: int, line: str) -> tuple[int, str]:
         first = store.compare_set(FAILURE, "", f"{code}\t{line}").decode()
     except Exception:  # noqa: BLE001 - the launcher's store is gone: this rank's own line
         return code, line
-    got, _, said = first.partition("\t")
-    return (int(got), said) if said else (code, line)
+    got, _, text = first.partition("\t")
+    return (int(got), text) if text else (code, line)
+
+
+ENDED = "thinkforge/ended"  # how many ranks have said their last line
+
+
+def said() -> None:
+    """This rank's last line is out (the first failing rank waits for every rank's)."""
+    store = _store()
+    try:
+        if store is not None:
+            store.add(ENDED, 1)
+    except Exception:  # noqa: BLE001 - the launcher's store is gone: nobody waits for this rank
+        pass
+
+
+def release_peers(world: int, seconds: float = 10.0) -> None:
+    """The first failing rank, its line said: close its connections, so that every peer's collective fails now
+    (and it prints the line), and wait up to `seconds` for their lines before exiting, so that the launcher's
+    ending of the remaining ranks finds them done."""
+    import time
+
+    store = _store()
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a group already broken: the peers see this rank's exit instead
+        pass
+    deadline = time.time() + seconds
+    while store is not None and time.time() < deadline:
+        try:
+            if store.add(ENDED, 0) >= world:
+                return
+        except Exception:  # noqa: BLE001
+            return
+        time.sleep(0.05)
 
 
 def peer_failure() -> tuple[int, str] | None:
