@@ -36,6 +36,22 @@ def _batch():
     return ids, attn, labels
 
 
+def _record_masks(monkeypatch) -> list:
+    """Every call of train/attention.py's attention from here on, as (query length, the mask's dims or None);
+    patched before `use_document_attention` registers it."""
+    from thinkforge.train import attention
+
+    calls: list = []
+    real = attention.document_attention
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        calls.append((q.shape[2], None if attention_mask is None else attention_mask.dim()))
+        return real(module, q, k, v, attention_mask, **kw)
+
+    monkeypatch.setattr(attention, "document_attention", spy)
+    return calls
+
+
 def _grads(model, loss):
     model.zero_grad()
     loss.backward()
@@ -175,19 +191,11 @@ def test_document_attention_equals_the_masked_packed_row_without_a_t_by_t_mask(a
     padded[0, :5] = 0  # a left-padded batch, as generation sees it
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=padded).logits
-    from thinkforge.train import attention
 
-    masks = []
-
-    def spy(module, q, k, v, attention_mask, **kw):
-        masks.append(attention_mask)
-        return real(module, q, k, v, attention_mask, **kw)
-
-    real = attention.document_attention
-    monkeypatch.setattr(attention, "document_attention", spy)
+    masks = _record_masks(monkeypatch)
     assert use_document_attention(model) and model.config._attn_implementation == "thinkforge_documents"
     mine, g_mine = run()
-    assert len(masks) == model.config.num_hidden_layers and all(m is None for m in masks)  # no (T, T) mask made
+    assert len(masks) == model.config.num_hidden_layers and all(m is None for _, m in masks)  # no (T, T) mask made
     assert torch.allclose(mine, masked, atol=1e-5) and torch.allclose(g_mine, g_masked, atol=1e-5)
     alone = model(input_ids=ids[:1, 7:16], use_cache=False).logits  # the second document by itself
     assert torch.allclose(mine[0, 7:16], alone[0], atol=1e-5)
@@ -218,14 +226,7 @@ def test_a_sliding_window_keeps_transformers_mask_where_it_bites(window, monkeyp
     calls = [dict(input_ids=ids, position_ids=packed, use_cache=False), dict(input_ids=ids, attention_mask=padded)]
     with torch.no_grad():
         want = [build()(**c).logits for c in calls]
-    masks = []
-
-    def spy(module, q, k, v, attention_mask, **kw):
-        masks.append(None if attention_mask is None else attention_mask.dim())
-        return real(module, q, k, v, attention_mask, **kw)
-
-    real = attention.document_attention
-    monkeypatch.setattr(attention, "document_attention", spy)
+    masks = _record_masks(monkeypatch)
     monkeypatch.setattr(attention, "SMALL_MASK", 0)
     model = build()
     assert attention.use_document_attention(model)
@@ -233,7 +234,7 @@ def test_a_sliding_window_keeps_transformers_mask_where_it_bites(window, monkeyp
         got = [model(**c).logits for c in calls]
     assert torch.allclose(got[0], want[0], atol=1e-5)
     assert torch.allclose(got[1][:, 5:], want[1][:, 5:], atol=1e-5) and torch.allclose(got[1][1], want[1][1], atol=1e-5)
-    assert set(masks) == ({4} if window == 8 else {None, 2})  # biting: transformers' (B, 1, T, T); else none built
+    assert {m for _, m in masks} == ({4} if window == 8 else {None, 2})  # biting: transformers' (B, 1, T, T); else none built
 
 
 def test_a_soft_capped_attention_keeps_its_own_implementation():
@@ -281,19 +282,12 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, shar
         return (logp * batch.completion_mask).detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
     want, g_want = run(build())
-    masks = []
-
-    def spy(module, q, k, v, attention_mask, **kw):
-        masks.append(None if attention_mask is None else attention_mask.dim())
-        return real(module, q, k, v, attention_mask, **kw)
-
-    real = attention.document_attention
-    monkeypatch.setattr(attention, "document_attention", spy)
+    masks = _record_masks(monkeypatch)
     monkeypatch.setattr(attention, "SMALL_MASK", 0)  # these short rows take the long rows' path
     model = build()
     assert attention.use_document_attention(model)
     got, g_got = run(model)
-    assert masks and set(masks) == {2}  # every layer got the (B, K) valid keys, never a (B, 1, Q, K) mask
+    assert masks and {m for _, m in masks} == {2}  # every layer got the (B, K) valid keys, never a (B, 1, Q, K) mask
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
 
 
@@ -339,14 +333,7 @@ def test_generation_and_unpadded_batches_through_the_switched_model_are_unchange
     ids = torch.randint(2, VOCAB, (2, 10), generator=g)
     with torch.no_grad():
         want_logits = plain(input_ids=ids, position_ids=torch.arange(10).expand(2, -1), use_cache=False).logits
-    masks = []
-
-    def spy(module, q, k, v, attention_mask, **kw):
-        masks.append((q.shape[2], None if attention_mask is None else attention_mask.dim()))
-        return real(module, q, k, v, attention_mask, **kw)
-
-    real = attention.document_attention
-    monkeypatch.setattr(attention, "document_attention", spy)
+    masks = _record_masks(monkeypatch)
     monkeypatch.setattr(attention, "SMALL_MASK", 0)
     model = build()
     assert attention.use_document_attention(model)
