@@ -24,10 +24,14 @@ VLLM_VENV := .venv-vllm
 REAL_MODEL := models/smollm2-135m-instruct
 REAL_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
+# llama.cpp (llama-cpp-python, compiled here for this CPU) in its own venv: the peer of benchmarks/cpu_decode.py and
+# the engine that loads what `thinkforge export --gguf` writes in the export test.
+LLAMACPP_VENV := .venv-llamacpp
+
 # The official lm-eval harness in its own venv: the serve test runs its local-completions model against us.
 LMEVAL_VENV := .venv-lmeval
 
-.PHONY: demo test test-latest lock lint venv vllm lm-eval real-model clean
+.PHONY: demo test test-latest lock lint venv vllm lm-eval llama-cpp real-model clean
 
 $(VENV)/.locked: requirements/test.txt
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
@@ -58,6 +62,13 @@ $(LMEVAL_VENV)/.stamp: requirements/lmeval.txt
 
 lm-eval: $(LMEVAL_VENV)/.stamp
 
+$(LLAMACPP_VENV)/.stamp: requirements/llamacpp.txt
+	rm -rf $(LLAMACPP_VENV) && $(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python $(PIP_LOCKED) requirements/llamacpp.txt
+	touch $@
+
+llama-cpp: $(LLAMACPP_VENV)/.stamp
+
 $(UV): requirements/uv.txt
 	rm -rf .venv-uv && $(PYTHON) -m venv .venv-uv
 	.venv-uv/bin/python -m pip install -q --require-hashes --no-deps -r requirements/uv.txt
@@ -70,11 +81,12 @@ lock: $(UV)
 	$(UV) pip compile requirements/vllm.in $(LOCK_FLAGS) --no-emit-package torchvision --no-emit-package torchaudio \
 		--no-emit-package torchcodec -o requirements/vllm.txt
 	$(UV) pip compile requirements/lmeval.in $(LOCK_FLAGS) -o requirements/lmeval.txt
+	$(UV) pip compile requirements/llamacpp.in $(LOCK_FLAGS) -o requirements/llamacpp.txt
 
 # The suite against the newest release of every dependency of thinkforge (torch stays the CPU build of the lock:
 # newer CPU wheels are not on this machine; the vLLM and lm-eval engine venvs stay locked), in a throw-away venv;
 # not part of CI. Drift shows here before users meet it.
-test-latest: $(UV) $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(REAL_MODEL)/config.json
+test-latest: $(UV) $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(LLAMACPP_VENV)/.stamp $(REAL_MODEL)/config.json
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	$(UV) pip compile pyproject.toml requirements/build.in --extra dev $(LOCK_FLAGS) -o .venv-latest/requirements.txt
 	.venv-latest/bin/python $(PIP_LOCKED) .venv-latest/requirements.txt
@@ -100,7 +112,7 @@ demo: $(VENV)/.stamp
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 
-test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(REAL_MODEL)/config.json lint
+test: $(VENV)/.stamp $(VLLM_VENV)/.stamp $(LMEVAL_VENV)/.stamp $(LLAMACPP_VENV)/.stamp $(REAL_MODEL)/config.json lint
 	$(PY) -m pytest -q -x --durations=10
 
 clean:

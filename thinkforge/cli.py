@@ -165,6 +165,26 @@ def merge(adapter, out_dir):
     click.echo(f"wrote {adapter} merged into its base to {path}")
 
 
+# ---------------------------------------------------------------- export
+
+
+@cli.command(context_settings=CTX)
+@click.argument("model_dir", metavar="MODEL", type=click.Path(file_okay=False))
+@click.option("--gguf", "gguf_path", required=True, type=click.Path(dir_okay=False),
+              help="The GGUF file to write (llama.cpp, Ollama, LM Studio).")
+@click.option("--dtype", type=click.Choice(["f32", "bf16", "f16", "q8_0"]), default="f16", show_default=True,
+              help="Precision of the weight matrices (norms and biases stay f32).")
+def export(model_dir, gguf_path, dtype):
+    """Write MODEL (a model folder, or a LoRA adapter folder: merged into its base) as one GGUF file with its
+    tokenizer and chat template."""
+    from thinkforge.export import export_gguf
+
+    _quiet_hf()
+    done = export_gguf(model_dir, gguf_path, dtype)
+    click.echo(f"wrote {model_dir} as {done['path']} ({done['architecture']}, {dtype}, {done['tensors']} tensors, "
+               f"{done['bytes'] / 1e6:.0f} MB); run it with llama.cpp: llama-cli -m {done['path']} -cnv")
+
+
 # ---------------------------------------------------------------- grade
 
 

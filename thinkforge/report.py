@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from thinkforge.cards import metadata
@@ -171,6 +172,14 @@ presence rate (thinking of at least 5 words), average thinking length in words.
 ## How to get started
 ```python
 {load}
+```
+
+### llama.cpp, Ollama, LM Studio
+One GGUF file holds the weights{" (the adapter merged into its base)" if adapter else ""}, the tokenizer and the chat
+template; `--dtype` is f32, bf16, f16 (the default) or q8_0:
+```bash
+thinkforge export {final} --gguf {final.name}.gguf --dtype f16
+llama-cli -m {final.name}.gguf -cnv{f" -sys {shlex.quote(system)}" if system else ""}
 ```
 """
 

@@ -1,15 +1,14 @@
 """Generation with Hugging Face transformers: KV cache, left-padded batches, a group's samples together.
 
-`generate` runs its own decode loop over the model's forward (the model and its KV cache are transformers'):
-each distinct prompt is prefilled once and its cache repeated for the n samples of its group, and rows that
-have stopped leave the batch, so a group costs one prompt pass and the batch shrinks as samples finish.
-`model.generate` serves streaming only. A model whose forward takes no explicit positions or KV cache is
+`generate` and `stream` run our own decode loop: each distinct prompt is prefilled once by the model's forward
+(the model and its KV cache are transformers') and its cache repeated for the n samples of its group, and rows
+that have stopped leave the batch, so a group costs one prompt pass and the batch shrinks as samples finish. On
+a CPU each decode step runs the packed step (`rollout/fast.py`) for the models it takes. A model whose forward takes no explicit positions or KV cache is
 refused with one line (`models.cache_argument`): there is no quiet fallback that would lose per-sample streams.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ class HFGenerator:
         self.interrupt = None  # a function checked every decode step; true ends the rows (the server sets it)
         self.peers = peers if peers is not None and peers.sharded else None
         self.version = 0  # load_weights calls: the training model's optimizer steps since the run (re)started
+        self.packed = {}  # the decode loop's FastStep (rollout/fast.py), remade whenever the weights changed
 
     def done(self) -> None:
         """This rank's generation is over: with sharded peers, join their forwards until theirs is too."""
@@ -72,15 +72,6 @@ class HFGenerator:
 
     def close(self) -> None:
         pass
-
-    def _kwargs(self, params: SamplingParams) -> dict:
-        tok = self.tokenizer
-        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=self.stop_ids)
-        if params.temperature > 0:
-            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kw
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
         tok, model = self.tokenizer, self.model
@@ -119,46 +110,55 @@ class HFGenerator:
             keys = [(params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
             uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
         return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt,
-                      lockstep=self.peers.lockstep if self.peers is not None else None)
+                      lockstep=self.peers.lockstep if self.peers is not None else None, packed=self.packed)
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
-        """The text of one completion piece by piece. Generation stops at the next token when the consumer
-        stops iterating (closing the iterator: a client that left), not at max_new_tokens."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        """The text of one completion piece by piece: the decode loop of `generate` (the same tokens as
+        `generate([prompt], 1, params)`: the same stream, the packed step) in a thread, each new token's text
+        yielded as soon as it is whole (a character split over tokens waits for its last byte). Generation stops
+        at the next token when the consumer stops iterating (closing the iterator: a client that left)."""
+        import queue
 
-        ids = torch.tensor([encode(self.tokenizer, prompt)], device=self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        tok, model = self.tokenizer, self.model
+        ids = encode(tok, prompt)
+        tokens: queue.Queue = queue.Queue()
         left = threading.Event()
-
-        class Left(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), left.is_set(), dtype=torch.bool, device=input_ids.device)
-
         failed: list[BaseException] = []
 
         def run():
+            was = model.training
+            model.eval()
             try:
-                with _seeded(self.model.device, params.seed), torch.no_grad():
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([Left()]), **self._kwargs(params))
+                uniforms = None
+                if params.temperature > 0:
+                    uniforms = RowStreams([(params.stream(0), 0)], _draw_dtype(model.device), model.device)
+                decode(model, [ids], 1, params, self.stop_ids, pad_id(tok), uniforms, interrupt=left.is_set,
+                       packed=self.packed, on_token=tokens.put)
             except BaseException as e:  # noqa: BLE001 - raised in the consumer's thread below
                 failed.append(e)
-                streamer.end()  # the consumer would otherwise wait for text forever
+            finally:
+                model.train(was)
+                tokens.put(None)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        ended = False
+        said, text = [], ""
         try:
-            yield from streamer
-            ended = True
+            while (t := tokens.get()) is not None:
+                said.append(t)
+                now = tok.decode(said, skip_special_tokens=True)
+                if now.endswith("\ufffd"):  # an incomplete character: its next bytes are in the next token
+                    continue
+                if len(now) > len(text):
+                    yield now[len(text):]
+                text = now
             if failed:
                 raise failed[0]
+            rest = tok.decode(said, skip_special_tokens=True)[len(text):]
+            if rest:
+                yield rest
         finally:
-            if not ended:  # the consumer left early: stop at the next token and take what is still put
-                left.set()
-                for _ in streamer:
-                    pass
+            left.set()
             thread.join()
 
 
@@ -203,18 +203,6 @@ def sample_generator(key: int, sample: int):
     return np.random.default_rng([key & (2**64 - 1), key >> 64, sample])
 
 
-@contextlib.contextmanager
-def _seeded(device, seed: int):
-    """The torch RNG seeded for one `model.generate` call and restored after it, so generation leaves the
-    training's random stream (dropout, data order) as it found it."""
-    import torch
-
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed % 2**63)
-        yield
-
-
 def _draw_dtype(device):
     """float64 for the CDF and the uniforms (a 200k vocabulary's cumulative sum stays exact), float32 on MPS,
     which has no float64."""
@@ -247,11 +235,15 @@ def pick(logits, params: SamplingParams, u):
 
 
 def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int,
-           uniforms=None, min_new_tokens: int | None = None, interrupt=None, lockstep=None) -> list[list[int]]:
+           uniforms=None, min_new_tokens: int | None = None, interrupt=None, lockstep=None,
+           packed: dict | None = None, on_token=None) -> list[list[int]]:
     """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
     uniforms: the draws of each output row (`RowStreams`); None when greedy. interrupt: a function checked
     every step; when it returns true the rows end where they are (a server whose clients left). lockstep:
     called with True before each forward (a sharded model's ranks agree on one more: `HFGenerator.done`).
+    packed: where the packed decode step (`fast.FastStep`) is kept between calls (its "step"); the step
+    is used on CPUs for the models it takes (else transformers' forward), and remade when the weights changed.
+    on_token: called with each new token id as it is drawn (one prompt, n = 1: `HFGenerator.stream`).
 
     The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
     each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
@@ -279,6 +271,11 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
         logits = out.logits[:, -1, :].float().repeat_interleave(n, 0)
         mask = mask.repeat_interleave(n, 0)
         next_pos = pos[:, -1:].repeat_interleave(n, 0) + 1
+        fast = None
+        if packed is not None and lockstep is None and all(type(x) is reserved for x in cache.layers):
+            from thinkforge.rollout.fast import fast_step
+
+            fast = packed["step"] = fast_step(model, cache, ids.shape[1] + params.max_new_tokens, packed.get("step"))
         total = logits.shape[0]
         rows = torch.arange(total, device=device)  # the output row of each batch row
         alive = torch.ones(total, dtype=torch.bool, device=device)
@@ -291,6 +288,8 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
             u = uniforms.at(rows, t) if uniforms is not None else None
             nxt = torch.where(alive, pick(logits, params, u), pad_id)
             tokens[rows[alive], t] = nxt[alive]
+            if on_token is not None:
+                on_token(int(nxt[0]))
             lengths[rows[alive]] = t + 1
             alive = alive & ~torch.isin(nxt, stop)
             live = int(alive.sum())
@@ -302,8 +301,11 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
                 rows, alive, nxt, mask, next_pos = rows[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             step(True)
-            out, cache = forward_cached(model, cache, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos)
-            logits = out.logits[:, -1, :].float()
+            if fast is not None:
+                logits = fast(nxt, next_pos.view(-1), mask.bool(), cache)
+            else:
+                out, cache = forward_cached(model, cache, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos)
+                logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
     return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]
 
@@ -311,6 +313,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
 @functools.cache
 def reserved_layer():
     """The ReservedLayer class (made on first use: transformers is imported lazily)."""
+    import torch
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
@@ -324,10 +327,13 @@ def reserved_layer():
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
-                self.dtype, self.device = key_states.dtype, key_states.device
+                self.dtype, self.device = torch.promote_types(key_states.dtype, value_states.dtype), key_states.device
                 b, h, _, d = key_states.shape
-                self.k_buf = key_states.new_empty((b, h, self.capacity, d))
-                self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+                # one dtype for both, the wider: under bf16 autocast the rotated keys come out float32 and the
+                # values bf16 (attention casts both to bf16 anyway); the packed step reads them as one dtype
+                wide = torch.promote_types(key_states.dtype, value_states.dtype)
+                self.k_buf = key_states.new_empty((b, h, self.capacity, d), dtype=wide)
+                self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]), dtype=wide)
                 self.is_initialized = True
             end = self.length + key_states.shape[-2]
             if end > self.capacity:

@@ -1,0 +1,127 @@
+"""CPU generation: thinkforge's decode loop vs llama.cpp on the same model at the same weight precision.
+
+    make real-model llama-cpp
+    python benchmarks/cpu_decode.py [--model models/smollm2-135m-instruct] [--new 128] [--rows 1 32] [--threads 2]
+
+For each precision (f32, bf16): the model is exported with `thinkforge export --gguf` at that precision and
+llama.cpp (llama-cpp-python in .venv-llamacpp, its own sampler chain per row) decodes R rows of the same chat
+prompt for --new tokens, all rows in one llama_decode per step; thinkforge decodes the same prompt x R rows with
+its HF backend's loop (`rollout.hf.decode`, per-sample streams, temperature 1.0), once with the packed step
+(`rollout/fast.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
+Every row runs all --new steps (no stop token) on both sides; rates are rows x new / wall seconds, prefill
+included, the best of --repeats. The Q4_1 GGUF of `make real-model` runs in llama.cpp for context.
+
+Bandwidth bound: one decode step at one row reads every weight once, so tokens/s <= bandwidth / weight bytes;
+bandwidth is measured here (the best of 5 reads of a 1 GiB tensor). The last line is one JSON object: bf16 at
+one row, thinkforge over llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
+QUESTION = "A farmer has 17 sheep and buys 26 more, then sells 9. How many sheep are left? Think step by step."
+
+
+def bandwidth() -> float:
+    """Bytes per second of one read of a 1 GiB tensor (the best of 5)."""
+    import torch
+
+    x = torch.ones(256 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def llama_cpp(gguf: Path, ids: list[int], rows: int, new: int, threads: int, repeats: int) -> float:
+    request = {"do": "rate", "model": str(gguf), "ids": ids, "rows": rows, "new": new, "threads": threads, "repeats": repeats}
+    done = subprocess.run([str(LLAMA_PYTHON), str(ROOT / "thinkforge" / "_llamacpp_worker.py")], input=json.dumps(request),
+                          capture_output=True, text=True, check=True)
+    return max(json.loads(done.stdout.strip().splitlines()[-1])["tok_per_s"])
+
+
+def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, packed: bool) -> float:
+    import torch
+
+    from thinkforge.rollout.hf import RowStreams, decode
+    from thinkforge.rollout.types import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=1.0)
+    best = 0.0
+    held = {} if packed else None
+    for repeat in range(repeats + 1):  # the first call packs the weights (once per weight version): not timed
+        streams = RowStreams([(repeat, r) for r in range(rows)], torch.float64, "cpu")
+        t = time.perf_counter()
+        out = decode(model, [ids], rows, params, [], 0, streams, min_new_tokens=new, packed=held)
+        took = time.perf_counter() - t
+        assert sum(map(len, out)) == rows * new
+        if repeat:
+            best = max(best, rows * new / took)
+    if packed:
+        assert held.get("step") is not None, "the packed step refused this model"
+    return best
+
+
+def main() -> None:
+    import torch
+
+    from thinkforge import models
+    from thinkforge.export import export_gguf
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
+    ap.add_argument("--q4", default=str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    model, tok = models.load(a.model, dtype="float32", device="cpu")
+    model.eval()
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False).input_ids
+    params = sum(p.numel() for p in model.parameters())
+    bw = bandwidth()
+    print(f"CPU, {a.threads} threads, torch {torch.__version__}, {Path(a.model).name} ({params / 1e6:.1f}M parameters), "
+          f"prompt {len(ids)} tokens, {a.new} new tokens per row, temperature 1.0; measured read bandwidth {bw / 1e9:.1f} GB/s")
+    print("| precision | weights MB | 1-row bound tok/s | rows | llama.cpp tok/s | thinkforge tok/s | ratio | "
+          "thinkforge via transformers' forward tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            gguf = Path(tmp) / f"m-{precision}.gguf"
+            export_gguf(a.model, gguf, precision)
+            weights = params * (4 if precision == "f32" else 2)
+            m = model.to(dtype)
+            for rows in a.rows:
+                theirs = llama_cpp(gguf, ids, rows, a.new, a.threads, a.repeats)
+                ours = thinkforge_rate(m, ids, rows, a.new, a.repeats, packed=True)
+                plain = thinkforge_rate(m, ids, rows, a.new, 1, packed=False)
+                results[(precision, rows)] = (ours, theirs)
+                print(f"| {precision} | {weights / 1e6:.0f} | {bw / weights:.0f} | {rows} | {theirs:.0f} | {ours:.0f} | "
+                      f"{ours / theirs:.2f} | {plain:.0f} |", flush=True)
+            gguf.unlink()
+    if Path(a.q4).is_file():
+        q4 = {rows: llama_cpp(Path(a.q4), ids, rows, a.new, a.threads, a.repeats) for rows in a.rows}
+        size = Path(a.q4).stat().st_size
+        print(f"| Q4_1 (llama.cpp only, for context) | {size / 1e6:.0f} | {bw / size:.0f} | "
+              + ", ".join(f"{r}: {v:.0f}" for r, v in q4.items()) + " | | | | |")
+    ours, theirs = results[("bf16", a.rows[0])]
+    print(json.dumps({"metric": f"cpu_decode_tok_per_s_bf16_{a.rows[0]}_row", "thinkforge": round(ours, 1),
+                      "peer": round(theirs, 1), "ratio": round(ours / theirs, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""A model folder (full weights, or a LoRA adapter merged into its base) as one GGUF file for llama.cpp.
+
+`thinkforge export MODEL --gguf OUT.gguf [--dtype f32|bf16|f16|q8_0]` writes the weights, the tokenizer
+(byte-level BPE: its tokens, merges, special ids, pre-tokenizer) and the chat template, so that llama.cpp,
+Ollama and LM Studio run the model with the prompt format it was trained with.
+
+What llama.cpp computes differently from transformers, and the file accounts for:
+- Llama-family rotary embedding: transformers rotates the two halves of each head (`rotate_half`); llama.cpp's
+  `llama` graph rotates adjacent pairs. The q and k projections' output rows are reordered per head (each
+  half interleaved with the other) so that both compute the same attention. Qwen2 uses the halves in llama.cpp
+  too (NeoX rotation): its rows stay as they are.
+- Norms and biases stay float32 in every dtype (as llama.cpp's own converter does); q8_0 needs rows whose
+  length is a multiple of 32 and keeps float32 where it is not (a tiny model's odd sizes).
+
+The tensors' names come from the gguf package's map (its TensorNameMap), the metadata keys from its writer.
+Architectures outside llama / mistral / qwen2 (Phi-3 and Phi-4-mini not yet: llama.cpp 0.3.36 refuses the
+vocabulary of a phi3 file written this way, and Phi-4-mini's tokenizer needs llama.cpp's gpt-4o split), rope
+scalings other than the default rotation, and tokenizers other than byte-level BPE are refused with one line
+naming what is not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from thinkforge.errors import UserError
+
+DTYPES = ("f32", "bf16", "f16", "q8_0")
+
+# transformers' class -> (llama.cpp architecture, whether q/k rows are reordered for the pairwise rotation)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+
+# The byte-level pre-tokenizer's split, as llama.cpp names it (tokenizer.ggml.pre): told apart by the structure
+# of tokenizer.json's pre_tokenizer. GPT-2's regex alone; digits one by one then GPT-2's regex (SmolLM,
+# StarCoder, thinkforge's tiny models); Llama-3's and Qwen2's own split patterns.
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", progress=None) -> dict:
+    """Write `model_dir` (a model folder, or a LoRA adapter folder: merged into its base first) to `out` as GGUF.
+    Returns what was written: architecture, dtype, tensors, bytes. The file appears whole or not at all."""
+    import torch
+
+    from thinkforge import models
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
+        raise UserError(f"{model_dir} is not a model folder (no config.json or adapter_config.json); pass a folder "
+                        f"that `thinkforge run` or `init-model` wrote (a run's final/ or merged model)")
+    model, tok = models.load(str(model_dir), dtype="float32", device="cpu")
+    if models.is_adapter(model):
+        model = model.merge_and_unload()
+    cls = type(model).__name__
+    if cls not in ARCHITECTURES:
+        raise UserError(f"{model_dir}: {cls} cannot be exported to GGUF yet (supported: {', '.join(ARCHITECTURES)})")
+    arch, pairwise = ARCHITECTURES[cls]
+    config = model.config
+    rope = _rope(config, model_dir)
+    state = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    vocab = _vocabulary(tok, model_dir, config.vocab_size)
+
+    import gguf
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        _metadata(writer, gguf, config, rope, dtype, model_dir)
+        _tokenizer(writer, tok, vocab, model.generation_config)
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+        written = 0
+        for name, tensor in state.items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UserError(f"{model_dir}: tensor {name} has no GGUF name for llama.cpp's {arch}; it cannot be exported")
+            if pairwise and name.endswith(("q_proj.weight", "q_proj.bias")):
+                tensor = _pairwise_rows(tensor, heads)
+            elif pairwise and name.endswith(("k_proj.weight", "k_proj.bias")):
+                tensor = _pairwise_rows(tensor, kv_heads)
+            data, qtype = _encode(tensor.numpy(), dtype, gguf)
+            writer.add_tensor(gguf_name, data, raw_dtype=qtype)
+            written += data.nbytes
+            if progress is not None:
+                progress(name)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "architecture": arch, "dtype": dtype, "tensors": len(state), "bytes": out.stat().st_size,
+            "vocabulary": len(vocab)}
+
+
+def _pairwise_rows(weight, heads: int):
+    """Rows of a q or k projection (heads x head_dim, ...) reordered so that llama.cpp's pairwise rotation of
+    (2i, 2i+1) sees what transformers' rotation of (i, i + head_dim/2) sees: per head, rows [0..d/2) and
+    [d/2..d) interleaved."""
+    shape = weight.shape
+    half = shape[0] // heads // 2
+    return weight.reshape(heads, 2, half, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _encode(array, dtype: str, gguf):
+    """(data, GGML type): norms, biases and vectors in float32; matrices in `dtype` (q8_0 where rows allow)."""
+    import numpy as np
+
+    types = gguf.GGMLQuantizationType
+    if array.ndim < 2 or dtype == "f32":
+        return np.ascontiguousarray(array, dtype=np.float32), types.F32
+    if dtype == "f16":
+        return array.astype(np.float16), types.F16
+    qtype = types.BF16 if dtype == "bf16" else types.Q8_0
+    if qtype == types.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[types.Q8_0][0]:
+        return np.ascontiguousarray(array, dtype=np.float32), types.F32
+    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), qtype
+
+
+def _rope(config, model_dir: Path) -> dict:
+    """The rotary embedding as llama.cpp's keys: base and rotated dimensions."""
+    settings = config.to_dict()
+    params = dict(settings.get("rope_parameters") or {})
+    kind = params.get("rope_type", "default")
+    head_dim = settings.get("head_dim") or config.hidden_size // config.num_attention_heads
+    rotated = int(head_dim * (settings.get("partial_rotary_factor") or 1.0))
+    out = {"base": float(params.get("rope_theta", settings.get("rope_theta", 10000.0))), "dims": rotated,
+           "head_dim": head_dim}
+    if kind == "default":
+        return out
+    raise UserError(f"{model_dir}: rope type {kind!r} of {config.model_type} cannot be exported to GGUF yet "
+                    f"(supported: the default rotation)")
+
+
+def _metadata(writer, gguf, config, rope: dict, dtype: str, model_dir: Path) -> None:
+    types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_name(Path(model_dir).resolve().name)
+    writer.add_type("model")
+    writer.add_file_type(types[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_freq_base(rope["base"])
+    writer.add_rope_dimension_count(rope["dims"])
+    if rope["head_dim"] * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(rope["head_dim"])
+        writer.add_value_length(rope["head_dim"])
+
+
+def _vocabulary(tok, model_dir: Path, vocab_size: int) -> list[str]:
+    """The token strings by id, padded to the embedding's rows with unused placeholders (llama.cpp wants one
+    per row)."""
+    vocab = tok.get_vocab()
+    tokens = [None] * max(vocab_size, max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    if len(tokens) > vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {len(tokens)} tokens but the model's embedding {vocab_size} "
+                        f"rows; the folder's tokenizer does not belong to its weights")
+    return [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+
+
+def _pre_tokenizer(spec: dict | None, where: str) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) for a byte-level BPE tokenizer's pre-tokenizer spec."""
+    def kinds(s):
+        if not s:
+            return []
+        if s["type"] == "Sequence":
+            return [k for p in s["pretokenizers"] for k in kinds(p)]
+        return [s]
+
+    parts = kinds(spec)
+    names = [p["type"] for p in parts]
+    if names == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if names == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if names[:2] == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        pattern = parts[0].get("pattern", {}).get("Regex")
+        if pattern == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if pattern == _QWEN2_SPLIT:
+            return "qwen2"
+    raise UserError(f"{where}: its tokenizer splits text with {' + '.join(names) or 'no pre-tokenizer'}, which "
+                    f"this exporter does not map to a llama.cpp pre-tokenizer (byte-level BPE of GPT-2, SmolLM, "
+                    f"Llama-3 and Qwen2 are supported)")
+
+
+def _tokenizer(writer, tok, tokens: list[str], generation_config) -> None:
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    where = tok.name_or_path
+    if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UserError(f"{where}: only byte-level BPE tokenizers export to GGUF yet (this one is "
+                        f"{spec['model']['type']} with a {(spec.get('decoder') or {}).get('type')} decoder)")
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    # llama.cpp's token types: 1 normal, 3 control (special: never produced by splitting text), 4 user-defined
+    # (an added token matched whole in text, like transformers' non-special added tokens), 5 unused
+    known = set(tok.get_vocab().values())
+    types = [(3 if added[i]["special"] else 4) if i in added else 1 if i in known else 5 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer"), where))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else tok.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if tok.bos_token_id is not None:
+        writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(eos)
+    if tok.unk_token_id is not None:
+        writer.add_unk_token_id(tok.unk_token_id)
+    if tok.pad_token_id is not None:
+        writer.add_pad_token_id(tok.pad_token_id)
+    bos_added = bool(tok("a").input_ids[:1] == [tok.bos_token_id]) if tok.bos_token_id is not None else False
+    writer.add_add_bos_token(bos_added)
+    writer.add_add_space_prefix(False)
+    if tok.chat_template:
+        writer.add_chat_template(tok.chat_template)
