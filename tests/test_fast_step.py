@@ -34,8 +34,10 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         o, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         nxt, nxt_pos = o.logits[:, -1].argmax(-1), pos[:, -1] + 1
-        step = fast_step(model, cache, ids.shape[1] + steps) if fast else None
+        step = fast_step(model, cache, ids.shape[1] + steps, {}) if fast else None
         assert (step is not None) == fast
+        if step is not None:
+            step_logits.dtype = step.dtype
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
             if step is not None:
@@ -51,9 +53,33 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
 PROMPTS = [[5, 9, 12, 40, 7], [33, 8], [17, 17, 90, 3, 4, 5, 6]]
 
 
+def test_a_streamed_sample_is_the_generated_one(tmp_path):
+    """`stream` runs the decode loop of `generate` with the same per-sample stream: the same text when sampling."""
+    from thinkforge.rollout.hf import HFGenerator
+
+    model, tok = tiny(tmp_path, "llama")
+    gen = HFGenerator(model, tok)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=7)
+    pieces = list(gen.stream("Mia has 3 apples", params))
+    assert len(pieces) > 1 and "".join(pieces) == gen.generate(["Mia has 3 apples"], 1, params)[0].text
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_the_packed_step_gives_transformers_logits(tmp_path, arch):
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["left-padded", "one-prompt"])
+def test_the_packed_step_gives_transformers_logits(tmp_path, arch, prompts):
     model, _ = tiny(tmp_path, arch)
+    ours, theirs = step_logits(model, prompts, 6, True), step_logits(model, prompts, 6, False)
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+
+
+def test_partial_rotary_and_wide_heads(tmp_path):
+    """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor) and has more query heads than kv heads."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    config = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, partial_rotary_factor=0.75, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     ours, theirs = step_logits(model, PROMPTS, 6, True), step_logits(model, PROMPTS, 6, False)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
@@ -63,6 +89,7 @@ def test_under_bf16_autocast_the_step_packs_bf16(tmp_path):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no bf16 in oneDNN")
     ours, theirs = step_logits(model, PROMPTS, 4, True, True), step_logits(model, PROMPTS, 4, False, True)
+    assert step_logits.dtype == torch.bfloat16
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
@@ -83,12 +110,41 @@ def test_weights_changed_in_place_are_never_stale(tmp_path):
     first = decode(model, PROMPTS, 1, params, [], 0, packed=held)
     step = held["step"]
     assert decode(model, PROMPTS, 1, params, [], 0, packed=held) == first and held["step"] is step  # unchanged: kept
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
-    again = decode(model, PROMPTS, 1, params, [], 0, packed=held)
-    assert held["step"] is not step
-    assert again == decode(model, PROMPTS, 1, params, [], 0)  # what transformers' forward gives now
-    assert again != first
+    weight = model.model.layers[0].mlp.down_proj.weight
+    for change in (lambda: weight.mul_(-3.0), lambda: setattr(weight, "data", weight.data * -2.0)):
+        with torch.no_grad():
+            change()
+        again = decode(model, PROMPTS, 1, params, [], 0, packed=held)
+        assert held["step"] is not step
+        assert again == decode(model, PROMPTS, 1, params, [], 0) != first  # transformers' forward, on the new weights
+        step, first = held["step"], again
+
+
+def test_an_adapter_switched_off_is_seen(tmp_path):
+    from tests.conftest import random_lora
+
+    model, _ = tiny(tmp_path, "llama")
+    model = random_lora(model, r=4, alpha=8, std=0.5).eval()
+    params, held = SamplingParams(max_new_tokens=8, temperature=0.0), {}
+    with_adapter = decode(model, PROMPTS, 1, params, [], 0, packed=held)
+    with model.disable_adapter():
+        without = decode(model, PROMPTS, 1, params, [], 0, packed=held)
+        assert without == decode(model, PROMPTS, 1, params, [], 0)
+    assert without != with_adapter
+    assert decode(model, PROMPTS, 1, params, [], 0, packed=held) == with_adapter
+
+
+def test_adapters_it_cannot_merge_are_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from thinkforge.rollout.fast import refuses
+
+    model, _ = tiny(tmp_path, "llama")
+    embedded = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    assert "embed" in refuses(embedded, 64)
+    model, _ = tiny(tmp_path, "llama")
+    dora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "DoRA" in refuses(dora, 64)
 
 
 def test_what_the_step_refuses_says_why(tmp_path):

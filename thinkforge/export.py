@@ -44,7 +44,7 @@ _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", progress=None) -> dict:
+def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> dict:
     """Write `model_dir` (a model folder, or a LoRA adapter folder: merged into its base first) to `out` as GGUF.
     Returns what was written: architecture, dtype, tensors, bytes. The file appears whole or not at all."""
     import torch
@@ -53,6 +53,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", prog
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("writing GGUF files needs the gguf package: pip install 'thinkforge[gguf]'") from None
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise UserError(f"{model_dir} is not a model folder (no config.json or adapter_config.json); pass a folder "
@@ -69,9 +73,12 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", prog
     state = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    settings = config.to_dict()
+    if settings.get("sliding_window") and settings.get("use_sliding_window", True) \
+            and settings["sliding_window"] < config.max_position_embeddings:
+        raise UserError(f"{model_dir}: its attention slides over {settings['sliding_window']} positions, which this "
+                        f"exporter does not write for llama.cpp yet; it would run as full attention")
     vocab = _vocabulary(tok, model_dir, config.vocab_size)
-
-    import gguf
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +87,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", prog
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, gguf, config, rope, dtype, model_dir)
-        _tokenizer(writer, tok, vocab, model.generation_config)
+        _tokenizer(writer, tok, vocab, model.generation_config, config)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
         written = 0
@@ -96,9 +103,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", prog
                 tensor = _pairwise_rows(tensor, kv_heads)
             data, qtype = _encode(tensor.numpy(), dtype, gguf)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
-            written += data.nbytes
-            if progress is not None:
-                progress(name)
+            written += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -108,7 +113,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16", prog
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"path": str(out), "architecture": arch, "dtype": dtype, "tensors": len(state), "bytes": out.stat().st_size,
+    return {"path": str(out), "architecture": arch, "dtype": dtype, "tensors": written, "bytes": out.stat().st_size,
             "vocabulary": len(vocab)}
 
 
@@ -197,11 +202,13 @@ def _pre_tokenizer(spec: dict | None, where: str) -> str:
 
     parts = kinds(spec)
     names = [p["type"] for p in parts]
+    if names and names[-1] == "ByteLevel" and parts[-1].get("add_prefix_space"):
+        names = [*names[:-1], "ByteLevel with a prefix space"]  # llama.cpp's BPE never adds one: not mapped
     if names == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
     if names == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
-    if names[:2] == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+    if names == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         pattern = parts[0].get("pattern", {}).get("Regex")
         if pattern == _LLAMA3_SPLIT:
             return "llama-bpe"
@@ -212,7 +219,7 @@ def _pre_tokenizer(spec: dict | None, where: str) -> str:
                     f"Llama-3 and Qwen2 are supported)")
 
 
-def _tokenizer(writer, tok, tokens: list[str], generation_config) -> None:
+def _tokenizer(writer, tok, tokens: list[str], generation_config, config) -> None:
     spec = json.loads(tok.backend_tokenizer.to_str())
     where = tok.name_or_path
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -229,10 +236,12 @@ def _tokenizer(writer, tok, tokens: list[str], generation_config) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id if tok.eos_token_id is not None else generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    if tok.bos_token_id is not None:
-        writer.add_bos_token_id(tok.bos_token_id)
+    # llama.cpp falls back to token 11 for a gpt2 vocabulary without a bos id: the model's own, else the eos
+    bos = next((i for i in (tok.bos_token_id, config.bos_token_id, eos) if isinstance(i, int)), None)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
     writer.add_eos_token_id(eos)
     if tok.unk_token_id is not None:
         writer.add_unk_token_id(tok.unk_token_id)

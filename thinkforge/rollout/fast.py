@@ -1,21 +1,22 @@
 """The decode step on a CPU: one new token per row of a Llama-family model, over weights packed for oneDNN.
 
-Where a CPU decode step's time goes (SmolLM2-135M, 2 cores, dev/LOG.md 2026-11-29): transformers' forward is
-~45 module calls and ~60 tensor ops per layer, 9-25 ms of framework work per step before any arithmetic; its
-matrix-vector products reach 16 GB/s (fp32) of this machine's 45 GB/s; and under bf16 autocast every weight is
-converted again at every step. Here the step is ~20 tensor ops per layer: q/k/v and gate/up are each one matrix
-product, the weights are reordered once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`), which
-reads them 1.7-2.8x faster than `F.linear`, in the precision of the KV cache the prefill wrote (bf16 under
-autocast: converted once, not every step).
+Where a CPU decode step's time went (SmolLM2-135M, 2 cores, dev/LOG.md 2026-11-29): transformers' forward runs
+~45 module calls and ~60 tensor ops per layer (9-25 ms of framework work per step before any arithmetic), its
+matrix-vector products read fp32 weights at 16 GB/s of this machine's ~46, under bf16 autocast every weight is
+converted again at every step, and CPU sdpa with a padding mask takes ~1 ms per call at 32 rows. Here a step is
+~20 ops per layer: q/k/v and gate/up are one matrix product each, over weights reordered once into oneDNN's
+blocked layout (`mkldnn._reorder_linear_weight`: read 1.5-2.8x faster than by `F.linear`), in the dtype the
+model computes in (autocast's bf16 where it is on: converted once, not at every step); the residual stream and
+the norms stay float32; attention is two batched products per layer (sdpa where no row is padded).
 
-The packed copy is keyed by every parameter's identity and in-place version counter (`Tensor._version`, which
-an optimizer step, `load_state_dict` or `copy_` bumps), so a step never runs on weights older than the model's:
-there is no sync to forget. A LoRA adapter is merged into the packed copy (delta W = B A scale); the model is
-not touched.
+The packed copy is keyed (`key`) by every parameter's identity, storage and in-place version (an optimizer
+step, `load_state_dict`, `copy_` bump it) and by every adapter layer's state, so a step does not run on weights
+older than the model's: no sync to forget. A LoRA adapter is merged into the packed copy (delta W = B A scale);
+the model is not touched.
 
-The prefill and everything the fast step does not cover stay transformers' forward: `FastStep.refuses(model)`
-says why not in one line (a sharded model, a GPU, an activation other than SiLU, a sliding window that bites,
-an architecture outside Llama / Mistral / Qwen2 / Phi-3).
+The prefill, and every model `refuses(model, capacity)` names a reason for (a GPU, a sharded model, an
+activation other than SiLU, a sliding window that bites, DoRA or an adapter on the embedding, an architecture
+outside Llama / Mistral / Qwen2 / Phi-3, remote code), stay transformers' forward.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def refuses(model, capacity: int) -> str | None:
         return f"the model is on {base.device.type}, the packed step is for CPUs"
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN"
+    if not type(base).__module__.startswith("transformers.models."):
+        return f"{type(base).__module__}.{name} is not transformers' own class (remote code)"
     if any(type(p).__name__ == "DTensor" for p in base.parameters()):
         return "the model is sharded (FSDP2): each forward is a collective"
+    if why := _adapters_refused(base):
+        return why
     settings = config.to_dict()
     if settings.get("hidden_act") != "silu":
         return f"activation {settings.get('hidden_act')} (the packed step has SiLU)"
@@ -52,6 +57,26 @@ def refuses(model, capacity: int) -> str | None:
         return f"a sliding window of {window} positions bites within {capacity}"
     if settings.get("pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
+    return None
+
+
+def _adapters_refused(base) -> str | None:
+    """Why the model's adapter layers cannot be merged into packed weights: LoRA on anything but a Linear the
+    step reads (an embedding, trainable tokens), DoRA, LoRA biases, other variants; None when they can."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    inner = base.model
+    if type(inner.embed_tokens) is not torch.nn.Embedding:
+        return f"the embedding is wrapped ({type(inner.embed_tokens).__name__}: an adapter or trainable tokens)"
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if type(module.get_base_layer()) is not torch.nn.Linear:
+            return f"{name} has an adapter on a {type(module.get_base_layer()).__name__}"
+        for adapter in module.active_adapters:
+            if module.use_dora.get(adapter) or module.lora_bias.get(adapter) or module.lora_variant.get(adapter):
+                return f"{name}'s adapter {adapter} is DoRA, has a bias or is another LoRA variant"
     return None
 
 
@@ -71,8 +96,16 @@ def _linear_weight(module):
 
 
 def key(model, dtype) -> tuple:
-    """What the packed copy was made from: every parameter's identity and in-place version, and the dtype."""
-    return (dtype, *((id(p), p._version) for p in model.parameters()))
+    """What the packed copy was made from: the dtype; every parameter's identity, storage and in-place version
+    (an optimizer step, `load_state_dict`, `copy_` bump it; `p.data = ...` moves the storage); every adapter
+    layer's state (disabled, active adapters, merged, scaling: `disable_adapter()`, `set_adapter`). A write
+    through `p.data` in place (`p.data.copy_(...)`) bumps nothing and is not seen: torch records no change."""
+    from peft.tuners.lora import LoraLayer
+
+    params = tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+    adapters = tuple((m.disable_adapters, tuple(m.active_adapters), m.merged, tuple(sorted(m.scaling.items())))
+                     for m in model.modules() if isinstance(m, LoraLayer))
+    return (dtype, params, adapters)
 
 
 class FastStep:
@@ -93,7 +126,7 @@ class FastStep:
         self.scale = self.head_dim**-0.5
         self.eps = config.rms_norm_eps
         self.rotary = inner.rotary_emb
-        self.embed = inner.embed_tokens.weight.detach().to(dtype)
+        self.embed = inner.embed_tokens.weight.detach()  # gathered as stored (fp32 under autocast), no copy
         self.norm = inner.norm.weight.detach().float()
         head_weight, head_bias = _linear_weight(base.lm_head)
         self.head = self._pack(head_weight, head_bias)
@@ -124,13 +157,13 @@ class FastStep:
 
         weight = weight.detach().to(self.dtype).contiguous()
         bias = bias.detach().to(self.dtype) if bias is not None else None
-        return torch.ops.mkldnn._reorder_linear_weight(weight, 32), bias, weight.shape[0]
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 32), bias
 
     @staticmethod
     def _linear(x, packed):
         import torch
 
-        weight, bias, _ = packed
+        weight, bias = packed
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     def __call__(self, ids, positions, keys, cache):
@@ -171,36 +204,37 @@ class FastStep:
         # their input in the weights' dtype.
         h = F.embedding(ids, self.embed).float()  # (B, H)
         cos, sin = self.rotary(h, positions.view(b, 1))  # (B, 1, rotated), the model's own rope and its scaling
-        rotation = self._rotation(cos.view(b, -1), sin.view(b, -1), d).to(w)  # (B, d, d)
+        rotation = self._rotation(cos.view(b, -1).float(), sin.view(b, -1).float(), d)  # (B, d, d), float32
         padded = not bool(keys.all())
         hidden = ~keys.view(b, 1, 1, -1)  # left padding
         width, group = h.shape[-1], hq // hkv
         for (n1, qkv_w, o_w, n2, gu_w, down_w), layer in zip(self.layers, cache.layers, strict=True):
             qkv = self._linear(F.rms_norm(h, (width,), n1, self.eps).to(w), qkv_w)
-            qk = torch.bmm(qkv[:, : (hq + hkv) * d].view(b, hq + hkv, d), rotation)  # query heads, then key heads
+            qk = torch.bmm(qkv[:, : (hq + hkv) * d].view(b, hq + hkv, d).float(), rotation)  # query heads, then key heads
             at = layer.length
-            cached = layer.k_buf.dtype
             layer.k_buf[:, :, at] = qk[:, hq:]
             layer.v_buf[:, :, at] = qkv[:, (hq + hkv) * d :].view(b, hkv, d)
             layer.length = at + 1
             keys_, values = layer.k_buf[:, :, : at + 1], layer.v_buf[:, :, : at + 1]
             layer.keys, layer.values = keys_, values
-            q = qk[:, :hq].to(cached).view(b, hkv, group, d)  # query head i reads kv head i // group (repeat_kv)
-            if not padded:  # every key counts: sdpa, the group's query heads as its query positions
+            q = qk[:, :hq].to(keys_.dtype).view(b, hkv, group, d)  # query head i reads kv head i // group (repeat_kv)
+            if not padded and keys_.dtype == values.dtype:  # every key counts: sdpa, a group's heads as its queries
                 o = F.scaled_dot_product_attention(q, keys_, values, scale=self.scale)
-            else:  # two batched products and a float32 softmax (CPU sdpa with a mask: ~1 ms per call at 32 rows)
+            else:  # two batched products, softmax in float32 (CPU sdpa with a mask: ~1 ms per call at 32 rows;
+                # under autocast the cache holds float32 keys and bf16 values, as transformers' layers hand them)
                 scores = torch.matmul(q, keys_.transpose(-1, -2)).float().mul_(self.scale).masked_fill_(hidden, float("-inf"))
-                o = torch.matmul(scores.softmax(-1).to(cached), values)  # (B, hkv, group, d)
+                o = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # (B, hkv, group, d)
             h = h + self._linear(o.reshape(b, hq * d).to(w), o_w)
             gate, up = self._linear(F.rms_norm(h, (width,), n2, self.eps).to(w), gu_w).chunk(2, dim=-1)
             h = h + self._linear(F.silu(gate) * up, down_w)
         return F.rms_norm(h, (width,), self.norm, self.eps).to(w)
 
 
-def fast_step(model, cache, capacity: int, held: FastStep | None = None):
+def fast_step(model, cache, capacity: int, held: dict):
     """A FastStep for `model` (its cache prefilled, reserved layers), its weights in the dtype the model computes
     in (autocast's where it is on, else the parameters'): `held` when it was made from the model's current
-    weights in that dtype, a new one otherwise; None when the model is refused."""
+    weights in that dtype, a new one otherwise; None when the model is refused. held: where the step is kept
+    between calls ("step"); an outdated one is dropped before the new one is packed (one extra copy at most)."""
     import torch
 
     if refuses(model, capacity) is not None:
@@ -212,6 +246,9 @@ def fast_step(model, cache, capacity: int, held: FastStep | None = None):
         return None
     if dtype not in (torch.float32, torch.bfloat16):
         return None
-    if held is not None and held.key == key(model, dtype):
-        return held
-    return FastStep(model, dtype)
+    step = held.pop("step", None)
+    if step is None or step.key != key(model, dtype):
+        del step
+        step = FastStep(model, dtype)
+    held["step"] = step
+    return step

@@ -63,6 +63,7 @@ class HFGenerator:
         """Generation runs on the training model itself: its weights are always the current ones."""
         if model is not self.model:
             self.model, self.stop_ids = model, stop_ids(self.tokenizer, model.generation_config)
+            self.packed.clear()  # the old model's packed step: its parameters' ids may be reused by the new one
         self.version += 1
         return {}
 
@@ -142,19 +143,20 @@ class HFGenerator:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        said, text = [], ""
+        said: list[int] = []
+        start = done = 0  # said[start:done] was yielded already; decoding from `start` keeps each call short
         try:
             while (t := tokens.get()) is not None:
                 said.append(t)
-                now = tok.decode(said, skip_special_tokens=True)
-                if now.endswith("\ufffd"):  # an incomplete character: its next bytes are in the next token
-                    continue
-                if len(now) > len(text):
-                    yield now[len(text):]
-                text = now
+                before = tok.decode(said[start:done], skip_special_tokens=True)
+                now = tok.decode(said[start:], skip_special_tokens=True)
+                if len(now) > len(before) and not now.endswith("\ufffd"):  # not a character's first bytes only
+                    yield now[len(before):]
+                    start, done = done, len(said)
             if failed:
                 raise failed[0]
-            rest = tok.decode(said, skip_special_tokens=True)[len(text):]
+            before = tok.decode(said[start:done], skip_special_tokens=True)
+            rest = tok.decode(said[start:], skip_special_tokens=True)[len(before):]
             if rest:
                 yield rest
         finally:
@@ -275,7 +277,7 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
         if packed is not None and lockstep is None and all(type(x) is reserved for x in cache.layers):
             from thinkforge.rollout.fast import fast_step
 
-            fast = packed["step"] = fast_step(model, cache, ids.shape[1] + params.max_new_tokens, packed.get("step"))
+            fast = fast_step(model, cache, ids.shape[1] + params.max_new_tokens, packed)
         total = logits.shape[0]
         rows = torch.arange(total, device=device)  # the output row of each batch row
         alive = torch.ones(total, dtype=torch.bool, device=device)
@@ -313,7 +315,6 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
 @functools.cache
 def reserved_layer():
     """The ReservedLayer class (made on first use: transformers is imported lazily)."""
-    import torch
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
@@ -327,13 +328,10 @@ def reserved_layer():
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
-                self.dtype, self.device = torch.promote_types(key_states.dtype, value_states.dtype), key_states.device
+                self.dtype, self.device = key_states.dtype, key_states.device
                 b, h, _, d = key_states.shape
-                # one dtype for both, the wider: under bf16 autocast the rotated keys come out float32 and the
-                # values bf16 (attention casts both to bf16 anyway); the packed step reads them as one dtype
-                wide = torch.promote_types(key_states.dtype, value_states.dtype)
-                self.k_buf = key_states.new_empty((b, h, self.capacity, d), dtype=wide)
-                self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]), dtype=wide)
+                self.k_buf = key_states.new_empty((b, h, self.capacity, d))
+                self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
                 self.is_initialized = True
             end = self.length + key_states.shape[-2]
             if end > self.capacity:
