@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     from thinkforge.data import synthetic
     from thinkforge.export import export_gguf
-    from thinkforge.formats import SYSTEM_PROMPT
-    from thinkforge.formats import extract_answer
+    from thinkforge.formats import SYSTEM_PROMPT, extract_answer
     from thinkforge.grading import gsm8k_reference, math_equal
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
