@@ -147,6 +147,19 @@ def test_adapters_it_cannot_merge_are_refused(tmp_path):
     assert "DoRA" in refuses(dora, 64)
 
 
+def test_a_quantized_linear_is_refused(tmp_path):
+    """A 4-bit layer's .weight is packed codes, not a matrix: such a model keeps transformers' forward."""
+    from thinkforge.rollout.fast import refuses
+
+    class Linear4bit(torch.nn.Linear):  # a stand-in of bitsandbytes' class (not installable here): a subclass
+        pass
+
+    model, _ = tiny(tmp_path, "llama")
+    old = model.model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = Linear4bit(old.in_features, old.out_features, bias=False)
+    assert "Linear4bit" in refuses(model, 64)
+
+
 def test_what_the_step_refuses_says_why(tmp_path):
     from thinkforge.rollout.fast import refuses
 

@@ -47,7 +47,7 @@ def refuses(model, capacity: int) -> str | None:
         return f"{type(base).__module__}.{name} is not transformers' own class (remote code)"
     if any(type(p).__name__ == "DTensor" for p in base.parameters()):
         return "the model is sharded (FSDP2): each forward is a collective"
-    if why := _adapters_refused(base):
+    if why := _layers_refused(base):
         return why
     settings = config.to_dict()
     if settings.get("hidden_act") != "silu":
@@ -60,9 +60,10 @@ def refuses(model, capacity: int) -> str | None:
     return None
 
 
-def _adapters_refused(base) -> str | None:
-    """Why the model's adapter layers cannot be merged into packed weights: LoRA on anything but a Linear the
-    step reads (an embedding, trainable tokens), DoRA, LoRA biases, other variants; None when they can."""
+def _layers_refused(base) -> str | None:
+    """Why the model's layers cannot be read into packed weights: a linear layer that is not a plain Linear
+    (4-bit / 8-bit quantized, custom), LoRA on anything but a Linear (an embedding, trainable tokens), DoRA,
+    LoRA biases, other variants; None when they can."""
     import torch
     from peft.tuners.lora import LoraLayer
 
@@ -71,6 +72,8 @@ def _adapters_refused(base) -> str | None:
         return f"the embedding is wrapped ({type(inner.embed_tokens).__name__}: an adapter or trainable tokens)"
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
+            if "Linear" in type(module).__name__ and type(module) is not torch.nn.Linear:
+                return f"{name} is a {type(module).__name__} (quantized or custom), not a plain Linear"
             continue
         if type(module.get_base_layer()) is not torch.nn.Linear:
             return f"{name} has an adapter on a {type(module.get_base_layer()).__name__}"
