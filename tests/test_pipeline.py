@@ -55,7 +55,7 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     assert "staircase.png" in report and (out / "staircase.png").is_file() and (out / "rl_curves.png").is_file()
     final = Path(summary["final_model"])
     card = (final / "README.md").read_text()
-    assert "## How to get started" in card and "| +rollout DPO |" in card
+    assert "## How to get started" in card and "| +rollout DPO |" in card and "thinkforge export" in card
     header = card.split("---\n")[1]  # the Hub's YAML metadata
     assert "library_name: transformers" in header and "- thinkforge" in header and "license:" in header
     assert f'base_model: "{out / "base-model"}"' in header  # absolute: the card works from anywhere

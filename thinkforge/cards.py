@@ -52,4 +52,7 @@ base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})
 model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")
 tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
 ```
+
+For llama.cpp, Ollama or LM Studio, one GGUF file (the adapter merged into its base, the tokenizer and chat
+template): `thinkforge export PATH/TO/THIS/FOLDER --gguf model.gguf --dtype f16`, then `llama-cli -m model.gguf -cnv`.
 """
