@@ -23,6 +23,19 @@ def tiny_loaded(tiny_model):
     return models.load(tiny_model)
 
 
+def engine_python(venv: str, target: str, what: str):
+    """The python of an engine's own venv (`make <target>`, which `make test` builds first). Missing: under CI a
+    failure, never a silent skip; elsewhere the calling test module is skipped with the command to build it."""
+    from pathlib import Path
+
+    python = Path(__file__).resolve().parent.parent / venv / "bin" / "python"
+    if not python.is_file():
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{python} is missing: `make {target}` must run before the tests (make test does)")
+        pytest.skip(f"{what} is not built: run `make {target}` (make test builds it)", allow_module_level=True)
+    return python
+
+
 def run_cli(args, capsys):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     from thinkforge.cli import main

@@ -4,23 +4,17 @@ tokenizes like transformers and computes the same logits, within a tolerance per
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import engine_python, run_cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
-if not LLAMA_PYTHON.is_file():
-    # `make test` (and so CI) builds it first: there a missing engine is a failure, never a silent skip
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{LLAMA_PYTHON} is missing: `make llama-cpp` must run before the tests (make test does)")
-    pytest.skip("llama.cpp is not built: run `make llama-cpp` (make test builds it)", allow_module_level=True)
+LLAMA_PYTHON = engine_python(".venv-llamacpp", "llama-cpp", "llama.cpp")
 
 # Largest |llama.cpp - transformers| logit, as a share of the logits' standard deviation, per dtype. f32 runs
 # with a float32 KV cache (so only summation order differs); the others with llama.cpp's default f16 cache.

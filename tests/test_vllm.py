@@ -10,16 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import engine_python
 from thinkforge.config import InitConfig, load_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-if not VLLM_PYTHON.is_file():
-    # `make test` (and so CI) builds it first: there a missing engine is a failure, never a silent skip
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{VLLM_PYTHON} is missing: `make vllm` must run before the tests (make test does)")
-    pytest.skip("the vLLM CPU engine is not built: run `make vllm` (make test builds it)", allow_module_level=True)
+VLLM_PYTHON = engine_python(".venv-vllm", "vllm", "the vLLM CPU engine")
 COMMAND = f"{VLLM_PYTHON} -m vllm.entrypoints.openai.api_server"
 
 
