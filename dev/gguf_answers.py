@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     from thinkforge.data import synthetic
     from thinkforge.export import export_gguf
-    from thinkforge.formats import SYSTEM_PROMPT, extract_answer
-    from thinkforge.grading import gsm8k_reference, math_equal
+    from thinkforge.formats import SYSTEM_PROMPT, parse
+    from thinkforge.grading import math_equal
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
@@ -44,8 +44,9 @@ def main() -> None:
                     {"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p["question"]}]}
                 answer = subprocess.run(worker, input=json.dumps(request), capture_output=True, text=True, check=True)
                 text = json.loads(answer.stdout.strip().splitlines()[-1])["text"]
-                ok = bool(re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", text, re.S))
-                correct = math_equal(extract_answer(text)[0], gsm8k_reference(p["answer"]))
+                parsed = parse(text)
+                ok = parsed.format_ok and bool(re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", text, re.S))
+                correct = math_equal(parsed.answer, p["final"])
                 formatted, right = formatted + ok, right + correct
                 print(f"  [{'format' if ok else 'NO FORMAT'}, {'right' if correct else 'wrong'}] {' '.join(text.split())}")
             print(f"{dtype}: {formatted} of {len(problems)} in the reasoning format, {right} right")
