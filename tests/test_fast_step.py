@@ -93,6 +93,20 @@ def test_under_bf16_autocast_the_step_packs_bf16(tmp_path):
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
+def test_biases_on_some_projections_only(tmp_path):
+    """A bias on k and up but not on q, v, gate: the stacked products keep them (zeros where there are none)."""
+    model, _ = tiny(tmp_path, "llama")
+    for layer in model.model.layers:
+        for old, name, parent in ((layer.self_attn.k_proj, "k_proj", layer.self_attn), (layer.mlp.up_proj, "up_proj", layer.mlp)):
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+            with torch.no_grad():
+                new.weight.copy_(old.weight)
+                new.bias.normal_(0, 0.5)
+            setattr(parent, name, new)
+    ours, theirs = step_logits(model, PROMPTS, 4, True), step_logits(model, PROMPTS, 4, False)
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+
+
 def test_a_lora_adapter_is_merged_in(tmp_path):
     from tests.conftest import random_lora
 

@@ -98,6 +98,17 @@ def _linear_weight(module):
     return module.weight, module.bias
 
 
+def _stacked(parts):
+    """One (weight, bias) of Linears stacked by output rows; a part without a bias adds zeros (never drops the
+    others' biases)."""
+    import torch
+
+    weight = torch.cat([w for w, _ in parts])
+    if all(b is None for _, b in parts):
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+
+
 def key(model, dtype) -> tuple:
     """What the packed copy was made from: the dtype; every parameter's identity, storage and in-place version
     (an optimizer step, `load_state_dict`, `copy_` bump it; `p.data = ...` moves the storage); every adapter
@@ -141,14 +152,11 @@ class FastStep:
                 if fused:  # Phi-3: q/k/v and gate/up are one matrix each in the checkpoint already
                     qkv = _linear_weight(attn.qkv_proj)
                 else:
-                    parts = [_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-                    biases = [b for _, b in parts]
-                    qkv = (torch.cat([w for w, _ in parts]), torch.cat(biases) if all(b is not None for b in biases) else None)
+                    qkv = _stacked([_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
                 if fused:
                     gate_up = _linear_weight(mlp.gate_up_proj)
                 else:
-                    (g, gb), (u, ub) = _linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)
-                    gate_up = (torch.cat([g, u]), torch.cat([gb, ub]) if gb is not None else None)
+                    gate_up = _stacked([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)])
                 self.layers.append((
                     layer.input_layernorm.weight.detach().float(), self._pack(*qkv), self._pack(*_linear_weight(attn.o_proj)),
                     layer.post_attention_layernorm.weight.detach().float(), self._pack(*gate_up),
