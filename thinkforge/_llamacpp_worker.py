@@ -7,7 +7,7 @@ llama_cpp and numpy, never thinkforge or torch. The request is one JSON object; 
       -> the (len(ids), vocab) float32 logits in F.npy (f32_cache: the KV cache in float32, not llama.cpp's f16)
   {"do": "chat", "model": F, "messages": [...], "max_tokens": N}  -> {"text": ...} (greedy; the GGUF's template)
   {"do": "rate", "model": F, "ids": [...], "rows": R, "new": N, "threads": K, "repeats": 3}
-      -> {"tok_per_s": [...], "decode_tok_per_s": [...]}: R sequences of the prompt decoded together, one token per
+      -> {"tok_per_s": [...]} (one per repeat, prefill included): R sequences of the prompt decoded together, one token per
          row per llama_decode, sampled at temperature 1.0 by llama.cpp's own sampler (a chain per row)
 """
 
@@ -63,7 +63,7 @@ def rate(req: dict) -> dict:
         raise RuntimeError("llama_init_from_model failed")
     memory = lc.llama_get_memory(ctx)
     batch = lc.llama_batch_init(max(len(ids), rows), 0, rows)
-    totals, decodes = [], []
+    totals = []
     for repeat in range(req.get("repeats", 3)):
         samplers = []
         for r in range(rows):
@@ -80,7 +80,6 @@ def rate(req: dict) -> dict:
             raise RuntimeError("llama_decode failed on the prompt")
         for r in range(1, rows):
             lc.llama_memory_seq_cp(memory, 0, r, -1, -1)
-        first = time.perf_counter()
         last = [len(ids) - 1] * rows  # the batch index of each row's logits
         for step in range(new):
             tokens = [lc.llama_sampler_sample(samplers[r], ctx, last[r]) for r in range(rows)]
@@ -95,12 +94,11 @@ def rate(req: dict) -> dict:
             last = list(range(rows))
         end = time.perf_counter()
         totals.append(rows * new / (end - start))
-        decodes.append(rows * (new - 1) / (end - first))
         for s in samplers:
             lc.llama_sampler_free(s)
     lc.llama_batch_free(batch)
     lc.llama_free(ctx)
-    return {"tok_per_s": totals, "decode_tok_per_s": decodes}
+    return {"tok_per_s": totals}
 
 
 def main() -> None:
