@@ -191,33 +191,36 @@ def test_a_two_rank_fsdp2_ppo_run_killed_mid_stage_resumes_on_one_process(tiny_m
     _kill_and_resume(args, tmp_path, "fsdp2", 2, "pg_loss", 1e-4)
 
 
+@pytest.mark.parametrize("reward", ["fails_on_rank_1", "fails_on_rank_1_while_rank_0_is_busy"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_a_rank_that_fails_mid_step_stops_every_rank_with_its_one_line(tiny_model, tmp_path, strategy):
-    """Rank 1's reward function raises in step 2 while rank 0 waits in a collective: both ranks end at once
-    with rank 1's one line and exit code (its traceback printed once, by rank 1), no hang, no gloo traceback."""
-    args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:fails_on_rank_1': 1.0}", "--out", "x"]
+def test_a_rank_that_fails_mid_step_stops_every_rank_with_its_one_line(tiny_model, tmp_path, strategy, reward):
+    """Rank 1's reward function raises in step 2 while rank 0 waits in a collective, or while rank 0 is still busy
+    in its own reward function when rank 1 exits and the launcher ends it (SIGTERM): both ranks end with rank 1's
+    one line and exit code (its traceback printed once, by rank 1), no gloo traceback, long before the collective
+    timeout (1800 s: the run's whole time limit here is 300 s)."""
+    args = [*RL, "-m", tiny_model, f"rewards.weights={{'user_rewards:{reward}': 1.0}}", "--out", "x"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
-    r = subprocess.run(_cmd(args, 2, strategy), capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert r.returncode != 0 and time.time() - t0 < 60
+    r = subprocess.run(_cmd(args, 2, strategy), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode != 0
     line = "thinkforge: error: rank 1: ValueError: the reward service is down"
     assert r.stderr.count(line) == 2, r.stderr[-3000:]  # each rank's last word
-    assert r.stderr.count("in fails_on_rank_1") == 1  # rank 1's own traceback, once; rank 0 prints none
+    assert r.stderr.count(f"in {reward}\n") == 1  # rank 1's own traceback, once; rank 0 prints none
     assert "Connection closed by peer" not in r.stderr and "[rank0]" not in r.stderr
-    assert r.stderr.count("exitcode  : 1") == 2  # the launcher's summary: both ranks ended with code 1
+    assert r.stderr.count("exitcode  : 1") == 2, r.stderr[-3000:]  # the launcher's summary: both ranks ended with code 1
     assert not (tmp_path / "x" / "final").exists()
 
 
 def test_a_rank_that_hangs_ends_the_others_wait_at_the_collective_timeout(tiny_model, tmp_path):
-    """Rank 1 hangs in its reward function: rank 0 waits collective_timeout (5 s) in its collective, then stops
-    with one line that says so; the launcher then ends rank 1. Nothing waits forever."""
-    args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:hangs_on_rank_1': 1.0}", "collective_timeout=5",
+    """Rank 1 hangs in its reward function (for 600 s): rank 0 waits collective_timeout in its collective, then
+    stops with one line that says so; the launcher then ends rank 1. Nothing waits forever: the run ends within
+    the test's 300 s. The timeout is 20 s, not less: the ranks' legitimate waits for each other on a loaded
+    2-core machine (one rank's imports or rollouts behind the other's) must stay below it."""
+    args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:hangs_on_rank_1': 1.0}", "collective_timeout=20",
             "--out", "x"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
-    r = subprocess.run(_cmd(args, 2), capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert r.returncode != 0 and time.time() - t0 < 60
-    assert "thinkforge: error: rank 0: waited 5 s in a collective for the other ranks: one hangs or died" in r.stderr
+    r = subprocess.run(_cmd(args, 2), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "thinkforge: error: rank 0: waited 20 s in a collective for the other ranks: one hangs or died" in r.stderr, r.stderr[-3000:]
     assert "[rank0]" not in r.stderr and "Timed out waiting" not in r.stderr  # the line, not gloo's traceback
 
 

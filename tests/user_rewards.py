@@ -19,12 +19,27 @@ def fails_on_rank_1(completion, reference):
     return -len(completion) / 100.0
 
 
-def hangs_on_rank_1(completion, reference):
-    """On rank 1 hangs at its 5th call (step 2) while rank 0 waits in a collective."""
+def fails_on_rank_1_while_rank_0_is_busy(completion, reference):
+    """As fails_on_rank_1, while rank 0 is busy in its own step-2 reward (its 7th call: 6 samples a step) until
+    the launcher's SIGTERM ends it: rank 0 is in no collective when rank 1 exits, the window where a rank is
+    ended before it has said the failing rank's line."""
     import os
     import time
 
     _calls["n"] += 1
     if os.environ.get("RANK") == "1" and _calls["n"] == 5:
-        time.sleep(120)
+        raise ValueError("the reward service is down")
+    if os.environ.get("RANK") == "0" and _calls["n"] == 7:
+        time.sleep(600)
+    return -len(completion) / 100.0
+
+
+def hangs_on_rank_1(completion, reference):
+    """On rank 1 hangs at its 5th call (step 2), for longer than any test waits, while rank 0 waits in a collective."""
+    import os
+    import time
+
+    _calls["n"] += 1
+    if os.environ.get("RANK") == "1" and _calls["n"] == 5:
+        time.sleep(600)
     return -len(completion) / 100.0

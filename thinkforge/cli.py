@@ -718,8 +718,24 @@ _PACKAGE = str(Path(__file__).resolve().parent)
 _python_format = warnings.formatwarning
 
 
+def _on_launcher_term(signum, frame) -> None:
+    """SIGTERM on a rank of several. The launcher ends the remaining ranks as soon as one has exited, and the
+    first failing rank exits once its line is out: a peer still on its way to that line (computing, unwinding
+    from a broken collective) is ended here, from its first instruction on, with the failing rank's line and
+    code, which `_fail` reads from the store. No failure recorded: the launch itself was stopped, or a rank died
+    without a word (killed, out of memory), and this rank says so."""
+    rank = os.environ.get("RANK", "?")
+    _fail(f"rank {rank}: ended by the launcher (SIGTERM) before any rank reported an error: the launch was stopped, "
+          "or another rank died without a word (killed, out of memory?); its exit code is in the launcher's summary",
+          128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     warnings.formatwarning = _one_line_warning  # ours read as one line; a library's keep their source
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of several: the launcher's SIGTERM ends it with a line
+        import signal
+
+        signal.signal(signal.SIGTERM, _on_launcher_term)
     try:
         code = cli.main(args=argv, prog_name="thinkforge", standalone_mode=False)
     except UserError as e:
