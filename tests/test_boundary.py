@@ -77,13 +77,15 @@ def test_an_unreachable_endpoint_is_one_line(tmp_path, capsys):
 def test_a_hub_id_offline_fails_fast_and_quietly(tmp_path):
     import time
 
-    t0 = time.time()
     code, err = _cli(["eval", "-m", "some-org/not-cached-model", "--out", str(tmp_path)], {"HF_HUB_OFFLINE": "1"})
     _one_line(code, err, "not in the local Hugging Face cache")
     env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    t0 = time.time()
     code, err = _cli(["eval", "-m", "some-org/not-cached-model", "--out", str(tmp_path)], env)
     _one_line(code, err, "cannot reach the Hugging Face Hub")
-    assert time.time() - t0 < 60
+    # The promise: one 5 s connection check, not the hub client's retries with back-off. The margin is the
+    # process's start (torch, transformers) on a loaded 2-core machine.
+    assert time.time() - t0 < 5 + 55
 
 
 @pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])

@@ -32,12 +32,17 @@ def _cmd(args, ranks: int, strategy: str = "ddp") -> list[str]:
             "--main_process_port", _port(), "-m", "thinkforge", *args]
 
 
-def _run(args, ranks: int, tmp_path, strategy: str = "ddp") -> None:
+def _launch(args, ranks: int, tmp_path, strategy: str = "ddp") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    for _ in range(2):  # the free port _port() found can be taken before the ranks' store binds it: once more
+    for _ in range(3):  # the free port _port() found can be taken before the launcher's store binds it: again
         r = subprocess.run(_cmd(args, ranks, strategy), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-        if r.returncode == 0 or "address already in use" not in r.stderr.lower():
+        if "address already in use" not in r.stderr.lower():
             break
+    return r
+
+
+def _run(args, ranks: int, tmp_path, strategy: str = "ddp") -> None:
+    r = _launch(args, ranks, tmp_path, strategy)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -161,7 +166,7 @@ def _kill_and_resume(args: list[str], tmp_path: Path, strategy: str, step: int, 
     cut = str(tmp_path / "cut")
     proc = subprocess.Popen(_cmd([*args, "--out", cut], 2, strategy), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # waits only as long as the run needs to get there
     while not any(int(p.name[5:]) >= step for p in (tmp_path / "cut").glob("step-*")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
@@ -199,8 +204,7 @@ def test_a_rank_that_fails_mid_step_stops_every_rank_with_its_one_line(tiny_mode
     one line and exit code (its traceback printed once, by rank 1), no gloo traceback, long before the collective
     timeout (1800 s: the run's whole time limit here is 300 s)."""
     args = [*RL, "-m", tiny_model, f"rewards.weights={{'user_rewards:{reward}': 1.0}}", "--out", "x"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(_cmd(args, 2, strategy), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    r = _launch(args, 2, tmp_path, strategy)
     assert r.returncode != 0
     line = "thinkforge: error: rank 1: ValueError: the reward service is down"
     assert r.stderr.count(line) == 2, r.stderr[-3000:]  # each rank's last word
@@ -217,8 +221,7 @@ def test_a_rank_that_hangs_ends_the_others_wait_at_the_collective_timeout(tiny_m
     2-core machine (one rank's imports or rollouts behind the other's) must stay below it."""
     args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:hangs_on_rank_1': 1.0}", "collective_timeout=20",
             "--out", "x"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(_cmd(args, 2), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    r = _launch(args, 2, tmp_path)
     assert r.returncode != 0
     assert "thinkforge: error: rank 0: waited 20 s in a collective for the other ranks: one hangs or died" in r.stderr, r.stderr[-3000:]
     assert "[rank0]" not in r.stderr and "Timed out waiting" not in r.stderr  # the line, not gloo's traceback

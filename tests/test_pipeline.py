@@ -77,10 +77,13 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     trained = render_prompt(summary["example_question"], "auto", system, load_tokenizer(str(final)))
     assert r.stdout.strip().splitlines()[-1] == repr(trained)
 
-    # A rerun skips everything that is finished.
-    start = time.time()
+    # A rerun skips everything that is finished: no stage's file is written again.
+    def stage_files():
+        return {f: f.stat().st_mtime_ns for f in out.glob("*/**/*") if f.is_file()}
+
+    before = stage_files()
     code, _, _ = run_cli(["run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST], capsys)
-    assert code == 0 and time.time() - start < 30
+    assert code == 0 and stage_files() == before
 
 
 @pytest.mark.slow
@@ -89,7 +92,7 @@ def test_a_run_killed_mid_stage_resumes_and_finishes(tmp_path):
     cmd = [sys.executable, "-m", "thinkforge", "run", str(ROOT / "recipes" / "tiny.yaml"), "--out", str(out), *FAST,
            "midtrain.checkpoints.every=1", "midtrain.epochs=20", "midtrain.max_len=128", "midtrain.batch_size=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # waits only as long as the run needs to get there
     def checkpointed():  # at least 3 steps done (older checkpoints are pruned, so look at any)
         return any(int(p.name[5:]) >= 3 for p in (out / "midtrain").glob("step-*"))
 

@@ -1,6 +1,7 @@
 """`thinkforge serve` speaks the OpenAI API: the official client, real HTTP, loopback only."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -113,28 +114,21 @@ def test_server_close_ends_idle_keepalive_connections(tiny_loaded):
     conn.close()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_command_as_a_process(tiny_model):
-    port = _free_port()
+    """On --port 0 the system picks a free port and the start line names it (no free-port race in the test)."""
     env = dict(os.environ, THINKFORGE_API_KEY="k2")
-    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "-m", tiny_model, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "thinkforge", "serve", "-m", tiny_model, "--port", "0"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0, timeout=30)
-        deadline = time.time() + 60
-        while True:
-            try:
-                c.models.list()
+        for line in proc.stderr:  # until the start line; the process's end ends the loop
+            if line.startswith("serving "):
                 break
-            except openai.APIConnectionError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
-                time.sleep(0.3)
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", line)
+        assert found, line
+        port = int(found.group(1))
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0, timeout=30)
+        c.models.list()
         r = c.chat.completions.create(model=tiny_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert 1 <= r.usage.completion_tokens <= 4 and isinstance(r.choices[0].message.content, str)
         with pytest.raises(openai.AuthenticationError):  # the key from the environment is the one checked
@@ -373,7 +367,8 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_model):
             s.close()  # the client leaves mid-generation
             t0 = time.time()
             r = client(f"http://127.0.0.1:{port}/v1", "x").completions.create(model="tiny", prompt="Leo", max_tokens=2)
-            assert r.choices[0].text is not None and time.time() - t0 < 5, time.time() - t0
+            # at once: not after the abandoned request's 20 s (the margin holds on a loaded 2-core machine)
+            assert r.choices[0].text is not None and time.time() - t0 < 10, time.time() - t0
         deadline = time.time() + 5
         while sum("disconnected" in line for line in lines) < 2 and time.time() < deadline:
             time.sleep(0.1)

@@ -291,7 +291,9 @@ def test_a_server_that_stops_answering_is_one_line_within_its_timeout_and_is_sto
     with pytest.raises(UserError, match="the vLLM server at http://127.0.0.1:[0-9]+ is unreachable .*see .*vllm.log"):
         rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
     took = time.time() - gens[0].frozen
-    assert took < 5 + 20 + 3, took  # the request's timeout, then the server's stop (20 s at most)
+    # the request's timeout (5 s, not the default 600), then the server's stop (20 s at most), with a margin for a
+    # loaded 2-core machine
+    assert took < 5 + 20 + 15, took
     assert _no_server_left()
 
 

@@ -2,8 +2,8 @@
 
 - Math: plain numbers (commas, units, currency, percent, fractions, decimals) are compared exactly as
   rationals in-process; anything else (LaTeX expressions, intervals, sets, tuples) goes to math-verify in a
-  separate worker process with a per-item time budget, so grading never hangs and needs no signals (it works
-  off the main thread and inside worker processes).
+  separate worker process with a per-item budget of CPU seconds (the same grade on a loaded machine), so
+  grading never hangs and needs no signals (it works off the main thread and inside worker processes).
 - Multiple choice: exactly one option letter must be named; a response naming several is wrong.
 - Only the answer part is graded, never text inside <think> (formats.parse decides what the answer is).
 """
@@ -129,7 +129,7 @@ _LIST_SEP = re.compile(r",\s|;|\bor\b|\band\b|\n", re.IGNORECASE)
 
 
 class _Verifier:
-    """A math-verify worker process; an item over budget kills and restarts it. Thread-safe."""
+    """A math-verify worker process; an item over its CPU budget ends it, and it is restarted. Thread-safe."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
@@ -165,21 +165,26 @@ class _Verifier:
                 self._start()
 
     def __call__(self, gold: str, pred: str, timeout: float) -> bool:
+        """`timeout`: the item's budget in the worker's CPU seconds (the worker ends itself past it); the wall
+        clock caps a worker that gets no CPU at all at `WALL_CAP` times that, plus start-up slack."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
             try:
-                self._proc.stdin.write(json.dumps([gold, pred]) + "\n")
+                self._proc.stdin.write(json.dumps([gold, pred, timeout]) + "\n")
                 self._proc.stdin.flush()
             except BrokenPipeError:
                 self._kill()
                 return False
-            line = self._readline(timeout)
-            if line is None:
+            line = self._readline(WALL_CAP * timeout + 10.0)
+            if line not in ("true", "false"):  # "timeout", its exit, or no answer within the wall cap
                 self.timeouts += 1
                 self._kill()
                 return False
             return line == "true"
+
+
+WALL_CAP = 20  # a worker starved of CPU (a stopped or swapped process) still ends within 20x its budget + 10 s
 
 
 _verifier = _Verifier()
@@ -212,7 +217,8 @@ def _hostile(s: str) -> bool:
 
 
 def math_equal(pred: str | None, gold: str, timeout: float = 1.5) -> bool:
-    """Is the answer string `pred` mathematically equal to the reference `gold`?
+    """Is the answer string `pred` mathematically equal to the reference `gold`? `timeout`: math-verify's budget
+    for the item in CPU seconds (an item over it is graded wrong and counted in `_verifier.timeouts`).
 
     >>> math_equal("1,000", "1000"), math_equal("$18.00", "18"), math_equal("0.5", "\\\\frac{1}{2}")
     (True, True, True)
