@@ -149,3 +149,17 @@ def test_eval_batch_size_sets_rows_per_call_and_the_samples_do_not_depend_on_it(
         texts[bs] = [json.loads(r)["completion"] for r in (tmp_path / str(bs) / "synthetic.samples.jsonl").read_text().splitlines()]
     assert calls == [2, 12]
     assert texts[2] == texts[12] and len(set(texts[2])) > 6
+
+
+def test_answers_over_the_grading_budget_are_counted_and_warned(monkeypatch):
+    """A correct answer whose check runs over math-verify's budget is graded wrong: the sample row says so, the
+    summary counts it, and a warning names it (it was silent, and under load correct answers scored as wrong)."""
+    from thinkforge import grading
+
+    monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))  # no budget: the heavy item runs over it
+    script = {"q1": ["<think>expand</think><answer>(x+1)^{41}/(x+1)</answer>"], "q2": ["<think>so</think><answer>7</answer>"]}
+    problems = [Problem("1", "q1", "(x+1)^{40}"), Problem("2", "q2", "7")]
+    with pytest.warns(UserWarning, match="1 of 2 answers ran over math-verify's budget"):
+        rows, s = evaluate(ScriptedGenerator(script), problems, lambda q: q, SamplingParams(), samples=1, progress=False)
+    assert [r["grading_timeout"] for r in rows] == [True, False] and not rows[0]["correct"]
+    assert s["grading_timeouts"] == 1

@@ -6,6 +6,7 @@ For each problem, k completions are sampled and graded with the same grader as t
   reasoning_rate  = share of samples whose thinking has at least REASONING_MIN_WORDS words
   avg_think_words = mean words inside <think>
   truncated_rate  = share of samples that hit max_new_tokens (PITFALLS 2)
+  grading_timeouts = samples graded wrong for running over math-verify's budget (warned above 1%)
 The sampling protocol is recorded beside every number.
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from thinkforge import grading
 from thinkforge.data.sources import Problem
 from thinkforge.formats import parse, response, words
 from thinkforge.grading import grade_answer
@@ -30,8 +33,11 @@ def score_sample(problem: Problem, text: str, finish_reason: str) -> dict:
     """One sample's row: graded, and the card's metrics, from one parse of its text."""
     p = parse(text)
     think_words = words(p.thinking)
+    before = grading.timeouts()
+    correct = grade_answer(p.answer, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
     return {
-        "correct": grade_answer(p.answer, problem.reference, problem.kind, list(problem.choices) if problem.choices else None),
+        "correct": correct,
+        "grading_timeout": grading.timeouts() > before,  # graded wrong for running over the budget
         "format_ok": p.format_ok,
         "has_reasoning": think_words >= REASONING_MIN_WORDS,
         "think_words": think_words,
@@ -102,6 +108,7 @@ def summarize(rows: list[dict], n_problems: int) -> dict:
         "reasoning_rate": sum(r["has_reasoning"] for r in rows) / n,
         "avg_think_words": sum(r["think_words"] for r in rows) / n,
         "truncated_rate": sum(r["truncated"] for r in rows) / n,
+        "grading_timeouts": sum(r["grading_timeout"] for r in rows),
         "n": n_problems,
         "samples": len(rows),
     }
@@ -169,6 +176,8 @@ def evaluate(
         bar.set_postfix(acc=f"{summarize(rows, 0)['accuracy']:.3f}", refresh=False)
     bar.close()
     summary = summarize(rows, len(problems))
+    if line := grading.timeout_warning(summary["grading_timeouts"], len(rows), f"eval {benchmark}".strip()):
+        warnings.warn(line, stacklevel=1)
     summary["protocol"] = {**{k: v for k, v in asdict(params).items() if k != "streams"}, "samples_per_problem": samples}
     summary["seconds"] = round(time.time() - start, 2)
     return rows, summary

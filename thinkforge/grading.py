@@ -189,6 +189,23 @@ WALL_CAP = 20  # a worker starved of CPU (a stopped or swapped process) still en
 
 _verifier = _Verifier()
 
+# An item over its budget is graded wrong: a correct answer then scores as a wrong one. Every caller counts them
+# (RL metrics per step, evaluation summaries) and warns above this share of the samples it graded.
+TIMEOUT_WARN_SHARE = 0.01
+
+
+def timeouts() -> int:
+    """How many math-verify items this process has graded wrong for running over their budget."""
+    return _verifier.timeouts
+
+
+def timeout_warning(count: int, graded: int, where: str) -> str | None:
+    """One warning line when more than TIMEOUT_WARN_SHARE of `graded` samples ran over the grading budget."""
+    if count <= TIMEOUT_WARN_SHARE * max(1, graded):
+        return None
+    return (f"{where}: {count} of {graded} answers ran over math-verify's budget and were graded wrong (a correct "
+            "answer among them scores as wrong); see grading_timeouts in the metrics")
+
 
 def warm_up() -> None:
     """Start the math-verify worker now, so the first graded item pays no start-up time."""
