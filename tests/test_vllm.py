@@ -98,6 +98,40 @@ def test_a_skipped_sync_is_caught_and_the_server_stops(vllm_model, tmp_path, how
     assert _no_server_left()
 
 
+def test_a_restarted_server_is_caught_by_its_version(vllm_model, tmp_path):
+    """A server this run did not start (no checksums: what it held at the start is not known) is restarted after
+    step 1's push: it serves its starting weights under vLLM's version "default", and at the recipe's learning
+    rate the probe's log-probs move less than rollout.sync_atol. The version stops the run in one line."""
+    from thinkforge import rollout
+    from thinkforge.rollout.vllm import SyncError, VLLMGenerator
+    from thinkforge.train import rl
+
+    class Restarted(VLLMGenerator):
+        def load_weights(self, model):
+            out = super().load_weights(model)
+            # what a restart leaves: the weights it was started with, no version
+            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": vllm_model}})
+            self._post("/update_weight_version", {"new_version": "default"})
+            self.ours, self.server = self.server, None  # from here on a server this run did not start
+            return out
+
+        def close(self):
+            self.server = self.ours
+            super().close()
+
+    recipe = _recipe(vllm_model, "rl.optim.lr=5e-7", "rl.optim.warmup_ratio=0.0")
+
+    def make(model, tok, batch_size):
+        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
+        gen.__class__ = Restarted
+        return gen
+
+    with pytest.raises(SyncError, match="reports weight version 'default' before sampling, after this run pushed version 1: "
+                                        "it was restarted"):
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+    assert _no_server_left()
+
+
 @pytest.mark.parametrize("late", [True, False], ids=["late", "on-time"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_push_one_step_late_is_caught_at_the_recipes_learning_rate(vllm_model, tmp_path, lora, late):

@@ -243,6 +243,7 @@ class VLLMGenerator:
                                  else "is rollout.base_url right?")
         self.model_name = "policy"
         self.version = 0  # pushes since the run (re)started; the server is told it with each
+        self.told = False  # the server took a version from this run (it then never says "default" again)
         self.dtype = server.dtype if server is not None else None  # the server's weights dtype (None: the trainer's)
         self.pushed: dict[str, str] | None = None  # digests of what the last push wrote
         self.layout: set[str] | None = None  # weights the server keeps in the trainer's layout (its checksums comparable)
@@ -379,6 +380,7 @@ class VLLMGenerator:
         """The server's weight version is this generator's (a server without vLLM's RL API: not told)."""
         try:
             self._post("/update_weight_version", {"new_version": str(self.version)})
+            self.told = True
         except RuntimeError:  # a server without vLLM's RL API: its version is not checked (see _same_version)
             pass
 
@@ -393,6 +395,10 @@ class VLLMGenerator:
             if e.status != 404:
                 raise RuntimeError(f"vLLM /weight_info answered {e.status}: {e.detail}") from None
             return  # a server without vLLM's RL API: its version is not known
+        if got == "default" and self.told:  # vLLM's version before any update: a restart lost every push
+            raise SyncError(f"the vLLM server at {self.url} reports weight version 'default' {when}, after this run pushed "
+                            f"version {self.version}: it was restarted and serves the weights it started with; rerun "
+                            "the command (it resumes from the last checkpoint and pushes the policy again)")
         if got is not None and got != "default" and got != str(self.version):
             raise SyncError(f"the vLLM server holds weight version {got} {when}, the trainer pushed version {self.version}: "
                             "a push was lost or another trainer pushes to this server")
