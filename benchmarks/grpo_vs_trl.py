@@ -50,9 +50,12 @@ def run_thinkforge(model_dir: str, work: Path, a) -> dict:
     from thinkforge.config import load_config
     from thinkforge.train import rl
 
+    # No preflight: every sample is cut at max_new_tokens by design (equal work on both sides) and a random model
+    # earns no reward variance, so the learnability check would stop the run; it runs before step 1 and TRL has
+    # none, so the steps timed are the same with or without it (PITFALLS 24: it once broke this script).
     over = [f"model.name_or_path={model_dir}", f"model.system_prompt={SYSTEM}", "rl.algo=grpo", f"rl.steps={a.steps}",
-            "rl.prompts_per_step=8", "rl.group_size=8", f"rl.max_new_tokens={a.max_new_tokens}", "rl.mu=1",
-            "rl.beta=0.04", "rl.optim.lr=1e-5", "rl.temperature=1.0", "rl.temperature_start=null", "rl.top_p=1.0",
+            "rl.preflight=false", "rl.prompts_per_step=8", "rl.group_size=8", f"rl.max_new_tokens={a.max_new_tokens}",
+            "rl.mu=1", "rl.beta=0.04", "rl.optim.lr=1e-5", "rl.temperature=1.0", "rl.temperature_start=null", "rl.top_p=1.0",
             "rl.truncation=none", "rl.loss_agg=sequence", f"rl.micro_batch={a.micro_batch}", "rl.gen_batch=64",
             "rl.checkpoints.every=0", "rl.difficulties=[1]"]
     if a.lora:

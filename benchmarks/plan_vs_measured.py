@@ -1,15 +1,17 @@
 """`thinkforge plan`'s predicted peak against the measured peak of one step on this CPU.
 
-    python benchmarks/plan_vs_measured.py
+    python benchmarks/plan_vs_measured.py [--tiny]
 
 Each configuration is measured by benchmarks/long_context_memory.py's one-step child (a fresh process, peak
 resident memory), and predicted by thinkforge.plan from the same model config and step shape (fp32, no
 gradient checkpointing, the default output-head chunk). Configurations differ in length, vocabulary and
-width. Prints a table, then one JSON line with the largest relative error.
+width (`--tiny`: one small one, the same code in seconds; tests/test_scripts.py runs it). Prints a table, then
+one JSON line with the largest relative error.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,17 +27,24 @@ CONFIGS = [  # stage, tokens, vocab, hidden, layers
     ("sft", 8192, 32_000, 256, 4),
     ("grpo", 4096, 32_000, 256, 4),
 ]
+TINY = [("grpo", 256, 1024, 32, 1)]
 
 
 def predicted(stage: str, tokens: int, vocab: int, hidden: int, layers: int) -> float:
+    import dataclasses
+
     from thinkforge import plan
+    from thinkforge.config import load_config
 
     cfg = _config(vocab, hidden, layers, 2 * tokens)
     shape = plan.shape_of(cfg)
-    # every stage attends without a (T, T) mask (train/attention.py): a packed row, a pair, a group of two
-    s = plan.Setting({"grpo": "rl"}.get(stage, stage), tokens, 1 if stage == "sft" else 2, 1, False, False, 4, None,
-                     False, 0, 0, 0.0)
-    return sum(plan.predict(shape, s, 1, "ddp", "cpu", 4).values()) / 2**30
+    name = {"grpo": "rl"}.get(stage, stage)
+    # the plan's own setting for the default recipe (fp32 on a CPU), reshaped to the measured step: a packed row, a
+    # pair, a group of two, without a (T, T) mask (train/attention.py), a reference, or a rollout KV cache
+    s = dataclasses.replace(plan.settings_for(load_config(None, []), name, "cpu", cfg), row_tokens=tokens,
+                            rows_per_item=1 if stage == "sft" else 2, batch=1, checkpointing=False, masks=False,
+                            head_chunk=None, reference=False, kv_cache=0, kv_tokens=0, vllm_share=0.0)
+    return plan.peak(plan.predict(shape, s, 1, "ddp", "cpu")) / 2**30
 
 
 def _config(vocab, hidden, layers, max_len):
@@ -54,8 +63,11 @@ def measured(stage: str, tokens: int, vocab: int, hidden: int, layers: int) -> f
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="one small configuration (the smoke test)")
+    a = ap.parse_args()
     rows = []
-    for c in CONFIGS:
+    for c in TINY if a.tiny else CONFIGS:
         m, p = measured(*c), predicted(*c)
         rows.append((*c, p, m, p / m - 1))
         print(rows[-1], file=sys.stderr, flush=True)

@@ -50,11 +50,14 @@ def grpo_step(model_dir: str, backend: str, work: Path, a) -> dict:
     from thinkforge.train import rl
 
     run = work / f"rl-{backend}"
+    server = [f"rollout.vllm_command={json.dumps(a.vllm_command)}", "rollout.max_model_len=1024"]
+    # No preflight: a random-init model earns no reward variance, so the learnability check would stop the run
+    # before the steps this measures (it runs before step 1; PITFALLS 24: it once broke this script).
     recipe = load_config(None, [f"model.name_or_path={model_dir}", f"model.device={a.device}", "rl.steps=3",
-                                "rl.prompts_per_step=8", "rl.group_size=8", f"rl.max_new_tokens={a.max_new_tokens}",
-                                "rl.gen_batch=64", "rl.micro_batch=16", "rl.optim.lr=1e-5", "rl.checkpoints.every=0",
-                                "rl.temperature_start=null", "rl.temperature=1.0", f"rollout.backend={backend}",
-                                f"rollout.vllm_command={json.dumps(a.vllm_command)}", "rollout.max_model_len=1024"])
+                                "rl.preflight=false", "rl.prompts_per_step=8", "rl.group_size=8",
+                                f"rl.max_new_tokens={a.max_new_tokens}", "rl.gen_batch=64", "rl.micro_batch=16",
+                                "rl.optim.lr=1e-5", "rl.checkpoints.every=0", "rl.temperature_start=null",
+                                "rl.temperature=1.0", f"rollout.backend={backend}", *(server if backend == "vllm" else [])])
     rl.main(recipe, "rl", run, progress=False)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"pg_loss"' in x][1:]
     return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in ("step_seconds", "gen_seconds", "sync_seconds")}

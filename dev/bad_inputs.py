@@ -1,6 +1,7 @@
 """Bad inputs at the command line, each run as a real process: its exit code and what the user reads.
 
     python dev/bad_inputs.py > dev/bad_inputs.md
+    python dev/bad_inputs.py --only "rl:"      # the rows whose name holds that text
 
 Every row should be exit code 2 with one line on stderr (no traceback). The script prints a Markdown table
 and, last, a summary line; it exits 1 if a row breaks the promise.
@@ -8,6 +9,7 @@ and, last, a summary line; it exits 1 if a row breaks the promise.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -130,12 +132,18 @@ def cases(model: str, f: dict[str, Path]) -> list[tuple[str, list[str]]]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="run only the rows whose name holds this text")
+    only = ap.parse_args().only
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     model = W / "tiny"
     subprocess.run([sys.executable, "-m", "thinkforge", "init-model", str(model)], check=True, capture_output=True,
                    env=env, cwd=ROOT)
     rows, broken = [], 0
-    for name, args in cases(str(model), files()):
+    chosen = [(name, args) for name, args in cases(str(model), files()) if only in name]
+    if not chosen:
+        sys.exit(f"no row's name holds {only!r}")
+    for name, args in chosen:
         r = subprocess.run([sys.executable, "-m", "thinkforge", *args], capture_output=True, text=True, env=env,
                            cwd=ROOT, timeout=300, stdin=subprocess.DEVNULL)
         lines = [x for x in r.stderr.splitlines() if x.strip() and "|" not in x.split("\r")[-1]]

@@ -16,6 +16,28 @@ def tiny_model(tmp_path_factory):
     return str(tiny.init_model(tmp_path_factory.mktemp("models") / "tiny-phi3"))
 
 
+def with_dropout(folder, p: float):
+    """The model folder with every dropout of its config (residual, embedding, attention: whatever the
+    architecture has) set to p: a tiny model that has Phi-2's residual dropout 0.1 and more."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config.update({k: p for k, v in config.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)})
+    path.write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def dropout_model(tmp_path_factory):
+    """A tiny Phi (Phi-2's architecture) with residual, embedding and attention dropout 0.1 in its config."""
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig
+
+    return with_dropout(tiny.init_model(tmp_path_factory.mktemp("models") / "tiny-phi-dropout", InitConfig(arch="phi")), 0.1)
+
+
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model):
     from thinkforge import models

@@ -157,3 +157,23 @@ def test_the_config_of_a_run_made_before_the_context_default_changed_still_loads
     path = tmp_path / "config.yaml"
     path.write_text("rollout: {backend: hf, max_model_len: 4096}\n")
     assert load_config(path).rollout.max_model_len == 4096
+
+
+def test_gspo_gets_its_own_aggregation_and_a_length_weighting_one_is_refused():
+    """rl.loss_agg left unset follows the policy loss (GSPO's paper averages over sequences, DAPO and CISPO over
+    tokens); token or constant with GSPO would weight its sequences by length and is one line naming the fix."""
+    import typing
+
+    from thinkforge.config import OWN_AGGREGATION, RLConfig
+    from thinkforge.losses import POLICY_LOSSES
+
+    assert load_config(None, ["rl.policy_loss=gspo"]).rl.loss_agg == "sequence"
+    assert load_config(None, []).rl.loss_agg == load_config(None, ["rl.policy_loss=cispo"]).rl.loss_agg == "token"
+    assert load_config(None, ["rl.policy_loss=cispo", "rl.loss_agg=sequence"]).rl.loss_agg == "sequence"
+    for agg in ("token", "constant"):
+        with pytest.raises(UserError, match=f"rl.loss_agg='{agg}' weights each rl.policy_loss=gspo sequence by its "
+                                            "length; .* remove rl.loss_agg or set it to sequence"):
+            load_config(None, ["rl.policy_loss=gspo", f"rl.loss_agg={agg}"])
+    with pytest.raises(UserError, match="rl.policy_loss='gspo' is a GRPO setting that rl.algo=ppo ignores"):
+        load_config(None, ["rl.algo=ppo", "rl.policy_loss=gspo"])
+    assert set(OWN_AGGREGATION) == set(POLICY_LOSSES) == set(typing.get_args(RLConfig.model_fields["policy_loss"].annotation))

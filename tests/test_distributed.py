@@ -129,21 +129,60 @@ RL = ["rl", "--steps", "2", "rl.preflight=false", "rl.prompts_per_step=3", "rl.g
 def _same_rl(one: Path, two: Path) -> None:
     _same(one, two, "pg_loss", 1e-4)
     for x, y in zip(_rows(one, "pg_loss"), _rows(two, "pg_loss"), strict=True):
-        assert (x["reward"], x["kept_groups"], x["response_tokens"]) == pytest.approx((y["reward"], y["kept_groups"], y["response_tokens"]))
+        keys = ("reward", "kept_groups", "kept_samples", "response_tokens", "zero_variance_share")
+        assert {k: x[k] for k in keys} == pytest.approx({k: y[k] for k in keys}, abs=1e-5)
+        assert {k: v for k, v in x.items() if k.startswith("dropped_")} == {k: v for k, v in y.items() if k.startswith("dropped_")}
         assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)  # the reference (beta 0.04): whole, or sharded under FSDP2
+    skipped = [[(e["step"], e["why"]) for e in _rows(run, "event") if e["event"] == "empty_batch"] for run in (one, two)]
+    assert skipped[0] == skipped[1]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("agg", ["token", "sequence", "constant"])
-def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg, strategy):
+@pytest.mark.parametrize("agg,advantage", [("token", "grpo"), ("sequence", "rloo"), ("constant", "dr_grpo")])
+def test_rl_on_two_ranks_equals_one_process(tiny_model, tmp_path, agg, advantage, strategy):
     """Each rank samples its share of the same global draw with the seeds one process uses: the same
     rollouts, the same normaliser after one all-reduce, the same update. Under FSDP2 every forward is a
     collective: the ranks generate their shares in lockstep (their samples end at different lengths), and
-    the frozen reference is sharded too."""
-    args = [*RL, "-m", tiny_model, f"rl.loss_agg={agg}"]
+    the frozen reference is sharded too. Each aggregation runs with one of the group-local estimators
+    (REINFORCE++, which looks beyond the group, has its own test below)."""
+    args = [*RL, "-m", tiny_model, f"rl.loss_agg={agg}", f"rl.advantage={advantage}"]
     _run([*args, "--out", "one"], 1, tmp_path)
     _run([*args, "--out", "two"], 2, tmp_path, strategy)
     _same_rl(tmp_path / "one", tmp_path / "two")
+
+
+FLAT_ON_EVEN = "rewards.weights={'user_rewards:flat_on_even_answers': 1.0}"  # about half the groups without variance
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_rl_statistics_over_the_step_on_two_ranks_equal_one_process(tiny_model, tmp_path, strategy):
+    """Every switch that looks at more than one sample decides over the whole step, not over a rank's share
+    (PITFALLS 23), in one run: REINFORCE++ whitens over every rank's samples; balance keeps the positive and
+    negative samples one process keeps (the same draw over the step's advantages on each rank); dynamic
+    sampling keeps the first groups of the global draw that have reward variance, on whichever rank sampled
+    them (moved so that each rank trains on its contiguous share), refilling the flat ones it drops."""
+    args = [*RL, "-m", tiny_model, "rl.advantage=reinforce_pp", "rl.balance=true", "rl.dynamic_sampling=true", FLAT_ON_EVEN]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path, strategy)
+    _same_rl(tmp_path / "one", tmp_path / "two")
+    rows = _rows(tmp_path / "one", "pg_loss")
+    assert sum(r.get("dropped_zero_variance", 0) for r in rows) > 0  # the filter dropped groups and refilled
+    assert any(r["kept_samples"] < r["kept_groups"] * 3 for r in rows)  # balance left samples out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_rl_with_fewer_groups_than_ranks_and_steps_without_loss_tokens_equals_one_process(tiny_model, tmp_path, strategy):
+    """One group a step on 2 ranks: rank 1 holds none and trains on a stand-in copy (it joins every collective
+    and counts in nothing), so its share has no loss token on every step. Under balance a step whose group is
+    flat has none at all: every rank skips it alike (decided from the count over the ranks), as one process
+    does; the other steps train as one process does."""
+    args = [*RL, "-m", tiny_model, "rl.prompts_per_step=1", "rl.group_size=4", "rl.balance=true", FLAT_ON_EVEN,
+            "--steps", "4"]
+    _run([*args, "--out", "one"], 1, tmp_path)
+    _run([*args, "--out", "two"], 2, tmp_path, strategy)
+    _same_rl(tmp_path / "one", tmp_path / "two")
+    events = [e["event"] for e in _rows(tmp_path / "one", "event")]
+    assert 0 < events.count("empty_batch") < 4 and len(_rows(tmp_path / "one", "pg_loss")) > 0
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -216,14 +255,15 @@ def test_a_rank_that_fails_mid_step_stops_every_rank_with_its_one_line(tiny_mode
 
 def test_a_rank_that_hangs_ends_the_others_wait_at_the_collective_timeout(tiny_model, tmp_path):
     """Rank 1 hangs in its reward function (for 600 s): rank 0 waits collective_timeout in its collective, then
-    stops with one line that says so; the launcher then ends rank 1. Nothing waits forever: the run ends within
+    stops with one line that says so; the launcher then ends rank 1, which says the same line. Nothing waits forever: the run ends within
     the test's 300 s. The timeout is 20 s, not less: the ranks' legitimate waits for each other on a loaded
     2-core machine (one rank's imports or rollouts behind the other's) must stay below it."""
     args = [*RL, "-m", tiny_model, "rewards.weights={'user_rewards:hangs_on_rank_1': 1.0}", "collective_timeout=20",
             "--out", "x"]
     r = _launch(args, 2, tmp_path)
     assert r.returncode != 0
-    assert "thinkforge: error: rank 0: waited 20 s in a collective for the other ranks: one hangs or died" in r.stderr, r.stderr[-3000:]
+    line = "thinkforge: error: rank 0: waited 20 s in a collective for the other ranks: one hangs or died"
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]  # rank 1, ended by the launcher in its hang, says it too
     assert "[rank0]" not in r.stderr and "Timed out waiting" not in r.stderr  # the line, not gloo's traceback
 
 

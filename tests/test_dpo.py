@@ -165,6 +165,30 @@ def test_under_bf16_autocast_the_reference_pass_matches_the_policys_precision(ti
         assert first["kl"] == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_with_the_models_dropout_the_policy_starts_exactly_at_the_reference(dropout_model, tmp_path, monkeypatch, lora):
+    """A model with Phi-2's residual dropout (and attention, embedding dropout; LoRA dropout 0.05): DPO runs
+    without dropout, so in step 1 the policy, which starts as the reference, gives the reference's log-probs:
+    implicit rewards 0, loss log 2. With dropout in the training pass alone they carry its noise (PITFALLS 22)."""
+    from thinkforge.train import dpo
+
+    gaps = []
+    real = dpo.dpo_loss
+
+    def spy(chosen, rejected, ref_chosen, ref_rejected, *args):
+        gaps.append(max((chosen - ref_chosen).abs().max().item(), (rejected - ref_rejected).abs().max().item()))
+        return real(chosen, rejected, ref_chosen, ref_rejected, *args)
+
+    monkeypatch.setattr(dpo, "dpo_loss", spy)
+    recipe = _recipe(dropout_model, _pairs_file(tmp_path), **{"lora.enabled": str(lora).lower(), "dpo.max_steps": 1})
+    assert recipe.lora.dropout == 0.05
+    dpo.main(recipe, "dpo", tmp_path / "run", progress=False)
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # sums over a completion's tokens, in micro-batches padded unlike the reference pass's: 1.5e-5 of float rounding
+    assert len(gaps) == 2 and gaps == pytest.approx([0.0, 0.0], abs=1e-4)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_a_regenerated_pairs_file_of_the_same_size_gets_fresh_reference_logprobs(tiny_model, tmp_path):
     """The reference log-probs are keyed by the pairs' content: a pairs file regenerated with as many pairs in a
     run folder without checkpoints is recomputed, never reused (it was once validated by count only)."""
@@ -198,6 +222,38 @@ def test_the_reference_key_names_the_start_model_by_what_it_is_not_where_it_lies
     shutil.copytree(tiny_model, moved)
     assert model_identity(str(moved)) == model_identity(tiny_model)
     assert model_identity("microsoft/phi-2") == "microsoft/phi-2"
+
+
+
+def test_a_start_model_retrained_in_place_with_the_same_shapes_gets_fresh_reference_logprobs(tiny_model, tmp_path):
+    """The reference log-probs are keyed by the start model's contents: weights overwritten in place (same file
+    names, shapes and sizes) are another reference, refused beside checkpoints trained on the old one and
+    recomputed without them (they were once keyed by file names and sizes, and reused)."""
+    from safetensors.torch import load_file, save_file
+
+    from thinkforge.train import dpo
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_model, start)
+    data = _pairs_file(tmp_path, 6)
+    run = tmp_path / "run"
+    dpo.main(_recipe(str(start), data, **{"dpo.max_steps": 1}), "dpo", run, progress=False)
+    before = load_file(str(run / "reference_logps.safetensors"))["logps"]
+    weights_file = start / "model.safetensors"
+    size = weights_file.stat().st_size
+    g = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_file(str(weights_file)).items()},
+              str(weights_file), metadata={"format": "pt"})  # "retrained": same names, shapes and dtypes
+    assert weights_file.stat().st_size == size
+    with pytest.raises(UserError, match="was computed for other pairs \\(or another start model"):
+        dpo.main(_recipe(str(start), data, **{"dpo.max_steps": 1}), "dpo", run, progress=False)
+    for ckpt in run.glob("step-*"):
+        shutil.rmtree(ckpt)
+    dpo.main(_recipe(str(start), data, **{"dpo.max_steps": 1}), "dpo", run, progress=False)
+    dpo.main(_recipe(str(start), data, **{"dpo.max_steps": 1}), "dpo", tmp_path / "fresh", progress=False)
+    got = load_file(str(run / "reference_logps.safetensors"))["logps"]
+    assert torch.equal(got, load_file(str(tmp_path / "fresh" / "reference_logps.safetensors"))["logps"])
+    assert not torch.allclose(got, before, atol=1e-3)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

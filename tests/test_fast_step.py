@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thinkforge.rollout.hf import decode, reserved_layer
+from thinkforge.rollout.hf import decode, kv_cache, reserved_layer
 from thinkforge.rollout.types import SamplingParams
 
 
@@ -20,18 +20,16 @@ def tiny(tmp_path, arch, **kw):
 
 def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
     """Logits of `steps` decode steps after a left-padded prefill, feeding the argmax of transformers' logits."""
-    from transformers import DynamicCache
-
     from thinkforge.models import forward_cached
     from thinkforge.rollout.fast import fast_step
     from thinkforge.rollout.types import left_pad
 
     ids, mask = left_pad(prompts, 0)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    cache.layers = [reserved_layer()(ids.shape[1] + steps) for _ in cache.layers]
     out = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        cache = kv_cache(model, ids.shape[1] + steps)  # the decode loop's: reserved layers, one dtype
+        assert all(type(x) is reserved_layer() for x in cache.layers)
         o, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         nxt, nxt_pos = o.logits[:, -1].argmax(-1), pos[:, -1] + 1
         step = fast_step(model, cache, ids.shape[1] + steps, {}) if fast else None

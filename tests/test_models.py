@@ -25,6 +25,45 @@ def test_every_architecture_inits_loads_and_takes_lora(tmp_path, arch, targets):
     assert set(targets) <= {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_A." in n}
 
 
+@pytest.mark.parametrize("arch", ["phi", "phi3", "qwen2", "llama"])
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_without_dropout_the_training_pass_is_the_eval_pass(tmp_path, arch, gradient_checkpointing):
+    """Every dropout of the config (residual, embedding, attention) at 0.3 and LoRA's at 0.3: after
+    disable_dropout a training-mode forward, loss and gradients included, equals the eval-mode one (RL and DPO
+    compare the two: PITFALLS 22); before it, it does not. The saved config keeps its dropout."""
+    from conftest import random_lora, with_dropout
+
+    path = with_dropout(tiny.init_model(tmp_path / arch, InitConfig(arch=arch, hidden=32, layers=2, heads=2)), 0.3)
+    model, tok = models.load(path, gradient_checkpointing=gradient_checkpointing)
+    model = random_lora(model, 4, 8, 0.5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3  # LoRA's (random_lora takes add_lora's default, the recipes' 0.05)
+    ids = tok("Mia has 3 apples and buys 4 more.", return_tensors="pt").input_ids
+
+    def forward(training: bool):
+        model.train(training)
+        torch.manual_seed(0)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad])
+        return [out.logits, *grads]
+
+    assert not torch.allclose(forward(True)[0], forward(False)[0], atol=1e-3)
+    models.disable_dropout(model)
+    assert all(torch.equal(a, b) for a, b in zip(forward(True), forward(False), strict=True))
+    saved = json.loads((models.save(model, tok, tmp_path / "out", merged=True) / "config.json").read_text())
+    assert [v for k, v in saved.items() if "pdrop" in k or "dropout" in k] == [0.3] * (3 if arch.startswith("phi") else 1)
+
+
+def test_a_random_layer_disable_dropout_does_not_know_stops_the_stage(tiny_model):
+    model, _ = models.load(tiny_model)
+    noise = model.model.layers[0].mlp.register_forward_hook(lambda m, _, out: out + 0.1 * torch.randn_like(out) if m.training else out)
+    with pytest.raises(RuntimeError, match="training-mode forward still differs from the eval-mode one"):
+        models.disable_dropout(model)
+    noise.remove()
+    models.disable_dropout(model)
+
+
 def test_tokenizer_has_template_and_visible_reasoning_tags(tiny_loaded):
     _, tok = tiny_loaded
     assert tok.chat_template

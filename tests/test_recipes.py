@@ -48,3 +48,19 @@ def test_phi4_recipe_has_the_papers_numbers():
     assert (r.midtrain.max_len, r.midtrain.optim.lr, r.midtrain.epochs, r.midtrain.optim.warmup_ratio, r.midtrain.packing) == (16384, 1e-5, 5, 0.1, True)
     assert (r.sft.max_len, r.sft.packing, r.dpo.optim.lr, r.dpo.epochs, r.rl.optim.lr) == (20480, False, 5e-7, 1, 5e-7)
     assert (r.rl.temperature_start, r.rl.temperature) == (1.0, 0.6)
+
+
+def test_the_model_card_names_the_stages_the_lora_dropout_ran_in():
+    """DPO and RL run without dropout: the card of a GRPO-only run states none (it once wrote the recipe's
+    0.05, a regularisation that never ran), a pipeline with SFT names where it ran."""
+    from thinkforge.report import model_card
+
+    summary = {"final_model": "/nowhere", "stages": [], "protocol": {"benchmarks": ["synthetic"], "temperature": 0.6,
+                                                                        "top_p": 0.95, "max_new_tokens": 8, "samples": 1}}
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+
+    def card(name):
+        return model_card(load_config(folder / f"{name}.yaml"), summary, "base")
+
+    assert "- LoRA: r 16, alpha 32, no dropout, targets" in card("infused-phi2")  # rl only
+    assert "- LoRA: r 16, alpha 32, dropout 0.05 in sft, targets" in card("smollm2-infused")  # distill, sft, rl

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 import re
@@ -8,9 +9,11 @@ import torch
 from thinkforge.config import load_config
 from thinkforge.errors import UserError
 from thinkforge.losses import grpo_advantages, normaliser, policy_loss
-from thinkforge.rollout.types import Completion, Rollout
+from thinkforge.rollout.hf import HFGenerator
+from thinkforge.rollout.types import Completion, Rollout, encode
 from thinkforge.rollout.vllm import SyncError
 from thinkforge.train import ppo, rl, sampling
+from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
 
 PROMPTS = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam."]
@@ -462,6 +465,49 @@ def test_truncated_importance_weights_use_the_sampling_time_policy_when_mu_is_2(
     assert stats["sampler_logp_diff"] == pytest.approx(0.0, abs=1e-6)
 
 
+class PerfectSampler(HFGenerator):
+    """In-process sampling that reports each sampled token's log-prob as a server does: the policy's, computed
+    apart from the training pass (eval mode: a server has no dropout), at the sampling temperature."""
+
+    def generate(self, prompts, n, params):
+        out = super().generate(prompts, n, params)
+        ro = Rollout.build([encode(self.tokenizer, p) for p in prompts], [list(c.token_ids) for c in out],
+                           [c.prompt_index for c in out], self.tokenizer.pad_token_id, [0.0] * len(out),
+                           temperature=params.temperature)
+        lp = logp_no_grad(self.model, ro, len(out))  # (N, C)
+        return [dataclasses.replace(c, logprobs=tuple(lp[i, : len(c.token_ids)].tolist())) for i, c in enumerate(out)]
+
+
+@pytest.mark.parametrize("model,lora,mu", [("dropout_model", True, 1), ("dropout_model", True, 2), ("dropout_model", False, 2),
+                                           ("tiny_model", True, 1)], ids=["lora-mu1", "lora-mu2", "full-mu2", "lora-only"])
+def test_with_the_recipes_dropout_every_compared_pass_sees_one_function(request, tmp_path, monkeypatch, model, lora, mu):
+    """LoRA dropout 0.05 (every LoRA recipe), on a model with Phi-2's residual dropout (and attention, embedding
+    dropout) or on one without (lora-only: the adapter's dropout acts from step 2): RL runs without dropout in
+    every pass, so a perfect sampler reads sampler_logp_diff 0 at every step, and at step 1 the first ratio is
+    exactly 1 (mu = 2: the old log-probs' pass against the loss's) and the KL to the reference exactly 0. With
+    dropout in the training pass alone they read 0.05 nats per token, up to 0.2 (PITFALLS 22)."""
+    first = []
+    real = rl.policy_loss
+
+    def spy(logp, old, adv, mask, *args, **kwargs):
+        if not first:
+            ref = args[3] if len(args) > 3 else kwargs.get("ref_logp")
+            first.append(((logp - old).abs() * mask).max().item())
+            first.append(((logp - ref).abs() * mask).max().item())
+        return real(logp, old, adv, mask, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "policy_loss", spy)
+    extra = {"rl.steps": 3, "rl.mu": mu, "rl.beta": 0.04, "rl.reward": "weighted", "lora.enabled": str(lora).lower()}
+    recipe = _recipe(request.getfixturevalue(model), "grpo", **extra)
+    recipe.rewards.weights = {"user_rewards:shorter_is_better": 1.0}  # a reward that varies: every step trains
+    assert recipe.lora.dropout == 0.05
+    rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=PerfectSampler)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"pg_loss"' in x]
+    assert len(rows) == 3 and rows[-1]["grad_norm"] > 0
+    assert [r["sampler_logp_diff"] for r in rows] == pytest.approx([0.0] * 3, abs=1e-5)
+    assert first == pytest.approx([0.0, 0.0], abs=1e-5)  # the first ratio is 1, the step-1 KL 0
+
+
 def test_ppo_targets_run_in_the_loss_pass_precision_so_the_step_1_kl_penalty_is_zero(tiny_model, tmp_path, monkeypatch):
     """Under bf16 autocast PPO's old values and the policy side of its KL-in-reward are computed in the loss
     pass's precision, like the reference: at the first step policy == reference, so the penalty is exactly 0."""
@@ -627,3 +673,55 @@ def test_out_of_memory_on_sharded_ranks_stops_the_run_instead_of_skipping_the_pr
     assert stats["generation_failures"] == 2
     with pytest.raises(RuntimeError, match="out of memory"):
         sampling.generate_groups(OutOfMemory(), ["a", "b"], 2, params, {}, sharded=True)
+
+
+def test_answers_over_the_grading_budget_reach_the_step_metrics(tiny_model, monkeypatch):
+    """RL's reward grades with the same budget: answers graded wrong for running over it are counted in the step's
+    stats and row (summed over ranks like the other counts), not silently scored -1."""
+    from thinkforge import grading
+    from thinkforge.data.sources import Problem
+    from thinkforge.models import load_tokenizer
+
+    class Heavy:
+        batch_size = 8
+
+        def generate(self, prompts, n, params):
+            return [Completion(i, "<think>x</think><answer>(x+1)^{41}/(x+1)</answer>", (1, 2), "stop")
+                    for i in range(len(prompts)) for _ in range(n)]
+
+    monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))
+    task = sampling.Task([Problem("p", "expand", "(x+1)^{40}")], lambda q: q, load_tokenizer(tiny_model))
+    cfg = load_config(None, ["rl.prompts_per_step=1", "rl.group_size=2", "rl.gen_batch=8"]).rl
+    batch, stats = sampling.collect(0, task, Heavy(), cfg, seed=0)
+    assert stats["grading_timeouts"] == 2 and stats["graded"] == 2
+    batch.loss_mask = batch.completion_mask
+    row = rl._row(batch, stats, Dist())
+    assert row["grading_timeouts"] == 2 and row["graded"] == 2
+    assert grading.timeout_warning(row["grading_timeouts"], row["graded"], "step 1").startswith("step 1: 2 of 2 answers")
+
+
+@pytest.mark.parametrize("over", [
+    {"rl.balance": "true", "rl.reward": "weighted", "rewards.weights": "{'user_rewards:flat': 1.0}"},  # nothing to balance
+    {"rl.truncation": "mask", "rl.max_new_tokens": 1}],  # every sample cut
+    ids=["balance-every-group-flat", "truncation-mask-every-sample-cut"])
+def test_steps_without_a_loss_token_are_skipped_and_three_in_a_row_stop_the_run(tiny_model, tmp_path, over):
+    """Groups are kept but no token carries loss: each such step is skipped and logged (no update), and the third
+    in a row stops the run with one line saying why and what to change (it crashed in the backward)."""
+    with pytest.raises(UserError, match=r"rl: 3 steps in a row had no token to learn from \(2 groups kept\): every "
+                                         r"(group's rewards equal under rl.balance|sample cut at rl.max_new_tokens=1)"):
+        rl.main(_recipe(tiny_model, "grpo", **over, **{"rl.steps": 5}), "rl", tmp_path / "r", progress=False)
+    events = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["event"], e["why"]) for e in events if e["step"] > 0] == [
+        (s, "empty_batch", "no loss token") for s in (1, 2, 3)]
+
+
+def test_a_step_without_a_loss_token_is_skipped_and_the_run_goes_on(tiny_model, tmp_path):
+    """Balance over groups that are flat on about half the problems: the steps where every kept group is flat
+    are skipped, the others train, and the run ends with its final model."""
+    over = {"rl.balance": "true", "rl.reward": "weighted", "rl.prompts_per_step": 1,
+            "rewards.weights": "{'user_rewards:flat_on_even_answers': 1.0}", "rl.steps": 6}
+    assert (rl.main(_recipe(tiny_model, "grpo", **over), "rl", tmp_path / "r", progress=False) / "config.json").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"] for r in rows if r.get("event") == "empty_batch"}
+    trained = {r["step"] for r in rows if "pg_loss" in r}
+    assert skipped and trained and skipped | trained == set(range(1, 7)) and not skipped & trained

@@ -50,6 +50,14 @@ def test_reinforce_pp_centres_in_the_group_and_scales_by_the_batch():
     assert reinforce_pp_advantages(r, 3).tolist() == pytest.approx([c / std for c in centered], rel=1e-6, abs=1e-6)
 
 
+def test_reinforce_pp_whitens_over_the_samples_the_step_counts():
+    """A rank's stand-in group (mask 0) moves neither the step's mean nor its std, and gets advantage 0."""
+    r = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 6.0])
+    stand_in = torch.tensor([9.0, -9.0, 3.0])
+    adv = reinforce_pp_advantages(torch.cat([r, stand_in]), 3, torch.tensor([1.0] * 6 + [0.0] * 3), lambda xs: list(xs))
+    assert adv.tolist() == pytest.approx(reinforce_pp_advantages(r, 3).tolist() + [0.0] * 3, rel=1e-6, abs=1e-6)
+
+
 @pytest.mark.parametrize("name", sorted(ADVANTAGES))
 def test_every_registered_estimator_ranks_a_groups_samples_by_reward(name):
     """Whatever is registered: within each group the best sample gets the highest advantage, the worst the
@@ -221,6 +229,23 @@ def test_gspo_has_one_ratio_per_sequence_and_the_sequence_gradient():
     # clipped as a whole: far off-policy, every token of the sequence is clipped
     _, _, clipped = POLICY_LOSSES["gspo"](logp, old - 1.0, torch.tensor([[2.0]]), mask, 0.2, 0.2)
     assert clipped.all()
+
+
+
+def test_gspo_at_the_aggregation_config_gives_it_is_the_papers_mean_over_sequences():
+    """GSPO (Zheng et al. 2025): J = 1/G sum_i min(s_i A_i, clip(s_i, 1 - lo, 1 + hi) A_i), s_i = exp(mean_t of
+    the log-ratios), at the aggregation rl.policy_loss=gspo gets unless told: a 1-token sequence counts as much as
+    a 3-token one (the token mean, once its default, weighted them 1:3)."""
+    from thinkforge.config import load_config
+
+    agg = load_config(None, ["rl.policy_loss=gspo"]).rl.loss_agg
+    logp = torch.tensor([[-1.0, 0.0, 0.0], [-0.5, -1.0, -2.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    log_ratio = torch.tensor([[math.log(1.1), 9.0, 9.0], [0.3, -0.1, 0.4]])  # the padding's 9 counts nowhere
+    loss, m = _loss(logp, logp - log_ratio, torch.tensor([1.0, 2.0]), mask, agg, kind="gspo", clip=(0.2, 0.2))
+    # s_0 = 1.1, inside [0.8, 1.2]: 1.1 x 1; s_1 = exp(0.2) = 1.2214, clipped: min(1.2214 x 2, 1.2 x 2) = 2.4
+    assert loss.item() == pytest.approx(-(1.1 * 1.0 + 1.2 * 2.0) / 2, rel=1e-6)
+    assert m["clip_fraction"] == pytest.approx(3 / 4)  # every token of the clipped sequence
 
 
 def test_cispo_clips_a_detached_weight_and_keeps_every_gradient():

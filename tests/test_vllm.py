@@ -50,7 +50,7 @@ def _no_server_left() -> bool:
 def test_grpo_on_a_vllm_server_syncs_and_proves_the_weights_every_step(vllm_model, tmp_path, lora):
     from thinkforge.train import rl
 
-    extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"] if lora else []
+    extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16"] if lora else []
     final = rl.main(_recipe(vllm_model, "rl.tis_cap=2.0", *extra), "rl", tmp_path / "run", progress=False)
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]
@@ -153,7 +153,7 @@ def test_a_push_one_step_late_is_caught_at_the_recipes_learning_rate(vllm_model,
         def load_weights(self, model):
             return super().load_weights(self.before)
 
-    extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0", "rl.optim.lr=1e-5"] if lora else [
+    extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "rl.optim.lr=1e-5"] if lora else [
         "rl.optim.lr=5e-7"]
     recipe = _recipe(vllm_model, *extra, "rl.optim.warmup_ratio=0.0")
 
@@ -235,7 +235,7 @@ def test_two_ranks_share_one_server_and_equal_one_process(vllm_model, tmp_path):
             "rl.optim.lr=1e-2", "rl.reward=weighted", "rewards.weights={'user_rewards:shorter_is_better': 1.0}",
             "rl.truncation=none", "rl.micro_batch=8", "rl.temperature=1.0", "rl.temperature_start=null",
             "rollout.backend=vllm", "rollout.max_model_len=512", f"rollout.vllm_command={COMMAND}",
-            "lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0"]
+            "lora.enabled=true", "lora.r=8", "lora.alpha=16"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
     for ranks, out in ((1, "one"), (2, "two")):
         r = subprocess.run(_cmd([*args, "--out", out], ranks), capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
@@ -261,7 +261,7 @@ def test_fsdp2_ranks_push_a_gathered_policy_and_prove_it_every_step(vllm_model, 
             "rl.max_new_tokens=16", "rl.optim.lr=1e-2", "rl.reward=weighted",
             "rewards.weights={'user_rewards:shorter_is_better': 1.0}", "rl.truncation=none", "rl.micro_batch=8",
             "rollout.backend=vllm", "rollout.max_model_len=512", f"rollout.vllm_command={COMMAND}", "--out", "run"]
-    args += ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "lora.dropout=0"] if lora else []
+    args += ["lora.enabled=true", "lora.r=8", "lora.alpha=16"] if lora else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(_cmd(args, 2, "fsdp2"), capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -43,3 +43,15 @@ def hangs_on_rank_1(completion, reference):
     if os.environ.get("RANK") == "1" and _calls["n"] == 5:
         time.sleep(600)
     return -len(completion) / 100.0
+
+
+def flat_on_even_answers(completion, reference):
+    """0 for every sample of a problem whose answer ends in an even digit (a group without reward variance:
+    dynamic sampling drops it, balance keeps none of it), else shorter is better. Decided by the problem alone,
+    so any number of ranks scores alike: the tests of statistics over the step in tests/test_distributed.py."""
+    return 0.0 if reference.strip()[-1:] in "02468" else -len(completion) / 100.0
+
+
+def flat(completion, reference):
+    """The same reward for every sample: no group has reward variance."""
+    return 0.0

@@ -21,6 +21,18 @@ import time
 def _load(path: str, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False, f32_cache: bool = False):
     import llama_cpp
 
+    # No weight repacking ("extra buffer types"): llama.cpp 0.3.36 repacks quantized weights (q8_0, Q4_1) for AMX
+    # on Intel Xeons that have it, and crashes there (SIGSEGV at load or first eval, seen on this project's
+    # machines); the plain CPU kernels compute the same numbers. The Llama class takes no such argument: its
+    # defaults are set here.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
     kv = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32) if f32_cache else {}
     return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=max(512, n_ctx), n_ubatch=512, logits_all=logits_all,
                            n_threads=threads, n_threads_batch=threads, verbose=False, **kv)

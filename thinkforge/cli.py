@@ -549,7 +549,7 @@ def data_pairs(rollout_files, model, samples, problems, per_problem, out_path, c
 @click.option("--gpu-memory", default=None, help="Memory of one GPU, e.g. 80GB or 24GB (with --gpus; default 80GB).")
 @click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp2"]), default="auto", show_default=True,
               help="How the model state is laid out over the GPUs (the accelerate config you launch with: "
-                   "recipes/accelerate/ddp.yaml or fsdp2.yaml); auto = FSDP2 on several GPUs. RL: DDP (for now).")
+                   "recipes/accelerate/ddp.yaml or fsdp2.yaml), for every stage; auto = FSDP2 on several GPUs.")
 @click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 def plan_cmd(recipe_path, gpus, gpu_memory, strategy, overrides):
     """Predict each stage's peak memory per device from the model's config (no weights), the largest

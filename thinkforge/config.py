@@ -67,7 +67,8 @@ class LoraConfig(_Section):
     enabled: bool = Field(False, description="Train a LoRA adapter instead of all weights.")
     r: int = Field(16, ge=1, description="LoRA rank (Infused Phi-2: 16).")
     alpha: int = Field(32, ge=1, description="LoRA alpha (Infused Phi-2: 32).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (Infused Phi-2: 0.05).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (Infused Phi-2: 0.05), in SFT and mid-training: "
+                           "DPO and RL turn every dropout off (their passes are compared; models.disable_dropout).")
     target_modules: list[str] | None = Field(None, description="Module names; None = the architecture's default (see models.py).")
 
 
@@ -114,7 +115,6 @@ class EvalConfig(_Section):
 class SyntheticConfig(_Section):
     difficulty: int = Field(2, ge=1, le=4, description="1-4: operations per problem and size of the numbers (test problems "
                             "are distinct arithmetic: difficulty 1 has only 28, so tests use 2 and up).")
-    n_train: int = Field(2000, ge=1, description="Training problems generated.")
     n_test: int = Field(200, ge=1, description="Held-out test problems generated (disjoint by construction).")
 
 
@@ -229,14 +229,16 @@ class RLConfig(_Stage):
     beta: float = Field(0.04, ge=0, description="KL coefficient, k3 estimator (DeepSeekMath: 0.04; DAPO: 0). 0 = no reference pass.")
     clip_low: float = Field(0.2, ge=0, lt=1, description="Ratio clip below 1 (PPO/GRPO: 0.2).")
     clip_high: float = Field(0.28, ge=0, description="Ratio clip above 1 (DAPO clip-higher: 0.28).")
-    loss_agg: Literal["sequence", "token", "constant"] = Field(
-        "token", description="sequence = GRPO, token = DAPO, constant = Dr. GRPO (G x max new tokens).")
     advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
         "grpo", description="GRPO family's advantage estimator (losses.ADVANTAGES): grpo = (r - group mean) / group std; "
         "dr_grpo = r - group mean (Dr. GRPO, Infused Phi-2); rloo = leave-one-out mean; reinforce_pp = REINFORCE++-baseline.")
     policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field(
         "ppo_clip", description="Per-token objective (losses.POLICY_LOSSES): ppo_clip (GRPO/DAPO/PPO), gspo (sequence-level "
         "ratio; the paper clips at 3e-4/4e-4), cispo (clipped, detached importance weight times log-prob).")
+    loss_agg: Literal["sequence", "token", "constant"] = Field(
+        default_factory=lambda given: OWN_AGGREGATION[given.get("policy_loss", "ppo_clip")],
+        description="sequence = GRPO, token = DAPO, constant = Dr. GRPO (G x max new tokens). Unset = the policy "
+        "loss's own (OWN_AGGREGATION): token for ppo_clip and cispo, sequence for gspo (which allows no other).")
     reward: Literal["verifiable", "weighted"] = Field(
         "verifiable", description="verifiable = +1/-1 (Phi-4 recipe); weighted = rewards.weights (Infused Phi-2).")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups with zero reward variance and sample more prompts.")
@@ -289,9 +291,23 @@ class RLConfig(_Stage):
                                  f"remove it or set rl.algo={other.lower()}")
         return self
 
+    @model_validator(mode="after")
+    def _gspo_averages_over_sequences(self) -> RLConfig:
+        """GSPO's objective is a mean over sequences (losses.gspo); token or constant aggregation would weight each
+        sequence by its length: another objective than the paper's."""
+        if self.policy_loss == "gspo" and self.loss_agg != "sequence":
+            raise ValueError(f"rl.loss_agg={self.loss_agg!r} weights each rl.policy_loss=gspo sequence by its length; GSPO "
+                             f"(Zheng et al. 2025) averages over sequences: remove rl.loss_agg or set it to sequence")
+        return self
 
-# What each algorithm does where the other has a knob (RLConfig's check above).
-PPO_IGNORES = {"loss_agg": "token", "advantage": "grpo", "balance": False, "policy_loss": "ppo_clip"}
+
+# Each policy loss's aggregation in its paper, rl.loss_agg's default: DAPO's token mean for ppo_clip (GRPO's
+# sequence mean is a setting away), MiniMax-M1's token mean for CISPO, GSPO's mean over sequences.
+OWN_AGGREGATION = {"ppo_clip": "token", "gspo": "sequence", "cispo": "token"}
+
+# What each algorithm does where the other has a knob (RLConfig's check above); policy_loss first, as the
+# aggregation follows it.
+PPO_IGNORES = {"policy_loss": "ppo_clip", "loss_agg": "token", "advantage": "grpo", "balance": False}
 GRPO_IGNORES = {name: RLConfig.model_fields[name].default for name in
                 ("gamma", "lam", "value_clip", "vf_coef", "value_lr_scale", "value_trunk")}
 
@@ -447,7 +463,12 @@ def _section_at(schema: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return schema
 
 
-RENAMED = {"rl.scale_advantages": "rl.advantage (grpo = divided by the group std, dr_grpo = not)"}
+RENAMED = {"rl.scale_advantages": "rl.advantage (grpo = divided by the group std, dr_grpo = not)",
+           "synthetic.n_train": "distill.n_problems and rl.n_problems (the synthetic training problems each stage "
+                                "draws; synthetic.n_train was read by nothing)"}
+# Removed keys at the value every earlier run's config.yaml holds (the dump writes every key): dropped on
+# reading, as no user's setting; any other value is one, and RENAMED names what does that job now.
+REMOVED_DEFAULTS = {("synthetic", "n_train"): 2000}
 # Keys every training stage had at its top level before the shared optimizer/checkpoint schemas (2026-11-29):
 # the config.yaml of every earlier run holds them, so they are read as their new names, with a warning.
 MOVED = {**{k: ("optim", k) for k in ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "clip")},
@@ -495,9 +516,17 @@ def _explain(err: ValidationError, schema: type[BaseModel], source: str) -> str:
     return f"{source}: config key {key!r}: {e['msg']} (got {e.get('input')!r})"
 
 
+def _drop_removed_defaults(data: dict) -> dict:
+    data = dict(data)
+    for (section, key), old in REMOVED_DEFAULTS.items():
+        if isinstance(data.get(section), dict) and key in data[section] and data[section][key] == old:
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+    return data
+
+
 def validate(data: dict, schema: type[BaseModel] = Recipe, source: str = "config") -> BaseModel:
     try:
-        return schema.model_validate(_move_flat_stage_keys(data, schema, source))
+        return schema.model_validate(_move_flat_stage_keys(_drop_removed_defaults(data), schema, source))
     except ValidationError as err:
         raise UserError(_explain(err, schema, source)) from None
 

@@ -164,7 +164,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 # ---------------------------------------------------------------- RL: advantage estimators
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+def grpo_advantages(rewards: torch.Tensor, group_size: int, mask=None, total=None, eps: float = 1e-4) -> torch.Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath): A_i = (r_i - mean(r)) / (std(r) + eps) within each group.
 
     rewards (B*G,) ordered group by group -> (B*G,). std is the unbiased sample std, as in DeepSeekMath and
@@ -177,27 +177,32 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -
     return adv.reshape(-1)  # (B*G,)
 
 
-def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int, mask=None, total=None) -> torch.Tensor:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = r_i - mean(r), no std."""
     r = rewards.view(-1, group_size)  # (B, G)
     return (r - r.mean(-1, keepdim=True)).reshape(-1)
 
 
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor, group_size: int, mask=None, total=None) -> torch.Tensor:
     """RLOO (Ahmadian et al. 2024): A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline."""
     r = rewards.view(-1, group_size)  # (B, G)
     others = (r.sum(-1, keepdim=True) - r) / (group_size - 1)
     return (r - others).reshape(-1)
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-8) -> torch.Tensor:
-    """REINFORCE++-baseline (Hu et al. 2025): A_i = r_i - mean(group), then whitened over the whole batch
-    (the batch's std, population, instead of each group's: no division by a near-zero group std)."""
+def reinforce_pp_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor | None = None, total=None,
+                            eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++-baseline (Hu et al. 2025): A_i = r_i - mean(group), then whitened over the whole step's
+    samples (the step's std, population, instead of each group's: no division by a near-zero group std).
+    mask (B*G,): the samples the step counts (None: all); total: sums over the ranks (`Dist.all_sum`) where
+    the step's groups are split over them, so the mean and std are the step's, as one process computes them."""
     centered = dr_grpo_advantages(rewards, group_size)  # (B*G,)
-    return (centered - centered.mean()) / (centered.std(unbiased=False) + eps)
+    return masked_whiten(centered, torch.ones_like(centered) if mask is None else mask, eps, total)
 
 
-# Estimators by name (rl.advantage). Adding one is adding a function (rewards (B*G,), G) -> (B*G,).
+# Estimators by name (rl.advantage): (rewards (B*G,), G, mask, total) -> (B*G,). Adding one is adding a function.
+# A statistic beyond one group (REINFORCE++'s whitening) is the step's: over the samples in `mask`, summed over
+# the ranks by `total` (PITFALLS 23); the group-local estimators need neither (a rank holds whole groups).
 ADVANTAGES = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages,
               "reinforce_pp": reinforce_pp_advantages}
 
@@ -227,7 +232,8 @@ def gspo(logp, old_logp, adv, mask, clip_low, clip_high):
     """GSPO (Zheng et al. 2025): one ratio per sequence, s_i = exp(mean_t(logp - old_logp)), clipped as a whole.
 
     In its token form (GSPO-token) each token carries s_i * pi / sg(pi): the value s_i and the gradient
-    s_i * grad log pi_t, so the sequence aggregation gives the paper's gradient. The paper clips at 3e-4 / 4e-4.
+    s_i * grad log pi_t, so the sequence aggregation (the only one config allows with GSPO) gives the paper's
+    objective 1/G sum_i min(s_i A_i, clip(s_i) A_i) and its gradient. The paper clips at 3e-4 / 4e-4.
     """
     log_s = masked_mean(logp - old_logp, mask, -1).unsqueeze(-1)  # (N, 1)
     return _clipped(torch.exp(log_s.detach() + logp - logp.detach()), adv, clip_low, clip_high)

@@ -3,6 +3,7 @@
 - load(name_or_path, ...): any Hugging Face causal LM by hub id or local folder, or a PEFT adapter folder
   (its base is loaded first). 4-bit NF4 (QLoRA) through bitsandbytes only where CUDA is present.
 - add_lora(model, ...): PEFT LoRA with per-architecture default targets (LORA_TARGETS).
+- disable_dropout(model): the training-mode forward made the eval-mode one (RL and DPO: PITFALLS 22).
 - save(model, tokenizer, out): a standard folder, full weights or a PEFT adapter (optionally merged),
   written to a temporary folder and renamed, safetensors only.
 Tiny random-init models for tests and the demo are in tiny.py.
@@ -193,6 +194,33 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
         raise UserError(f"LoRA target modules {missing} are not in this model; its linear layers are {linear}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def disable_dropout(model) -> None:
+    """Make `model`'s training-mode forward its eval-mode forward: every dropout module off (the config's
+    residual, embedding and MLP dropout, PEFT's LoRA dropout) and every probability an attention or MoE module
+    hands its kernel as a number (`attention_dropout`, `dropout_p`, `layerdrop`, `jitter_noise`, ...). RL and
+    DPO compare the training pass with passes in eval mode (sampler, reference, old log-probs): with dropout in
+    one of them, ratios, KL, implicit rewards and the sampler mismatch measure dropout noise (PITFALLS 22).
+    The config is left as it is: a saved model keeps its dropout for a stage that trains with it (SFT).
+    A probe forward then checks both modes agree (an architecture with noise under another name fails here)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("drop" in name or "jitter" in name):
+                setattr(module, name, 0.0)
+    was = model.training
+    ids = torch.arange(8, device=model.device).unsqueeze(0) % model.config.vocab_size  # (1, 8)
+    with torch.no_grad():
+        got = [model.train(mode)(input_ids=ids, use_cache=False).logits.float() for mode in (True, False)]
+    model.train(was)
+    if not torch.allclose(*got, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"{type(model).__name__}: the training-mode forward still differs from the eval-mode one "
+                           f"by {(got[0] - got[1]).abs().max().item():.3g} with every known dropout off: a random "
+                           "layer this code does not know, which RL and DPO would compare (PITFALLS 22)")
 
 
 def forward_cached(model, cache, **inputs):

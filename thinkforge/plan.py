@@ -4,16 +4,19 @@
 
 No weights are read: the parameter count comes from the architecture built on the meta device. Per device:
 - model state: trained weights (fp32 master weights), their gradients (fp32) and AdamW's two moments (fp32),
-  frozen weights in model.dtype (a LoRA base); FSDP2 divides all of it by the ranks (plus two gathered layers
-  in flight), DDP keeps it whole; RL's frozen reference (full fine-tuning with beta > 0) is a second copy;
+  frozen weights (a LoRA base) in the dtype training loads them in (`train.loop.weights_dtype`: model.dtype,
+  auto = bf16 on CUDA; 4-bit QLoRA: half a byte per quantized weight, the rest float32); FSDP2 divides all of
+  it by the ranks (plus two gathered layers in flight), DDP keeps it whole; RL's frozen reference (full
+  fine-tuning with beta > 0) is a second copy;
 - activations: per token and layer, the tensors autograd keeps (about 8 D + 5 I + 3 kv elements; calibrated
   below); with gradient checkpointing only each layer's input plus one layer recomputed; no (T, T) mask
   (train/attention.py), except where the model keeps transformers' own (a sliding window shorter than the row,
   soft-capped scores, and not flash-attention);
 - the output head: one chunk of fp32 logits (train/head.py) about twice over in the backward, never
   the (T, V) logits;
-- RL: the rollout KV cache of the in-process backend (generation and backward do not overlap), or vLLM's
-  share of the device when it is started here (`--gpu-memory-utilization`);
+- RL: the rollout KV cache of the in-process backend, keys and values in the dtype it stores them in
+  (`rollout.hf.kv_dtype`; generation and backward do not overlap), or vLLM's share of the device when it is
+  started here (`--gpu-memory-utilization`);
 - the runtime: CUDA context, or on a CPU the interpreter with torch and transformers.
 The largest micro-batch that fits comes from the per-row cost; a stage that does not fit says what to change.
 Calibrated on this CPU against the measured peak of one step (BENCHMARKS.md, benchmarks/plan_vs_measured.py).
@@ -49,6 +52,7 @@ class Shape:
     vocab: int
     tied: bool
     lora_params: int  # the adapter's parameters for the recipe's LoRA targets (0 without LoRA)
+    quantizable: int  # weights of the linear layers 4-bit loading quantizes (all but the output layer)
 
     @property
     def layer_params(self) -> int:
@@ -66,6 +70,8 @@ def shape_of(config, lora=None) -> Shape:
     heads = text.num_attention_heads
     head_dim = text.to_dict().get("head_dim") or text.hidden_size // heads
     kv = (text.to_dict().get("num_key_value_heads") or heads) * head_dim
+    output = model.get_output_embeddings()
+    quantizable = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output)
     lora_params = 0
     if lora is not None and lora.enabled:
         from thinkforge.models import default_lora_targets
@@ -75,7 +81,8 @@ def shape_of(config, lora=None) -> Shape:
             if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
                 lora_params += lora.r * (module.in_features + module.out_features)
     return Shape(sum(p.numel() for p in model.parameters()), text.num_hidden_layers, text.hidden_size,
-                 text.intermediate_size, kv, text.vocab_size, bool(text.to_dict().get("tie_word_embeddings")), lora_params)
+                 text.intermediate_size, kv, text.vocab_size, bool(text.to_dict().get("tie_word_embeddings")), lora_params,
+                 quantizable)
 
 
 @dataclass(frozen=True)
@@ -94,9 +101,26 @@ class Setting:
     kv_cache: int  # RL in-process rollouts: sequences generated together (0: none / a server)
     kv_tokens: int
     vllm_share: float  # share of the device vLLM takes when started here
+    weights: str  # the dtype training loads the weights in (train.loop.weights_dtype)
+    in_4bit: bool  # model.load_in_4bit (QLoRA)
+    stream_bytes: int  # one element of the residual stream: the embedding's dtype (fp32 master weights: 4)
+    kv_bytes: int  # one key or value element in the rollout KV cache (rollout.hf.kv_dtype)
 
 
-def predict(shape: Shape, s: Setting, gpus: int, strategy: str, device: str, frozen_bytes: int, batch: int | None = None) -> dict:
+def frozen_bytes(shape: Shape, s: Setting) -> float:
+    """The frozen weights of a LoRA run: the base in s.weights; in 4 bits, half a byte per quantized weight and
+    float32 for the rest (embeddings, norms, the output layer: PEFT's prepare_model_for_kbit_training casts
+    them up). 0 without LoRA: every weight trains."""
+    import torch
+
+    if not shape.lora_params:
+        return 0.0
+    if s.in_4bit:
+        return shape.quantizable * 0.5 + (shape.params - shape.quantizable) * 4
+    return shape.params * getattr(torch, s.weights).itemsize
+
+
+def predict(shape: Shape, s: Setting, gpus: int, strategy: str, device: str, batch: int | None = None) -> dict:
     """Bytes per device by component, for `batch` items per micro-batch (default s.batch). The rollout KV cache
     and the training pass are not alive together: the peak is `peak(parts)`."""
     from thinkforge.train.head import chunk_tokens
@@ -105,7 +129,7 @@ def predict(shape: Shape, s: Setting, gpus: int, strategy: str, device: str, fro
     shard = gpus if strategy == "fsdp2" and gpus > 1 else 1
     trained = shape.lora_params or shape.params
     state = trained * (4 + 4 + 8)  # fp32 weights, gradients, AdamW moments
-    frozen = shape.params * frozen_bytes if shape.lora_params else 0
+    frozen = frozen_bytes(shape, s)
     # FSDP2 (no mixed-precision policy): two fp32 layers gathered in flight, and the root's embedding and output
     # layer unsharded from forward to backward (weights and gradients); AdamW's foreach step on CUDA: one
     # temporary per trained parameter
@@ -116,15 +140,15 @@ def predict(shape: Shape, s: Setting, gpus: int, strategy: str, device: str, fro
            "reference": shape.params * 4 / shard if s.reference and not shape.lora_params else 0.0}
     tokens = b * s.rows_per_item * s.row_tokens
     per_layer = ACT_D * shape.hidden + ACT_I * shape.intermediate + ACT_KV * shape.kv_width
-    if s.checkpointing:  # each layer's input is the fp32 residual stream (fp32 master weights), one layer recomputed
-        acts = tokens * (4 * shape.layers * shape.hidden + s.act_bytes * per_layer)
+    if s.checkpointing:  # each layer's input is the residual stream (in the embedding's dtype), one layer recomputed
+        acts = tokens * (s.stream_bytes * shape.layers * shape.hidden + s.act_bytes * per_layer)
     else:
         acts = tokens * s.act_bytes * shape.layers * per_layer
     acts += tokens * s.act_bytes * 2 * shape.hidden  # embeddings, final norm
     acts += (b * s.rows_per_item * s.row_tokens**2 * MASK_BYTES[device]) if s.masks else 0
     out["activations"] = acts
     out["output head"] = HEAD_COPIES * chunk_tokens(shape.vocab, s.head_chunk) * shape.vocab * 4 + tokens * shape.hidden * 4
-    out["rollout KV cache"] = s.kv_cache * s.kv_tokens * shape.layers * 2 * shape.kv_width * s.act_bytes
+    out["rollout KV cache"] = s.kv_cache * s.kv_tokens * shape.layers * 2 * shape.kv_width * s.kv_bytes
     out["runtime"] = RUNTIME[device]
     return out
 
@@ -137,11 +161,21 @@ def peak(parts: dict) -> float:
 
 def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
     """How `stage` runs: from the recipe, and from the model's config whether its attention keeps transformers'
-    (T, T) masks (a sliding window shorter than the row, soft-capped scores: train/attention.py)."""
+    (T, T) masks (a sliding window shorter than the row, soft-capped scores: train/attention.py). The dtypes
+    are the ones the code takes: the weights' from `train.loop.weights_dtype`, the KV cache's from
+    `rollout.hf.kv_dtype` (after 4-bit loading the unquantized weights, the embedding first, are float32)."""
+    import torch
+
+    from thinkforge.rollout.hf import kv_dtype
+    from thinkforge.train.loop import weights_dtype
+
     cfg = getattr(recipe, stage)
     m = recipe.model
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda")
     text = config.get_text_config().to_dict() if config is not None else {}
+    weights = weights_dtype(recipe, device)
+    stream = torch.float32 if m.load_in_4bit else getattr(torch, weights)  # the embedding's: the first weight
+    dtypes = (weights, m.load_in_4bit, stream.itemsize, kv_dtype(stream, torch.bfloat16 if bf16 else None).itemsize)
 
     def masked(row: int, padded: bool) -> bool:  # everything else attends without a mask (train/attention.py)
         window = text.get("sliding_window")
@@ -151,10 +185,10 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
     if stage in ("midtrain", "sft"):
         return Setting(stage, cfg.max_len, 1, cfg.batch_size, m.gradient_checkpointing,
                        masked(cfg.max_len, cfg.packing or cfg.batch_size > 1), 2 if bf16 else 4, cfg.head_chunk, False,
-                       0, 0, 0.0)
+                       0, 0, 0.0, *dtypes)
     if stage == "dpo":
         return Setting(stage, cfg.max_len, 2, cfg.batch_size, m.gradient_checkpointing, masked(cfg.max_len, True),
-                       2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0)
+                       2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0, *dtypes)
     row = RL_PROMPT + cfg.max_new_tokens
     in_process = recipe.rollout.backend == "hf"
     share = 0.0
@@ -162,7 +196,7 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
         found = re.search(r"--gpu-memory-utilization[ =]([0-9.]+)", recipe.rollout.vllm_args)
         share = float(found.group(1)) if found else 0.9
     return Setting(stage, row, 1, cfg.micro_batch, m.gradient_checkpointing, masked(row, True), 2 if bf16 else 4,
-                   cfg.head_chunk, cfg.beta > 0, cfg.gen_batch if in_process else 0, row, share)
+                   cfg.head_chunk, cfg.beta > 0, cfg.gen_batch if in_process else 0, row, share, *dtypes)
 
 
 def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) -> list[dict]:
@@ -172,16 +206,14 @@ def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) 
     device = "cuda" if gpus > 0 else "cpu"
     config = config or _config(recipe)
     shape = shape_of(config, recipe.lora)
-    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    frozen_bytes = 0.5 if recipe.model.load_in_4bit else {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
     rows = []
     for stage in [s for s in recipe.pipeline.stages if isinstance(getattr(recipe, s), _Stage)]:
         strat = strategy if strategy != "auto" else ("fsdp2" if gpus > 1 else "ddp")
         s = settings_for(recipe, stage, device, config)
         budget = memory * (1 - s.vllm_share)
-        parts = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes)
-        zero = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes, batch=0)
-        one = predict(shape, s, max(gpus, 1), strat, device, frozen_bytes, batch=1)
+        parts = predict(shape, s, max(gpus, 1), strat, device)
+        zero = predict(shape, s, max(gpus, 1), strat, device, batch=0)
+        one = predict(shape, s, max(gpus, 1), strat, device, batch=1)
         fixed = zero["model state"] + zero["reference"] + zero["runtime"] + zero["activations"] + zero["output head"]
         per_item = one["activations"] + one["output head"] - zero["activations"] - zero["output head"]
         fits = max(0, math.floor((budget - fixed) / per_item))
@@ -214,7 +246,7 @@ def _advice(recipe, stage: str, s: Setting, strategy: str, fits: tuple, fixed: f
                     f"row's (T, T) attention mask alone is {s.row_tokens**2 / GB:.1f} GB")
     if train < s.batch and not s.checkpointing:
         tips.append("model.gradient_checkpointing=true")
-    if fixed > budget and strategy != "fsdp2" and stage != "rl":
+    if fixed > budget and strategy != "fsdp2":
         tips.append("FSDP2 over more GPUs (recipes/accelerate/fsdp2.yaml) to shard the model state")
     if train < 1:
         tips.append(f"a shorter {length}")

@@ -119,7 +119,9 @@ def model_card(recipe, summary: dict, base: str, out: Path | None = None) -> str
     hp = [f"- {STAGES[s].title[0].upper()}{STAGES[s].title[1:]} (stage {STAGE_NUMBER[s]}): {STAGES[s].describe(recipe)}"
           f"{_ran(out, s)}" for s in stages if s in STAGES]
     if recipe.lora.enabled:
-        hp.append(f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, dropout {recipe.lora.dropout}, "
+        with_dropout = [s for s in stages if s in STAGES and STAGES[s].module == "sft"]  # DPO and RL run without
+        dropout = f"dropout {recipe.lora.dropout} in {', '.join(with_dropout)}" if with_dropout else "no dropout"
+        hp.append(f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, {dropout}, "
                   f"targets {recipe.lora.target_modules or 'architecture default'}")
     system = recipe.model.system_prompt if recipe.model.system_prompt is not None else SYSTEM_PROMPT
     prompt_line = _prompt_line(recipe.model.prompt_format, final)

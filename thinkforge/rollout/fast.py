@@ -229,10 +229,9 @@ class FastStep:
             keys_, values = layer.k_buf[:, :, : at + 1], layer.v_buf[:, :, : at + 1]
             layer.keys, layer.values = keys_, values
             q = qk[:, :hq].to(keys_.dtype).view(b, hkv, group, d)  # query head i reads kv head i // group (repeat_kv)
-            if not padded and keys_.dtype == values.dtype:  # every key counts: sdpa, a group's heads as its queries
+            if not padded:  # every key counts: sdpa, a group's heads as its queries
                 o = F.scaled_dot_product_attention(q, keys_, values, scale=self.scale)
-            else:  # two batched products, softmax in float32 (CPU sdpa with a mask: ~1 ms per call at 32 rows;
-                # under autocast the cache holds float32 keys and bf16 values, as transformers' layers hand them)
+            else:  # two batched products, softmax in float32 (CPU sdpa with a mask: ~1 ms per call at 32 rows)
                 scores = torch.matmul(q, keys_.transpose(-1, -2)).float().mul_(self.scale).masked_fill_(hidden, float("-inf"))
                 o = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # (B, hkv, group, d)
             h = h + self._linear(o.reshape(b, hq * d).to(w), o_w)

@@ -252,8 +252,6 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
     it has stopped (the cache rows are selected, not recomputed).
     """
     import torch
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     device = model.device
     if min_new_tokens is None:
@@ -261,9 +259,8 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
     ids, mask = left_pad(encoded, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = kv_cache(model, ids.shape[1] + params.max_new_tokens)
     reserved = reserved_layer()
-    cache.layers = [reserved(ids.shape[1] + params.max_new_tokens) if type(x) is DynamicLayer else x for x in cache.layers]
     step = lockstep or (lambda going: going)
     with torch.no_grad():
         step(True)
@@ -310,6 +307,47 @@ def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop
                 logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
     return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+def kv_dtype(weights, autocast=None):
+    """The one dtype the decode loop's KV cache holds keys and values in: autocast's where it is on (`autocast`,
+    None when off), else the weights' (torch dtypes). Attention reads both in it (autocast runs sdpa and matmul
+    in it, transformers' flash-attention casts to it), yet under bf16 autocast over float32 weights transformers'
+    layers hand float32 keys (bf16 projections turned by float32 cos/sin) beside bf16 values: a float32 key cache
+    costs half as much again for keys read in bf16. `thinkforge plan` counts the cache with this."""
+    return autocast or weights
+
+
+def kv_cache(model, capacity: int):
+    """A KV cache for `model`'s decode loop, its full-attention layers reserved for `capacity` positions
+    (`reserved_layer`), keys and values stored in `kv_dtype` under the autocast in force."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    device = model.device.type
+    weights = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = kv_dtype(weights, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    cache = _cache_class()(model.config, dtype)
+    cache.layers = [reserved_layer()(capacity) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+@functools.cache
+def _cache_class():
+    """The Cache class (made on first use: transformers is imported lazily)."""
+    from transformers import DynamicCache
+
+    class Cache(DynamicCache):
+        """transformers' DynamicCache storing every layer's keys and values in one dtype (`kv_dtype`)."""
+
+        def __init__(self, config, dtype):
+            super().__init__(config=config)
+            self.kv_dtype = dtype
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(self.kv_dtype), value_states.to(self.kv_dtype), layer_idx, *args, **kwargs)
+
+    return Cache
 
 
 @functools.cache

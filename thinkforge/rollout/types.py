@@ -145,6 +145,9 @@ class Rollout:
       ref_logp (N, C)  the reference's log-probs; None without a KL term
       values, returns (N, C)  the critic's values before the update and its targets (PPO); else None
       sampler_logp (N, C)  the rollout server's log-probs of the sampled tokens (vLLM), else None
+    stand_in: a copy of another rank's group, on a rank of several that holds none of the step's groups (it
+      kept fewer groups than there are ranks): it runs the forwards every rank must join, and counts in no
+      loss, advantage or statistic
     """
 
     prompt_ids: torch.Tensor
@@ -164,6 +167,7 @@ class Rollout:
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     sampler_logp: torch.Tensor | None = None
+    stand_in: bool = False
 
     @property
     def group_size(self) -> int:

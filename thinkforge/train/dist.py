@@ -46,11 +46,17 @@ class Dist:
         a stand-in forward while this is true, so the sharded forwards' collectives pair up)."""
         return self.all_max(float(going)) > 0
 
-    def bounds(self, n: int) -> tuple[int, int]:
-        """[start, end) of this rank's contiguous share of n items (the first ranks one more where it does not divide)."""
+    def bounds(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """[start, end) of this rank's (or `rank`'s) contiguous share of n items (the first ranks one more where
+        it does not divide)."""
+        rank = self.rank if rank is None else rank
         k, extra = divmod(n, self.world)
-        start = self.rank * k + min(self.rank, extra)
-        return start, start + k + (self.rank < extra)
+        start = rank * k + min(rank, extra)
+        return start, start + k + (rank < extra)
+
+    def holder(self, i: int, n: int) -> int:
+        """The rank whose share of n items holds item i."""
+        return next(r for r in range(self.world) if self.bounds(n, r)[1] > i)
 
     def share(self, items: list) -> list:
         """This rank's contiguous share of a step's items."""
@@ -64,6 +70,24 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def all_gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's list, in rank order (the lengths may differ; two all-reduces, float64: exact)."""
+        if self.world == 1:
+            return [list(values)]
+        counts = [int(c) for c in self.all_sum([len(values) if r == self.rank else 0 for r in range(self.world)])]
+        start = sum(counts[: self.rank])
+        flat = self.all_sum([0.0] * start + list(values) + [0.0] * (sum(counts) - start - len(values)))
+        return [flat[sum(counts[:r]) : sum(counts[: r + 1])] for r in range(self.world)]
+
+    def exchange(self, items: dict) -> dict:
+        """Every rank's items (picklable values by key), merged: one all-gather of Python objects, so it is
+        for what must travel between ranks (a step's sampled groups), not for numbers."""
+        if self.world == 1:
+            return dict(items)
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, items)
+        return {k: v for part in parts for k, v in part.items()}
 
     def normaliser(self, local: Normaliser) -> Normaliser:
         """The step's normaliser from this rank's part: its denominator summed over ranks (the one

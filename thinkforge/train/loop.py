@@ -148,13 +148,20 @@ def start_model(recipe, run_dir: str | Path) -> str:
 TRAINABLE_DTYPES = {"float32": torch.float32, "pure_bfloat16": torch.bfloat16, "pure_float16": torch.float16}
 
 
-def weights_dtype(recipe) -> str:
-    """The dtype a stage loads its weights in: the frozen weights' (model.dtype) when only an adapter trains,
-    else the trained weights' own (model.trainable_dtype), so a checkpoint of fp32 master weights resumes
-    exactly and a full reference model computes what the policy computes (step-1 KL 0)."""
+def weights_dtype(recipe, device: str) -> str:
+    """The dtype a stage on `device` loads its weights in. When only an adapter trains: the frozen base's,
+    model.dtype (auto = bfloat16 on CUDA, float32 on a CPU), as PEFT and TRL load a LoRA base: frozen weights
+    take no optimizer step, so no update is lost below half an ulp (PITFALLS 14), bf16 autocast feeds their
+    products bf16 either way (the residual stream, the embedding's output, is then bf16 too, as in vLLM), and
+    the base takes half the memory of float32; the adapter trains in
+    model.trainable_dtype (`load_for_training`). Else the trained weights' own (model.trainable_dtype), so a
+    checkpoint of fp32 master weights resumes exactly and a full reference model computes what the policy
+    computes (step-1 KL 0). `thinkforge plan` counts the weights in this dtype."""
+    from thinkforge import models
+
     m = recipe.model
     if recipe.lora.enabled or m.load_in_4bit:
-        return m.dtype if m.dtype != "auto" else "float32"
+        return str(models.resolve_dtype(m.dtype, device)).removeprefix("torch.")
     return {"float32": "float32", "pure_bfloat16": "bfloat16", "pure_float16": "float16"}[m.trainable_dtype]
 
 
@@ -168,7 +175,8 @@ def load_for_training(recipe, run_dir: str | Path):
     m = recipe.model
     ckpt = latest_checkpoint(run_dir)
     source = str(ckpt / "model") if ckpt else start_model(recipe, run_dir)
-    model, tok = models.load(source, weights_dtype(recipe), m.device, m.trust_remote_code, m.load_in_4bit,
+    device = models.resolve_device(m.device)
+    model, tok = models.load(source, weights_dtype(recipe, device), device, m.trust_remote_code, m.load_in_4bit,
                              m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
     if recipe.lora.enabled and not models.is_adapter(model):
         model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)

@@ -4,9 +4,11 @@ Each step of `main` reads as the algorithm:
     batch = collect(...)          sample G completions per prompt at the annealed temperature, score them
                                   (+1/-1, or the weighted Infused Phi-2 set), filter groups (zero variance,
                                   easy, all wrong, uniform length), refill (dynamic sampling): sampling.py
-    batch.ref_logp                the reference's log-probs (LoRA: the adapter disabled) when beta > 0
     batch.advantages              ADVANTAGES[rl.advantage] over each group (GRPO, Dr. GRPO, RLOO, REINFORCE++),
-                                  or, with PPO's critic (ppo.py), GAE over its value head
+                                  then balance's mask; every statistic over several samples is the step's
+                                  (all ranks, PITFALLS 23). A step with no loss token is skipped
+    batch.ref_logp                the reference's log-probs (LoRA: the adapter disabled) when beta > 0
+                                  (PPO's critic, ppo.py: then advantages by GAE over its value head)
     norm = normaliser(...)        the step's one loss normaliser (token / sequence / constant)
     backward(...)                 -norm(POLICY_LOSSES[rl.policy_loss] - beta KL) per micro-batch (+ vf_coef x
                                   the value loss where there is a critic)
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import models, rollout
+from thinkforge import grading, models, rollout
 from thinkforge.config import Recipe, RLConfig
 from thinkforge.data.sources import training_problems
 from thinkforge.errors import UserError
@@ -43,15 +45,16 @@ from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
 from thinkforge.train.sampling import Task, collect, preflight, unlearnable
 
-MAX_EMPTY_STEPS = 3  # consecutive steps that keep no group before the run stops with the reasons
+MAX_EMPTY_STEPS = 3  # consecutive steps with nothing to learn from (no group kept, no loss token) before the run stops
 
 
 # ---------------------------------------------------------------- the loss mask, advantages and the update
 
 
 def loss_mask(batch: Rollout, cfg: RLConfig) -> torch.Tensor:
-    """(N, C) the completion tokens that carry loss: a truncated sample carries none under truncation=mask."""
-    mask = batch.completion_mask.float()
+    """(N, C) the completion tokens that carry loss: a truncated sample carries none under truncation=mask, a
+    stand-in (Rollout.stand_in) none at all."""
+    mask = batch.completion_mask.float() * counted(batch).unsqueeze(-1)
     if cfg.truncation == "mask":
         mask = mask * (~batch.truncated).float().unsqueeze(-1)
     return mask
@@ -67,14 +70,38 @@ def balance_mask(adv: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return keep
 
 
+def counted(batch: Rollout) -> torch.Tensor:
+    """(N,) 1.0 on the samples the step counts: all of them, none of a stand-in (Rollout.stand_in)."""
+    return torch.full((len(batch.texts),), 0.0 if batch.stand_in else 1.0)
+
+
+def advantages(batch: Rollout, name: str, dist: Dist = Dist()) -> torch.Tensor:
+    """(N,) ADVANTAGES[name]: each sample against its group, and a statistic beyond the group (REINFORCE++'s
+    whitening) over the whole step, every rank's samples (PITFALLS 23)."""
+    return ADVANTAGES[name](batch.rewards, batch.group_size, counted(batch), dist.all_sum)
+
+
+def balance(batch: Rollout, rng: random.Random, dist: Dist = Dist()) -> torch.Tensor:
+    """(N,) this rank's part of the step's re-balancing mask: balance_mask over every rank's advantages in the
+    step's order, drawn from the same rng on each rank, so N ranks keep the samples one process keeps."""
+    mine = [] if batch.stand_in else batch.advantages.tolist()
+    parts = dist.all_gather(mine)
+    keep = balance_mask(torch.tensor([a for part in parts for a in part]), rng)  # (every rank's N,)
+    start = sum(len(part) for part in parts[: dist.rank])
+    return keep[start : start + len(mine)] if mine else counted(batch)
+
+
 def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | None = None,
              dist: Dist = Dist()) -> dict[str, float]:
     """One backward pass over the batch, micro-batch by micro-batch (those with loss tokens). Each divides by
     the step's normaliser, so their gradients add up to the full batch's; on N ranks every rank joins as many
     rounds as the busiest (zero-weight repeats). With PPO's critic the value loss joins the policy loss, once
-    weighted by vf_coef, and the KL is in the reward instead. Returns the step's loss statistics (over every rank)."""
+    weighted by vf_coef, and the KL is in the reward instead. Returns the step's loss statistics (over every
+    rank). The step has loss tokens: rl.main skips one without."""
     totals: dict[str, float] = {}
     tokens = dist.all_sum([float(batch.loss_mask.sum())])[0]
+    if tokens == 0:
+        raise ValueError("a step without loss tokens has no gradient: rl.main skips it before the backward")
     beta = cfg.beta if critic is None else 0.0  # PPO: the KL penalty is in the reward (ppo.Critic.targets)
     micro = [slice(i, i + cfg.micro_batch) for i in range(0, len(batch.texts), cfg.micro_batch)
              if batch.loss_mask[i : i + cfg.micro_batch].sum() > 0]
@@ -103,7 +130,9 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | No
             totals[key] = totals.get(key, 0.0) + (v / dist.world if key in ("pg_loss", "value_loss") else v * w)
         if "entropy" not in totals:  # of the first micro-batch: its softmax costs another pass of the output layer
             totals["entropy"] = masked_mean(ent, mask).item()
-    return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": totals["entropy"]}
+    # the step's first micro-batch is on the first rank that has one (the others ran zero-weight passes)
+    entropy = next(e for e, real in dist.all_gather([totals.pop("entropy"), float(bool(micro))]) if real)
+    return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": entropy}
 
 
 def sampler_correction(old: torch.Tensor, batch: Rollout, rows: slice, mask: torch.Tensor, cap: float | None):
@@ -149,12 +178,13 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     loop.seed_everything(recipe.seed)
     dist = distributed.init(recipe.collective_timeout)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
+    models.disable_dropout(model)  # the sampler, reference and old log-probs are compared with the loss's pass
     model.train()
     ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks; FSDP2 shards it in place, before
     # the reference is loaded: no rank holds two whole models)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not models.is_adapter(model):
-        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe), m.device, m.trust_remote_code,
+        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe, str(model.device)), m.device, m.trust_remote_code,
                                    False, m.gradient_checkpointing, m.attn_implementation)  # the policy's layout: KL 0 at the start
         reference.eval().requires_grad_(False)
         use_document_attention(reference)
@@ -208,17 +238,21 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 raise SyncError(f"step {step + 1}'s samples came from policy version(s) {stats['versions']}, the trainer "
                                 f"is at version {pushed}: the rollout backend did not sample the current policy")
             gen_seconds = time.time() - t0
-            if dist.all_max(batch is None):  # a rank kept no group: every rank skips the step
+            if batch is not None:  # (None on every rank alike: the kept groups are the step's, see collect)
+                batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
+                if critic is None:  # the GRPO family: each sample against its group
+                    batch.advantages = advantages(batch, cfg.advantage, dist)  # (N,)
+                    if cfg.balance:
+                        keep = balance(batch, random.Random(f"{recipe.seed}-balance-{step}"), dist)  # (N,)
+                        batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
+            if empty_why := _empty(batch, dist):  # decided from counts over the ranks: every rank skips alike
                 empty += 1
-                metrics.log(step + 1, {"event": "empty_batch", **_flat(stats)})
+                metrics.log(step + 1, {"event": "empty_batch", "why": empty_why, **_flat(stats)})
                 if empty >= MAX_EMPTY_STEPS:
-                    raise UserError(f"rl: {empty} steps in a row kept no group ({_why_empty(stats)}); loosen "
-                                    "rl.drop_easy, rl.drop_all_wrong, rl.dynamic_sampling or rl.uniform_length, or "
-                                    "lower rl.gen_batch")
+                    raise UserError(_stop_line(empty, empty_why, stats, cfg))
                 bar.update(1)
                 continue
             empty = 0
-            batch.loss_mask = loss_mask(batch, cfg)  # (N, C)
             with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
                 if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
                     batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch, cfg.head_chunk, dist)
@@ -226,13 +260,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         reference.reshard()  # forward (only a backward reshards it): the reference has none
                 if cfg.mu > 1:
                     batch.old_logp = logp_no_grad(model, batch, cfg.micro_batch, chunk=cfg.head_chunk, dist=dist)
-                if critic is None:  # the GRPO family: each sample against its group
-                    batch.advantages = ADVANTAGES[cfg.advantage](batch.rewards, batch.group_size)  # (N,)
-                else:  # PPO: GAE over the value head, the KL in the reward
+                if critic is not None:  # PPO: GAE over the value head, the KL in the reward
                     critic.targets(model, batch, cfg.micro_batch, cfg.head_chunk, dist)  # (N, C)
-            if cfg.balance:
-                keep = balance_mask(batch.advantages, random.Random(f"{recipe.seed}-balance-{step}"))
-                batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
             norm = dist.normaliser(normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens))  # one all-reduce
 
             totals: dict[str, float] = {}
@@ -255,6 +284,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             metrics.log(step + 1, row)
             for event in aha.update(step + 1, row, batch.texts):
                 metrics.log(step + 1, event)
+            if line := grading.timeout_warning(row["grading_timeouts"], row["graded"], f"warning: step {step + 1}"):
+                bar.write(line)
             if row["truncated_rate"] > cfg.truncation_warn:
                 bar.write(f"warning: step {step + 1}: {row['truncated_rate']:.0%} of responses hit max_new_tokens="
                           f"{cfg.max_new_tokens}; rewards are mostly about truncation (raise rl.max_new_tokens)")
@@ -268,7 +299,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
 
 def _row(batch: Rollout, stats: dict, dist: Dist) -> dict:
     """The step's sampling metrics (rewards per function, accuracy, lengths, format, truncation, filters),
-    averaged over the ranks."""
+    over every rank (collect's counts already are)."""
     row = {
         "reward": batch.rewards.mean().item(), "accuracy": batch.correct.float().mean().item(),
         **{f"reward_{k}": v for k, v in stats["reward_parts"].items()},
@@ -276,25 +307,22 @@ def _row(batch: Rollout, stats: dict, dist: Dist) -> dict:
         "verify_phrases": stats["verify_phrases"], "format_rate": stats["format_rate"],
         "reasoning_rate": stats["reasoning_rate"], "truncated_rate": batch.truncated.float().mean().item(),
         "zero_variance_share": stats["zero_variance_groups"] / max(1, stats["groups_seen"]),
-        "kept_groups": batch.prompt_ids.shape[0], "kept_samples": int((batch.loss_mask.sum(-1) > 0).sum()),
+        "kept_groups": stats["kept_groups"], "kept_samples": int((batch.loss_mask.sum(-1) > 0).sum()),
         "temperature": batch.temperature,
         **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
+        "graded": stats["graded"], "grading_timeouts": stats["grading_timeouts"],
         **{k: stats[k] for k in ("generation_failures",) if k in stats},
     }
     if dist.world == 1:
         return row
-    # per-sample means weighted by each rank's samples (the shares may differ), counts summed, the share of flat
-    # groups from the summed counts: what one process logs
+    # per-sample means weighted by each rank's samples (the shares may differ; a stand-in counts none), samples
+    # with loss tokens summed: what one process logs
     means = [k for k in row if k.startswith(("reward", "accuracy", "response", "think", "verify", "format", "reasoning",
                                               "truncated"))]
-    counts = ["kept_groups", "kept_samples"]
-    n = float(len(batch.texts))
-    got = dist.all_sum([row[k] * n for k in means] + [row[k] for k in counts] + [n, stats["zero_variance_groups"],
-                                                                                 stats["groups_seen"]])
-    total = got[len(means) + len(counts)]
-    out = {k: v / total for k, v in zip(means, got, strict=False)}
-    out |= {k: round(v) for k, v in zip(counts, got[len(means):], strict=False)}
-    return row | out | {"zero_variance_share": got[-2] / max(1.0, got[-1])}
+    n = float(counted(batch).sum())
+    got = dist.all_sum([row[k] * n for k in means] + [row["kept_samples"], n])
+    out = {k: v / got[-1] for k, v in zip(means, got, strict=False)}
+    return row | out | {"kept_samples": round(got[-2])}
 
 
 def _flat(stats: dict) -> dict:
@@ -303,11 +331,32 @@ def _flat(stats: dict) -> dict:
     return out
 
 
-def _why_empty(stats: dict) -> str:
-    why = [f"{stats['groups_seen']} groups sampled"] + [f"{n} dropped as {k}" for k, n in stats["dropped"].items()]
+def _empty(batch: Rollout | None, dist: Dist) -> str | None:
+    """Why the step has nothing to learn from, or None: no group kept, or no loss token in the kept ones
+    (every sample cut under truncation=mask, or every group flat under balance), counted over every rank."""
+    if batch is None:
+        return "no group kept"
+    if dist.all_sum([float(batch.loss_mask.sum())])[0] == 0:
+        return "no loss token"
+    return None
+
+
+def _stop_line(steps: int, why: str, stats: dict, cfg: RLConfig) -> str:
+    """The run's last line after MAX_EMPTY_STEPS empty steps in a row: what happened, and what to change."""
+    if why == "no loss token":  # only these two switches take a kept sample's loss away
+        causes = []
+        if cfg.truncation == "mask":
+            causes.append(f"every sample cut at rl.max_new_tokens={cfg.max_new_tokens} under rl.truncation=mask "
+                          "(raise rl.max_new_tokens)")
+        if cfg.balance:
+            causes.append("every group's rewards equal under rl.balance (set rl.dynamic_sampling=true to refill flat "
+                          "groups, or turn rl.balance off)")
+        return f"rl: {steps} steps in a row had no token to learn from ({stats['kept_groups']} groups kept): {', or '.join(causes)}"
+    counts = [f"{stats['groups_seen']} groups sampled"] + [f"{n} dropped as {k}" for k, n in stats["dropped"].items()]
     if stats.get("generation_failures"):
-        why.append(f"{stats['generation_failures']} prompts out of memory ({stats['last_generation_error']})")
-    return ", ".join(why)
+        counts.append(f"{stats['generation_failures']} prompts out of memory ({stats['last_generation_error']})")
+    return (f"rl: {steps} steps in a row kept no group ({', '.join(counts)}); loosen rl.drop_easy, rl.drop_all_wrong, "
+            "rl.dynamic_sampling or rl.uniform_length, or lower rl.gen_batch")
 
 
 def _past_rows(run_dir: Path, upto: int) -> list[dict]:

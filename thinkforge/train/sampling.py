@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from thinkforge import grading
 from thinkforge.config import RLConfig
 from thinkforge.data.sources import Problem
 from thinkforge.formats import response
@@ -93,8 +94,11 @@ def score(text: str, finish: str, problem: Problem, cfg: RLConfig, rewards: Weig
     return total, parts, correct
 
 
+DROP_REASONS = ("easy", "all_wrong", "zero_variance", "length_spread")  # what keep_group may answer
+
+
 def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cfg: RLConfig) -> str | None:
-    """None to keep the group, else the reason it is dropped."""
+    """None to keep the group, else the reason it is dropped (one of DROP_REASONS)."""
     if cfg.drop_easy and all(correct):
         return "easy"
     if cfg.drop_all_wrong and not any(correct):
@@ -111,52 +115,65 @@ def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cf
 
 def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> tuple[Rollout | None, dict]:
     """Sample, score and filter until prompts_per_step groups are kept (or refills run out). None: no group
-    was kept; the stats say why.
+    was kept; the stats say why (counts over every rank).
 
-    On N ranks (dist) every rank draws the same global prompts and samples its contiguous share of them, until
-    it has its share of prompts_per_step; a sample's seed follows its global position in the draw.
+    On N ranks the step keeps the groups one process keeps (PITFALLS 23): each round every rank draws the same
+    prompts and samples its contiguous share of them (a sample's seed follows its global position in the
+    draw), and the first groups of the draw that pass the filters, on whichever rank, are kept. Each rank then
+    trains on its contiguous share of the kept groups, moved between ranks where the filters kept them
+    unevenly; a rank left with none (fewer kept groups than ranks) trains on a stand-in copy of the last
+    (Rollout.stand_in).
     """
     g, tok = cfg.group_size, task.tokenizer
-    quota = len(dist.share(range(cfg.prompts_per_step)))  # this rank's share of the groups
     temperature = temperature_at(step, cfg)
     params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed)
     rng = random.Random(f"{seed}-{step}")  # prompt draws are a pure function of the step: exact resume
-    stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0}
-    kept: list[tuple[Problem, list, list[float], list[dict], list[bool]]] = []
+    stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0, "graded": 0}
+    timeouts = grading.timeouts()  # answers graded wrong for running over the grading budget, before this step
+    held: dict[int, tuple] = {}  # the kept groups this rank sampled, by their place among the step's kept groups
+    holders: list[int] = []  # the rank that sampled each kept group
     for round_ in range(cfg.max_refills + 1):
-        need = quota - len(kept)
-        need = int(dist.all_max(need))  # every rank draws alike, so the draws stay in step
+        need = cfg.prompts_per_step - len(holders)
         if need <= 0:
             break
-        draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * dist.world * cfg.oversample))]
+        draw = [task.problems[rng.randrange(len(task.problems))] for _ in range(math.ceil(need * cfg.oversample))]
         start, end = dist.bounds(len(draw))
-        draw = draw[start:end] if len(kept) < quota else []
         # Each prompt's stream: its full identity (seed, step, refill round, position in the draw, problem), so no
         # two samples of a run share uniforms, whatever the counts, the chunking or the number of ranks.
-        streams = tuple(stream_key("rl", seed, step, round_, start + k, p.id) for k, p in enumerate(draw))
-        prompts = [task.prompt_fn(p.question) for p in draw]
+        streams = tuple(stream_key("rl", seed, step, round_, start + k, p.id) for k, p in enumerate(draw[start:end]))
+        prompts = [task.prompt_fn(p.question) for p in draw[start:end]]
         groups = generate_groups(generator, prompts, g, dataclasses.replace(params, streams=streams), stats,
                                  sharded=dist.sharded)
         if dist.sharded:  # a sharded model's forwards are collectives: every rank ends the round together
             generator.done()
-        for p, prompt, comps in zip(draw, prompts, groups, strict=True):
+        passed = {}  # position in the draw -> the group, for this rank's groups that pass the filters
+        for k, (p, prompt, comps) in enumerate(zip(draw[start:end], prompts, groups, strict=True)):
             if comps is None:
                 continue
             stats["groups_seen"] += 1
             comps = [dataclasses.replace(c, text=response(prompt, c.text)) for c in comps]  # a pre-filled <think>
             scored = [score(c.text, c.finish_reason, p, cfg, task.rewards) for c in comps]
+            stats["graded"] += len(scored)
             r, corr = [s[0] for s in scored], [s[2] for s in scored]
             if max(r) - min(r) < 1e-9:
                 stats["zero_variance_groups"] += 1
             reason = keep_group(r, corr, [len(c.token_ids) for c in comps], cfg)
             if reason:
                 stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
-            elif len(kept) < quota:
-                kept.append((p, comps, r, [s[1] for s in scored], corr))
+            else:
+                passed[start + k] = (p, comps, r, [s[1] for s in scored], corr)
+        flags = dist.all_sum([float(i in passed) for i in range(len(draw))])  # which passed, on any rank
+        for i in [i for i, f in enumerate(flags) if f][:need]:  # in draw order, up to the step's need
+            if i in passed:
+                held[len(holders)] = passed[i]
+            holders.append(dist.holder(i, len(draw)))
         if not (cfg.dynamic_sampling or cfg.drop_easy or cfg.drop_all_wrong or cfg.uniform_length):
             break
-    if not kept:
+    stats["grading_timeouts"] = grading.timeouts() - timeouts
+    stats = _summed(stats, dist)
+    if not holders:
         return None, stats
+    kept = _shared(held, holders, dist)
 
     prompts, completions, rewards, correct, group, texts, truncated, parts = [], [], [], [], [], [], [], []
     for gi, (p, comps, r, pr, corr) in enumerate(kept):
@@ -177,6 +194,8 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     if cfg.overlong_cache:
         r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
     batch = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, truncated, texts, temperature)
+    start, end = dist.bounds(len(holders))
+    batch.stand_in = start == end
     served = [c.logprobs for _, comps, *_ in kept for c in comps]
     if all(s is not None and len(s) == len(c) for s, c in zip(served, completions, strict=True)):  # a server's
         batch.sampler_logp = torch.zeros(batch.completion_ids.shape)  # (N, C)
@@ -186,7 +205,35 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     stats["versions"] = sorted({c.version for _, comps, *_ in kept for c in comps if c.version is not None})
     stats["reward_parts"] = {k: sum(d[k] for d in parts) / len(parts) for k in parts[0]}
     stats["response_tokens"] = lengths.float().mean().item()
+    stats["kept_groups"] = len(holders)
     return batch, stats
+
+
+def _trained(kept: int, rank: int, dist: Dist) -> list[int]:
+    """The kept groups (by place) `rank` trains on: its contiguous share, or a stand-in copy of the last."""
+    start, end = dist.bounds(kept, rank)
+    return list(range(start, end)) or [kept - 1]
+
+
+def _shared(held: dict[int, tuple], holders: list[int], dist: Dist) -> list[tuple]:
+    """This rank's share of the step's kept groups, from the groups each rank sampled (held here, holders:
+    who sampled each): those sampled elsewhere travel (one all-gather, only when any must)."""
+    wanted = {r: _trained(len(holders), r, dist) for r in range(dist.world)}
+    away = {i for r, places in wanted.items() for i in places if holders[i] != r}  # the same set on every rank
+    if away:
+        held = held | dist.exchange({i: held[i] for i in away if i in held})
+    return [held[i] for i in wanted[dist.rank]]
+
+
+def _summed(stats: dict, dist: Dist) -> dict:
+    """The sampling counts over every rank (one all-reduce): what one process counts."""
+    counts = ["groups_seen", "zero_variance_groups", "graded", "grading_timeouts", "generation_failures"]
+    got = [int(x) for x in dist.all_sum([stats.get(k, 0) for k in counts] + [stats["dropped"].get(k, 0) for k in DROP_REASONS])]
+    out = stats | dict(zip(counts, got[: len(counts)], strict=True))
+    out["dropped"] = {k: n for k, n in zip(DROP_REASONS, got[len(counts) :], strict=True) if n}
+    if not out["generation_failures"]:  # logged only where a prompt failed
+        del out["generation_failures"]
+    return out
 
 
 def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> dict:

@@ -84,7 +84,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     loop.seed_everything(recipe.seed)
     dist = distributed.init(recipe.collective_timeout)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
-    model.train()
+    model.train()  # dropout on (the config's, lora.dropout): no pass here is compared with another, unlike DPO and RL
     ddp = dist.wrap(model)  # the model the loss runs through (DDP over the ranks)
 
     examples = load_examples(data, tok, recipe, cfg.max_len)
