@@ -267,6 +267,17 @@ def test_a_rank_that_hangs_ends_the_others_wait_at_the_collective_timeout(tiny_m
     assert "[rank0]" not in r.stderr and "Timed out waiting" not in r.stderr  # the line, not gloo's traceback
 
 
+def test_a_config_error_before_the_ranks_join_ends_each_rank_with_one_line(tiny_model, tmp_path):
+    """Both ranks refuse the recipe before any group exists (no store to share a line): the first to exit says
+    the error, and the other says it too or, ended by the launcher first, a line pointing at it; no rank's traceback."""
+    r = _launch([*RL, "-m", tiny_model, "rl.group_size=banana", "--out", "x"], 2, tmp_path)
+    assert r.returncode != 0
+    said = [x for x in r.stderr.splitlines() if x.startswith("thinkforge: error:")]
+    assert len(said) == 2 and any("rl.group_size" in x for x in said), r.stderr[-3000:]
+    assert all("rl.group_size" in x or "ended by the launcher (SIGTERM): another rank ended first" in x for x in said)
+    assert str(ROOT / "thinkforge") not in r.stderr  # no frame of ours: no rank printed a traceback (the launcher does)
+
+
 def test_accelerate_cpu_launch_starts_one_process_and_is_refused(tiny_model, data, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port",
            _port(), "-m", "thinkforge", "sft", "--data", str(data / "sel" / "accepted.jsonl"), "-m", tiny_model, "--out", "x"]

@@ -156,9 +156,10 @@ def test_answers_over_the_grading_budget_are_counted_and_warned(monkeypatch):
     summary counts it, and a warning names it (it was silent, and under load correct answers scored as wrong)."""
     from thinkforge import grading
 
-    monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))  # no budget: the heavy item runs over it
-    script = {"q1": ["<think>expand</think><answer>(x+1)^{41}/(x+1)</answer>"], "q2": ["<think>so</think><answer>7</answer>"]}
-    problems = [Problem("1", "q1", "(x+1)^{40}"), Problem("2", "q2", "7")]
+    monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))  # no budget: the item runs over it (an
+    # expression no other test grades: math-verify caches, and a cached item can answer within a timer tick)
+    script = {"q1": ["<think>expand</think><answer>(x+1)^{53}/(x+1)</answer>"], "q2": ["<think>so</think><answer>7</answer>"]}
+    problems = [Problem("1", "q1", "(x+1)^{52}"), Problem("2", "q2", "7")]
     with pytest.warns(UserWarning, match="1 of 2 answers ran over math-verify's budget"):
         rows, s = evaluate(ScriptedGenerator(script), problems, lambda q: q, SamplingParams(), samples=1, progress=False)
     assert [r["grading_timeout"] for r in rows] == [True, False] and not rows[0]["correct"]

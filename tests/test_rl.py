@@ -686,11 +686,11 @@ def test_answers_over_the_grading_budget_reach_the_step_metrics(tiny_model, monk
         batch_size = 8
 
         def generate(self, prompts, n, params):
-            return [Completion(i, "<think>x</think><answer>(x+1)^{41}/(x+1)</answer>", (1, 2), "stop")
+            return [Completion(i, "<think>x</think><answer>(x+1)^{47}/(x+1)</answer>", (1, 2), "stop")
                     for i in range(len(prompts)) for _ in range(n)]
 
-    monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))
-    task = sampling.Task([Problem("p", "expand", "(x+1)^{40}")], lambda q: q, load_tokenizer(tiny_model))
+    monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))  # an expression no other test grades (cache)
+    task = sampling.Task([Problem("p", "expand", "(x+1)^{46}")], lambda q: q, load_tokenizer(tiny_model))
     cfg = load_config(None, ["rl.prompts_per_step=1", "rl.group_size=2", "rl.gen_batch=8"]).rl
     batch, stats = sampling.collect(0, task, Heavy(), cfg, seed=0)
     assert stats["grading_timeouts"] == 2 and stats["graded"] == 2

@@ -29,7 +29,8 @@ def _load(path: str, n_ctx: int = 2048, threads: int | None = None, logits_all: 
 
     def params():
         p = defaults()
-        p.use_extra_bufts = False
+        assert "use_extra_bufts" in dict(type(p)._fields_), "this llama_cpp has no use_extra_bufts: see _load"
+        p.use_extra_bufts = False  # (on a ctypes structure without the field this would only add an attribute)
         return p
 
     llama_cpp.llama_cpp.llama_model_default_params = params

@@ -1,51 +1,38 @@
-"""The math-verify worker: one process, JSON lines in and out, no signals.
+"""The math-verify worker: one process, JSON lines in and out.
 
-Each item comes with its budget in CPU seconds of this process; a watchdog thread ends the process (after a
-"timeout" line) once an item has used it, so sympy cannot hang the caller whatever the input. CPU seconds, not
-wall seconds: on a loaded machine an item gets its full budget of work, and the grade does not depend on the
-load (a wall-clock budget graded correct answers wrong under load). The parent (grading._Verifier) restarts
-the worker, and keeps a wall-clock cap for a worker that gets no CPU at all.
+Each item comes with its budget in CPU seconds of this process, enforced by the kernel: a profiling timer
+(ITIMER_PROF, every thread's CPU time) whose SIGPROF ends the process, with or without the GIL held by a long C
+call, so sympy cannot hang the caller whatever the input. CPU seconds, not wall seconds: on a loaded machine an
+item gets its full budget of work, and the grade does not depend on the load (a wall-clock budget graded correct
+answers wrong under load). The parent (grading._Verifier) sees the end of the output, counts the item as over
+budget and restarts the worker; it keeps a wall-clock cap for a worker that gets no CPU at all.
 """
 
 import json
-import os
+import signal
 import sys
-import threading
-import time
-
-
-def _watch(state: dict, lock: threading.Lock) -> None:
-    while True:
-        time.sleep(0.02)
-        with lock:
-            if state["deadline"] is not None and time.process_time() > state["deadline"]:
-                os.write(1, b"timeout\n")
-                os._exit(3)
 
 
 def main() -> None:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     configs = [LatexExtractionConfig(), ExprExtractionConfig()]
-    state, lock = {"deadline": None}, threading.Lock()
-    threading.Thread(target=_watch, args=(state, lock), daemon=True).start()
+    signal.signal(signal.SIGPROF, signal.SIG_DFL)  # the timer's signal ends the process
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:
         gold, pred, budget = json.loads(line)
-        with lock:
-            state["deadline"] = time.process_time() + budget
+        signal.setitimer(signal.ITIMER_PROF, max(budget, 1e-6))  # 0 would disarm it
         try:
-            # Timeouts off (they use SIGALRM); the watchdog enforces the budget. verify(gold, pred): order matters.
+            # math-verify's own timeouts off (they use SIGALRM); the timer is the budget. verify(gold, pred): order matters.
             g = parse(f"$\\boxed{{{gold}}}$", extraction_config=configs, parsing_timeout=None)
             p = parse(f"$\\boxed{{{pred}}}$", extraction_config=configs, parsing_timeout=None)
             ok = bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))
         except Exception:
             ok = False
-        with lock:  # the answer or the watchdog's timeout, never both
-            state["deadline"] = None
-            sys.stdout.write(json.dumps(ok) + "\n")
-            sys.stdout.flush()
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        sys.stdout.write(json.dumps(ok) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -675,6 +675,7 @@ def disk_error(error: BaseException) -> str | None:
 def _fail(line: str, code: int = 2) -> None:
     """The one error line, on a line of its own (open progress bars end first), and exit `code` (2: the user's
     input; 1: a bug, its traceback above). On N ranks every rank ends with the same line and code."""
+    _FAILING["now"] = True  # the launcher's SIGTERM no longer interrupts this rank's own ending
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
         bar.close()
@@ -702,12 +703,14 @@ def _fail(line: str, code: int = 2) -> None:
 
 
 def _ranks():
-    """thinkforge.train.dist when this process is a rank of several, else None."""
-    if "torch" not in sys.modules:
-        return None
-    from thinkforge.train import dist
+    """thinkforge.train.dist when this process is a rank of several, else None. Imports nothing (it runs in the
+    SIGTERM handler too, which may interrupt an import): only `dist.init` joins a group, so a process that has not
+    imported that module has none."""
+    dist = sys.modules.get("thinkforge.train.dist")
+    return dist if dist is not None and hasattr(dist, "joined") and dist.joined() else None
 
-    return dist if dist.joined() else None
+
+_FAILING = {"now": False}  # this rank is ending on an error of its own (or a peer's): SIGTERM waits for it
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -721,13 +724,20 @@ _python_format = warnings.formatwarning
 def _on_launcher_term(signum, frame) -> None:
     """SIGTERM on a rank of several. The launcher ends the remaining ranks as soon as one has exited, and the
     first failing rank exits once its line is out: a peer still on its way to that line (computing, unwinding
-    from a broken collective) is ended here, from its first instruction on, with the failing rank's line and
-    code, which `_fail` reads from the store. No failure recorded: the launch itself was stopped, or a rank died
-    without a word (killed, out of memory), and this rank says so."""
-    rank = os.environ.get("RANK", "?")
-    _fail(f"rank {rank}: ended by the launcher (SIGTERM) before any rank reported an error: the launch was stopped, "
-          "or another rank died without a word (killed, out of memory?); its exit code is in the launcher's summary",
-          128 + signum)
+    from a broken collective) is ended here, wherever the main thread is between two bytecodes, with the failing
+    rank's line and code, which `_fail` reads from the store. A rank already ending on an error keeps ending (its
+    line or the first failure's). Without a group (the ranks have not joined yet) or without a recorded failure,
+    a neutral line: the rank that ended first has said why."""
+    if _FAILING["now"]:
+        return
+    if _ranks() is None:  # no store to read: the first rank's own line is above
+        _FAILING["now"] = True
+        os.write(2, f"thinkforge: error: rank {os.environ.get('RANK', '?')}: ended by the launcher (SIGTERM): another "
+                    "rank ended first (its line above says why), or the launch was stopped\n".encode())
+        os._exit(128 + signum)
+    _fail(f"rank {os.environ.get('RANK', '?')}: ended by the launcher (SIGTERM) with no rank's error recorded: another "
+          "rank died without a word (killed, out of memory?), or the launch was stopped; the launcher's summary names "
+          "its exit code", 128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -747,6 +757,7 @@ def main(argv: list[str] | None = None) -> None:
         ctx = getattr(e, "ctx", None)
         _fail(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else ""))
     except Exception as e:
+        _FAILING["now"] = True  # from here this rank ends with its own line or the first failure's
         line = disk_error(e)
         if line is None and _ranks() is None:
             raise

@@ -177,7 +177,7 @@ class _Verifier:
                 self._kill()
                 return False
             line = self._readline(WALL_CAP * timeout + 10.0)
-            if line not in ("true", "false"):  # "timeout", its exit, or no answer within the wall cap
+            if line not in ("true", "false"):  # its timer ended it (or it died), or no answer within the wall cap
                 self.timeouts += 1
                 self._kill()
                 return False

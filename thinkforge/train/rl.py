@@ -233,9 +233,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
                 proof = generator.prove(model)  # the backend holds this policy (a server: its weights, proven)
-                # No rank samples while rank 0 proves: vLLM's CPU engine fails a batch that mixes the proof's
-                # prompt log-probs with LoRA generation requests (an einsum size error in its LoRA logits path).
-                dist.barrier()
+                if recipe.rollout.backend == "vllm":  # no rank samples while rank 0 proves: vLLM's CPU engine fails
+                    dist.barrier()  # a batch mixing the proof's prompt log-probs with LoRA generation (an einsum error)
                 batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
             if batch is not None and stats["versions"] not in ([], [pushed]):  # on-policy: no other version's samples
                 raise SyncError(f"step {step + 1}'s samples came from policy version(s) {stats['versions']}, the trainer "
