@@ -119,18 +119,6 @@ def reference_logprobs(model, pairs: list[Pair], pad_id: int, batch_size: int, c
     return torch.cat(out)
 
 
-@torch.no_grad()
-def preference_accuracy(model, pairs: list[Pair], ref: torch.Tensor, pad_id: int, beta: float, batch_size: int = 8) -> dict:
-    """Share of pairs whose implicit reward prefers the chosen side, and the mean margin (held-out pairs)."""
-    was = model.training
-    model.eval()
-    pol = reference_logprobs(model, pairs, pad_id, batch_size)
-    model.train(was)
-    h = (pol - ref)  # (N, 2)
-    return {"preference_accuracy": (h[:, 0] > h[:, 1]).float().mean().item(),
-            "margin": (beta * (h[:, 0] - h[:, 1])).mean().item()}
-
-
 def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
          stop_after: int | None = None) -> Path | None:
     """Train stage `stage` (a DPO section of the recipe, "dpo") into run_dir; returns the final model folder.
