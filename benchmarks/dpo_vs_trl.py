@@ -21,12 +21,12 @@ SYSTEM = "Solve it step by step."
 
 
 def make_pairs(work: Path, n: int, hidden: int, layers: int, heads: int):
-    from thinkforge import tiny
+    from thinkforge import tasks, tiny
     from thinkforge.config import InitConfig
-    from thinkforge.data import distill, pairs, sources
+    from thinkforge.data import distill, pairs
 
     model_dir = tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=hidden, layers=layers, heads=heads))
-    probs = sources.synthetic("train", 2 * n, 2, seed=0)
+    probs = tasks.load("synthetic").problems("train", 2 * n, 0, [2])
     distill.main(probs, distill.SyntheticTeacher(0.5, 0), 4, work / "d.jsonl", progress=False)
     stats = pairs.main([work / "d.jsonl"], work / "pairs.jsonl")
     lines = (work / "pairs.jsonl").read_text().splitlines()[:n]

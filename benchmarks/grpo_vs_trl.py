@@ -83,13 +83,13 @@ def run_trl(model_dir: str, work: Path, a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from thinkforge.data.sources import synthetic
+    from thinkforge import tasks
     from thinkforge.formats import render_prompt
     from thinkforge.rewards import verifiable
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    probs = synthetic("train", 8 * (a.steps + 1), 1, seed=0)
+    probs = tasks.load("synthetic").problems("train", 8 * (a.steps + 1), 0, [1])
     ds = Dataset.from_list([{"prompt": render_prompt(p.question, "auto", SYSTEM, tok), "reference": p.reference} for p in probs])
 
     def reward(completions, reference, **_):

@@ -21,12 +21,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_data(work: Path, docs: int, hidden: int, layers: int, heads: int, model: str | None = None):
-    from thinkforge import tiny
+    from thinkforge import tasks, tiny
     from thinkforge.config import InitConfig
-    from thinkforge.data import distill, selection, sources
+    from thinkforge.data import distill, selection
 
     model_dir = model or tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=hidden, layers=layers, heads=heads))
-    probs = sources.synthetic("train", docs // 2, 2, seed=0) + sources.synthetic("train", docs // 2, 1, seed=0)
+    probs = tasks.load("synthetic").problems("train", docs // 2, 0, [2]) + tasks.load("synthetic").problems("train", docs // 2, 0, [1])
     distill.main(probs, distill.SyntheticTeacher(0.0, 0), 1, work / "d.jsonl", progress=False)
     selection.main(work / "d.jsonl", work / "sel")
     return str(model_dir), work / "sel" / "accepted.jsonl"

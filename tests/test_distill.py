@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from thinkforge.data import distill, selection, sources
+from thinkforge import tasks
+from thinkforge.data import distill, selection
 from thinkforge.errors import UserError
 from thinkforge.rollout.hf import HFGenerator
 from thinkforge.rollout.openai import OpenAIClient, ServerError
@@ -21,7 +22,7 @@ def _rows(path):
 
 
 def test_synthetic_teacher_rows_are_graded_and_slips_rejected(tmp_path):
-    probs = sources.synthetic("train", 40, 2, seed=0)
+    probs = tasks.load("synthetic").problems("train", 40, 0, [2])
     out = tmp_path / "d.jsonl"
     stats = distill.main(probs, distill.SyntheticTeacher(slip_rate=0.5, seed=0), 4, out, progress=False)
     rows = _rows(out)
@@ -34,7 +35,7 @@ def test_synthetic_teacher_rows_are_graded_and_slips_rejected(tmp_path):
 
 
 def test_rerun_skips_finished_problems_and_completes_partial_ones(tmp_path):
-    probs = sources.synthetic("train", 10, 1, seed=0)
+    probs = tasks.load("synthetic").problems("train", 10, 0, [1])
     teacher = distill.SyntheticTeacher(0.3, 0)
     full = tmp_path / "full.jsonl"
     distill.main(probs, teacher, 3, full, progress=False)
@@ -99,7 +100,7 @@ def test_openai_teacher_against_thinkforge_serve_retries_a_server_error(flaky_se
     url, gen = flaky_server
     client = OpenAIClient(url, "tiny-teacher", timeout=60, max_retries=3, backoff=0.01, concurrency=2)
     teacher = distill.OpenAITeacher(client, SamplingParams(max_new_tokens=6, temperature=1.0))
-    probs = sources.synthetic("train", 3, 1, seed=0)
+    probs = tasks.load("synthetic").problems("train", 3, 0, [1])
     out = tmp_path / "d.jsonl"
     stats = distill.main(probs, teacher, 2, out, progress=False)
     # the first generate call fails: each request in it (1, or 2 when the server batched the two clients'
@@ -125,7 +126,7 @@ def test_openai_client_gives_up_after_retries_and_reports_client_errors(flaky_se
 def test_hf_teacher(tiny_loaded, tmp_path):
     model, tok = tiny_loaded
     teacher = distill.HFTeacher(HFGenerator(model, tok), lambda q: q, SamplingParams(max_new_tokens=4), "tiny")
-    stats = distill.main(sources.synthetic("train", 3, 1), teacher, 2, tmp_path / "d.jsonl", progress=False)
+    stats = distill.main(tasks.load("synthetic").problems("train", 3, 0, [1]), teacher, 2, tmp_path / "d.jsonl", progress=False)
     assert stats["rollouts"] == 6
 
 

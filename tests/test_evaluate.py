@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from thinkforge.data.sources import Problem
 from thinkforge.evaluate import evaluate, summarize
 from thinkforge.rollout.types import Completion, SamplingParams
+from thinkforge.tasks import Problem
 
 
 class ScriptedGenerator:

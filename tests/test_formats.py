@@ -98,9 +98,9 @@ def test_one_answer_written_twice_is_one_answer_and_two_answers_are_none():
 
 
 def test_evaluation_counts_the_format_of_a_prefilled_think(tiny_loaded):
-    from thinkforge.data.sources import Problem
     from thinkforge.evaluate import evaluate
     from thinkforge.rollout.types import Completion, SamplingParams
+    from thinkforge.tasks import Problem
 
     class Fixed:
         batch_size = 8

@@ -143,10 +143,11 @@ def test_bad_plan_input_is_one_line(args, words, capsys):
 def test_out_of_memory_in_training_is_one_line_naming_the_stage_the_rows_and_what_to_change(tiny_model, tmp_path):
     """Eight packed 65,536-token rows per micro-batch under a 6 GB address-space limit (about 1 GB of activations a
     row). The answer is one line and exit 2 with the plan's micro-batch, not an allocator traceback (exit 1)."""
-    from thinkforge.data import distill, sources
+    from thinkforge import tasks
+    from thinkforge.data import distill
 
     data = tmp_path / "d.jsonl"
-    distill.main(sources.synthetic("train", 4000, 2, seed=0), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
+    distill.main(tasks.load("synthetic").problems("train", 4000, 0, [2]), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
     script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
               "from thinkforge.cli import main; main(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", script, "midtrain", "--data", str(data), "-m", tiny_model, "--out",

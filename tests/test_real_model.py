@@ -117,10 +117,11 @@ def test_lora_targets_and_generation_stops_at_the_end_token(real):
 def test_two_steps_of_sft_and_grpo_on_the_real_model(tmp_path, capsys):
     from conftest import run_cli
 
-    from thinkforge.data import distill, sources
+    from thinkforge import tasks
+    from thinkforge.data import distill
 
     data = tmp_path / "d.jsonl"
-    distill.main(sources.synthetic("train", 16, 2, seed=0), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
+    distill.main(tasks.load("synthetic").problems("train", 16, 0, [2]), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
     code, _, err = run_cli(["sft", "-m", str(MODEL), "--data", str(data), "--out", str(tmp_path / "sft"), "--lora",
                             "sft.max_steps=2", "sft.batch_size=8", "sft.grad_accum=1", "sft.max_len=192",
                             "sft.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)

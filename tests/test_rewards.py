@@ -72,22 +72,26 @@ def test_every_registered_reward_prefers_a_right_reasoned_formatted_answer(name)
 
 def test_weighted_rewards_share_the_one_grading_of_a_completion_with_its_choices(monkeypatch):
     """An answer given as the option's text is right for the accuracy, and so for the reward: the completion
-    is graded once, with the problem's choices, and every reward that grades takes that verdict."""
+    is scored once, by its task's checker with the problem's choices, and every reward that grades takes that score."""
     from thinkforge import grading, rewards
     from thinkforge.config import load_config
-    from thinkforge.data.sources import Problem
+    from thinkforge.tasks import Problem, Task
     from thinkforge.train import sampling
 
     calls = []
-    real = grading.grade
+    real_check, real_grade = Task.check, grading.grade
 
     def counted(*args, **kwargs):
         calls.append(args)
-        return real(*args, **kwargs)
+        return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "grade", counted)
-    monkeypatch.setattr(rewards, "grade", counted)
-    problem = Problem("q1", "Which is needed?", "B", "mcq", ("4.2 J", "vitamin C", "iron", "zinc"))
+    def graded_again(*args, **kwargs):
+        calls.append(("again", *args))
+        return real_grade(*args, **kwargs)
+
+    monkeypatch.setattr(Task, "check", counted)
+    monkeypatch.setattr(rewards, "grade", graded_again)
+    problem = Problem("q1", "Which is needed?", "B", "mcq", ("4.2 J", "vitamin C", "iron", "zinc"), task=Task())
     weighted = WeightedRewards({"correctness": 1.0, "verifiable": 0.5, "format": 0.3})
     cfg = load_config(None, ["rl.reward=weighted"]).rl
     total, parts, correct = sampling.score("<think>It is the vitamin.</think><answer>vitamin C</answer>", "stop",

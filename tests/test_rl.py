@@ -528,8 +528,8 @@ def test_no_two_samples_of_a_large_run_share_a_random_stream():
     """256 prompts a step, a generator batch of 64, G 8, 3 refill rounds, 2 steps (1,792 of 14,592 streams were
     drawn twice by the old seed arithmetic): every (stream key, sample) the sampler asks for is distinct, and
     so is every seed the vLLM backend sends."""
-    from thinkforge.data.sources import Problem
     from thinkforge.rollout.types import Completion
+    from thinkforge.tasks import Problem
 
     class Recorder:
         batch_size = 64
@@ -679,8 +679,8 @@ def test_answers_over_the_grading_budget_reach_the_step_metrics(tiny_model, monk
     """RL's reward grades with the same budget: answers graded wrong for running over it are counted in the step's
     stats and row (summed over ranks like the other counts), not silently scored -1."""
     from thinkforge import grading
-    from thinkforge.data.sources import Problem
     from thinkforge.models import load_tokenizer
+    from thinkforge.tasks import Problem
 
     class Heavy:
         batch_size = 8

@@ -222,7 +222,8 @@ def grade(input_path, out_path, kind):
 @model_options
 @sampling_options
 @click.option("--benchmark", "-b", "benchmarks", multiple=True,
-              help="gsm8k, math500, aime24, gpqa_diamond, synthetic or local (repeatable). [eval.benchmarks]")
+              help="A task by name (repeatable): synthetic, gsm8k, math500, aime24, gpqa_diamond, local, "
+                   "reasoning_gym:<task> (e.g. reasoning_gym:chain_sum) or a tasks.mixes name. [eval.benchmarks]")
 @click.option("--samples", "-k", type=int, default=None, help="Samples per problem; pass@1 is averaged over them. [eval.samples]")
 @click.option("--limit", type=int, default=None, help="Only the first N problems. [eval.limit]")
 @click.option("--data-path", default=None, help="Local JSONL/Parquet (file or folder) in the benchmark's schema, instead of the hub.")
@@ -474,24 +475,27 @@ def data():
 @data.command("distill", context_settings=CTX)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Output JSONL (appended; a rerun skips finished problems).")
-@click.option("--teacher", type=click.Choice(["synthetic", "hf", "openai"]), default=None,
-              help="synthetic (programmatic, with slips), hf (local model) or openai (any compatible endpoint). [distill.teacher]")
+@click.option("--task", default=None, help="The task of the problems, by name (synthetic, reasoning_gym:<task>, a "
+              "tasks.mixes name, ...). [distill.source]")
+@click.option("--teacher", type=click.Choice(["synthetic", "solution", "hf", "openai"]), default=None,
+              help="synthetic (programmatic, with slips), solution (the task's worked solutions), hf (local model) or "
+                   "openai (any compatible endpoint). [distill.teacher]")
 @click.option("--teacher-model", default=None, help="Model folder / hub id (hf) or served model name (openai). [distill.teacher_model]")
 @click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1. [distill.base_url]")
 @click.option("--samples", "-n", type=int, default=None, help="Rollouts per problem. [distill.samples]")
 @click.option("--problems", type=int, default=None, help="Number of problems. [distill.n_problems]")
 @click.option("--slip-rate", type=float, default=None, help="Synthetic teacher's share of flawed rollouts. [distill.slip_rate]")
 @config_options
-def data_distill(out_path, teacher, teacher_model, base_url, samples, problems, slip_rate, config_path, overrides):
+def data_distill(out_path, task, teacher, teacher_model, base_url, samples, problems, slip_rate, config_path, overrides):
     """Ask a teacher for N chain-of-thought rollouts per problem and grade each (all kept, with grades)."""
     from thinkforge.data import distill
 
-    given = {"distill.teacher": teacher, "distill.teacher_model": teacher_model, "distill.base_url": base_url,
+    given = {"distill.source": task, "distill.teacher": teacher, "distill.teacher_model": teacher_model, "distill.base_url": base_url,
              "distill.samples": samples, "distill.n_problems": problems, "distill.slip_rate": slip_rate}
     recipe = recipe_from(config_path, overrides, given)
     _quiet_hf()
     cfg = recipe.distill
-    probs = distill.problems_for(cfg, recipe.seed)
+    probs = distill.problems_for(recipe)
     stats = distill.main(probs, distill.teacher_for(cfg, recipe), cfg.samples, out_path)
     click.echo(f"{stats['rollouts']} new rollouts, acceptance {stats['acceptance']:.3f}, "
                f"{stats['skipped_done']} problems already done -> {out_path}")

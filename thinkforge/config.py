@@ -105,11 +105,25 @@ class RolloutConfig(_Section):
 
 
 class EvalConfig(_Section):
-    benchmarks: list[str] = Field(["synthetic"], description="Benchmarks to evaluate (see `thinkforge eval --help`).")
+    benchmarks: list[str] = Field(["synthetic"], description="Tasks to evaluate on, by name (thinkforge/tasks: synthetic, "
+                                  "gsm8k, math500, aime24, gpqa_diamond, local, reasoning_gym:<task>, a tasks.mixes name).")
     samples: int = Field(1, ge=1, description="Samples per problem; pass@1 is averaged over them.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
     data_path: str | None = Field(None, description="Local JSONL/Parquet file or folder to read instead of the hub.")
     columns: dict[str, str] = Field({}, description="Column mapping for local files: question=..., answer=..., id=...")
+
+
+class TasksConfig(_Section):
+    """Where tasks are configured: each task's own options, and weighted mixes usable as one task's name."""
+
+    options: dict[str, dict[str, Any]] = Field({}, description="Task name -> its options: a reasoning-gym task's config "
+                                               "(e.g. reasoning_gym:chain_sum: {min_terms: 2, level: 2}; level: the "
+                                               "curriculum level it is evaluated at); local: {kind: math|gsm8k|mcq}.")
+    mixes: dict[str, dict[str, float]] = Field({}, description="Mix name -> {task name: weight}: problems drawn in "
+                                               "shares by weight, each checked by its own task (reasoning-gym's composite, "
+                                               "for any tasks).")
+    n_test: int = Field(200, ge=1, description="Evaluation problems drawn from a procedural task other than synthetic "
+                        "(synthetic.n_test for that one).")
 
 
 class SyntheticConfig(_Section):
@@ -212,11 +226,20 @@ class RLConfig(_Stage):
     """
 
     algo: Literal["grpo", "ppo"] = Field("grpo", description="grpo (group-relative, no critic) or ppo (value head + GAE).")
-    source: str = Field("synthetic", description="Prompts: synthetic (training split) or a benchmark name with data_path.")
+    source: str = Field("synthetic", description="The task of the prompts, by name (its training split; a hub benchmark "
+                        "other than gsm8k needs data_path): synthetic, reasoning_gym:<task>, a tasks.mixes name, local, ...")
     data_path: str | None = Field(None, description="Local JSONL/Parquet of prompts with references.")
     columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
     n_problems: int = Field(2000, ge=1, description="Prompt pool size (Infused Phi-2: 2,000 GSM8K problems).")
-    difficulties: list[int] = Field([1, 2], description="Synthetic difficulty levels of the prompt pool.")
+    difficulties: list[int] = Field([1, 2], description="The task's difficulty levels in the prompt pool, equal shares "
+                                    "(synthetic 1-4, a reasoning-gym task's curriculum levels from 1; a task without "
+                                    "levels ignores them).")
+    curriculum: bool = Field(False, description="Move the difficulty level with the rolling pass rate: start at the lowest "
+                             "of rl.difficulties, draw prompts from the current level only, go up when the pass rate over "
+                             "the last curriculum_window groups crosses curriculum_up, down below curriculum_down.")
+    curriculum_window: int = Field(16, ge=1, description="Groups of the current level whose pass rate moves the curriculum.")
+    curriculum_up: float = Field(0.7, gt=0, le=1, description="Pass rate above which the curriculum moves one level up.")
+    curriculum_down: float = Field(0.1, ge=0, lt=1, description="Pass rate below which it moves one level down.")
     fresh_prompts: bool = Field(True, description="Synthetic prompts from their own draw, not the distillation's problems "
                                 "(whose answers stages 1-2 memorized: no reward variance, nothing to learn).")
     steps: int = Field(200, ge=1, description="Optimizer steps (one rollout batch each).")
@@ -315,18 +338,22 @@ GRPO_IGNORES = {name: RLConfig.model_fields[name].default for name in
 class DistillConfig(_Section):
     """Stage-1 data: N teacher rollouts per problem, graded (SPEC 2: about 8 per problem)."""
 
-    teacher: Literal["synthetic", "hf", "openai"] = Field("synthetic", description="Who writes the chains of thought.")
+    teacher: Literal["synthetic", "solution", "hf", "openai"] = Field("synthetic", description="Who writes the chains of "
+                                                                      "thought: synthetic (the synthetic task's, with slips), "
+                                                                      "solution (the task's worked solutions), hf or openai.")
     teacher_model: str | None = Field(None, description="hf: model folder or hub id; openai: the served model name.")
     base_url: str | None = Field(None, description="openai: endpoint base, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key.")
     concurrency: int = Field(8, ge=1, description="openai: requests in flight at most.")
     max_retries: int = Field(5, ge=0, description="openai: retries on errors and rate limits (exponential backoff).")
     timeout: float = Field(600.0, gt=0, description="openai: seconds per request.")
-    source: str = Field("synthetic", description="Problems: synthetic, gsm8k, math500, aime24, local (train splits for hub sets need data_path).")
+    source: str = Field("synthetic", description="The task of the problems, by name: synthetic, reasoning_gym:<task>, a "
+                        "tasks.mixes name, local, gsm8k, ... (hub sets other than gsm8k need data_path).")
     data_path: str | None = Field(None, description="Local JSONL/Parquet of problems (for source=local or a local hub copy).")
     columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
     n_problems: int = Field(2000, ge=1, description="Problems to distill (synthetic: generated).")
-    difficulties: list[int] = Field([1, 2], description="Synthetic difficulty levels mixed in equal shares.")
+    difficulties: list[int] = Field([1, 2], description="The task's difficulty levels, equal shares (a task without "
+                                    "levels ignores them).")
     samples: int = Field(8, ge=1, description="Rollouts per problem.")
     slip_rate: float = Field(0.3, ge=0, le=1, description="Synthetic teacher: share of rollouts with a mistake.")
     max_new_tokens: int = Field(32768, ge=1, description="Teacher tokens per rollout at most.")
@@ -389,6 +416,7 @@ class Recipe(_Section):
     generation: GenerationConfig = GenerationConfig()
     eval: EvalConfig = EvalConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    tasks: TasksConfig = TasksConfig()
     rewards: RewardsConfig = RewardsConfig()
     rollout: RolloutConfig = RolloutConfig()
     distill: DistillConfig = DistillConfig()
@@ -426,6 +454,8 @@ IGNORED_UNLESS = [
         "base_url", "request_timeout", "concurrency")],
     ("rollout", "api_key_env", "rollout.backend=openai", lambda r: r.rollout.backend == "openai"),
     ("rewards", "weights", "rl.reward=weighted", lambda r: r.rl.reward == "weighted"),
+    *[("rl", k, "rl.curriculum=true", lambda r: r.rl.curriculum) for k in (
+        "curriculum_window", "curriculum_up", "curriculum_down")],
     ("rl", "temperature_start", "rl.anneal_steps > 0", lambda r: r.rl.anneal_steps > 0 or r.rl.temperature_start is None),
 ]
 

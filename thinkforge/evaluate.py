@@ -7,6 +7,9 @@ For each problem, k completions are sampled and graded with the same grader as t
   avg_think_words = mean words inside <think>
   truncated_rate  = share of samples that hit max_new_tokens (PITFALLS 2)
   grading_timeouts = samples graded wrong for running over math-verify's budget (warned above 1%)
+  check_errors    = samples scored 0 because the task's checker raised on their answer
+  constant_baseline = the accuracy of always giving the most common reference (what ignoring the question earns)
+Each problem is scored by its own task's checker (thinkforge/tasks) on the extracted answer only.
 The sampling protocol is recorded beside every number.
 """
 
@@ -20,11 +23,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from thinkforge import grading
-from thinkforge.data.sources import Problem
 from thinkforge.formats import parse, response, words
-from thinkforge.grading import grade_answer
 from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import Generator, SamplingParams, stream_key
+from thinkforge.tasks import Problem, check_errors, constant_baseline, is_correct
 
 REASONING_MIN_WORDS = 5
 
@@ -33,11 +35,13 @@ def score_sample(problem: Problem, text: str, finish_reason: str) -> dict:
     """One sample's row: graded, and the card's metrics, from one parse of its text."""
     p = parse(text)
     think_words = words(p.thinking)
-    before = grading.timeouts()
-    correct = grade_answer(p.answer, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
+    before, errors = grading.timeouts(), check_errors()
+    score = problem.score(p.answer)  # the task's own checker, on the extracted answer only
     return {
-        "correct": correct,
+        "correct": is_correct(score),
+        "score": score,  # partial credit where the task gives it
         "grading_timeout": grading.timeouts() > before,  # graded wrong for running over the budget
+        "check_error": check_errors() > errors,  # the checker raised on this answer: scored 0
         "format_ok": p.format_ok,
         "has_reasoning": think_words >= REASONING_MIN_WORDS,
         "think_words": think_words,
@@ -109,6 +113,7 @@ def summarize(rows: list[dict], n_problems: int) -> dict:
         "avg_think_words": sum(r["think_words"] for r in rows) / n,
         "truncated_rate": sum(r["truncated"] for r in rows) / n,
         "grading_timeouts": sum(r["grading_timeout"] for r in rows),
+        "check_errors": sum(r.get("check_error", False) for r in rows),
         "n": n_problems,
         "samples": len(rows),
     }
@@ -169,13 +174,18 @@ def evaluate(
         completions = generator.generate(prompts, samples, params_i)
         for c in completions:
             problem = batch[c.prompt_index]
-            rows.append({"problem_id": problem.id, "question": problem.question, "reference": problem.reference,
+            rows.append({"problem_id": problem.id, "task": problem.task_name, "question": problem.question,
+                         "reference": problem.reference,
                          "completion": c.text, "finish_reason": c.finish_reason,
                          **score_sample(problem, response(prompts[c.prompt_index], c.text), c.finish_reason)})
         bar.update(len(batch))
         bar.set_postfix(acc=f"{summarize(rows, 0)['accuracy']:.3f}", refresh=False)
     bar.close()
     summary = summarize(rows, len(problems))
+    summary["constant_baseline"] = constant_baseline(problems)
+    if len({r["task"] for r in rows}) > 1:  # a mix: each task's own accuracy beside the whole
+        summary["by_task"] = {t: summarize([r for r in rows if r["task"] == t], 0)["accuracy"]
+                              for t in sorted({r["task"] for r in rows})}
     if line := grading.timeout_warning(summary["grading_timeouts"], len(rows), f"eval {benchmark}".strip()):
         warnings.warn(line, stacklevel=1)
     summary["protocol"] = {**{k: v for k, v in asdict(params).items() if k != "streams"}, "samples_per_problem": samples}
@@ -185,14 +195,21 @@ def evaluate(
 
 def table(results: dict[str, dict]) -> str:
     """A Markdown table of benchmark -> summary."""
-    lines = ["| benchmark | accuracy | format | reasoning | think words | truncated | n | k |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| benchmark | accuracy | constant answer | format | reasoning | think words | truncated | n | k |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for name, s in results.items():
+        base = s.get("constant_baseline")
+        const = f"{100 * base['accuracy']:.1f} ({base['answer'][:12]})" if base else "-"
         lines.append(
-            f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['format_rate']:.1f} | {100 * s['reasoning_rate']:.1f} "
+            f"| {name} | {100 * s['accuracy']:.1f} | {const} | {100 * s['format_rate']:.1f} | {100 * s['reasoning_rate']:.1f} "
             f"| {s['avg_think_words']:.1f} | {100 * s['truncated_rate']:.1f} | {s['n']} | {s['protocol']['samples_per_problem']} |"
         )
-    return "\n".join(lines)
+        if s.get("notes"):
+            notes.append(f"{name}: {s['notes']}")
+        if s.get("check_errors"):
+            notes.append(f"{name}: {s['check_errors']} answers scored 0 because the task's checker raised on them")
+    return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
 def sampling_params(recipe) -> SamplingParams:
@@ -208,22 +225,20 @@ def run(recipe, model_path: str, out_dir: str | Path, progress: bool = True) -> 
     The one entry point of `thinkforge eval` and of the pipeline's after-stage evaluations. Every benchmark is
     loaded before the model, so a bad name or file fails in a second, not after loading.
     """
-    from thinkforge import rollout
-    from thinkforge.data.sources import load_benchmark
+    from thinkforge import rollout, tasks
     from thinkforge.formats import prompt_renderer
 
     ev = recipe.eval
-    problems = {b: load_benchmark(b, ev.data_path, ev.columns, ev.limit, recipe.seed, recipe.synthetic.difficulty,
-                                  recipe.synthetic.n_test) for b in ev.benchmarks}
+    problems = {b: tasks.for_evaluation(recipe, b) for b in ev.benchmarks}
     generator, tok = rollout.load_generator(recipe.model, model_path, recipe.generation.batch_size, recipe.rollout, out_dir,
                                             recipe.generation.max_new_tokens)
     prompt_fn, params = prompt_renderer(recipe.model, tok), sampling_params(recipe)
     results = {}
     with contextlib.closing(generator):
-        for name, probs in problems.items():
+        for name, (task, probs) in problems.items():
             chunk = max(1, recipe.generation.batch_size // ev.samples)  # rows per call: generation.batch_size
             rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, chunk, progress, name)
-            summary.update(benchmark=name, model=model_path, backend=recipe.rollout.backend)
+            summary.update(benchmark=name, model=model_path, backend=recipe.rollout.backend, notes=task.notes)
             write(out_dir, name, rows, summary)
             results[name] = summary
     return results

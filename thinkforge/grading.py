@@ -338,6 +338,25 @@ def mcq_equal(pred: str | None, gold: str, choices: list[str] | None = None) -> 
     return False
 
 
+PARTIAL_CREDIT_MAX = 0.5  # a close-but-wrong number never earns more than half of a right one
+PARTIAL_CREDIT_RANGE = 0.1  # relative error beyond which partial credit is 0
+
+
+def partial_credit(answer: str | None, reference: str) -> float:
+    """The Infused card's partial credit for a wrong numeric answer: up to 0.5 for a number within 10% of the
+    reference, falling linearly to 0 (a right answer is the checker's 1.0, not this).
+
+    >>> partial_credit("98", "100"), partial_credit("50", "100"), partial_credit("x", "100")
+    (0.4, 0.0, 0.0)
+    """
+    gold = as_number(reference)
+    pred = as_number(answer) if answer is not None else None
+    if gold is None or pred is None:
+        return 0.0
+    rel = abs(float(pred - gold)) / max(abs(float(gold)), 1.0)
+    return round(PARTIAL_CREDIT_MAX * max(0.0, 1.0 - rel / PARTIAL_CREDIT_RANGE), 6)
+
+
 def grade(completion: str, reference: str, kind: str = "math", choices: list[str] | None = None) -> bool:
     """Grade a whole completion against a reference (kind: math, gsm8k or mcq)."""
     return grade_answer(parse(completion).answer, reference, kind, choices)

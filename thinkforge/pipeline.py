@@ -15,10 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from thinkforge import evaluate, tiny
+from thinkforge import evaluate, tasks, tiny
 from thinkforge.config import Recipe, dump_config
 from thinkforge.data import distill, pairs, selection
-from thinkforge.data.sources import load_benchmark
 from thinkforge.errors import UserError
 from thinkforge.io import atomic_write, read_jsonl, run_folder, write_json
 from thinkforge.stages import STAGES
@@ -54,8 +53,8 @@ class Run:
 STAGE_INPUTS = {
     "base": ["seed", "model.name_or_path", "model.trainable_dtype", "model.load_in_4bit", "model.prompt_format",
              "model.system_prompt", "init", "lora"],
-    "distill": ["distill", "select"],
-    "pairs": ["generation.max_new_tokens", "pairs", "pipeline.policy_problems", "pipeline.policy_fresh",
+    "distill": ["distill", "select", "tasks"],
+    "pairs": ["generation.max_new_tokens", "pairs", "tasks", "pipeline.policy_problems", "pipeline.policy_fresh",
               "pipeline.policy_difficulties", "pipeline.pair_sources"],
     **{s.name: [s.name, *s.inputs] for s in STAGES.values()},
 }
@@ -195,7 +194,7 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
     if _runs_distill(recipe):
         if not finished("distill"):
             log("[distill] teacher rollouts, graded")
-            problems = distill.problems_for(recipe.distill, recipe.seed)
+            problems = distill.problems_for(recipe)
             stats = distill.main(problems, distill.teacher_for(recipe.distill, recipe), recipe.distill.samples, rollouts, progress)
             sel = recipe.select
             stats["select"] = selection.main(rollouts, data_dir / "sel", sel.max_pass_rate, sel.min_difficulty, sel.min_words)
@@ -270,8 +269,7 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
         stages.append(stage)
     example = None
     if recipe.eval.benchmarks:
-        example = load_benchmark(recipe.eval.benchmarks[0], recipe.eval.data_path, recipe.eval.columns, 1, recipe.seed,
-                                 recipe.synthetic.difficulty, recipe.synthetic.n_test)[0].question
+        example = tasks.for_evaluation(recipe, recipe.eval.benchmarks[0])[1][0].question
     summary = {"stages": stages, "wall_seconds": round(run.state.get("seconds", 0.0), 1),
                "final_model": str(Path(final_model).resolve()), "example_question": example,
                "protocol": {"temperature": recipe.generation.temperature, "top_p": recipe.generation.top_p,

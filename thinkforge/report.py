@@ -84,6 +84,10 @@ def plots(out: Path, summary: dict) -> list[str]:
             twin = axes[1].twinx()
             twin.plot(steps, [r.get("temperature", 0.0) for r in rows], color="#888888", linestyle=":", label="temperature")
             twin.set_ylabel("sampling temperature", color="#888888")
+        if any("curriculum_level" in r for r in rows):  # the level the prompts came from (rl.curriculum)
+            twin = axes[0].twinx()
+            twin.step(steps, [r.get("curriculum_level", 0) for r in rows], where="post", color="#1b9e77", label="curriculum level")
+            twin.set_ylabel("curriculum level", color="#1b9e77")
         axes[0].legend(fontsize=8)
         if aha:
             axes[2].plot([], [], color="#d95f02", linestyle="--", label="aha moment")
@@ -158,7 +162,7 @@ A reasoning model trained with thinkforge: {_recipe_line(recipe)}. It answers in
 ## Training details
 ### Data
 - Teacher: {recipe.distill.teacher}{f" ({recipe.distill.teacher_model})" if recipe.distill.teacher_model else ""}, {recipe.distill.samples} rollouts per problem, source {recipe.distill.source}, graded and rejection-sampled (only verified-correct rollouts in stages 1-2; incorrect ones as DPO rejected side).
-- RL prompts: {recipe.rl.source}, difficulties {recipe.rl.difficulties if recipe.rl.source == "synthetic" else "n/a"}.
+- RL prompts: task {recipe.rl.source}, difficulty levels {recipe.rl.difficulties}{" (curriculum)" if recipe.rl.curriculum else ""}.
 ### Hyperparameters
 {chr(10).join(hp)}
 

@@ -1,11 +1,13 @@
 """Reward functions: plain `(completion, reference, kind) -> float`, found in the REWARDS dict.
 
-- verifiable: the Phi-4-mini-reasoning RLVR reward, +1 if the graded answer is right, -1 otherwise.
+- verifiable: the Phi-4-mini-reasoning RLVR reward, +1 if the task's checker says correct (1.0), -1 otherwise.
 - the Infused Phi-2 set, weighted in the recipe (card: correctness 1.0, reasoning 0.7, format 0.3):
-  correctness (1 exact, partial credit for numerically close answers), reasoning (thinking present, steps,
-  calculations, a length bonus), format (tags present, ordered, balanced, not repeated).
+  correctness (the task's score: 1 correct, its partial credit otherwise; the built-in checker gives up to 0.5
+  for a number within 10%), reasoning (thinking present, steps, calculations, a length bonus), format (tags
+  present, ordered, balanced, not repeated).
 A user reward is any function of that signature, named by import path `package.module:function`.
-Training and evaluation call the same grader (grading.grade).
+Training and evaluation score a completion with the same checker, its problem's task (thinkforge/tasks); the
+rewards that grade take that score (`score=`) rather than grading again.
 """
 
 from __future__ import annotations
@@ -17,43 +19,42 @@ from collections.abc import Callable
 
 from thinkforge.errors import UserError
 from thinkforge.formats import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, parse
-from thinkforge.grading import as_number, grade, gsm8k_reference
+from thinkforge.grading import grade, gsm8k_reference, partial_credit
 
 RewardFn = Callable[..., float]
 
-PARTIAL_CREDIT_MAX = 0.5  # a close-but-wrong number never earns more than half of a right one
-PARTIAL_CREDIT_RANGE = 0.1  # relative error beyond which partial credit is 0
 LENGTH_BONUS_WORDS = 60  # thinking of this many words earns the full length bonus
 
 
-def verifiable(completion: str, reference: str, kind: str = "math", correct: bool | None = None) -> float:
-    """+1 for a verified correct final answer, -1 otherwise (SPEC 2, stage 4). `correct`: the grader's verdict
-    when the caller has it (training grades each completion once, with a problem's choices), else graded here.
+def verifiable(completion: str, reference: str, kind: str = "math", score: float | None = None) -> float:
+    """+1 for a verified correct final answer, -1 otherwise (SPEC 2, stage 4); partial credit is wrong. `score`:
+    the task's score of this completion when the caller has it (training scores each completion once, with its
+    problem's own checker), else graded here with the built-in grader.
 
     >>> verifiable("<think>2+2=4</think><answer>4</answer>", "4"), verifiable("<think>2+2", "4")
     (1.0, -1.0)
+    >>> verifiable("<answer>98</answer>", "100", score=0.4)
+    -1.0
     """
-    return 1.0 if (grade(completion, reference, kind) if correct is None else correct) else -1.0
+    if score is None:
+        return 1.0 if grade(completion, reference, kind) else -1.0
+    return 1.0 if score >= 1.0 else -1.0
 
 
-def correctness(completion: str, reference: str, kind: str = "math", correct: bool | None = None) -> float:
-    """1 if right; partial credit up to 0.5 for a number within 10% of the reference; else 0. `correct` as in
-    `verifiable`.
+def correctness(completion: str, reference: str, kind: str = "math", score: float | None = None) -> float:
+    """The task's score: 1 if right, its partial credit otherwise (the built-in checker's: up to 0.5 for a number
+    within 10% of the reference). `score` as in `verifiable`.
 
     >>> correctness("<answer>100</answer>", "100"), correctness("<answer>98</answer>", "100")
     (1.0, 0.4)
     """
-    if grade(completion, reference, kind) if correct is None else correct:
+    if score is not None:
+        return float(score)
+    if grade(completion, reference, kind):
         return 1.0
     if kind == "mcq":
         return 0.0
-    answer = parse(completion).answer
-    gold = as_number(gsm8k_reference(reference) if kind == "gsm8k" else reference)
-    pred = as_number(answer) if answer is not None else None
-    if gold is None or pred is None:
-        return 0.0
-    rel = abs(float(pred - gold)) / max(abs(float(gold)), 1.0)
-    return round(PARTIAL_CREDIT_MAX * max(0.0, 1.0 - rel / PARTIAL_CREDIT_RANGE), 6)
+    return partial_credit(parse(completion).answer, gsm8k_reference(reference) if kind == "gsm8k" else reference)
 
 
 _STEP = re.compile(r"^\s*(?:step\s*\d+|\d+[.)]|[-*•]|first|second|then|next|finally|so\b)", re.IGNORECASE | re.MULTILINE)
@@ -108,9 +109,9 @@ REWARDS: dict[str, RewardFn] = {
     "reasoning": reasoning,
     "format": format_reward,
 }
-# The rewards that take the grader's verdict (`correct=`): a completion is graded once, with its problem's choices,
-# and every reward and the logged accuracy share that one verdict.
-TAKES_VERDICT = {"verifiable", "correctness"}
+# The rewards that take the task's score (`score=`): a completion is scored once, by its problem's own checker,
+# and every reward and the logged accuracy share that one score.
+TAKES_SCORE = {"verifiable", "correctness"}
 
 
 def resolve(name: str) -> RewardFn:
@@ -149,13 +150,13 @@ class WeightedRewards:
         self.fns = {name: resolve(name) for name in weights}
         self._takes_kind = {name: _accepts_kind(fn) for name, fn in self.fns.items()}
 
-    def score(self, completion: str, reference: str, kind: str = "math", correct: bool | None = None) -> tuple[float, dict[str, float]]:
-        """(weighted sum, each reward's value). `correct`: the grader's verdict on this completion (with its
-        problem's choices), passed to the rewards that grade; None lets them grade without choices."""
+    def score(self, completion: str, reference: str, kind: str = "math", score: float | None = None) -> tuple[float, dict[str, float]]:
+        """(weighted sum, each reward's value). `score`: the task's score of this completion, passed to the
+        rewards that grade; None lets them grade with the built-in grader."""
         parts = {}
         for name, fn in self.fns.items():
-            if name in TAKES_VERDICT:
-                parts[name] = float(fn(completion, reference, kind, correct=correct))
+            if name in TAKES_SCORE:
+                parts[name] = float(fn(completion, reference, kind, score=score))
                 continue
             args = (completion, reference, kind) if self._takes_kind[name] else (completion, reference)
             parts[name] = float(fn(*args))

@@ -125,6 +125,7 @@ STAGES = {s.name: s for s in [
           None, _rl_line,
           ({"rl.data_path": None, "rl.source": "local"}, "Prompts JSONL/Parquet with references (question, answer; "
            "rl.columns maps others); default: the recipe's rl.source"),
-          f"Run folder: {_FOLDER} (metrics with aha events).", ("rewards", "rollout.backend"),
-          {"--algo": ("rl.algo", ("grpo", "ppo"), "grpo or ppo"), "--steps": ("rl.steps", int, "optimizer steps")}),
+          f"Run folder: {_FOLDER} (metrics with aha events).", ("rewards", "rollout.backend", "tasks"),
+          {"--algo": ("rl.algo", ("grpo", "ppo"), "grpo or ppo"), "--steps": ("rl.steps", int, "optimizer steps"),
+           "--task": ("rl.source", str, "the task of the prompts, by name (synthetic, reasoning_gym:<task>, a mix)")}),
 ]}

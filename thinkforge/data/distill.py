@@ -1,12 +1,13 @@
 """Stage-1 data: ask a teacher for N chain-of-thought rollouts per problem, grade each, write them all.
 
-Every rollout is kept with its grade (rejection sampling happens in `select`), so the incorrect ones can
-become the rejected side of DPO pairs. Output rows: problem_id, question, reference, completion, correct,
-teacher, length (words), finish_reason, difficulty. The output file is appended problem by problem: a
+Every rollout is kept with its grade, by its problem's own task (rejection sampling happens in `select`), so the
+incorrect ones can become the rejected side of DPO pairs. Output rows: problem_id, task, question, reference,
+completion, correct, score, teacher, length (words), finish_reason, difficulty. The output file is appended problem by problem: a
 rerun skips problems that are done, and a kill loses at most the rollouts in flight.
 
 Teachers (each yields (problem, [(completion, finish_reason), ...]) as results arrive):
 - SyntheticTeacher: the synthetic task's programmatic teacher with a slip rate (the demo's).
+- SolutionTeacher: a task's own worked solutions (GSM8K's, MATH's, reasoning-gym's where it has them), once each.
 - HFTeacher: a local Hugging Face model, batched.
 - OpenAITeacher: any OpenAI-compatible endpoint (DeepSeek-R1's API, vLLM, SGLang, `thinkforge serve`),
   with bounded concurrency, retries and timeouts.
@@ -23,12 +24,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from thinkforge.data.sources import Problem
 from thinkforge.errors import UserError
-from thinkforge.formats import response
-from thinkforge.grading import grade
+from thinkforge.formats import format_completion, parse, response
 from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import SamplingParams, stream_key
+from thinkforge.tasks import Problem, is_correct
 
 Result = tuple[Problem, list[tuple[str, str]]]
 
@@ -48,6 +48,22 @@ class SyntheticTeacher:
             rng = random.Random(f"{self.seed}-{p.id}")  # per problem: reruns give the same rollouts
             row = {"answer": p.meta["solution"]}
             yield p, [(teacher_completion(row, rng, self.slip_rate)[0], "stop") for _ in range(n)]
+
+
+class SolutionTeacher:
+    """The task's worked solution as the chain of thought, its reference as the answer: one rollout per problem
+    (a problem without a solution is an error naming it)."""
+
+    name = "solution"
+
+    def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
+        for p in problems:
+            text = p.meta.get("solution")
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"distill.teacher=solution: problem {p.id} of task {p.task_name} has no worked solution; "
+                                "use a model teacher (hf, openai) for this task")
+            body = text.rpartition("####")[0].strip() if "####" in text else text.strip()
+            yield p, [(format_completion(body, p.reference), "stop")]
 
 
 class HFTeacher:
@@ -126,12 +142,14 @@ def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progres
         for problem, outs in teacher.solve(todo, n):
             lines = []
             for text, finish in outs[:n]:
-                ok = grade(text, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
+                score = problem.score(parse(text).answer)  # the task's own checker, on the extracted answer
+                ok = is_correct(score)
                 stats["rollouts"] += 1
                 stats["correct"] += ok
                 lines.append(json.dumps({
-                    "problem_id": problem.id, "question": problem.question, "reference": problem.reference,
-                    "kind": problem.kind, "completion": text, "correct": ok, "teacher": teacher.name,
+                    "problem_id": problem.id, "task": problem.task_name, "question": problem.question,
+                    "reference": problem.reference, "kind": problem.kind, "completion": text, "correct": ok,
+                    "score": score, "teacher": teacher.name,
                     "length": len(text.split()), "finish_reason": finish,
                     "difficulty": problem.meta.get("difficulty", problem.meta.get("level")),
                 }, ensure_ascii=False) + "\n")
@@ -145,24 +163,25 @@ def main(problems: list[Problem], teacher, n: int, out_path: str | Path, progres
     return stats
 
 
-def problems_for(cfg, seed: int) -> list[Problem]:
-    """The problems a DistillConfig names."""
-    from thinkforge.data.sources import training_problems
+def problems_for(recipe) -> list[Problem]:
+    """The problems the recipe's distill section names (its task's training split, checked against evaluation)."""
+    from thinkforge import tasks
 
-    return training_problems(cfg.source, cfg.n_problems, cfg.difficulties, seed, cfg.data_path, cfg.columns)
+    d = recipe.distill
+    return tasks.for_training(recipe, "distill", d.n_problems, d.difficulties, data_path=d.data_path, columns=d.columns)
 
 
 def policy_problems(recipe) -> list[Problem]:
-    """Problems the SFT model samples its own rollouts on. Synthetic task: its own draw of training problems
+    """Problems the SFT model samples its own rollouts on. A procedural task: its own draw of training problems
     (`policy_fresh`), because on the distilled problems, whose answers stages 1-2 memorized, nearly every
     rollout is right and the pairs teach nothing that transfers. Other sources: the first distilled problems."""
-    from thinkforge.data.sources import training_problems
+    from thinkforge import tasks
 
     p, d = recipe.pipeline, recipe.distill
-    if d.source == "synthetic" and p.policy_fresh:
-        return training_problems("synthetic", p.policy_problems, p.policy_difficulties or d.difficulties, recipe.seed,
-                                 stream="policy")
-    return problems_for(d, recipe.seed)[: p.policy_problems]
+    if p.policy_fresh and tasks.load(d.source, recipe.tasks.options, recipe.tasks.mixes).procedural:
+        return tasks.for_training(recipe, "distill", p.policy_problems, p.policy_difficulties or d.difficulties,
+                                  stream="policy")
+    return problems_for(recipe)[: p.policy_problems]
 
 
 def sample_policy(recipe, model_path: str, problems: list[Problem], out: Path, progress: bool = True) -> dict:
@@ -185,6 +204,8 @@ def teacher_for(cfg, recipe):
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, recipe.seed)
     if cfg.teacher == "synthetic":
         return SyntheticTeacher(cfg.slip_rate, recipe.seed)
+    if cfg.teacher == "solution":
+        return SolutionTeacher()
     if not cfg.teacher_model:
         raise UserError(f"distill.teacher={cfg.teacher} needs distill.teacher_model")
     from thinkforge import rollout

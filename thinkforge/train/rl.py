@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import grading, models, rollout
+from thinkforge import grading, models, rollout, tasks
 from thinkforge.config import Recipe, RLConfig
-from thinkforge.data.sources import training_problems
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.losses import ADVANTAGES, kl_k3, masked_mean, normaliser, policy_loss
@@ -41,6 +40,7 @@ from thinkforge.rollout.vllm import SyncError
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop, ppo
 from thinkforge.train.attention import use_document_attention
+from thinkforge.train.curriculum import Curriculum
 from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
 from thinkforge.train.sampling import Task, collect, preflight, unlearnable
@@ -199,8 +199,21 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
 
     source = "local" if data and cfg.source == "synthetic" else cfg.source  # a prompts file given: the prompts
-    problems = training_problems(source, cfg.n_problems, cfg.difficulties, recipe.seed, data or cfg.data_path, cfg.columns,
-                                 stream="rl" if cfg.fresh_prompts else "")
+    def pool(levels: list[int]) -> list:
+        return tasks.for_training(recipe, stage, cfg.n_problems, levels, source=source, data_path=data or cfg.data_path,
+                                  columns=cfg.columns, stream="rl" if cfg.fresh_prompts else "")
+
+    curriculum = None
+    if cfg.curriculum:  # one pool per level; prompts from the current level's only
+        if tasks.load(source, recipe.tasks.options, recipe.tasks.mixes).levels is None or len(set(cfg.difficulties)) < 2:
+            raise UserError(f"{stage}.curriculum needs a task with difficulty levels and at least two of them in "
+                            f"{stage}.difficulties (task {source}, difficulties {cfg.difficulties})")
+        pools = {level: pool([level]) for level in sorted(set(cfg.difficulties))}
+        curriculum = Curriculum(cfg.difficulties, cfg.curriculum_window, cfg.curriculum_up, cfg.curriculum_down)
+        curriculum.replay(_past_rows(run_dir, start, events=("empty_batch",)))
+        problems = pools[curriculum.level]
+    else:
+        problems = pool(cfg.difficulties)
     task = Task(problems, prompt_renderer(m, tok), tok,
                 WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
@@ -235,7 +248,16 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 proof = generator.prove(model)  # the backend holds this policy (a server: its weights, proven)
                 if recipe.rollout.backend == "vllm":  # no rank samples while rank 0 proves: vLLM's CPU engine fails
                     dist.barrier()  # a batch mixing the proof's prompt log-probs with LoRA generation (an einsum error)
+                if curriculum is not None:
+                    task.problems = pools[curriculum.level]
                 batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
+            level = {}  # the curriculum's level of this step's prompts, and its move on their pass rate
+            if curriculum is not None:
+                level = {"curriculum_level": curriculum.level}
+                if move := curriculum.update(stats["correct_seen"], stats["graded"], stats["groups_seen"]):
+                    metrics.log(step + 1, {"event": "curriculum", **move})
+                    bar.write(f"step {step + 1}: curriculum level {move['from']} -> {move['level']} (pass rate "
+                              f"{move['pass_rate']:.2f})")
             if batch is not None and stats["versions"] not in ([], [pushed]):  # on-policy: no other version's samples
                 raise SyncError(f"step {step + 1}'s samples came from policy version(s) {stats['versions']}, the trainer "
                                 f"is at version {pushed}: the rollout backend did not sample the current policy")
@@ -249,7 +271,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
             if empty_why := _empty(batch, dist):  # decided from counts over the ranks: every rank skips alike
                 empty += 1
-                metrics.log(step + 1, {"event": "empty_batch", "why": empty_why, **_flat(stats)})
+                metrics.log(step + 1, {"event": "empty_batch", "why": empty_why, **_flat(stats), **level})
                 if empty >= MAX_EMPTY_STEPS:
                     raise UserError(_stop_line(empty, empty_why, stats, cfg))
                 bar.update(1)
@@ -281,7 +303,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             pushed += 1
             dist.barrier()  # no rank samples before the push is done
 
-            row = _row(batch, stats, dist) | totals | proof | sync | {"lr": lr, "grad_norm": grad_norm,
+            row = _row(batch, stats, dist) | totals | proof | sync | level | {"lr": lr, "grad_norm": grad_norm,
                                                               "gen_seconds": gen_seconds, "step_seconds": time.time() - t0}
             metrics.log(step + 1, row)
             for event in aha.update(step + 1, row, batch.texts):
@@ -312,7 +334,8 @@ def _row(batch: Rollout, stats: dict, dist: Dist) -> dict:
         "kept_groups": stats["kept_groups"], "kept_samples": int((batch.loss_mask.sum(-1) > 0).sum()),
         "temperature": batch.temperature,
         **{f"dropped_{k}": v for k, v in stats["dropped"].items()},
-        "graded": stats["graded"], "grading_timeouts": stats["grading_timeouts"],
+        "graded": stats["graded"], "grading_timeouts": stats["grading_timeouts"], "check_errors": stats["check_errors"],
+        "correct_seen": stats["correct_seen"], "groups_seen": stats["groups_seen"],
         **{k: stats[k] for k in ("generation_failures",) if k in stats},
     }
     if dist.world == 1:
@@ -361,9 +384,11 @@ def _stop_line(steps: int, why: str, stats: dict, cfg: RLConfig) -> str:
             "rl.dynamic_sampling or rl.uniform_length, or lower rl.gen_batch")
 
 
-def _past_rows(run_dir: Path, upto: int) -> list[dict]:
+def _past_rows(run_dir: Path, upto: int, events: tuple[str, ...] = ()) -> list[dict]:
+    """The logged steps up to `upto` (a resumed run's history): the training rows, and the `events` rows named."""
     path = run_dir / "metrics.jsonl"
     if not path.exists() or upto == 0:
         return []
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r for r in rows if "think_words" in r and r.get("event") is None and r["step"] <= upto]
+    return [r for r in rows if r["step"] <= upto and (("think_words" in r and r.get("event") is None)
+                                                     or r.get("event") in events)]

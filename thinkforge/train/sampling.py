@@ -18,9 +18,7 @@ import torch
 
 from thinkforge import grading
 from thinkforge.config import RLConfig
-from thinkforge.data.sources import Problem
-from thinkforge.formats import response
-from thinkforge.grading import grade
+from thinkforge.formats import parse, response
 from thinkforge.losses import overlong_penalty
 from thinkforge.monitor import sample_stats
 from thinkforge.rewards import WeightedRewards
@@ -33,6 +31,7 @@ from thinkforge.rollout.types import (
     pad_id,
     stream_key,
 )
+from thinkforge.tasks import Problem, check_errors, is_correct
 from thinkforge.train.dist import Dist
 
 
@@ -82,13 +81,14 @@ def generate_groups(generator: Generator, prompts: list[str], n: int, params: Sa
 
 
 def score(text: str, finish: str, problem: Problem, cfg: RLConfig, rewards: WeightedRewards | None) -> tuple[float, dict, bool]:
-    """(reward, reward per function, correct) of one completion: graded once (with the problem's choices), the
-    verdict shared by the accuracy and every reward that grades."""
-    correct = grade(text, problem.reference, problem.kind, list(problem.choices) if problem.choices else None)
+    """(reward, reward per function, correct) of one completion: scored once by its problem's own checker (on the
+    extracted answer only), the score shared by the accuracy and every reward that grades."""
+    task_score = problem.score(parse(text).answer)
+    correct = is_correct(task_score)
     if rewards is None:
         total, parts = (1.0 if correct else -1.0), {"verifiable": 1.0 if correct else -1.0}
     else:
-        total, parts = rewards.score(text, problem.reference, problem.kind, correct)
+        total, parts = rewards.score(text, problem.reference, problem.kind, task_score)
     if finish == "length" and cfg.truncation == "penalize":
         total = -1.0 if rewards is None else 0.0
     return total, parts, correct
@@ -128,8 +128,9 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     temperature = temperature_at(step, cfg)
     params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, 0, seed)
     rng = random.Random(f"{seed}-{step}")  # prompt draws are a pure function of the step: exact resume
-    stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0, "graded": 0}
+    stats: dict = {"dropped": {}, "groups_seen": 0, "zero_variance_groups": 0, "graded": 0, "correct_seen": 0}
     timeouts = grading.timeouts()  # answers graded wrong for running over the grading budget, before this step
+    errors = check_errors()  # answers scored 0 because their task's checker raised
     held: dict[int, tuple] = {}  # the kept groups this rank sampled, by their place among the step's kept groups
     holders: list[int] = []  # the rank that sampled each kept group
     for round_ in range(cfg.max_refills + 1):
@@ -154,6 +155,7 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
             comps = [dataclasses.replace(c, text=response(prompt, c.text)) for c in comps]  # a pre-filled <think>
             scored = [score(c.text, c.finish_reason, p, cfg, task.rewards) for c in comps]
             stats["graded"] += len(scored)
+            stats["correct_seen"] += sum(s[2] for s in scored)  # every group, before the filters (the curriculum's)
             r, corr = [s[0] for s in scored], [s[2] for s in scored]
             if max(r) - min(r) < 1e-9:
                 stats["zero_variance_groups"] += 1
@@ -170,6 +172,7 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
         if not (cfg.dynamic_sampling or cfg.drop_easy or cfg.drop_all_wrong or cfg.uniform_length):
             break
     stats["grading_timeouts"] = grading.timeouts() - timeouts
+    stats["check_errors"] = check_errors() - errors
     stats = _summed(stats, dist)
     if not holders:
         return None, stats
@@ -227,7 +230,8 @@ def _shared(held: dict[int, tuple], holders: list[int], dist: Dist) -> list[tupl
 
 def _summed(stats: dict, dist: Dist) -> dict:
     """The sampling counts over every rank (one all-reduce): what one process counts."""
-    counts = ["groups_seen", "zero_variance_groups", "graded", "grading_timeouts", "generation_failures"]
+    counts = ["groups_seen", "zero_variance_groups", "graded", "correct_seen", "grading_timeouts", "check_errors",
+              "generation_failures"]
     got = [int(x) for x in dist.all_sum([stats.get(k, 0) for k in counts] + [stats["dropped"].get(k, 0) for k in DROP_REASONS])]
     out = stats | dict(zip(counts, got[: len(counts)], strict=True))
     out["dropped"] = {k: n for k, n in zip(DROP_REASONS, got[len(counts) :], strict=True) if n}

@@ -1,0 +1,128 @@
+"""reasoning-gym's procedural tasks (PyPI `reasoning-gym`, imported only when a task is named): any of its ~100
+datasets by name, `reasoning_gym:<task>`, with its config (`tasks.options`), its curriculum's levels as the
+difficulty levels, and its own scorer as the checker.
+
+Its traps, each handled here:
+- Seeds overlap (item i+1 of seed s is item i of seed s+1): the splits are made by content instead, an item is a
+  test item when the hash of its question says so, so no seed of a training draw can reach an evaluation item.
+- Its scorers read whatever they get (gsm_symbolic takes the first number, others give partial credit for a
+  near miss): they see only the extracted answer, and only a score of 1.0 is correct.
+- Scorers raise on odd answers (prime_factorization on "2 * 3"): scored 0, counted and logged (Problem.score).
+- Labels known to be unreliable are named in `notes`; every evaluation prints the constant-answer baseline.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from typing import Any
+
+from thinkforge.errors import UserError
+from thinkforge.tasks.base import Problem, Task, shares
+
+TEST_SHARE = 5  # one question in five (by its hash) is an evaluation item
+ATTEMPTS_PER_ITEM = 20  # draws per wanted item before a split is called exhausted (small tasks, few distinct items)
+UNRELIABLE = {
+    "propositional_logic": "its scorer accepts any conclusion the premises entail, so a trivially true answer "
+                           "(a premise restated) scores 1.0: accuracy overstates reasoning",
+    "syllogism": "about 70% of its labels are 'Yes' and some labels are invalid: compare accuracy with the "
+                 "constant-answer baseline printed beside it",
+}
+
+
+def _gym():
+    try:
+        import reasoning_gym
+        from reasoning_gym.factory import CURRICULA, DATASETS
+    except ImportError:
+        raise UserError("reasoning-gym is not installed: pip install 'thinkforge[gym]' (reasoning-gym>=0.1.25)") from None
+    return reasoning_gym, DATASETS, CURRICULA
+
+
+def is_test(question: str) -> bool:
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % TEST_SHARE == 0
+
+
+class ReasoningGym(Task):
+    family = "reasoning_gym"
+    procedural = True
+    takes_argument = True
+
+    def __init__(self, argument: str | None = None, options: dict[str, Any] | None = None, **kw):
+        super().__init__(argument, options, **kw)
+        _, datasets, curricula = _gym()
+        if argument not in datasets or argument == "composite":
+            close = difflib.get_close_matches(argument, list(datasets), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"reasoning-gym has no task {argument!r}; {hint}(weighted mixes: tasks.mixes in the config)")
+        self._config_cls = datasets[argument][1]
+        self._curriculum = curricula.get(argument)
+        fields = set(self._config_cls.__dataclass_fields__) - {"seed", "size"}
+        self.config = {k: v for k, v in self.options.items() if k != "level"}
+        if bad := sorted(set(self.config) - fields):
+            raise UserError(f"task {self.name}: unknown option(s) {', '.join(bad)}; its config has "
+                            f"{', '.join(sorted(fields))} (and level)")
+        if self._curriculum is not None:
+            depth = max(len(a.levels) for a in self._curriculum().attributes.values())
+            self.levels = tuple(range(1, depth + 1))
+        self.level = self.options.get("level")
+        self.level_list([self.level] if self.level is not None else None, f"tasks.options[{self.name!r}].level")
+        self.notes = UNRELIABLE.get(argument, "")
+        self._datasets: dict = {}
+
+    def _dataset(self, level: int | None, seed: int = 0, size: int = 1):
+        """The dataset at `level` (its curriculum at that global level, the options for the rest)."""
+        gym, _, _ = _gym()
+        base = {**self.config, "seed": seed, "size": size}
+        try:
+            if level is None:
+                config = self._config_cls(**base)
+            else:
+                curriculum = self._curriculum()
+                curriculum.set_global_level(level - 1)
+                config = curriculum.generate_configuration(base)
+            config.validate() if hasattr(config, "validate") else None
+            return gym.create_dataset(self.argument, **{k: getattr(config, k) for k in config.__dataclass_fields__})
+        except (ValueError, AssertionError, TypeError) as e:
+            raise UserError(f"task {self.name} (level {level}): reasoning-gym refuses the config: {e}") from None
+
+    def problems(self, split: str, n: int | None, seed: int, levels: list[int] | None = None,
+                 stream: str = "") -> list[Problem]:
+        levels = self.level_list(levels, f"task {self.name}") or [self.level]
+        n = 200 if n is None else n
+        out: list[Problem] = []
+        for level, share in zip(levels, shares(n, len(levels)), strict=True):
+            if share:
+                out += self._draw(split, share, seed, level, stream)
+        return out
+
+    def _draw(self, split: str, n: int, seed: int, level: int | None, stream: str) -> list[Problem]:
+        tag = f"{seed}-{split}-{level}-{stream}"
+        gym_seed = int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
+        cap = ATTEMPTS_PER_ITEM * n + 200
+        ds = self._dataset(level, gym_seed, cap)
+        self._datasets.setdefault(level, ds)
+        prefix = f"rg-{self.argument}-s{seed}-{split}" + (f"-{stream}" if stream else "") + (f"-L{level}" if level else "")
+        out, seen = [], set()
+        for i in range(cap):
+            item = ds[i]
+            q = str(item["question"])
+            if is_test(q) != (split == "test") or q in seen:
+                continue
+            seen.add(q)
+            meta = item.get("metadata") or {}
+            solution = meta.get("answer_cot") or meta.get("solution")
+            extra = {"solution": solution} if isinstance(solution, str) and solution.strip() else {}
+            out.append(self.make(f"{prefix}-{len(out)}", q, item.get("answer"), "exact", entry=item, difficulty=level,
+                                 **extra))
+            if len(out) == n:
+                return out
+        raise UserError(f"task {self.name}: only {len(out)} distinct {split} problems at level {level} in {cap} draws, "
+                        f"{n} asked; ask for fewer or a higher level")
+
+    def check(self, problem: Problem, answer: str | None) -> float:
+        if answer is None:
+            return 0.0
+        level = problem.meta.get("difficulty")
+        ds = self._datasets.get(level) or self._datasets.setdefault(level, self._dataset(level))
+        return float(ds.score_answer(answer, problem.meta["entry"]))
