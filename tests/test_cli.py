@@ -50,7 +50,7 @@ def test_missing_column(tmp_path, capsys):
 
 
 def test_unknown_benchmark_fails_before_loading_a_model(tmp_path, capsys):
-    _bad(["eval", "-m", str(tmp_path / "no-model"), "-b", "gsm9k"], capsys, "unknown benchmark 'gsm9k'; did you mean 'gsm8k'?")
+    _bad(["eval", "-m", str(tmp_path / "no-model"), "-b", "gsm9k"], capsys, "unknown task 'gsm9k'; did you mean 'gsm8k'?")
 
 
 def test_config_typo(tiny_model, capsys):

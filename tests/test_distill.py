@@ -168,3 +168,19 @@ def test_a_correct_rollout_cut_off_at_the_token_limit_is_never_a_chosen_side():
             {"problem_id": "p", "question": "q", "completion": "<answer>5</answer>", "correct": False, "finish_reason": "stop"}]
     built, stats = pairs.build(rows)
     assert built == [] and stats["cut_off_correct_dropped"] == 1
+
+
+def test_the_solution_teacher_writes_a_tasks_worked_solutions_graded_by_the_task(tmp_path):
+    """distill.teacher=solution on a reasoning-gym task that has worked solutions: one rollout per problem, the
+    solution as the thinking, graded right by the task's own scorer; a task without solutions is one clear error."""
+    from thinkforge.io import read_jsonl
+
+    probs = tasks.load("reasoning_gym:gsm_symbolic").problems("train", 3, 0)
+    stats = distill.main(probs, distill.SolutionTeacher(), 1, tmp_path / "s.jsonl", progress=False)
+    rows = read_jsonl(tmp_path / "s.jsonl")
+    assert stats["acceptance"] == 1.0 and len(rows) == 3
+    assert all(r["task"] == "reasoning_gym:gsm_symbolic" and r["score"] == 1.0 for r in rows)
+    assert all("####" not in r["completion"] and r["completion"].startswith("<think>") for r in rows)
+    with pytest.raises(UserError, match="has no worked solution"):
+        distill.main(tasks.load("reasoning_gym:chain_sum").problems("train", 1, 0), distill.SolutionTeacher(), 1,
+                     tmp_path / "c.jsonl", progress=False)

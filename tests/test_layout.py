@@ -78,3 +78,58 @@ def test_every_stage_of_the_table_has_the_shared_main_a_section_a_command_and_a_
     for path in [PACKAGE / "pipeline.py", PACKAGE / "cli.py"]:  # driven by the table, not by names
         text = path.read_text()
         assert not re.search(r"""\b(sft|dpo|rl)_stage\b|stage == ["'](midtrain|sft|dpo|rl)["']""", text), path.name
+
+
+# How the layout test reaches each registered task's problems without the hub: (argument, options, data file).
+TASK_SAMPLES = {
+    "synthetic": (None, {}, None),
+    "gsm8k": (None, {}, "gsm8k_test.jsonl"),
+    "math500": (None, {}, "math500_test.jsonl"),
+    "aime24": (None, {}, "aime24_train.jsonl"),
+    "gpqa_diamond": (None, {}, "gpqa_diamond_train.jsonl"),
+    "local": (None, {}, "custom.jsonl"),
+    "reasoning_gym": ("chain_sum", {}, None),
+}
+TASK_COLUMNS = {"local": {"question": "prompt", "answer": "target", "id": "uid"}}
+
+
+def test_every_registered_task_is_one_file_and_one_line_and_checks_its_own_problems():
+    """A task is a `Task` subclass in its own module under thinkforge/tasks/ and one line of tasks.TASKS: its
+    problems carry it, its checker gives its own reference 1.0 and a wrong answer less, in [0, 1], and its levels
+    (if any) are what its problems say they were drawn at. No consumer compares a task's name: they reach tasks
+    through their problems."""
+    import importlib
+
+    from thinkforge import tasks
+
+    fixtures = Path(__file__).parent / "fixtures"
+    assert set(tasks.TASKS) == set(TASK_SAMPLES), "give a new task a row in TASK_SAMPLES"
+    for family, where in tasks.TASKS.items():
+        module, _, cls_name = where.partition(":")
+        assert (PACKAGE.parent / (module.replace(".", "/") + ".py")).is_file(), family
+        cls = getattr(importlib.import_module(module), cls_name)
+        assert issubclass(cls, tasks.Task) and cls.family == family, family
+        argument, options, data = TASK_SAMPLES[family]
+        name = f"{family}:{argument}" if argument else family
+        task = tasks.load(name, {name: options}, data_path=str(fixtures / data) if data else None,
+                          columns=TASK_COLUMNS.get(family))
+        assert task.name == name
+        levels = [task.levels[0]] if task.levels else None
+        problems = task.problems("test", 2, 0, levels)
+        assert 1 <= len(problems) <= 2 and all(p.task is task for p in problems), family
+        for p in problems:
+            assert p.score(p.reference) == 1.0, (family, p.id)
+            assert 0.0 <= p.score("zzz not an answer") < 1.0, (family, p.id)
+            assert p.score(None) == 0.0, (family, p.id)
+            if levels:
+                assert p.meta["difficulty"] == levels[0], family
+        if task.levels is not None:
+            assert list(task.levels) == sorted(task.levels) and all(isinstance(x, int) for x in task.levels), family
+    consumers = ["evaluate.py", "pipeline.py", "cli.py", "rewards.py", "train/rl.py", "train/sampling.py",
+                 "data/distill.py", "data/pairs.py", "data/selection.py", "report.py"]
+    names = set(tasks.TASKS)
+    for rel in consumers:
+        for node in ast.walk(ast.parse((PACKAGE / rel).read_text())):
+            if isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr in ("source", "benchmark"):
+                literal = [c.value for c in node.comparators if isinstance(c, ast.Constant)]
+                assert not set(literal) & names, f"{rel}:{node.lineno} compares a task's name: reach it through the task"

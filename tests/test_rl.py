@@ -725,3 +725,49 @@ def test_a_step_without_a_loss_token_is_skipped_and_the_run_goes_on(tiny_model, 
     skipped = {r["step"] for r in rows if r.get("event") == "empty_batch"}
     trained = {r["step"] for r in rows if "pg_loss" in r}
     assert skipped and trained and skipped | trained == set(range(1, 7)) and not skipped & trained
+
+
+def test_the_curriculum_moves_with_the_pass_rate_on_its_level():
+    from thinkforge.train.curriculum import Curriculum
+
+    c = Curriculum([3, 1, 2], window=4, up=0.7, down=0.2)
+    assert c.level == 1 and c.update(3, 4, 2) is None  # 2 groups: not a window yet
+    assert c.update(4, 4, 2) == {"level": 2, "from": 1, "pass_rate": 7 / 8}
+    assert c.update(8, 8, 3) is None  # the window restarted: 3 groups
+    assert c.update(0, 8, 3) is None  # the last 6 groups: 8 of 16, between the thresholds
+    assert c.update(0, 8, 4)["level"] == 1  # the last 4 groups (this step's): 0 of 8
+    assert c.update(0, 8, 4) is None  # the easiest level: nowhere lower
+    twin = Curriculum([1, 2, 3], window=4, up=0.7, down=0.2)
+    twin.replay([{"curriculum_level": 1, "correct_seen": c, "graded": g, "groups_seen": n}
+                 for c, g, n in [(3, 4, 2), (4, 4, 2), (8, 8, 3)]])
+    assert twin.level == 2 and twin.pass_rate() is None
+
+
+def test_rl_with_a_curriculum_draws_from_the_current_level_logs_it_and_resumes_it(tiny_model, tmp_path, monkeypatch):
+    """Level 1 answers all score 1 and level 2 answers 0: the level goes up after step 1, down after step 2, ...;
+    each step's prompts come from its logged level, and a resumed run moves as the uninterrupted one did."""
+    from thinkforge.tasks import Task
+
+    seen: list[int] = []
+
+    def by_level(self, problem, answer):
+        seen.append(problem.meta["difficulty"])
+        return 1.0 if problem.meta["difficulty"] == 1 else 0.0
+
+    monkeypatch.setattr(Task, "check", by_level)
+    extra = {"rl.curriculum": "true", "rl.difficulties": "[1,2]", "rl.curriculum_window": 2, "rl.curriculum_down": 0.1,
+             "rl.dynamic_sampling": "false", "rl.drop_easy": "false", "rl.drop_all_wrong": "false", "rl.n_problems": 20}
+
+    def levels(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return ([r["curriculum_level"] for r in rows if "reward" in r],
+                [(r["from"], r["level"]) for r in rows if r.get("event") == "curriculum"])
+
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "a", progress=False)
+    assert levels(tmp_path / "a") == ([1, 2, 1, 2], [(1, 2), (2, 1), (1, 2), (2, 1)])
+    assert seen == [1] * 8 + [2] * 8 + [1] * 8 + [2] * 8  # 2 groups of 4 per step, from the step's level
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False, stop_after=3)
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False)
+    assert levels(tmp_path / "b") == levels(tmp_path / "a")
+    with pytest.raises(UserError, match="curriculum needs a task with difficulty levels"):
+        rl.main(_recipe(tiny_model, "grpo", **{**extra, "rl.difficulties": "[2]"}), "rl", tmp_path / "c", progress=False)

@@ -70,6 +70,9 @@ class ReasoningGym(Task):
         self.notes = UNRELIABLE.get(argument, "")
         self._datasets: dict = {}
 
+    def __getstate__(self) -> dict:  # a problem travels between ranks with its task: without the datasets it made
+        return {**self.__dict__, "_datasets": {}}
+
     def _dataset(self, level: int | None, seed: int = 0, size: int = 1):
         """The dataset at `level` (its curriculum at that global level, the options for the rest)."""
         gym, _, _ = _gym()

@@ -177,6 +177,23 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     m = recipe.model
     loop.seed_everything(recipe.seed)
     dist = distributed.init(recipe.collective_timeout)
+    source = cfg.source  # a prompts file given for a generated task: the prompts are the file's (a hub set's schema else)
+    if data and tasks.load(source, recipe.tasks.options, recipe.tasks.mixes).procedural:
+        source = "local"
+
+    def pool(levels: list[int]) -> list:
+        return tasks.for_training(recipe, stage, cfg.n_problems, levels, source=source, data_path=data or cfg.data_path,
+                                  columns=cfg.columns, stream="rl" if cfg.fresh_prompts else "")
+
+    curriculum = None  # before the model loads: a task that cannot be made fails in a second
+    if cfg.curriculum:  # one pool per level; prompts from the current level's only
+        if tasks.load(source, recipe.tasks.options, recipe.tasks.mixes).levels is None or len(set(cfg.difficulties)) < 2:
+            raise UserError(f"{stage}.curriculum needs a task with difficulty levels and at least two of them in "
+                            f"{stage}.difficulties (task {source}, difficulties {cfg.difficulties})")
+        pools = {level: pool([level]) for level in sorted(set(cfg.difficulties))}
+        curriculum = Curriculum(cfg.difficulties, cfg.curriculum_window, cfg.curriculum_up, cfg.curriculum_down)
+    else:
+        problems = pool(cfg.difficulties)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
     models.disable_dropout(model)  # the sampler, reference and old log-probs are compared with the loss's pass
     model.train()
@@ -198,22 +215,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         clipped += list(critic.head.parameters()) if critic.head.trunk else []
     start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
 
-    source = "local" if data and cfg.source == "synthetic" else cfg.source  # a prompts file given: the prompts
-    def pool(levels: list[int]) -> list:
-        return tasks.for_training(recipe, stage, cfg.n_problems, levels, source=source, data_path=data or cfg.data_path,
-                                  columns=cfg.columns, stream="rl" if cfg.fresh_prompts else "")
-
-    curriculum = None
-    if cfg.curriculum:  # one pool per level; prompts from the current level's only
-        if tasks.load(source, recipe.tasks.options, recipe.tasks.mixes).levels is None or len(set(cfg.difficulties)) < 2:
-            raise UserError(f"{stage}.curriculum needs a task with difficulty levels and at least two of them in "
-                            f"{stage}.difficulties (task {source}, difficulties {cfg.difficulties})")
-        pools = {level: pool([level]) for level in sorted(set(cfg.difficulties))}
-        curriculum = Curriculum(cfg.difficulties, cfg.curriculum_window, cfg.curriculum_up, cfg.curriculum_down)
+    if curriculum is not None:
         curriculum.replay(_past_rows(run_dir, start, events=("empty_batch",)))
         problems = pools[curriculum.level]
-    else:
-        problems = pool(cfg.difficulties)
     task = Task(problems, prompt_renderer(m, tok), tok,
                 WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
