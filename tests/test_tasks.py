@@ -256,3 +256,22 @@ def test_eval_scores_a_reasoning_gym_task_by_name(tmp_path, tiny_model):
     rows = read_jsonl(out / "reasoning_gym:chain_sum.samples.jsonl")
     assert len(rows) == 4 and {r["task"] for r in rows} == {"reasoning_gym:chain_sum"}
     assert all(r["problem_id"].startswith("rg-chain_sum-s0-test-L1-") for r in rows)
+
+
+def test_task_settings_that_would_do_nothing_are_errors(tmp_path):
+    """PITFALLS 19: options a task does not read, options or mixes for a task nothing names, and difficulty levels
+    for a task without levels."""
+    with pytest.raises(UserError, match="option\\(s\\) depth do nothing here; it reads level"):
+        tasks.load("synthetic", {"synthetic": {"depth": 3}})
+    with pytest.raises(UserError, match="tasks.options\\['reasoning_gym:products'\\] does nothing"):
+        load_config(None, ["tasks.options.reasoning_gym:products.level=1"])
+    with pytest.raises(UserError, match="tasks.mixes\\['m'\\] does nothing"):
+        load_config(None, ["tasks.mixes.m={synthetic: 1}"])
+    assert load_config(None, ["rl.source=m", "tasks.mixes.m={reasoning_gym:products: 1}",
+                              "tasks.options.reasoning_gym:products.level=1"]).tasks.mixes == {"m": {"reasoning_gym:products": 1.0}}
+    recipe = load_config(None, ["eval.benchmarks=[]", "rl.source=local", f"rl.data_path={FIX / 'custom.jsonl'}",
+                                "rl.difficulties=[3]"])
+    with pytest.raises(UserError, match="rl.difficulties=\\[3\\] does nothing here: task local has no difficulty levels"):
+        tasks.for_training(recipe, "rl", 4, [3], data_path=str(FIX / "custom.jsonl"))
+    assert tasks.for_training(recipe, "rl", 4, [1, 2], data_path=str(FIX / "custom.jsonl"), columns={
+        "question": "prompt", "answer": "target", "id": "uid"})  # the default levels: nothing set, nothing said

@@ -581,7 +581,8 @@ def _stage_command(stage) -> None:
         data_keys, _ = stage.data_option
         given = {"model.name_or_path": model, "lora.enabled": lora,
                  **({k: data_path if v is None else v for k, v in data_keys.items()} if data_path else {}),
-                 **{key: options[_param(flag)] for flag, (key, _, _) in stage.options.items()}}
+                 **{key: options[_param(flag)] for flag, (key, _, _) in stage.options.items()
+                    if options[_param(flag)] is not None}}  # --data FILE --task gsm8k: FILE in gsm8k's schema
         recipe = recipe_from(config_path, overrides, given)  # what it trains on is in the saved config
         _quiet_hf()
         with run_folder(out_dir):

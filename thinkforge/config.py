@@ -430,6 +430,18 @@ class Recipe(_Section):
     pipeline: PipelineConfig = PipelineConfig()
 
     @model_validator(mode="after")
+    def _every_task_setting_names_a_task_in_use(self) -> Recipe:
+        """tasks.options and tasks.mixes act only through a name the recipe uses (rl.source, distill.source,
+        eval.benchmarks, a used mix's parts): one for a name nothing uses is an error, not a silent no-op."""
+        used = {self.rl.source, self.distill.source, *self.eval.benchmarks}
+        used |= {part for name in used & set(self.tasks.mixes) for part in self.tasks.mixes[name]}
+        for key, what in [*[(k, "options") for k in self.tasks.options], *[(k, "mixes") for k in self.tasks.mixes]]:
+            if key not in used and not (key == "synthetic" and what == "options"):
+                raise ValueError(f"tasks.{what}[{key!r}] does nothing: no stage or evaluation names task {key!r} "
+                                 f"(rl.source, distill.source, eval.benchmarks or a mix of them)")
+        return self
+
+    @model_validator(mode="after")
     def _no_setting_is_silently_ignored(self) -> Recipe:
         """A value set where the chosen backend, algorithm or switch never reads it is an error (PITFALLS 19): only
         values that differ from the default are checked, so a recipe that leaves them alone is fine."""

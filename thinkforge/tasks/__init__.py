@@ -13,12 +13,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import random
-import threading
-import warnings
 from typing import Any
 
 from thinkforge.errors import UserError
-from thinkforge.tasks.base import CORRECT, Problem, Task, is_correct
+from thinkforge.tasks.base import CORRECT, Problem, Task, check_errors, checked, is_correct
 
 __all__ = ["CORRECT", "Problem", "Task", "is_correct", "TASKS", "load", "checked", "check_errors", "for_training",
            "for_evaluation", "assert_disjoint", "constant_baseline"]
@@ -89,40 +87,6 @@ class Mix(Task):
         return out
 
 
-# ---------------------------------------------------------------- checking, counted
-
-_errors = {"count": 0, "told": set()}
-_lock = threading.Lock()
-
-
-def check_errors() -> int:
-    """How many answers this process scored 0 because their task's checker raised or returned no score."""
-    return _errors["count"]
-
-
-def checked(problem: Problem, answer: str | None) -> float:
-    task = problem.task
-    try:
-        score = task.check(problem, answer) if task is not None else Task.check(Task(), problem, answer)
-        score = float(score)
-        if not 0.0 <= score <= 1.0:
-            raise ValueError(f"score {score!r} outside [0, 1]")
-        return score
-    except UserError:
-        raise
-    except Exception as e:  # a scorer that raises on an odd answer: wrong, counted, said once per task
-        name = problem.task_name
-        with _lock:
-            _errors["count"] += 1
-            first = name not in _errors["told"]
-            _errors["told"].add(name)
-        if first:
-            warnings.warn(f"task {name}: its checker failed on answer {str(answer)[:60]!r} of {problem.id} "
-                          f"({type(e).__name__}: {str(e)[:120]}); such answers score 0 and are counted as "
-                          "check_errors", stacklevel=2)
-        return 0.0
-
-
 # ---------------------------------------------------------------- what a recipe trains and evaluates on
 
 
@@ -152,6 +116,9 @@ def for_training(recipe, section: str, n: int, levels: list[int] | None, *, sour
     and local evaluation sets are compared; hub ones are not fetched for it)."""
     cfg = getattr(recipe, section)
     task = _load(recipe, source or cfg.source, data_path, columns or {})
+    if task.levels is None and levels not in (None, type(cfg).model_fields["difficulties"].default):  # PITFALLS 19
+        raise UserError(f"{section}.difficulties={levels} does nothing here: task {task.name} has no difficulty levels; "
+                        "remove it")
     problems = task.problems("train", n, recipe.seed, task.level_list(levels, f"{section}.difficulties"), stream)
     if not problems:
         raise UserError(f"{section}: task {task.name} gave no training problems")

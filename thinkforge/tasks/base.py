@@ -12,6 +12,8 @@ tasks is graded by each problem's own checker.
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,8 +43,6 @@ class Problem:
     def score(self, answer: str | None) -> float:
         """The task's score of an extracted answer, in [0, 1]: a checker that raises or returns something else
         scores 0, is counted (`tasks.check_errors()`) and logged once per task, never a crash."""
-        from thinkforge.tasks import checked
-
         return checked(self, answer)
 
     @property
@@ -59,6 +59,7 @@ class Task:
     # against training sets by content before a run trains
     takes_argument: ClassVar[bool] = False  # named `family:argument` (reasoning_gym:chain_sum)
     notes: ClassVar[str] = ""  # known caveats, printed with an evaluation (labels known to be unreliable, ...)
+    accepts: ClassVar[frozenset[str]] = frozenset()  # the options it reads (tasks.options[name]); others are errors
 
     def __init__(self, argument: str | None = None, options: dict[str, Any] | None = None,
                  data_path: str | None = None, columns: dict[str, str] | None = None):
@@ -67,6 +68,9 @@ class Task:
         if argument is None and self.takes_argument:
             raise UserError(f"task {self.family!r} needs a name after the colon, e.g. {self.family}:<task>")
         self.argument, self.options = argument, dict(options or {})
+        if self.accepts is not None and (bad := sorted(set(self.options) - self.accepts)):
+            raise UserError(f"task {self.family}: option(s) {', '.join(bad)} do nothing here; it reads "
+                            f"{', '.join(sorted(self.accepts)) or 'no options'}")
         self.data_path, self.columns = data_path, dict(columns or {})
         self.name = f"{self.family}:{argument}" if argument else self.family
 
@@ -101,6 +105,38 @@ class Task:
         """A problem of this task (meta: the checker's entry, `solution`, `difficulty`, ...)."""
         ref = "" if reference is None or (isinstance(reference, float) and math.isnan(reference)) else str(reference)
         return Problem(pid, question, ref, kind, tuple(choices) if choices else None, meta, self)
+
+
+_errors = {"count": 0, "told": set()}
+_lock = threading.Lock()
+
+
+def check_errors() -> int:
+    """How many answers this process scored 0 because their task's checker raised or returned no score."""
+    return _errors["count"]
+
+
+def checked(problem: Problem, answer: str | None) -> float:
+    task = problem.task
+    try:
+        score = task.check(problem, answer) if task is not None else Task.check(Task(), problem, answer)
+        score = float(score)
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"score {score!r} outside [0, 1]")
+        return score
+    except UserError:
+        raise
+    except Exception as e:  # a scorer that raises on an odd answer: wrong, counted, said once per task
+        name = problem.task_name
+        with _lock:
+            _errors["count"] += 1
+            first = name not in _errors["told"]
+            _errors["told"].add(name)
+        if first:
+            warnings.warn(f"task {name}: its checker failed on answer {str(answer)[:60]!r} of {problem.id} "
+                          f"({type(e).__name__}: {str(e)[:120]}); such answers score 0 and are counted as "
+                          "check_errors", stacklevel=2)
+        return 0.0
 
 
 def shares(n: int, k: int) -> list[int]:

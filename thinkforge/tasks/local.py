@@ -39,6 +39,7 @@ def need(row: dict, cols: list[str], where: str, i: int) -> None:
 
 class Local(Task):
     family = "local"
+    accepts = frozenset({"kind"})
 
     def problems(self, split: str, n: int | None, seed: int, levels: list[int] | None = None,
                  stream: str = "") -> list[Problem]:

@@ -47,6 +47,7 @@ class ReasoningGym(Task):
     family = "reasoning_gym"
     procedural = True
     takes_argument = True
+    accepts = None  # its dataset's config and `level`, checked against the dataset's own fields
 
     def __init__(self, argument: str | None = None, options: dict[str, Any] | None = None, **kw):
         super().__init__(argument, options, **kw)

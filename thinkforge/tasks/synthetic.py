@@ -9,6 +9,7 @@ from thinkforge.tasks.base import Problem, Task, shares
 
 class Synthetic(Task):
     family = "synthetic"
+    accepts = frozenset({"level"})
     procedural = True
     levels = (1, 2, 3, 4)
 
