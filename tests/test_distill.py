@@ -181,6 +181,14 @@ def test_the_solution_teacher_writes_a_tasks_worked_solutions_graded_by_the_task
     assert stats["acceptance"] == 1.0 and len(rows) == 3
     assert all(r["task"] == "reasoning_gym:gsm_symbolic" and r["score"] == 1.0 for r in rows)
     assert all("####" not in r["completion"] and r["completion"].startswith("<think>") for r in rows)
-    with pytest.raises(UserError, match="has no worked solution"):
-        distill.main(tasks.load("reasoning_gym:chain_sum").problems("train", 1, 0), distill.SolutionTeacher(), 1,
+    assert distill.main(probs, distill.SolutionTeacher(), 1, tmp_path / "s.jsonl", progress=False)["skipped_done"] == 3
+    with pytest.raises(UserError, match="has no worked solution"):  # mahjong_puzzle's "solution" is the bare answer
+        distill.main(tasks.load("reasoning_gym:mahjong_puzzle").problems("train", 1, 0), distill.SolutionTeacher(), 1,
                      tmp_path / "c.jsonl", progress=False)
+    from thinkforge.config import load_config
+
+    recipe = load_config(None, ["distill.teacher=solution"])
+    with pytest.raises(UserError, match="one rollout per problem.*distill.samples=1"):
+        distill.teacher_for(recipe.distill, recipe)
+    with pytest.raises(UserError, match="synthetic teacher writes the synthetic task's solutions.*gsm_symbolic"):
+        list(distill.SyntheticTeacher(0.3, 0).solve(probs, 2))

@@ -771,3 +771,32 @@ def test_rl_with_a_curriculum_draws_from_the_current_level_logs_it_and_resumes_i
     assert levels(tmp_path / "b") == levels(tmp_path / "a")
     with pytest.raises(UserError, match="curriculum needs a task with difficulty levels"):
         rl.main(_recipe(tiny_model, "grpo", **{**extra, "rl.difficulties": "[2]"}), "rl", tmp_path / "c", progress=False)
+
+
+def test_the_curriculum_counts_groups_the_filters_drop_and_a_resume_replays_the_empty_steps(tiny_model, tmp_path, monkeypatch):
+    """Level 1: half of each group right (kept, pass rate 0.5 > up 0.4: up); levels 2 and 3: all wrong, dropped by
+    the all-wrong filter (an empty step, yet counted: down). A run stopped after step 3 and resumed replays step 2's
+    empty row too: step 4 is at level 2, as in the uninterrupted run (without the empty row it would be 3)."""
+    import itertools
+
+    from thinkforge.tasks import Task
+
+    flip = itertools.count()
+
+    def by_level(self, problem, answer):
+        return float(problem.meta["difficulty"] == 1 and next(flip) % 2 == 0)
+
+    monkeypatch.setattr(Task, "check", by_level)
+    extra = {"rl.curriculum": "true", "rl.difficulties": "[1,2,3]", "rl.curriculum_window": 2, "rl.curriculum_up": 0.4,
+             "rl.curriculum_down": 0.1, "rl.n_problems": 20, "rl.checkpoints.every": 1, "rl.balance": "false",
+             "rl.drop_all_wrong": "true", "rl.max_refills": 0}
+
+    def levels(d):
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("event"), r["curriculum_level"]) for r in rows if "curriculum_level" in r]
+
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "a", progress=False)
+    assert levels(tmp_path / "a") == [(1, None, 1), (2, "empty_batch", 2), (3, None, 1), (4, "empty_batch", 2)]
+    assert rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False, stop_after=3) is None
+    rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False)
+    assert levels(tmp_path / "b")[-1] == (4, "empty_batch", 2)

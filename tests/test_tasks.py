@@ -169,17 +169,46 @@ def test_a_reasoning_gym_task_by_name_with_its_options_levels_and_scorer():
     t = tasks.load("reasoning_gym:chain_sum", {"reasoning_gym:chain_sum": {"allow_negation": False}})
     assert t.name == "reasoning_gym:chain_sum" and t.procedural and t.levels[:3] == (1, 2, 3)
     probs = t.problems("train", 20, 0, [1, 2])
-    assert [p.meta["difficulty"] for p in probs] == [1] * 10 + [2] * 10
+    assert [p.meta["difficulty"] for p in probs[:10]] == [1] * 10 and {p.meta["difficulty"] for p in probs[10:]} == {2}
+    assert len({p.question for p in probs}) == len(probs)  # no question twice, across levels either
     assert all(p.score(p.reference) == 1.0 for p in probs)
-    level1 = [p.meta["entry"]["metadata"]["num_terms"] for p in probs[:10]]
-    assert max(level1) <= 3  # the curriculum's level 1 (its level 0..1 ranges), not the default config
+    terms = {lv: {p.meta["entry"]["metadata"]["num_terms"] for p in probs if p.meta["difficulty"] == lv} for lv in (1, 2)}
+    assert terms == {1: {2}, 2: {2, 3}}  # the curriculum's levels 0 and 0-1 (2 terms; 2-3 terms)
+    assert all(not p.meta["entry"]["metadata"]["expression"].lstrip().startswith("-") for p in probs)  # the option
     assert probs == t.problems("train", 20, 0, [1, 2])  # seeded
+    assert all(p.id == f"rg-chain_sum-train-L{p.meta['difficulty']}-" + __import__("hashlib").sha256(
+        p.question.encode()).hexdigest()[:12] for p in probs)  # ids name the content
     with pytest.raises(UserError, match="did you mean 'chain_sum'"):
         tasks.load("reasoning_gym:chain_summ")
     with pytest.raises(UserError, match="unknown option.*min_term;"):
         tasks.load("reasoning_gym:chain_sum", {"reasoning_gym:chain_sum": {"min_term": 2}})
     with pytest.raises(UserError, match="needs a name after the colon"):
         tasks.load("reasoning_gym")
+    with pytest.raises(UserError, match="has no curriculum, so no levels"):
+        tasks.load("reasoning_gym:acre", {"reasoning_gym:acre": {"level": 1}})
+
+
+def test_training_at_the_default_levels_is_the_configuration_evaluated_and_set_levels_refuse_overwritten_options():
+    """rl.difficulties left at its default: a reasoning-gym task trains at its own options (as it is evaluated);
+    set: its curriculum's levels, and an option the curriculum would overwrite is an error."""
+    over = ["eval.benchmarks=[reasoning_gym:chain_sum]", "rl.source=reasoning_gym:chain_sum",
+            "tasks.options.reasoning_gym:chain_sum={min_terms: 5, max_terms: 6}", "tasks.n_test=20"]
+    recipe = load_config(None, over)
+    trained = tasks.for_training(recipe, "rl", 20, recipe.rl.difficulties)
+    evaluated = tasks.for_evaluation(recipe, "reasoning_gym:chain_sum")[1]
+    terms = {p.meta["entry"]["metadata"]["num_terms"] for p in trained + evaluated}
+    assert terms <= {5, 6} and len(evaluated) == 20
+    with pytest.raises(UserError, match="curriculum sets max_terms, min_terms, which tasks.options also sets"):
+        tasks.for_training(recipe, "rl", 20, [1, 3])
+    leveled = load_config(None, over[:2] + ["tasks.options.reasoning_gym:chain_sum={level: 3}", "tasks.n_test=20"])
+    assert {p.meta["difficulty"] for p in tasks.for_training(leveled, "rl", 20, leveled.rl.difficulties)} == {3}
+    assert {p.meta["difficulty"] for p in tasks.for_evaluation(leveled, "reasoning_gym:chain_sum")[1]} == {3}
+
+
+def test_a_level_with_fewer_distinct_problems_than_asked_gives_those_with_a_warning():
+    with pytest.warns(UserWarning, match="only \d+ distinct test problems at level 1"):
+        probs = tasks.load("reasoning_gym:chain_sum").problems("test", 200, 0, [1])
+    assert 20 < len(probs) < 200 and len({p.question for p in probs}) == len(probs)
 
 
 def test_reasoning_gym_splits_are_disjoint_by_content_although_its_seeds_overlap():
@@ -236,8 +265,19 @@ def test_a_weighted_mix_draws_shares_by_weight_and_checks_each_problem_with_its_
     assert names != sorted(names) and names != sorted(names, reverse=True)  # interleaved
     assert all(p.score(p.reference) == 1.0 for p in probs)
     assert probs == mix.problems("train", 40, 0, [1]) and mix.procedural
+    # a level a part does not have: its nearest (synthetic's 4 for a 6, never an easier fallback)
+    high = mix.problems("train", 8, 0, [6])
+    assert {p.meta["difficulty"] for p in high if p.task_name == "synthetic"} == {4}
+    assert {p.meta["difficulty"] for p in high if p.task_name != "synthetic"} == {6}
     with pytest.raises(UserError, match="weight > 0"):
         tasks.load("bad", {}, {"bad": {"synthetic": 0}})
+
+
+def test_synthetic_difficulty_sets_the_synthetic_level_inside_a_mix_too():
+    recipe = load_config(None, ["eval.benchmarks=[m]", "tasks.mixes.m={synthetic: 1, reasoning_gym:chain_sum: 1}",
+                                "synthetic.difficulty=4", "tasks.n_test=10", "eval.limit=10"])
+    probs = tasks.for_evaluation(recipe, "m")[1]
+    assert {p.meta["difficulty"] for p in probs if p.task_name == "synthetic"} == {4}
 
 
 def test_eval_scores_a_reasoning_gym_task_by_name(tmp_path, tiny_model):
@@ -253,9 +293,9 @@ def test_eval_scores_a_reasoning_gym_task_by_name(tmp_path, tiny_model):
                                    "tasks.options.reasoning_gym:chain_sum.level=1"])
     assert res.exit_code == 0, res.output
     assert "constant answer" in res.output and "| reasoning_gym:chain_sum |" in res.output
-    rows = read_jsonl(out / "reasoning_gym:chain_sum.samples.jsonl")
+    rows = read_jsonl(out / "reasoning_gym-chain_sum.samples.jsonl")  # a file name without the colon
     assert len(rows) == 4 and {r["task"] for r in rows} == {"reasoning_gym:chain_sum"}
-    assert all(r["problem_id"].startswith("rg-chain_sum-s0-test-L1-") for r in rows)
+    assert all(r["problem_id"].startswith("rg-chain_sum-test-L1-") for r in rows)
 
 
 def test_task_settings_that_would_do_nothing_are_errors(tmp_path):
@@ -275,3 +315,13 @@ def test_task_settings_that_would_do_nothing_are_errors(tmp_path):
         tasks.for_training(recipe, "rl", 4, [3], data_path=str(FIX / "custom.jsonl"))
     assert tasks.for_training(recipe, "rl", 4, [1, 2], data_path=str(FIX / "custom.jsonl"), columns={
         "question": "prompt", "answer": "target", "id": "uid"})  # the default levels: nothing set, nothing said
+
+
+def test_a_scorer_that_chews_on_a_hostile_answer_is_stopped_at_its_budget_and_counted(recwarn):
+    import time
+
+    p = tasks.load("reasoning_gym:polynomial_multiplication").problems("test", 1, 0)[0]
+    before, start = tasks.check_errors(), time.process_time()
+    assert p.score("9**9**9**9") == 0.0 and tasks.check_errors() == before + 1  # its scorer would run for minutes
+    assert time.process_time() - start < 1.0  # the budget is spent in the worker, not here
+    assert p.score(p.reference) == 1.0  # a fresh worker scores the next answer

@@ -192,8 +192,9 @@ def export(model_dir, gguf_path, dtype):
 @click.argument("input_path", metavar="IN.jsonl", type=click.Path(dir_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Output JSONL: each input row plus `correct` (true/false).")
-@click.option("--kind", type=click.Choice(["math", "gsm8k", "mcq"]), default="math", show_default=True,
-              help="Answer kind for rows without a `kind` column (gsm8k: reference is a solution ending in '#### N').")
+@click.option("--kind", type=click.Choice(["math", "gsm8k", "mcq", "exact"]), default="math", show_default=True,
+              help="Answer kind for rows without a `kind` column (gsm8k: reference is a solution ending in '#### N'; "
+                   "exact: the string itself; a reasoning-gym row's own scorer is its task's, at evaluation).")
 def grade(input_path, out_path, kind):
     """Grade completions: each row has `completion`, `reference`, optionally `kind` and `choices`."""
     from thinkforge import grading
@@ -202,8 +203,8 @@ def grade(input_path, out_path, kind):
     rows = read_jsonl(input_path, required=["completion", "reference"], nonempty=True)
     for i, row in enumerate(rows, 1):
         k = row.get("kind", kind)
-        if k not in ("math", "gsm8k", "mcq"):
-            raise UserError(f"{input_path}: row {i}: unknown kind {k!r}; use math, gsm8k or mcq")
+        if k not in ("math", "gsm8k", "mcq", "exact"):
+            raise UserError(f"{input_path}: row {i}: unknown kind {k!r}; use math, gsm8k, mcq or exact")
         if not isinstance(row["completion"], str) or not isinstance(row["reference"], (str, int, float)):
             raise UserError(f"{input_path}: row {i}: completion must be a string and reference a string or number")
     out = []

@@ -238,7 +238,7 @@ class RLConfig(_Stage):
                              "of rl.difficulties, draw prompts from the current level only, go up when the pass rate over "
                              "the last curriculum_window groups crosses curriculum_up, down below curriculum_down.")
     curriculum_window: int = Field(16, ge=1, description="Groups of the current level whose pass rate moves the curriculum.")
-    curriculum_up: float = Field(0.7, gt=0, le=1, description="Pass rate above which the curriculum moves one level up.")
+    curriculum_up: float = Field(0.7, gt=0, lt=1, description="Pass rate above which the curriculum moves one level up.")
     curriculum_down: float = Field(0.1, ge=0, lt=1, description="Pass rate below which it moves one level down.")
     fresh_prompts: bool = Field(True, description="Synthetic prompts from their own draw, not the distillation's problems "
                                 "(whose answers stages 1-2 memorized: no reward variance, nothing to learn).")
@@ -428,6 +428,13 @@ class Recipe(_Section):
     rl: RLConfig = RLConfig()
     init: InitConfig | None = None
     pipeline: PipelineConfig = PipelineConfig()
+
+    @model_validator(mode="after")
+    def _curriculum_thresholds_in_order(self) -> Recipe:
+        if self.rl.curriculum and self.rl.curriculum_down >= self.rl.curriculum_up:
+            raise ValueError(f"rl.curriculum_down={self.rl.curriculum_down} must be below rl.curriculum_up="
+                             f"{self.rl.curriculum_up} (else the level moves both ways at once)")
+        return self
 
     @model_validator(mode="after")
     def _every_task_setting_names_a_task_in_use(self) -> Recipe:

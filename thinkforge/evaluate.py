@@ -248,5 +248,10 @@ def write(out_dir: str | Path, name: str, rows: list[dict], summary: dict) -> No
     from thinkforge.io import write_json, write_jsonl
 
     out_dir = Path(out_dir)
-    write_jsonl(out_dir / f"{name}.samples.jsonl", rows)
-    write_json(out_dir / f"{name}.summary.json", summary)
+    write_jsonl(out_dir / f"{file_stem(name)}.samples.jsonl", rows)
+    write_json(out_dir / f"{file_stem(name)}.summary.json", summary)
+
+
+def file_stem(benchmark: str) -> str:
+    """A benchmark's name as a file name everywhere (reasoning_gym:chain_sum -> reasoning_gym-chain_sum)."""
+    return benchmark.replace(":", "-").replace("/", "-")

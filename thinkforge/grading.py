@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -128,23 +129,27 @@ _LIST_SEP = re.compile(r",\s|;|\bor\b|\band\b|\n", re.IGNORECASE)
 # ---------------------------------------------------------------- math-verify, time-bounded
 
 
-class _Verifier:
-    """A math-verify worker process; an item over its CPU budget ends it, and it is restarted. Thread-safe."""
+class Worker:
+    """A worker process that answers one line per request line within a budget of its own CPU seconds (it ends
+    itself past it, see _verify_worker.py); an item over budget (or a dead worker) is None, counted, and the
+    worker restarted. Thread-safe. `module`: the worker's module (`python -m module`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str = "thinkforge._verify_worker", what: str = "math-verify"):
+        self.module, self.what = module, what
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self.timeouts = 0
+        atexit.register(self._kill)  # no worker outlives its process
 
     def _start(self) -> None:
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "thinkforge._verify_worker"],
+            [sys.executable, "-m", self.module],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
         if self._readline(60.0) != "ready":
             self._kill()
-            raise RuntimeError("math-verify worker did not start; is math-verify installed?")
+            raise RuntimeError(f"the {self.what} worker did not start; is {self.what} installed?")
 
     def _readline(self, timeout: float) -> str | None:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
@@ -164,24 +169,39 @@ class _Verifier:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
 
-    def __call__(self, gold: str, pred: str, timeout: float) -> bool:
-        """`timeout`: the item's budget in the worker's CPU seconds (the worker ends itself past it); the wall
-        clock caps a worker that gets no CPU at all at `WALL_CAP` times that, plus start-up slack."""
+    def ask(self, request: str, timeout: float) -> str | None:
+        """The worker's reply line to `request` (one line), or None when it ran over `timeout` CPU seconds (the
+        worker ends itself) or over the wall cap of WALL_CAP times that plus start-up slack."""
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
             try:
-                self._proc.stdin.write(json.dumps([gold, pred, timeout]) + "\n")
+                self._proc.stdin.write(request + "\n")
                 self._proc.stdin.flush()
             except BrokenPipeError:
                 self._kill()
-                return False
+                self.timeouts += 1
+                return None
             line = self._readline(WALL_CAP * timeout + 10.0)
-            if line not in ("true", "false"):  # its timer ended it (or it died), or no answer within the wall cap
+            if not line:  # its timer ended it (or it died), or no answer within the wall cap
                 self.timeouts += 1
                 self._kill()
-                return False
-            return line == "true"
+                return None
+            return line
+
+
+class _Verifier(Worker):
+    """math-verify in its worker: is `pred` equal to `gold`? An item over its budget is False (and counted)."""
+
+    def __call__(self, gold: str, pred: str, timeout: float) -> bool:
+        """`timeout`: the item's budget in the worker's CPU seconds (the worker ends itself past it); the wall
+        clock caps a worker that gets no CPU at all at `WALL_CAP` times that, plus start-up slack."""
+        line = self.ask(json.dumps([gold, pred, timeout]), timeout)
+        if line not in (None, "true", "false"):  # not an answer: a broken worker, counted as over budget
+            self.timeouts += 1
+            self._kill()
+            return False
+        return line == "true"
 
 
 WALL_CAP = 20  # a worker starved of CPU (a stopped or swapped process) still ends within 20x its budget + 10 s
@@ -358,7 +378,7 @@ def partial_credit(answer: str | None, reference: str) -> float:
 
 
 def grade(completion: str, reference: str, kind: str = "math", choices: list[str] | None = None) -> bool:
-    """Grade a whole completion against a reference (kind: math, gsm8k or mcq)."""
+    """Grade a whole completion against a reference (kind: math, gsm8k, mcq or exact)."""
     return grade_answer(parse(completion).answer, reference, kind, choices)
 
 
@@ -370,4 +390,6 @@ def grade_answer(answer: str | None, reference: str, kind: str = "math", choices
         return mcq_equal(answer, reference, choices)
     if kind == "math":
         return math_equal(answer, reference)
-    raise ValueError(f"unknown answer kind {kind!r}; use math, gsm8k or mcq")
+    if kind == "exact":  # a task's own answer string (reasoning-gym's): equal once outer spaces are stripped
+        return answer is not None and answer.strip() == reference.strip()
+    raise ValueError(f"unknown answer kind {kind!r}; use math, gsm8k, mcq or exact")

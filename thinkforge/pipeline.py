@@ -74,9 +74,16 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
             value = value.get(part) if isinstance(value, dict) else None
         if section in STAGES:
             value = _as_recorded(value)
+        if section in SECTIONS_ADDED_SINCE and value == type(getattr(recipe, section))().model_dump(mode="json"):
+            continue
         out[section] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
     return out
 
+
+# Settings added after runs were recorded, left out of a fingerprint at these (their default) values: a run made
+# before they existed made what their defaults make. A whole section added: its key is left out at its default.
+ADDED_SINCE = {"curriculum": False, "curriculum_window": 16, "curriculum_up": 0.7, "curriculum_down": 0.1}
+SECTIONS_ADDED_SINCE = ("tasks",)
 
 # Stage settings that change how a stage runs or whether it starts, never what it makes: the output head's chunk
 # (float rounding), RL's learnability preflight.
@@ -86,7 +93,8 @@ RUNS_ONLY = ("head_chunk", "preflight", "preflight_groups")
 def _as_recorded(stage: dict) -> dict:
     """A stage section in the flat form finished steps recorded before the nested optim/checkpoints schemas
     (2026-11-29), so their runs still resume; how it runs (RUNS_ONLY) is not what it is made from."""
-    flat = {k: v for k, v in stage.items() if k not in ("optim", "checkpoints", *RUNS_ONLY)}
+    flat = {k: v for k, v in stage.items() if k not in ("optim", "checkpoints", *RUNS_ONLY)
+            and not (k in ADDED_SINCE and v == ADDED_SINCE[k])}
     return {**flat, **stage["optim"], "save_every": stage["checkpoints"]["every"],
             "keep_checkpoints": stage["checkpoints"]["keep"]}
 
@@ -259,7 +267,7 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
                  "reasoning_rate": first["reasoning_rate"], "avg_think_words": first["avg_think_words"],
                  "n": first["n"], "benchmarks": {b: {k: s[k] for k in ("accuracy", "format_rate", "n")}
                                                   for b, s in info["eval"].items()}}
-        samples_file = out / name / "eval" / f"{bench}.samples.jsonl"
+        samples_file = out / name / "eval" / f"{evaluate.file_stem(bench)}.samples.jsonl"
         samples = read_jsonl(samples_file) if samples_file.is_file() else None
         if samples:
             stage["ci95"] = evaluate.accuracy_interval(samples)

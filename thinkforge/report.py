@@ -162,7 +162,7 @@ A reasoning model trained with thinkforge: {_recipe_line(recipe)}. It answers in
 ## Training details
 ### Data
 - Teacher: {recipe.distill.teacher}{f" ({recipe.distill.teacher_model})" if recipe.distill.teacher_model else ""}, {recipe.distill.samples} rollouts per problem, source {recipe.distill.source}, graded and rejection-sampled (only verified-correct rollouts in stages 1-2; incorrect ones as DPO rejected side).
-- RL prompts: task {recipe.rl.source}, difficulty levels {recipe.rl.difficulties}{" (curriculum)" if recipe.rl.curriculum else ""}.
+- RL prompts: task {recipe.rl.source}{_levels_line(recipe)}.
 ### Hyperparameters
 {chr(10).join(hp)}
 
@@ -188,6 +188,16 @@ thinkforge export {final} --gguf {final.name}.gguf --dtype f16
 llama-cli -m {final.name}.gguf -cnv{f" -sys {shlex.quote(system)}" if system else ""}
 ```
 """
+
+
+def _levels_line(recipe) -> str:
+    """", difficulty levels [1, 2] (curriculum)" where the RL task has levels; "" where it has none."""
+    from thinkforge import tasks
+
+    levels = tasks.load(recipe.rl.source, recipe.tasks.options, recipe.tasks.mixes).levels
+    if levels is None:
+        return ""
+    return f", difficulty levels {recipe.rl.difficulties}" + (" (curriculum)" if recipe.rl.curriculum else "")
 
 
 def _prompt_line(fmt: str, model_dir: Path) -> str:

@@ -41,10 +41,12 @@ class SyntheticTeacher:
 
     def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
         from thinkforge.data.synthetic import teacher_completion
+        from thinkforge.tasks.synthetic import Synthetic
 
         for p in problems:
-            if "solution" not in p.meta:
-                raise UserError(f"the synthetic teacher needs synthetic problems; {p.id} has no worked solution")
+            if not isinstance(p.task, Synthetic):
+                raise UserError(f"the synthetic teacher writes the synthetic task's solutions; {p.id} is of task "
+                                f"{p.task_name}: use distill.teacher=solution (its own worked solutions) or a model teacher")
             rng = random.Random(f"{self.seed}-{p.id}")  # per problem: reruns give the same rollouts
             row = {"answer": p.meta["solution"]}
             yield p, [(teacher_completion(row, rng, self.slip_rate)[0], "stop") for _ in range(n)]
@@ -52,7 +54,8 @@ class SyntheticTeacher:
 
 class SolutionTeacher:
     """The task's worked solution as the chain of thought, its reference as the answer: one rollout per problem
-    (a problem without a solution is an error naming it)."""
+    (a problem without a solution is an error naming it). Every rollout is right, so `select.max_pass_rate` has
+    nothing to tell apart: the hard subset is by difficulty or length."""
 
     name = "solution"
 
@@ -205,6 +208,9 @@ def teacher_for(cfg, recipe):
     if cfg.teacher == "synthetic":
         return SyntheticTeacher(cfg.slip_rate, recipe.seed)
     if cfg.teacher == "solution":
+        if cfg.samples != 1:
+            raise UserError(f"distill.teacher=solution writes one rollout per problem (its worked solution): set "
+                            f"distill.samples=1 (got {cfg.samples})")
         return SolutionTeacher()
     if not cfg.teacher_model:
         raise UserError(f"distill.teacher={cfg.teacher} needs distill.teacher_model")

@@ -70,19 +70,28 @@ class Mix(Task):
         self.levels = tuple(sorted(set().union(*levelled))) if levelled else None
         self.notes = "; ".join(f"{t.name}: {t.notes}" for t in parts if t.notes)
 
+    def train_levels(self, levels: list[int] | None, given: bool, where: str) -> list[int] | None:
+        """Levels set: each part draws at its nearest own levels; left at the default: each part its own."""
+        return self.level_list(levels, where) if given else None
+
     def problems(self, split: str, n: int | None, seed: int, levels: list[int] | None = None,
                  stream: str = "") -> list[Problem]:
-        n = 200 * len(self.parts) if n is None else n
-        total = sum(self.parts.values())
-        exact = [n * w / total for w in self.parts.values()]  # largest remainder: the shares sum to n
-        counts = [int(x) for x in exact]
-        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
-            counts[i] += 1
+        """n problems in shares by weight (n None: each part's own default size, weights aside). At `levels`, a
+        part draws at its own levels nearest to them (synthetic's 4 for a 6: a harder level never gets easier)."""
+        if n is None:
+            counts = [None] * len(self.parts)
+        else:
+            total = sum(self.parts.values())
+            exact = [n * w / total for w in self.parts.values()]  # largest remainder: the shares sum to n
+            counts = [int(x) for x in exact]
+            for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
+                counts[i] += 1
         out = []
         for task, k in zip(self.parts, counts, strict=True):
-            if k:
-                own = [x for x in levels if task.levels and x in task.levels] if levels and task.levels else None
-                out += task.problems(split, k, seed, own or None, stream)
+            if k != 0:
+                own = sorted({min(task.levels, key=lambda x: (abs(x - want), -x)) for want in levels}) \
+                    if levels and task.levels else None
+                out += task.problems(split, k, seed, own, stream)
         random.Random(f"{seed}-{split}-{stream}-{self.name}").shuffle(out)  # interleaved, the same every run
         return out
 
@@ -91,9 +100,8 @@ class Mix(Task):
 
 
 def _load(recipe, name: str, data_path: str | None, columns: dict[str, str]) -> Task:
-    options = dict(recipe.tasks.options)
-    if name == "synthetic":  # the synthetic task's evaluation level lives in its own section
-        options["synthetic"] = {"level": recipe.synthetic.difficulty, **options.get("synthetic", {})}
+    options = dict(recipe.tasks.options)  # the synthetic task's evaluation level lives in its own section
+    options["synthetic"] = {"level": recipe.synthetic.difficulty, **options.get("synthetic", {})}
     return load(name, options, recipe.tasks.mixes, data_path, columns)
 
 
@@ -116,10 +124,8 @@ def for_training(recipe, section: str, n: int, levels: list[int] | None, *, sour
     and local evaluation sets are compared; hub ones are not fetched for it)."""
     cfg = getattr(recipe, section)
     task = _load(recipe, source or cfg.source, data_path, columns or {})
-    if task.levels is None and levels not in (None, type(cfg).model_fields["difficulties"].default):  # PITFALLS 19
-        raise UserError(f"{section}.difficulties={levels} does nothing here: task {task.name} has no difficulty levels; "
-                        "remove it")
-    problems = task.problems("train", n, recipe.seed, task.level_list(levels, f"{section}.difficulties"), stream)
+    given = levels is not None and levels != type(cfg).model_fields["difficulties"].default
+    problems = task.problems("train", n, recipe.seed, task.train_levels(levels, given, f"{section}.difficulties"), stream)
     if not problems:
         raise UserError(f"{section}: task {task.name} gave no training problems")
     for name in recipe.eval.benchmarks:

@@ -91,6 +91,15 @@ class Task:
             return CORRECT
         return 0.0 if problem.kind == "mcq" else partial_credit(answer, problem.reference)
 
+    def train_levels(self, levels: list[int] | None, given: bool, where: str) -> list[int] | None:
+        """The levels a training draw uses: `levels` of the recipe (`given`: set, not left at the default),
+        checked against the task's own; a task without levels refuses levels that were set (PITFALLS 19)."""
+        if self.levels is None:
+            if given:
+                raise UserError(f"{where}={levels} does nothing here: task {self.name} has no difficulty levels; remove it")
+            return None
+        return self.level_list(levels, where)
+
     def level_list(self, levels: list[int] | None, where: str) -> list[int] | None:
         """`levels` checked against the task's own (None where the task has none: the setting does not apply)."""
         if self.levels is None or levels is None:

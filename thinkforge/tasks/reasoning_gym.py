@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
+import warnings
 from typing import Any
 
 from thinkforge.errors import UserError
 from thinkforge.tasks.base import Problem, Task, shares
 
 TEST_SHARE = 5  # one question in five (by its hash) is an evaluation item
+CHECK_BUDGET = 2.0  # CPU seconds a scorer may spend on one answer
+MAX_ANSWER_CHARS = 2000  # longer answers score 0 without a scorer
 ATTEMPTS_PER_ITEM = 20  # draws per wanted item before a split is called exhausted (small tasks, few distinct items)
 UNRELIABLE = {
     "propositional_logic": "its scorer accepts any conclusion the premises entail, so a trivially true answer "
@@ -67,12 +71,30 @@ class ReasoningGym(Task):
             depth = max(len(a.levels) for a in self._curriculum().attributes.values())
             self.levels = tuple(range(1, depth + 1))
         self.level = self.options.get("level")
+        if self.level is not None and self.levels is None:
+            raise UserError(f"tasks.options[{self.name!r}].level: {argument} has no curriculum, so no levels; remove it")
         self.level_list([self.level] if self.level is not None else None, f"tasks.options[{self.name!r}].level")
+        self._curriculum_fields = set()
+        for a in (self._curriculum().attributes.values() if self._curriculum else []):
+            self._curriculum_fields |= {getattr(a, k) for k in ("field_name", "lower_field_name", "upper_field_name")
+                                        if getattr(a, k, None)}
         self.notes = UNRELIABLE.get(argument, "")
         self._datasets: dict = {}
 
     def __getstate__(self) -> dict:  # a problem travels between ranks with its task: without the datasets it made
         return {**self.__dict__, "_datasets": {}}
+
+    def train_levels(self, levels: list[int] | None, given: bool, where: str) -> list[int] | None:
+        """Levels left at the recipe's default: its own configuration, the one it is evaluated at (its options, at
+        their `level`). Levels set: its curriculum's, which then set the fields it controls; an option naming one
+        of those fields is an error (it would be overwritten)."""
+        if not given:
+            return None
+        levels = super().train_levels(levels, given, where)
+        if clash := sorted(self._curriculum_fields & set(self.config)):
+            raise UserError(f"{where}={levels}: at a level, {self.name}'s curriculum sets {', '.join(clash)}, which "
+                            f"tasks.options also sets; keep one (the option, with {where} unset; or the levels)")
+        return levels
 
     def _dataset(self, level: int | None, seed: int = 0, size: int = 1):
         """The dataset at `level` (its curriculum at that global level, the options for the rest)."""
@@ -97,7 +119,8 @@ class ReasoningGym(Task):
         out: list[Problem] = []
         for level, share in zip(levels, shares(n, len(levels)), strict=True):
             if share:
-                out += self._draw(split, share, seed, level, stream)
+                seen = {p.question for p in out}  # a level's ranges include the easier ones': no question twice
+                out += [p for p in self._draw(split, share, seed, level, stream) if p.question not in seen]
         return out
 
     def _draw(self, split: str, n: int, seed: int, level: int | None, stream: str) -> list[Problem]:
@@ -106,7 +129,7 @@ class ReasoningGym(Task):
         cap = ATTEMPTS_PER_ITEM * n + 200
         ds = self._dataset(level, gym_seed, cap)
         self._datasets.setdefault(level, ds)
-        prefix = f"rg-{self.argument}-s{seed}-{split}" + (f"-{stream}" if stream else "") + (f"-L{level}" if level else "")
+        prefix = f"rg-{self.argument}-{split}" + (f"-L{level}" if level else "")
         out, seen = [], set()
         for i in range(cap):
             item = ds[i]
@@ -115,18 +138,51 @@ class ReasoningGym(Task):
                 continue
             seen.add(q)
             meta = item.get("metadata") or {}
-            solution = meta.get("answer_cot") or meta.get("solution")
+            solution = meta.get("answer_cot")  # a worked solution (its `solution` fields are often the bare answer)
             extra = {"solution": solution} if isinstance(solution, str) and solution.strip() else {}
-            out.append(self.make(f"{prefix}-{len(out)}", q, item.get("answer"), "exact", entry=item, difficulty=level,
-                                 **extra))
+            key = hashlib.sha256(q.encode()).hexdigest()[:12]  # the id names the content: resumes and pairs match
+            out.append(self.make(f"{prefix}-{key}", q, item.get("answer"), "exact", entry=item, difficulty=level, **extra))
             if len(out) == n:
                 return out
-        raise UserError(f"task {self.name}: only {len(out)} distinct {split} problems at level {level} in {cap} draws, "
-                        f"{n} asked; ask for fewer or a higher level")
+        if not out:
+            raise UserError(f"task {self.name}: no {split} problem at level {level} in {cap} draws")
+        warnings.warn(f"task {self.name}: only {len(out)} distinct {split} problems at level {level} in {cap} draws, "
+                      f"{n} asked; drawing those (a higher level has more)", stacklevel=2)
+        return out
 
     def check(self, problem: Problem, answer: str | None) -> float:
+        """Its scorer, in the scorer worker under a budget of CHECK_BUDGET CPU seconds (an answer over it scores
+        0 and is counted as a check error); a scorer that raises is a check error too."""
+        import base64
+        import pickle
+
         if answer is None:
             return 0.0
-        level = problem.meta.get("difficulty")
+        if len(answer) > MAX_ANSWER_CHARS:  # an essay is not an answer (and the cheapest way to stall a scorer)
+            return 0.0
+        request = (self.family, self.argument, self.options, problem.meta.get("difficulty"), problem.meta["entry"],
+                   answer, CHECK_BUDGET)
+        line = _worker().ask(base64.b64encode(pickle.dumps(request)).decode(), CHECK_BUDGET)
+        if line is None:
+            raise TimeoutError(f"its scorer ran over {CHECK_BUDGET} CPU seconds")
+        status, value = json.loads(line)
+        if status != "ok":
+            raise RuntimeError(value)
+        return float(value)
+
+    def score_here(self, level: int | None, entry: dict, answer: str) -> float:
+        """The scorer in this process (the worker's side of `check`)."""
         ds = self._datasets.get(level) or self._datasets.setdefault(level, self._dataset(level))
-        return float(ds.score_answer(answer, problem.meta["entry"]))
+        return float(ds.score_answer(answer, entry))
+
+
+_scorer = None
+
+
+def _worker():
+    global _scorer
+    if _scorer is None:
+        from thinkforge.grading import Worker
+
+        _scorer = Worker("thinkforge._score_worker", "reasoning-gym scorer")
+    return _scorer
