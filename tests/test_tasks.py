@@ -206,7 +206,7 @@ def test_training_at_the_default_levels_is_the_configuration_evaluated_and_set_l
 
 
 def test_a_level_with_fewer_distinct_problems_than_asked_gives_those_with_a_warning():
-    with pytest.warns(UserWarning, match="only \d+ distinct test problems at level 1"):
+    with pytest.warns(UserWarning, match=r"only \d+ distinct test problems at level 1"):
         probs = tasks.load("reasoning_gym:chain_sum").problems("test", 200, 0, [1])
     assert 20 < len(probs) < 200 and len({p.question for p in probs}) == len(probs)
 
