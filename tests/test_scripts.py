@@ -78,6 +78,12 @@ SMOKE = {
     "dev/gguf_answers.py": Smoke(
         ("{run}", "--dtypes", "f16", "--problems", "1"), r"f16: [01] of 1 in the reasoning format, [01] right",
         needs=("llama-cpp",)),
+    "dev/task_baselines.py": Smoke(
+        ("--model", "{llama}", "--task", "reasoning_gym:chain_sum", "--task", "synthetic", "--level", "1", "--items", "2",
+         "--k", "2", "--max-new-tokens", "4"),
+        r'\{"metric": "task_baselines", "k": 2, "tasks": \{"reasoning_gym:chain_sum": \{"greedy": ' + N + r'.*"items": 2\}, '
+        r'"synthetic": \{.*"items": 2\}\}\}',
+        also=(rf"\| reasoning_gym:chain_sum \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \|",)),
     "dev/stage_table.py": Smoke(
         ("{run}", "{run}"), r"\| wall time \| [\d.]+ min \| [\d.]+ min \|",
         also=(rf"\| \+RLVR \| {N} \({N}; {N} to {N}\); format {N}, think {N} words \|",)),

@@ -1,0 +1,79 @@
+"""Which tasks can a model learn? Its accuracy on held-out items of each task at one level: greedy (pass@1), and
+with k samples at the RL temperature the share of items with at least one right answer (pass@k: where GRPO's
+groups have a reward to learn from), beside the constant-answer baseline, the format rate and the truncation rate.
+
+    python dev/task_baselines.py --model models/smollm2-135m-instruct --config recipes/smollm2-infused.yaml \\
+        --task reasoning_gym:chain_sum --task reasoning_gym:leg_counting --level 1 --items 40 --k 4
+
+Every task is scored by its own checker on the extracted answer (thinkforge/tasks). Prints a table, then one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--config", default=None, help="A recipe: its prompt format, system prompt and generation settings")
+    ap.add_argument("--task", dest="tasks", action="append", required=True, help="A task name (repeatable)")
+    ap.add_argument("--level", type=int, default=None, help="The difficulty level of tasks that have levels")
+    ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--k", type=int, default=4, help="Samples per item at --temperature")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--max-new-tokens", type=int, default=None)
+    a = ap.parse_args()
+
+    from thinkforge import evaluate, rollout, tasks
+    from thinkforge.config import load_config
+    from thinkforge.formats import prompt_renderer
+
+    over = [f"model.name_or_path={a.model}", f"eval.benchmarks={json.dumps(a.tasks)}", f"eval.limit={a.items}",
+            f"tasks.n_test={a.items}"]
+    if a.max_new_tokens:
+        over.append(f"generation.max_new_tokens={a.max_new_tokens}")
+    recipe = load_config(a.config, over)
+    chosen = {}
+    for name in a.tasks:
+        task = tasks.load(name, recipe.tasks.options, recipe.tasks.mixes)
+        level = [a.level] if a.level is not None and task.levels else None
+        probs = task.problems("test", a.items, recipe.seed, task.level_list(level, "--level"))
+        chosen[name] = probs
+    generator, tok = rollout.load_generator(recipe.model, a.model, recipe.generation.batch_size, recipe.rollout, None,
+                                            recipe.generation.max_new_tokens)
+    prompt_fn, greedy = prompt_renderer(recipe.model, tok), evaluate.sampling_params(recipe)
+    greedy = dataclasses.replace(greedy, temperature=0.0)
+    sampled = dataclasses.replace(greedy, temperature=a.temperature, top_p=1.0)
+    out, start = {}, time.time()
+    with contextlib.closing(generator):
+        for name, probs in chosen.items():
+            chunk = max(1, recipe.generation.batch_size // a.k)
+            _, g = evaluate.evaluate(generator, probs, prompt_fn, greedy, 1, recipe.generation.batch_size, False, name)
+            rows, s = evaluate.evaluate(generator, probs, prompt_fn, sampled, a.k, chunk, False, name)
+            shares = evaluate.problem_shares(rows)
+            base = tasks.constant_baseline(probs)
+            out[name] = {"greedy": g["accuracy"], "sampled": s["accuracy"],
+                         "pass_at_k": sum(v > 0 for v in shares.values()) / len(shares),
+                         "mixed_groups": sum(0 < v < 1 for v in shares.values()) / len(shares),
+                         "constant": base["accuracy"] if base else None, "format": g["format_rate"],
+                         "truncated": g["truncated_rate"], "items": len(probs)}
+    print(f"{a.model}, level {a.level}, {a.items} held-out items per task, greedy and {a.k} samples at temperature "
+          f"{a.temperature}, {recipe.generation.max_new_tokens} new tokens, {time.time() - start:.0f} s")
+    print("| task | greedy | sampled pass@1 | pass@k | items with mixed samples | constant answer | format | truncated |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in out.items():
+        const = "-" if r["constant"] is None else f"{100 * r['constant']:.1f}"
+        print(f"| {name} | {100 * r['greedy']:.1f} | {100 * r['sampled']:.1f} | {100 * r['pass_at_k']:.1f} | "
+              f"{100 * r['mixed_groups']:.1f} | {const} | {100 * r['format']:.1f} | {100 * r['truncated']:.1f} |")
+    print(json.dumps({"metric": "task_baselines", "k": a.k, "tasks": {k: {m: (round(v, 4) if isinstance(v, float) else v)
+                                                                           for m, v in r.items()} for k, r in out.items()}}))
+
+
+if __name__ == "__main__":
+    main()
