@@ -82,7 +82,8 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
 
 # Settings added after runs were recorded, left out of a fingerprint at these (their default) values: a run made
 # before they existed made what their defaults make. A whole section added: its key is left out at its default.
-ADDED_SINCE = {"curriculum": False, "curriculum_window": 16, "curriculum_up": 0.7, "curriculum_down": 0.1}
+ADDED_SINCE = {"curriculum": False, "curriculum_window": 16, "curriculum_up": 0.7, "curriculum_down": 0.1,
+               "time_budget": None}
 SECTIONS_ADDED_SINCE = ("tasks",)
 
 # Stage settings that change how a stage runs or whether it starts, never what it makes: the output head's chunk

@@ -246,7 +246,12 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 raise UserError(f"{stage} preflight: {why} (or set {stage}.preflight=false to train anyway)")
         bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
         pushed = generator.version  # the policy version every sample must carry (one more per push)
+        spent = sum(r.get("step_seconds", 0.0) for r in _past_rows(run_dir, start)) - time.time()  # + now: minutes so far
         for step in range(start, cfg.steps):
+            if cfg.time_budget is not None and dist.all_sum([float(spent + time.time() >= 60 * cfg.time_budget)])[0]:
+                metrics.log(step, {"event": "time_budget", "minutes": round((spent + time.time()) / 60, 3),
+                                   "note": f"rl.time_budget={cfg.time_budget} min spent: no step starts past it"})
+                break  # (every rank alike: the one reduce above)
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
                 proof = generator.prove(model)  # the backend holds this policy (a server: its weights, proven)
