@@ -802,12 +802,24 @@ def test_the_curriculum_counts_groups_the_filters_drop_and_a_resume_replays_the_
     assert levels(tmp_path / "b")[-1] == (4, "empty_batch", 2)
 
 
-def test_a_time_budget_ends_the_stage_with_its_final_model_and_says_so(tiny_model, tmp_path):
-    """rl.time_budget: no step starts once the minutes are spent; the final model is written and the event logged."""
-    final = rl.main(_recipe(tiny_model, "grpo", **{"rl.time_budget": 1e-4, "rl.steps": 50}), "rl", tmp_path / "a",
-                    progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward" in r]
-    assert len(steps) == 1 and (final / "config.json").is_file()  # 0.006 s: one step always runs
-    event = [r for r in rows if r.get("event") == "time_budget"]
-    assert len(event) == 1 and event[0]["step"] == 1 and event[0]["minutes"] >= 1e-4
+def test_a_time_budget_ends_the_stage_with_its_final_model_and_a_rerun_trains_nothing_more(tiny_model, tmp_path):
+    """rl.time_budget: no step starts once the minutes are spent; the final model is written, the event logged, and
+    a checkpoint at the stop makes a rerun of the same folder stop at once (counting the logged seconds)."""
+    import safetensors.torch
+
+    recipe = _recipe(tiny_model, "grpo", **{"rl.time_budget": 1e-4, "rl.steps": 50, "rl.checkpoints.every": 0})
+    final = rl.main(recipe, "rl", tmp_path / "a", progress=False)
+
+    def rows():
+        return [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+
+    steps = [r for r in rows() if "reward" in r]
+    assert len(steps) == 1 and steps[0]["elapsed_seconds"] > 0  # 0.006 s: one step always runs
+    event = [r for r in rows() if r.get("event") == "time_budget"]
+    assert len(event) == 1 and event[0]["step"] == 1 and event[0]["seconds"] >= 0.006
+    weights = safetensors.torch.load_file(final / "model.safetensors")
+    assert (tmp_path / "a" / "step-0000001").is_dir()
+    rl.main(recipe, "rl", tmp_path / "a", progress=False)  # a rerun: resumes at the stop, over budget at once
+    assert len([r for r in rows() if "reward" in r]) == 1
+    again = safetensors.torch.load_file(final / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)

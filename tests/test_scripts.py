@@ -81,9 +81,9 @@ SMOKE = {
     "dev/task_baselines.py": Smoke(
         ("--model", "{llama}", "--task", "reasoning_gym:chain_sum", "--task", "synthetic", "--level", "1", "--items", "2",
          "--k", "2", "--max-new-tokens", "4"),
-        r'\{"metric": "task_baselines", "k": 2, "tasks": \{"reasoning_gym:chain_sum": \{"greedy": ' + N + r'.*"items": 2\}, '
-        r'"synthetic": \{.*"items": 2\}\}\}',
-        also=(rf"\| reasoning_gym:chain_sum \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \|",)),
+        r'\{"metric": "task_baselines", "k": 2, "tasks": \{"reasoning_gym:chain_sum": \{"greedy": ' + N
+        + r'.*"items": 2, "levels": \[1\]\}, "synthetic": \{.*"items": 2, "levels": \[1\]\}\}\}',
+        also=(rf"\| reasoning_gym:chain_sum \| \[1\] \| 2 \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \|",)),
     "dev/stage_table.py": Smoke(
         ("{run}", "{run}"), r"\| wall time \| [\d.]+ min \| [\d.]+ min \|",
         also=(rf"\| \+RLVR \| {N} \({N}; {N} to {N}\); format {N}, think {N} words \|",)),

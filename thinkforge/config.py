@@ -246,7 +246,8 @@ class RLConfig(_Stage):
     time_budget: float | None = Field(None, gt=0, description="Minutes of wall time from the first step (loading and the "
                                       "preflight not counted): no step starts past them; the stage then finishes, its "
                                       "final model the policy of the last step (a resumed run counts the minutes its "
-                                      "logged steps took). None: rl.steps alone.")
+                                      "logged steps took). The learning-rate schedule still spans rl.steps. None: "
+                                      "rl.steps alone.")
     prompts_per_step: int = Field(8, ge=1, description="B: prompts (groups) per step after filtering.")
     group_size: int = Field(8, ge=2, description="G: samples per prompt (Infused Phi-2: 3; DAPO: 16; DeepSeekMath: 64).")
     mu: int = Field(1, ge=1, description="Policy updates per rollout batch; 1 = on-policy (old log-probs need no extra pass).")

@@ -19,7 +19,7 @@ from thinkforge.errors import UserError
 from thinkforge.tasks.base import CORRECT, Problem, Task, check_errors, checked, is_correct
 
 __all__ = ["CORRECT", "Problem", "Task", "is_correct", "TASKS", "load", "checked", "check_errors", "for_training",
-           "for_evaluation", "assert_disjoint", "constant_baseline"]
+           "for_evaluation", "from_recipe", "assert_disjoint", "constant_baseline"]
 
 # name -> "module:Class" (imported when the task is named: reasoning-gym pulls matplotlib and sympy)
 TASKS = {
@@ -99,7 +99,8 @@ class Mix(Task):
 # ---------------------------------------------------------------- what a recipe trains and evaluates on
 
 
-def _load(recipe, name: str, data_path: str | None, columns: dict[str, str]) -> Task:
+def from_recipe(recipe, name: str, data_path: str | None = None, columns: dict[str, str] | None = None) -> Task:
+    """The task a name names with the recipe's task settings (tasks.options, tasks.mixes, synthetic.difficulty)."""
     options = dict(recipe.tasks.options)  # the synthetic task's evaluation level lives in its own section
     options["synthetic"] = {"level": recipe.synthetic.difficulty, **options.get("synthetic", {})}
     return load(name, options, recipe.tasks.mixes, data_path, columns)
@@ -109,7 +110,7 @@ def for_evaluation(recipe, name: str) -> tuple[Task, list[Problem]]:
     """A benchmark's task and its evaluation problems: the test split (a procedural task's size: eval.limit, else
     synthetic.n_test for the synthetic task and tasks.n_test for others)."""
     ev = recipe.eval
-    task = _load(recipe, name, ev.data_path, ev.columns)
+    task = from_recipe(recipe, name, ev.data_path, ev.columns)
     n = ev.limit or (None if not task.procedural else recipe.synthetic.n_test if name == "synthetic" else recipe.tasks.n_test)
     problems = task.problems("test", n, recipe.seed)
     if not problems:
@@ -123,13 +124,13 @@ def for_training(recipe, section: str, n: int, levels: list[int] | None, *, sour
     problems: a training problem that is also an evaluation problem is an error naming the count (procedural
     and local evaluation sets are compared; hub ones are not fetched for it)."""
     cfg = getattr(recipe, section)
-    task = _load(recipe, source or cfg.source, data_path, columns or {})
+    task = from_recipe(recipe, source or cfg.source, data_path, columns or {})
     given = levels is not None and levels != type(cfg).model_fields["difficulties"].default
     problems = task.problems("train", n, recipe.seed, task.train_levels(levels, given, f"{section}.difficulties"), stream)
     if not problems:
         raise UserError(f"{section}: task {task.name} gave no training problems")
     for name in recipe.eval.benchmarks:
-        other = _load(recipe, name, recipe.eval.data_path, recipe.eval.columns)
+        other = from_recipe(recipe, name, recipe.eval.data_path, recipe.eval.columns)
         if other.procedural or recipe.eval.data_path:
             assert_disjoint(problems, for_evaluation(recipe, name)[1], f"{section} ({task.name}) and eval {name}")
     return problems

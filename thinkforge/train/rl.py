@@ -246,11 +246,17 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 raise UserError(f"{stage} preflight: {why} (or set {stage}.preflight=false to train anyway)")
         bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
         pushed = generator.version  # the policy version every sample must carry (one more per push)
-        spent = sum(r.get("step_seconds", 0.0) for r in _past_rows(run_dir, start)) - time.time()  # + now: minutes so far
+        # Seconds of steps so far: a resumed run's from the row of the step it resumes at (every row carries them,
+        # empty steps' too), plus this process's since its first step.
+        past = [r["elapsed_seconds"] for r in _past_rows(run_dir, start, events=("empty_batch",))
+                if r["step"] == start and "elapsed_seconds" in r]
+        clock = time.time() - (past[-1] if past else 0.0)  # elapsed = time.time() - clock
         for step in range(start, cfg.steps):
-            if cfg.time_budget is not None and dist.all_sum([float(spent + time.time() >= 60 * cfg.time_budget)])[0]:
-                metrics.log(step, {"event": "time_budget", "minutes": round((spent + time.time()) / 60, 3),
+            if cfg.time_budget is not None and dist.all_sum([float(time.time() - clock >= 60 * cfg.time_budget)])[0]:
+                metrics.log(step, {"event": "time_budget", "seconds": round(time.time() - clock, 3),
                                    "note": f"rl.time_budget={cfg.time_budget} min spent: no step starts past it"})
+                if step > start:  # a rerun resumes here and stops at once: the same final model, nothing retrained
+                    checkpoints.save(step, (model, tok), optimizer, critic.state() if critic else None)
                 break  # (every rank alike: the one reduce above)
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
@@ -280,7 +286,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                         batch.loss_mask = batch.loss_mask * keep.unsqueeze(-1)
             if empty_why := _empty(batch, dist):  # decided from counts over the ranks: every rank skips alike
                 empty += 1
-                metrics.log(step + 1, {"event": "empty_batch", "why": empty_why, **_flat(stats), **level})
+                metrics.log(step + 1, {"event": "empty_batch", "why": empty_why, **_flat(stats), **level,
+                                       "elapsed_seconds": time.time() - clock})
                 if empty >= MAX_EMPTY_STEPS:
                     raise UserError(_stop_line(empty, empty_why, stats, cfg))
                 bar.update(1)
@@ -313,7 +320,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             dist.barrier()  # no rank samples before the push is done
 
             row = _row(batch, stats, dist) | totals | proof | sync | level | {"lr": lr, "grad_norm": grad_norm,
-                                                              "gen_seconds": gen_seconds, "step_seconds": time.time() - t0}
+                                                              "gen_seconds": gen_seconds, "step_seconds": time.time() - t0,
+                                                              "elapsed_seconds": time.time() - clock}
             metrics.log(step + 1, row)
             for event in aha.update(step + 1, row, batch.texts):
                 metrics.log(step + 1, event)
