@@ -12,11 +12,25 @@ import sys
 import warnings
 from pathlib import Path
 
-import click
 
-from thinkforge.config import InitConfig
-from thinkforge.errors import UserError
-from thinkforge.io import run_folder
+def _term_before_main(signum, frame) -> None:
+    """SIGTERM on a rank of several before `main` runs (its imports take ~0.5 s, and a rank that refuses the recipe
+    exits in about that): a neutral line, as `_on_launcher_term` says it before the ranks join."""
+    os.write(2, f"thinkforge: error: rank {os.environ.get('RANK', '?')}: ended by the launcher (SIGTERM): another rank "
+                "ended first (its line above says why), or the launch was stopped\n".encode())
+    os._exit(128 + signum)
+
+
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before the heavy imports below; `main` installs the full handler
+    import signal
+
+    signal.signal(signal.SIGTERM, _term_before_main)
+
+import click  # noqa: E402
+
+from thinkforge.config import InitConfig  # noqa: E402
+from thinkforge.errors import UserError  # noqa: E402
+from thinkforge.io import run_folder  # noqa: E402
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 _INIT = {name: f.default for name, f in InitConfig.model_fields.items()}  # the tiny model's one default
