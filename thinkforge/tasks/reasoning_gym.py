@@ -101,14 +101,12 @@ class ReasoningGym(Task):
         gym, _, _ = _gym()
         base = {**self.config, "seed": seed, "size": size}
         try:
-            if level is None:
-                config = self._config_cls(**base)
-            else:
+            if level is not None:  # the curriculum's fields at that level over the options (its config validates)
                 curriculum = self._curriculum()
                 curriculum.set_global_level(level - 1)
                 config = curriculum.generate_configuration(base)
-            config.validate() if hasattr(config, "validate") else None
-            return gym.create_dataset(self.argument, **{k: getattr(config, k) for k in config.__dataclass_fields__})
+                base = {k: getattr(config, k) for k in config.__dataclass_fields__}
+            return gym.create_dataset(self.argument, **base)
         except (ValueError, AssertionError, TypeError) as e:
             raise UserError(f"task {self.name} (level {level}): reasoning-gym refuses the config: {e}") from None
 
