@@ -30,13 +30,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None, help="Samples per item (default: rl.group_size)")
     ap.add_argument("--temperature", type=float, default=None, help="Their temperature (default: rl.temperature)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="New tokens (default: rl.max_new_tokens)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="A recipe setting, key=value (repeatable), e.g. model.system_prompt=...")
     a = ap.parse_args()
 
     from thinkforge import evaluate, rollout, tasks
     from thinkforge.config import load_config
     from thinkforge.formats import prompt_renderer
 
-    recipe = load_config(a.config, [f"model.name_or_path={a.model}", f"eval.benchmarks={json.dumps(a.tasks)}"])
+    recipe = load_config(a.config, [f"model.name_or_path={a.model}", f"eval.benchmarks={json.dumps(a.tasks)}",
+                                    *a.overrides])
     k = a.k or recipe.rl.group_size
     temperature = recipe.rl.temperature if a.temperature is None else a.temperature
     new_tokens = a.max_new_tokens or recipe.rl.max_new_tokens

@@ -22,7 +22,7 @@ N = r"[+-]?\d+(?:\.\d+)?(?:e[+-]?\d+)?"  # a number (never NaN or null)
 
 @dataclass(frozen=True)
 class Smoke:
-    args: tuple[str, ...]  # after the script; {llama} and {run} are folders made below (fixtures of those names)
+    args: tuple[str, ...]  # after the script; {llama}, {run} and {scratch} are folders made below (fixtures of those names)
     result: str  # a regex the last line of stdout matches in full
     also: tuple[str, ...] = ()  # regexes found somewhere in stdout
     needs: tuple[str, ...] = ()  # the engine venvs `make test` builds first: llama-cpp, vllm
@@ -53,6 +53,18 @@ SMOKE = {
         ("--hidden", "32", "--layers", "1", "--steps", "1", "--rounds", "1", "--max-new-tokens", "4"),
         _json("grpo_seconds_per_step", "thinkforge", "peer", "ratio"),
         also=(rf"\| thinkforge rl \(grpo\) \| {N} \| {N} \| 4\.0 \|", rf"\| TRL GRPOTrainer \| {N} \| {N} \| 4(\.0)? \|")),
+    # 2 steps each (the step cap before the budget), a checkpoint at step 1. A random model earns -1 on every sample:
+    # no advantage, so the weights do not move (the "max weight change" column reads 0 here, > 0 in real runs).
+    "benchmarks/learning_vs_trl.py": Smoke(
+        ("--model", "{llama}", "--task", "reasoning_gym:chain_sum", "--level", "1", "--minutes", "30", "--max-steps", "2",
+         "--eval-items", "3", "--curve-every", "1", "--curve-items", "2", "--prompts", "2", "--group", "2",
+         "--max-new-tokens", "4", "--micro-batch", "4", "--pool", "20", "--lr", "1e-2", "--lora", "--autocast",
+         "--out", "{scratch}"),
+        r'\{"metric": "heldout_accuracy_gain", "thinkforge": ' + N + ', "peer": ' + N + r', "ratio": (' + N
+        + r'|null), "difference_ci95": \[(' + N + "|null), (" + N + r"|null)\]\}",
+        also=(*(rf"\| {name} \| 2 \| {N} \| {N} \| {N} \| {N} \| " for name in ("thinkforge", "trl")),
+              *(rf"curve {name}: 0\.0 min {N}%, {N} min {N}%, {N} min {N}%\n" for name in ("thinkforge", "trl")),
+              r"curve: .*curve\.png")),
     "benchmarks/long_context_memory.py": Smoke(
         ("--tokens", "128", "--vocab", "1024", "--hidden", "32", "--layers", "1"),
         r'\{"metric": "peak_mb_per_token", "path": "head", "peak_gb": \{"sft@128": ' + N + ', "dpo@128": ' + N
@@ -118,6 +130,12 @@ def run(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture
+def scratch(tmp_path):
+    """An empty folder a script writes its outputs to."""
+    return str(tmp_path)
+
+
 def test_every_script_in_benchmarks_and_dev_has_a_smoke_run():
     scripts = {str(p.relative_to(ROOT)) for folder in ("benchmarks", "dev") for p in (ROOT / folder).rglob("*")
                if p.suffix in (".py", ".sh")}
@@ -133,7 +151,8 @@ def test_the_script_runs_at_its_smallest_size(script, request):
     smoke = SMOKE[script]
     for what in smoke.needs:  # skipped where not built (under CI: a failure), as the engine tests are
         engine_python(*ENGINES[what])
-    folders = {name: request.getfixturevalue(name) for name in ("llama", "run") if any(f"{{{name}}}" in a for a in smoke.args)}
+    folders = {name: request.getfixturevalue(name) for name in ("llama", "run", "scratch")
+               if any(f"{{{name}}}" in a for a in smoke.args)}
     command = ["bash" if script.endswith(".sh") else sys.executable, str(ROOT / script),
                *(a.format(**folders) for a in smoke.args)]
     r = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL,
