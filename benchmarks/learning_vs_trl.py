@@ -162,9 +162,9 @@ def run_trl(model_dir: str, work: Path, a) -> dict:
                           callbacks=[timer], peft_config=peft_config)
     models.disable_dropout(trainer.model)  # config dropout floats too (TRL zeroes nn.Dropout modules only)
     # TRL autocasts its loss pass only (accelerate wraps the PeftModel's forward, and its generate bypasses it):
-    # its samples would be drawn in fp32 where thinkforge's are in bf16, at another speed and from another model
+    # it samples in fp32 where thinkforge samples in bf16. --trl-sampling bf16 autocasts its sampling too.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=a.autocast):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=a.autocast and a.trl_sampling == "bf16"):
         trainer.train()
     trainer.save_model(str(out / "final"))
     tok.save_pretrained(str(out / "final"))
@@ -263,6 +263,8 @@ def main() -> None:
     ap.add_argument("--system", default=SYSTEM)
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--autocast", action="store_true", help="fp32 weights, bf16 autocast (both trainers)")
+    ap.add_argument("--trl-sampling", choices=["fp32", "bf16"], default="fp32",
+                    help="With --autocast: TRL's sampling precision (fp32: TRL's own, its loss pass alone autocast)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["thinkforge", "trl"], default=None)
     ap.add_argument("--out", default=None, help="A folder for results.json and the curve's PNG (default: none kept)")

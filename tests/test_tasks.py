@@ -4,9 +4,10 @@ reasoning-gym with its traps, weighted mixes, and the check that no training pro
 from pathlib import Path
 
 import pytest
+import yaml
 
 from thinkforge import tasks
-from thinkforge.config import load_config
+from thinkforge.config import Recipe, dump_config, load_config, validate
 from thinkforge.data import synthetic
 from thinkforge.errors import UserError
 
@@ -188,9 +189,10 @@ def test_a_reasoning_gym_task_by_name_with_its_options_levels_and_scorer():
         tasks.load("reasoning_gym:acre", {"reasoning_gym:acre": {"level": 1}})
 
 
-def test_training_at_the_default_levels_is_the_configuration_evaluated_and_set_levels_refuse_overwritten_options():
-    """rl.difficulties left at its default: a reasoning-gym task trains at its own options (as it is evaluated);
-    set: its curriculum's levels, and an option the curriculum would overwrite is an error."""
+def test_training_at_unset_levels_is_the_configuration_evaluated_and_set_levels_refuse_overwritten_options():
+    """rl.difficulties unset: a reasoning-gym task trains at its own options (as it is evaluated), synthetic at 1
+    and 2; set, [1, 2] included (once the default's value, then read as unset): its curriculum's levels, and an
+    option the curriculum would overwrite is an error. A run's config.yaml keeps the difference."""
     over = ["eval.benchmarks=[reasoning_gym:chain_sum]", "rl.source=reasoning_gym:chain_sum",
             "tasks.options.reasoning_gym:chain_sum={min_terms: 5, max_terms: 6}", "tasks.n_test=20"]
     recipe = load_config(None, over)
@@ -203,6 +205,15 @@ def test_training_at_the_default_levels_is_the_configuration_evaluated_and_set_l
     leveled = load_config(None, over[:2] + ["tasks.options.reasoning_gym:chain_sum={level: 3}", "tasks.n_test=20"])
     assert {p.meta["difficulty"] for p in tasks.for_training(leveled, "rl", 20, leveled.rl.difficulties)} == {3}
     assert {p.meta["difficulty"] for p in tasks.for_evaluation(leveled, "reasoning_gym:chain_sum")[1]} == {3}
+    written = load_config(None, over[:2] + ["rl.difficulties=[1, 2]", "tasks.n_test=20"])
+    assert {p.meta["difficulty"] for p in tasks.for_training(written, "rl", 20, written.rl.difficulties)} == {1, 2}
+    unset = load_config(None, over[:2] + ["tasks.n_test=20"])
+    assert {p.meta["difficulty"] for p in tasks.for_training(unset, "rl", 20, unset.rl.difficulties)} == {None}
+    reread = validate(  # a run's config.yaml, dumped and read back: still unset
+        yaml.safe_load(dump_config(unset)), Recipe, "config.yaml")
+    assert reread.rl.difficulties is None and reread.distill.difficulties is None
+    plain = load_config(None, [])
+    assert {p.meta["difficulty"] for p in tasks.for_training(plain, "rl", 20, plain.rl.difficulties)} == {1, 2}
 
 
 def test_a_level_with_fewer_distinct_problems_than_asked_gives_those_with_a_warning():
@@ -313,8 +324,8 @@ def test_task_settings_that_would_do_nothing_are_errors(tmp_path):
                                 "rl.difficulties=[3]"])
     with pytest.raises(UserError, match="rl.difficulties=\\[3\\] does nothing here: task local has no difficulty levels"):
         tasks.for_training(recipe, "rl", 4, [3], data_path=str(FIX / "custom.jsonl"))
-    assert tasks.for_training(recipe, "rl", 4, [1, 2], data_path=str(FIX / "custom.jsonl"), columns={
-        "question": "prompt", "answer": "target", "id": "uid"})  # the default levels: nothing set, nothing said
+    assert tasks.for_training(recipe, "rl", 4, None, data_path=str(FIX / "custom.jsonl"), columns={
+        "question": "prompt", "answer": "target", "id": "uid"})  # levels unset: nothing set, nothing said
 
 
 def test_a_scorer_that_chews_on_a_hostile_answer_is_stopped_at_its_budget_and_counted(recwarn):

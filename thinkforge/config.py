@@ -231,9 +231,10 @@ class RLConfig(_Stage):
     data_path: str | None = Field(None, description="Local JSONL/Parquet of prompts with references.")
     columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
     n_problems: int = Field(2000, ge=1, description="Prompt pool size (Infused Phi-2: 2,000 GSM8K problems).")
-    difficulties: list[int] = Field([1, 2], description="The task's difficulty levels in the prompt pool, equal shares "
-                                    "(synthetic 1-4, a reasoning-gym task's curriculum levels from 1; a task without "
-                                    "levels ignores them).")
+    difficulties: list[int] | None = Field(None, min_length=1, description="The task's difficulty levels in the prompt "
+                                           "pool, equal shares (synthetic 1-4, a reasoning-gym task's curriculum levels "
+                                           "from 1). Unset: the task's own (synthetic 1 and 2; a reasoning-gym task its "
+                                           "configuration, the one it is evaluated at). A task without levels refuses them.")
     curriculum: bool = Field(False, description="Move the difficulty level with the rolling pass rate: start at the lowest "
                              "of rl.difficulties, draw prompts from the current level only, go up when the pass rate over "
                              "the last curriculum_window groups crosses curriculum_up, down below curriculum_down.")
@@ -357,8 +358,8 @@ class DistillConfig(_Section):
     data_path: str | None = Field(None, description="Local JSONL/Parquet of problems (for source=local or a local hub copy).")
     columns: dict[str, str] = Field({}, description="Column mapping for source=local.")
     n_problems: int = Field(2000, ge=1, description="Problems to distill (synthetic: generated).")
-    difficulties: list[int] = Field([1, 2], description="The task's difficulty levels, equal shares (a task without "
-                                    "levels ignores them).")
+    difficulties: list[int] | None = Field(None, min_length=1, description="The task's difficulty levels, equal shares. "
+                                           "Unset: the task's own (as rl.difficulties). A task without levels refuses them.")
     samples: int = Field(8, ge=1, description="Rollouts per problem.")
     slip_rate: float = Field(0.3, ge=0, le=1, description="Synthetic teacher: share of rollouts with a mistake.")
     max_new_tokens: int = Field(32768, ge=1, description="Teacher tokens per rollout at most.")

@@ -74,10 +74,23 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
             value = value.get(part) if isinstance(value, dict) else None
         if section in STAGES:
             value = _as_recorded(value)
+        if isinstance(value, dict) and "difficulties" in value:
+            value = {**value, "difficulties": _levels_recorded(recipe, value)}
         if section in SECTIONS_ADDED_SINCE and value == type(getattr(recipe, section))().model_dump(mode="json"):
             continue
         out[section] = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
     return out
+
+
+def _levels_recorded(recipe: Recipe, section: dict) -> list[int] | str:
+    """A section's `difficulties` as a fingerprint holds it. Unset (since 2026-12-07; the default was [1, 2]) is the
+    task's default levels where it has them (synthetic's [1, 2]: runs recorded before keep their fingerprint), else
+    "own configuration": a reasoning-gym task's own configuration and its levels 1 and 2 are different problems
+    (a run recorded before, whose [1, 2] meant its own configuration, is stale: it is)."""
+    if section["difficulties"] is not None:
+        return section["difficulties"]
+    task = tasks.load(section["source"], recipe.tasks.options, recipe.tasks.mixes)
+    return list(task.default_levels) if task.default_levels else "own configuration"
 
 
 # Settings added after runs were recorded, left out of a fingerprint at these (their default) values: a run made

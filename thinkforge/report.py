@@ -194,10 +194,12 @@ def _levels_line(recipe) -> str:
     """", difficulty levels [1, 2] (curriculum)" where the RL task has levels; "" where it has none."""
     from thinkforge import tasks
 
-    levels = tasks.load(recipe.rl.source, recipe.tasks.options, recipe.tasks.mixes).levels
-    if levels is None:
+    task = tasks.load(recipe.rl.source, recipe.tasks.options, recipe.tasks.mixes)
+    if task.levels is None:
         return ""
-    return f", difficulty levels {recipe.rl.difficulties}" + (" (curriculum)" if recipe.rl.curriculum else "")
+    levels = recipe.rl.difficulties or (list(task.default_levels) if task.default_levels else None)
+    return (f", difficulty levels {levels}" if levels else ", the task's own difficulty configuration") + \
+        (" (curriculum)" if recipe.rl.curriculum else "")
 
 
 def _prompt_line(fmt: str, model_dir: Path) -> str:

@@ -70,9 +70,9 @@ class Mix(Task):
         self.levels = tuple(sorted(set().union(*levelled))) if levelled else None
         self.notes = "; ".join(f"{t.name}: {t.notes}" for t in parts if t.notes)
 
-    def train_levels(self, levels: list[int] | None, given: bool, where: str) -> list[int] | None:
-        """Levels set: each part draws at its nearest own levels; left at the default: each part its own."""
-        return self.level_list(levels, where) if given else None
+    def train_levels(self, levels: list[int] | None, where: str) -> list[int] | None:
+        """Levels set: each part draws at its nearest own levels; unset: each part its own configuration."""
+        return None if levels is None else super().train_levels(levels, where)
 
     def problems(self, split: str, n: int | None, seed: int, levels: list[int] | None = None,
                  stream: str = "") -> list[Problem]:
@@ -125,8 +125,7 @@ def for_training(recipe, section: str, n: int, levels: list[int] | None, *, sour
     and local evaluation sets are compared; hub ones are not fetched for it)."""
     cfg = getattr(recipe, section)
     task = from_recipe(recipe, source or cfg.source, data_path, columns or {})
-    given = levels is not None and levels != type(cfg).model_fields["difficulties"].default
-    problems = task.problems("train", n, recipe.seed, task.train_levels(levels, given, f"{section}.difficulties"), stream)
+    problems = task.problems("train", n, recipe.seed, task.train_levels(levels, f"{section}.difficulties"), stream)
     if not problems:
         raise UserError(f"{section}: task {task.name} gave no training problems")
     for name in recipe.eval.benchmarks:

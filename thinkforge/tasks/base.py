@@ -75,6 +75,7 @@ class Task:
         self.name = f"{self.family}:{argument}" if argument else self.family
 
     levels: tuple[int, ...] | None = None  # difficulty levels, easiest first (instances may set their own)
+    default_levels: tuple[int, ...] | None = None  # the training levels where a recipe sets none (None: its own config)
 
     def problems(self, split: str, n: int | None, seed: int, levels: list[int] | None = None,
                  stream: str = "") -> list[Problem]:
@@ -91,13 +92,16 @@ class Task:
             return CORRECT
         return 0.0 if problem.kind == "mcq" else partial_credit(answer, problem.reference)
 
-    def train_levels(self, levels: list[int] | None, given: bool, where: str) -> list[int] | None:
-        """The levels a training draw uses: `levels` of the recipe (`given`: set, not left at the default),
-        checked against the task's own; a task without levels refuses levels that were set (PITFALLS 19)."""
+    def train_levels(self, levels: list[int] | None, where: str) -> list[int] | None:
+        """The levels a training draw uses: the recipe's `levels` checked against the task's own, or where the
+        recipe sets none the task's `default_levels`; a task without levels refuses levels that were set
+        (PITFALLS 19)."""
         if self.levels is None:
-            if given:
+            if levels is not None:
                 raise UserError(f"{where}={levels} does nothing here: task {self.name} has no difficulty levels; remove it")
             return None
+        if levels is None:
+            return list(self.default_levels) if self.default_levels else None
         return self.level_list(levels, where)
 
     def level_list(self, levels: list[int] | None, where: str) -> list[int] | None:

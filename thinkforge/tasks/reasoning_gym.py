@@ -84,13 +84,13 @@ class ReasoningGym(Task):
     def __getstate__(self) -> dict:  # a problem travels between ranks with its task: without the datasets it made
         return {**self.__dict__, "_datasets": {}}
 
-    def train_levels(self, levels: list[int] | None, given: bool, where: str) -> list[int] | None:
-        """Levels left at the recipe's default: its own configuration, the one it is evaluated at (its options, at
+    def train_levels(self, levels: list[int] | None, where: str) -> list[int] | None:
+        """Levels unset in the recipe: its own configuration, the one it is evaluated at (its options, at
         their `level`). Levels set: its curriculum's, which then set the fields it controls; an option naming one
         of those fields is an error (it would be overwritten)."""
-        if not given:
+        if levels is None:
             return None
-        levels = super().train_levels(levels, given, where)
+        levels = super().train_levels(levels, where)
         if clash := sorted(self._curriculum_fields & set(self.config)):
             raise UserError(f"{where}={levels}: at a level, {self.name}'s curriculum sets {', '.join(clash)}, which "
                             f"tasks.options also sets; keep one (the option, with {where} unset; or the levels)")

@@ -187,11 +187,13 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
 
     curriculum = None  # before the model loads: a task that cannot be made fails in a second
     if cfg.curriculum:  # one pool per level; prompts from the current level's only
-        if tasks.load(source, recipe.tasks.options, recipe.tasks.mixes).levels is None or len(set(cfg.difficulties)) < 2:
+        levelled = tasks.load(source, recipe.tasks.options, recipe.tasks.mixes)
+        levels = levelled.train_levels(cfg.difficulties, f"{stage}.difficulties") if levelled.levels else None
+        if levels is None or len(set(levels)) < 2:
             raise UserError(f"{stage}.curriculum needs a task with difficulty levels and at least two of them in "
-                            f"{stage}.difficulties (task {source}, difficulties {cfg.difficulties})")
-        pools = {level: pool([level]) for level in sorted(set(cfg.difficulties))}
-        curriculum = Curriculum(cfg.difficulties, cfg.curriculum_window, cfg.curriculum_up, cfg.curriculum_down)
+                            f"{stage}.difficulties (task {source}, difficulties {cfg.difficulties or 'unset'})")
+        pools = {level: pool([level]) for level in sorted(set(levels))}
+        curriculum = Curriculum(levels, cfg.curriculum_window, cfg.curriculum_up, cfg.curriculum_down)
     else:
         problems = pool(cfg.difficulties)
     model, tok, ckpt = loop.load_for_training(recipe, run_dir)
