@@ -13,8 +13,10 @@ top-p 1, no top-k, `--max-new-tokens`); the batch (`--prompts` x `--group` compl
 update per batch: mu = 1); the loss (the clipped ratio, token mean over the batch: TRL's `loss_type="dapo"`,
 thinkforge's `loss_agg=token`; advantages (r - mean) / std within a group; no KL); AdamW at a constant `--lr`,
 betas (0.9, 0.95), no weight decay, gradients clipped at 1; LoRA r 16 / alpha 32 on the same modules; every
-dropout off in training (thinkforge's RL always, TRL by `disable_dropout=True`); bf16 autocast over fp32
-weights. The budget is counted from each trainer's first step (loading and thinkforge's preflight, which is off
+dropout off in training (thinkforge's RL always, TRL by `disable_dropout=True`); fp32 weights, the loss pass
+under bf16 autocast (`--autocast`). Sampling precision is each trainer's own: thinkforge samples under the same
+autocast, TRL in fp32 (its `bf16=True` autocasts the loss pass only; `--trl-sampling bf16` autocasts its
+sampling too, 5% slower per step on this CPU: 48-51 s vs 50-52 s, SmolLM2, 3 steps each). The budget is counted from each trainer's first step (loading and thinkforge's preflight, which is off
 here, not counted): `rl.time_budget` on one side, a callback that ends training at the first step end past the
 budget on the other.
 
@@ -341,7 +343,8 @@ def main() -> None:
                                for n in ["base", *runs]}}
         (out / "results.json.tmp").write_text(json.dumps(result, indent=1))
         os.replace(out / "results.json.tmp", out / "results.json")
-        if plot(curves, out / "curve.png", f"{', '.join(a.tasks)} L{a.levels}, seed {a.seed}"):
+        title = f"{', '.join(a.tasks)}: trained at levels {a.levels}, held-out {a.eval_levels or a.levels}, seed {a.seed}"
+        if plot(curves, out / "curve.png", title):
             print(f"curve: {out / 'curve.png'}")
     tf, peer = gains.get("thinkforge"), gains.get("trl")
     ratio = round(tf["change"] / peer["change"], 3) if tf and peer and peer["change"] > 0 else None
