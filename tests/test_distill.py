@@ -192,3 +192,45 @@ def test_the_solution_teacher_writes_a_tasks_worked_solutions_graded_by_the_task
         distill.teacher_for(recipe.distill, recipe)
     with pytest.raises(UserError, match="synthetic teacher writes the synthetic task's solutions.*gsm_symbolic"):
         list(distill.SyntheticTeacher(0.3, 0).solve(probs, 2))
+
+
+def test_a_self_teacher_asked_in_its_own_words_writes_think_answer_rows_graded_as_written(tiny_model, tmp_path):
+    """The Infused cold start from the model's own verified samples: the teacher is asked with its own system prompt
+    (one it follows), and each rollout is written in the student's <think>/<answer> form, graded the same; a rollout
+    already tagged, or with no answer to read, is kept as written. Either setting with a non-model teacher is an
+    error (it would do nothing)."""
+    from thinkforge.config import load_config
+    from thinkforge.formats import parse
+
+    tagged = distill.think_answer("Add 3 and 4: 7. The answer is 7.")
+    assert parse(tagged).format_ok and parse(tagged).answer == "7"
+    assert parse(tagged).thinking == "Add 3 and 4: 7. The answer is 7."
+    for kept in ("<think>3 + 4 = 7</think>\n<answer>7</answer>", "I am not sure"):
+        assert distill.think_answer(kept) == kept
+
+    recipe = load_config(None, [f"model.name_or_path={tiny_model}", "model.system_prompt=STUDENT-SYSTEM",
+                                "distill.teacher=hf", f"distill.teacher_model={tiny_model}",
+                                "distill.teacher_system_prompt=TEACHER-SYSTEM", "distill.rewrite=think_answer",
+                                "distill.max_new_tokens=6", "model.prompt_format=phi2"])
+    teacher = distill.teacher_for(recipe.distill, recipe)
+    assert isinstance(teacher, distill.ThinkAnswer)
+    asked = teacher.teacher.prompt_fn("What is 3 + 4?")
+    assert "TEACHER-SYSTEM" in asked and "STUDENT-SYSTEM" not in asked
+    plain = distill.teacher_for(recipe.distill.model_copy(update={"rewrite": "none", "teacher_system_prompt": None}), recipe)
+    assert "STUDENT-SYSTEM" in plain.prompt_fn("What is 3 + 4?")
+
+    class Says:  # a teacher that answers in plain words, one right and one wrong
+        name = "says"
+
+        def solve(self, problems, n):
+            for p in problems:
+                yield p, [(f"Working it out. The answer is {p.reference}.", "stop"), ("The answer is -1.", "stop")]
+
+    probs = tasks.load("synthetic").problems("train", 2, 0, [1])
+    stats = distill.main(probs, distill.ThinkAnswer(Says()), 2, tmp_path / "d.jsonl", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert stats["correct"] == 2 and [r["correct"] for r in rows] == [True, False, True, False]
+    assert all(parse(r["completion"]).format_ok for r in rows)
+    for key, value in (("teacher_system_prompt", "x"), ("rewrite", "think_answer")):
+        with pytest.raises(UserError, match=f"distill.{key}=.*does nothing here"):
+            load_config(None, [f"distill.{key}={value}"])

@@ -365,6 +365,12 @@ class DistillConfig(_Section):
     max_new_tokens: int = Field(32768, ge=1, description="Teacher tokens per rollout at most.")
     temperature: float = Field(0.6, ge=0, description="Teacher sampling temperature (R1 protocol: 0.6).")
     top_p: float = Field(0.95, gt=0, le=1, description="Teacher nucleus mass (R1 protocol: 0.95).")
+    teacher_system_prompt: str | None = Field(None, description="hf / openai: the system text the teacher is asked "
+                                              "with; unset: model.system_prompt (the student's).")
+    rewrite: Literal["none", "think_answer"] = Field("none", description="think_answer: each rollout is written as "
+                                                     "<think>its text</think><answer>its extracted answer</answer>, for a "
+                                                     "student that answers in tags taught by a teacher that does not (a "
+                                                     "cold start on the model's own verified samples).")
 
 
 class SelectConfig(_Section):
@@ -481,6 +487,8 @@ IGNORED_UNLESS = [
     ("rewards", "weights", "rl.reward=weighted", lambda r: r.rl.reward == "weighted"),
     *[("rl", k, "rl.curriculum=true", lambda r: r.rl.curriculum) for k in (
         "curriculum_window", "curriculum_up", "curriculum_down")],
+    *[("distill", k, "distill.teacher=hf or openai", lambda r: r.distill.teacher in ("hf", "openai")) for k in (
+        "teacher_system_prompt", "rewrite")],
     ("rl", "temperature_start", "rl.anneal_steps > 0", lambda r: r.rl.anneal_steps > 0 or r.rl.temperature_start is None),
 ]
 

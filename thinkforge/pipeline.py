@@ -74,6 +74,8 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
             value = value.get(part) if isinstance(value, dict) else None
         if section in STAGES:
             value = _as_recorded(value)
+        elif isinstance(value, dict):
+            value = {k: v for k, v in value.items() if not (k in ADDED_SINCE and v == ADDED_SINCE[k])}
         if isinstance(value, dict) and "difficulties" in value:
             value = {**value, "difficulties": _levels_recorded(recipe, value)}
         if section in SECTIONS_ADDED_SINCE and value == type(getattr(recipe, section))().model_dump(mode="json"):
@@ -96,7 +98,7 @@ def _levels_recorded(recipe: Recipe, section: dict) -> list[int] | str:
 # Settings added after runs were recorded, left out of a fingerprint at these (their default) values: a run made
 # before they existed made what their defaults make. A whole section added: its key is left out at its default.
 ADDED_SINCE = {"curriculum": False, "curriculum_window": 16, "curriculum_up": 0.7, "curriculum_down": 0.1,
-               "time_budget": None}
+               "time_budget": None, "teacher_system_prompt": None, "rewrite": "none"}
 SECTIONS_ADDED_SINCE = ("tasks",)
 
 # Stage settings that change how a stage runs or whether it starts, never what it makes: the output head's chunk

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from thinkforge.errors import UserError
-from thinkforge.formats import format_completion, parse, response
+from thinkforge.formats import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, format_completion, parse, response
 from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import SamplingParams, stream_key
 from thinkforge.tasks import Problem, is_correct
@@ -82,6 +82,29 @@ class HFTeacher:
             outs = self.generator.generate(prompts, n, dataclasses.replace(self.params, streams=streams))
             for j, p in enumerate(batch):  # the whole response where the prompt pre-filled <think>
                 yield p, [(response(prompts[j], c.text), c.finish_reason) for c in outs if c.prompt_index == j]
+
+
+class ThinkAnswer:
+    """A teacher's rollouts written in the `<think>`/`<answer>` form: its whole text as the thinking, the answer
+    the parser reads in it as the answer. A rollout already in that form, or with no answer to read, is kept as
+    written (it grades the same either way)."""
+
+    def __init__(self, teacher):
+        self.teacher, self.name = teacher, teacher.name
+
+    def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
+        for p, outs in self.teacher.solve(problems, n):
+            yield p, [(think_answer(text), finish) for text, finish in outs]
+
+
+def think_answer(text: str) -> str:
+    parsed = parse(text)
+    if parsed.format_ok or parsed.answer is None:
+        return text
+    body = text
+    for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
+        body = body.replace(tag, " ")
+    return format_completion(body, parsed.answer)
 
 
 class OpenAITeacher:
@@ -216,13 +239,17 @@ def teacher_for(cfg, recipe):
         raise UserError(f"distill.teacher={cfg.teacher} needs distill.teacher_model")
     from thinkforge import rollout
 
+    system = recipe.model.system_prompt if cfg.teacher_system_prompt is None else cfg.teacher_system_prompt
     if cfg.teacher == "hf":
         from thinkforge.formats import prompt_renderer
 
         generator, tok = rollout.load_generator(recipe.model, cfg.teacher_model, recipe.generation.batch_size)
-        return HFTeacher(generator, prompt_renderer(recipe.model, tok), params, cfg.teacher_model)
-    if not cfg.base_url:
-        raise UserError("distill.teacher=openai needs distill.base_url (e.g. http://127.0.0.1:8000/v1)")
-    client = rollout.server_client(cfg.base_url, cfg.teacher_model, os.environ.get(cfg.api_key_env), cfg.timeout,
-                                   cfg.max_retries, cfg.concurrency)
-    return OpenAITeacher(client, params, recipe.model.system_prompt)
+        asked = recipe.model.model_copy(update={"system_prompt": system})
+        teacher = HFTeacher(generator, prompt_renderer(asked, tok), params, cfg.teacher_model)
+    else:
+        if not cfg.base_url:
+            raise UserError("distill.teacher=openai needs distill.base_url (e.g. http://127.0.0.1:8000/v1)")
+        client = rollout.server_client(cfg.base_url, cfg.teacher_model, os.environ.get(cfg.api_key_env), cfg.timeout,
+                                       cfg.max_retries, cfg.concurrency)
+        teacher = OpenAITeacher(client, params, system)
+    return ThinkAnswer(teacher) if cfg.rewrite == "think_answer" else teacher
