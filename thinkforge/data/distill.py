@@ -8,7 +8,8 @@ rerun skips problems that are done, and a kill loses at most the rollouts in fli
 Teachers (each yields (problem, [(completion, finish_reason), ...]) as results arrive):
 - SyntheticTeacher: the synthetic task's programmatic teacher with a slip rate (the demo's).
 - SolutionTeacher: a task's own worked solutions (GSM8K's, MATH's, reasoning-gym's where it has them), once each.
-- HFTeacher: a local Hugging Face model, batched.
+- HFTeacher: a local Hugging Face model, batched (the model itself, asked in its own words: a self-sample teacher).
+- ThinkAnswer: any teacher's rollouts rewritten in the <think>/<answer> form (distill.rewrite).
 - OpenAITeacher: any OpenAI-compatible endpoint (DeepSeek-R1's API, vLLM, SGLang, `thinkforge serve`),
   with bounded concurrency, retries and timeouts.
 """
@@ -25,7 +26,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from thinkforge.errors import UserError
-from thinkforge.formats import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, format_completion, parse, response
+from thinkforge.formats import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    format_completion,
+    parse,
+    response,
+)
 from thinkforge.monitor import progress_bar
 from thinkforge.rollout.types import SamplingParams, stream_key
 from thinkforge.tasks import Problem, is_correct
