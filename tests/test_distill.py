@@ -202,11 +202,15 @@ def test_a_self_teacher_asked_in_its_own_words_writes_think_answer_rows_graded_a
     from thinkforge.config import load_config
     from thinkforge.formats import parse
 
-    tagged = distill.think_answer("Add 3 and 4: 7. The answer is 7.")
+    tagged = distill.think_answer("Add 3 and 4: 3 + 4 = 7.\nThe answer is 7.")
     assert parse(tagged).format_ok and parse(tagged).answer == "7"
-    assert parse(tagged).thinking == "Add 3 and 4: 7. The answer is 7."
+    assert parse(tagged).thinking == "Add 3 and 4: 3 + 4 = 7."  # the working, not the sentence that states the answer
+    bare = distill.think_answer("The answer is 16.")
+    assert parse(bare).format_ok and parse(bare).thinking == "" and parse(bare).answer == "16"
     for kept in ("<think>3 + 4 = 7</think>\n<answer>7</answer>", "I am not sure"):
         assert distill.think_answer(kept) == kept
+    hashes = "The answer is #### 5"  # read as "#### 5"; in an <answer> tag it would read "5": kept as written
+    assert distill.think_answer(hashes) == hashes
 
     recipe = load_config(None, [f"model.name_or_path={tiny_model}", "model.system_prompt=STUDENT-SYSTEM",
                                 "distill.teacher=hf", f"distill.teacher_model={tiny_model}",

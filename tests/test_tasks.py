@@ -245,8 +245,9 @@ def test_the_scorer_sees_only_the_extracted_answer_and_only_one_point_zero_is_co
     assert wrong["score"] == pytest.approx(0.01) and not wrong["correct"]  # 0.01 for any number: not correct
     from thinkforge.rewards import WeightedRewards
 
-    total, parts = WeightedRewards({"verifiable": 1.0, "correctness": 1.0}).score("", p.reference, p.kind, 0.01)
-    assert parts == {"verifiable": -1.0, "correctness": 0.01}
+    total, parts = WeightedRewards({"verifiable": 1.0, "correctness": 1.0}).score("<answer>3</answer>", p.reference,
+                                                                               p.kind, 0.01)
+    assert parts == {"verifiable": -1.0, "correctness": 0.0}  # the card's partial credit: 3 is not near, 0.01 is no credit
 
 
 def test_a_scorer_that_raises_scores_zero_is_counted_and_never_crashes(recwarn):

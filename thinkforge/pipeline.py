@@ -273,23 +273,27 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
     from thinkforge import report
 
     stages = []
-    previous_samples = None
+    previous_samples: dict[str, list | None] = {}
     for name in ["base", *[s for s in recipe.pipeline.stages if s != "distill"]]:
         info = run.done(name)
         if not info or not info.get("eval"):
             continue
-        bench, first = next(iter(info["eval"].items()))
+        first = next(iter(info["eval"].values()))
+        benchmarks = {}
+        for bench, result in info["eval"].items():  # each benchmark's accuracy, interval, and gain over the stage above
+            entry = {k: result[k] for k in ("accuracy", "format_rate", "n")}
+            samples_file = out / name / "eval" / f"{evaluate.file_stem(bench)}.samples.jsonl"
+            samples = read_jsonl(samples_file) if samples_file.is_file() else None
+            if samples:
+                entry["ci95"] = evaluate.accuracy_interval(samples)
+            if samples and previous_samples.get(bench):  # paired by problem
+                entry["change"] = evaluate.paired_change(previous_samples[bench], samples)
+            previous_samples[bench] = samples
+            benchmarks[bench] = entry
         stage = {"name": name, "label": LABELS[name], "accuracy": first["accuracy"], "format_rate": first["format_rate"],
                  "reasoning_rate": first["reasoning_rate"], "avg_think_words": first["avg_think_words"],
-                 "n": first["n"], "benchmarks": {b: {k: s[k] for k in ("accuracy", "format_rate", "n")}
-                                                  for b, s in info["eval"].items()}}
-        samples_file = out / name / "eval" / f"{evaluate.file_stem(bench)}.samples.jsonl"
-        samples = read_jsonl(samples_file) if samples_file.is_file() else None
-        if samples:
-            stage["ci95"] = evaluate.accuracy_interval(samples)
-        if samples and previous_samples:  # the stage's gain over the one before, paired by problem
-            stage["change"] = evaluate.paired_change(previous_samples, samples)
-        previous_samples = samples
+                 "n": first["n"], "benchmarks": benchmarks,
+                 **{k: v for k, v in next(iter(benchmarks.values())).items() if k in ("ci95", "change")}}
         stages.append(stage)
     example = None
     if recipe.eval.benchmarks:

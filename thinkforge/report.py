@@ -13,16 +13,28 @@ from thinkforge.io import atomic_write
 from thinkforge.stages import STAGES
 
 
+def _change(c: dict | None) -> str:
+    return f"{100 * c['change']:+.1f} ({100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f})" if c else ""
+
+
 def stage_table(summary: dict) -> str:
-    """Accuracy and the card's metrics per stage; `change` is the gain over the stage above, paired by problem,
-    with its 95% interval (an interval that excludes 0 is a change the evaluation resolves)."""
+    """Accuracy and the card's metrics per stage on the first benchmark; `change` is the gain over the stage above,
+    paired by problem, with its 95% interval (an interval that excludes 0 is a change the evaluation resolves).
+    With several benchmarks, a second table: each one's accuracy and change per stage."""
     lines = ["| stage | accuracy | change (95% interval) | format | reasoning | think words | n |",
              "|---|---|---|---|---|---|---|"]
     for s in summary["stages"]:
-        c = s.get("change")
-        change = f"{100 * c['change']:+.1f} ({100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f})" if c else ""
-        lines.append(f"| {s['label']} | {100 * s['accuracy']:.1f} | {change} | {100 * s['format_rate']:.1f} | "
-                     f"{100 * s['reasoning_rate']:.1f} | {s['avg_think_words']:.1f} | {s['n']} |")
+        lines.append(f"| {s['label']} | {100 * s['accuracy']:.1f} | {_change(s.get('change'))} | "
+                     f"{100 * s['format_rate']:.1f} | {100 * s['reasoning_rate']:.1f} | {s['avg_think_words']:.1f} | {s['n']} |")
+    names = list(summary["stages"][0].get("benchmarks", {})) if summary["stages"] else []
+    if len(names) > 1:
+        lines += ["", "Every benchmark: accuracy %, change over the stage above (95% interval, paired by problem).", "",
+                  "| stage | " + " | ".join(f"{b} (n {summary['stages'][0]['benchmarks'][b]['n']})" for b in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for s in summary["stages"]:
+            cells = [s.get("benchmarks", {}).get(b) for b in names]
+            lines.append(f"| {s['label']} | " + " | ".join(
+                "" if c is None else f"{100 * c['accuracy']:.1f} {_change(c.get('change'))}".rstrip() for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -94,9 +95,11 @@ class HFTeacher:
 
 
 class ThinkAnswer:
-    """A teacher's rollouts written in the `<think>`/`<answer>` form: its whole text as the thinking, the answer
-    the parser reads in it as the answer. A rollout already in that form, or with no answer to read, is kept as
-    written (it grades the same either way)."""
+    """A teacher's rollouts written in the `<think>`/`<answer>` form: its working as the thinking (its text less
+    the closing sentence that states the answer, "The answer is 7."), the answer the parser reads in it as the
+    answer. A rollout that stated only its answer gets an empty thinking, not the answer dressed as reasoning. A
+    rollout already in that form, with no answer to read, or whose answer the rewriting would change, is kept as
+    written: every rollout grades as the teacher wrote it."""
 
     def __init__(self, teacher):
         self.teacher, self.name = teacher, teacher.name
@@ -106,6 +109,9 @@ class ThinkAnswer:
             yield p, [(think_answer(text), finish) for text, finish in outs]
 
 
+_STATES_ANSWER = re.compile(r"(?i)\b(?:so,?\s+)?(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)")
+
+
 def think_answer(text: str) -> str:
     parsed = parse(text)
     if parsed.format_ok or parsed.answer is None:
@@ -113,7 +119,11 @@ def think_answer(text: str) -> str:
     body = text
     for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
         body = body.replace(tag, " ")
-    return format_completion(body, parsed.answer)
+    said = list(_STATES_ANSWER.finditer(body))
+    if said and parsed.answer in body[said[-1].start():]:
+        body = body[: said[-1].start()]
+    out = format_completion(body, parsed.answer)
+    return out if parse(out).answer == parsed.answer else text
 
 
 class OpenAITeacher:
