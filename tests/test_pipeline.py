@@ -179,3 +179,32 @@ def test_a_run_finished_before_the_nested_optimizer_schema_still_resumes(tmp_pat
     with pytest.warns(FutureWarning, match="'sft.lr' is now 'sft.optim.lr'"):
         loaded = load_config(old)
     assert (loaded.sft.optim.lr, loaded.sft.optim.warmup_ratio, loaded.sft.checkpoints.every) == (5e-4, 0.03, 0)
+
+
+def test_every_benchmark_gets_its_own_paired_change_per_stage_in_the_stage_table(tmp_path):
+    """With several benchmarks the stage table read only the first: the others' gains were in no table. Each one's
+    change is now paired by problem with the same benchmark at the stage above."""
+    from thinkforge.config import load_config
+    from thinkforge.evaluate import file_stem
+    from thinkforge.pipeline import Run, stage_rows
+    from thinkforge.report import stage_table
+
+    recipe = load_config(None, ["pipeline.stages=[sft]", "eval.benchmarks=[synthetic, gsm8k]"])
+    run = Run(tmp_path)
+    right = {"synthetic": ([0] * 10, [1] * 5 + [0] * 5), "gsm8k": ([1] * 10, [1] * 8 + [0] * 2)}  # base, sft
+    for i, stage in enumerate(["base", "sft"]):
+        ev = {}
+        for bench, per_stage in right.items():
+            rows = [{"problem_id": f"p{j}", "correct": bool(c)} for j, c in enumerate(per_stage[i])]
+            folder = tmp_path / stage / "eval"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{file_stem(bench)}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            ev[bench] = {"accuracy": sum(per_stage[i]) / 10, "format_rate": 0.0, "reasoning_rate": 0.0,
+                         "avg_think_words": 0.0, "n": 10}
+        run.record(stage, model=stage, eval=ev)
+    rows = stage_rows(recipe, tmp_path, run)
+    assert [r["benchmarks"]["gsm8k"].get("change", {}).get("change") for r in rows] == [None, pytest.approx(-0.2)]
+    assert rows[1]["change"]["change"] == pytest.approx(0.5) and rows[1]["benchmarks"]["synthetic"]["change"] == rows[1]["change"]
+    table = stage_table({"stages": rows})
+    assert "| stage | synthetic (n 10) | gsm8k (n 10) |" in table
+    assert table.splitlines()[-1].startswith("| +fine-tuning | 50.0 +50.0 (") and " | 80.0 -20.0 (" in table.splitlines()[-1]

@@ -269,9 +269,9 @@ def _make_pairs(recipe: Recipe, stage_recipe: Recipe, data_dir: Path, current: s
                         f"`teacher` to pipeline.pair_sources")
 
 
-def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: str) -> dict:
-    from thinkforge import report
-
+def stage_rows(recipe: Recipe, out: Path, run: Run) -> list[dict]:
+    """The stage table's rows: each evaluated stage's metrics on the first benchmark, and under `benchmarks` each
+    benchmark's accuracy, 95% interval and gain over the stage above, paired by problem."""
     stages = []
     previous_samples: dict[str, list | None] = {}
     for name in ["base", *[s for s in recipe.pipeline.stages if s != "distill"]]:
@@ -295,6 +295,13 @@ def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: s
                  "n": first["n"], "benchmarks": benchmarks,
                  **{k: v for k, v in next(iter(benchmarks.values())).items() if k in ("ci95", "change")}}
         stages.append(stage)
+    return stages
+
+
+def write_outputs(recipe: Recipe, out: Path, run: Run, base: str, final_model: str) -> dict:
+    from thinkforge import report
+
+    stages = stage_rows(recipe, out, run)
     example = None
     if recipe.eval.benchmarks:
         example = tasks.for_evaluation(recipe, recipe.eval.benchmarks[0])[1][0].question
