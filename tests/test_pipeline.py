@@ -208,3 +208,22 @@ def test_every_benchmark_gets_its_own_paired_change_per_stage_in_the_stage_table
     table = stage_table({"stages": rows})
     assert "| stage | synthetic (n 10) | gsm8k (n 10) |" in table
     assert table.splitlines()[-1].startswith("| +fine-tuning | 50.0 +50.0 (") and " | 80.0 -20.0 (" in table.splitlines()[-1]
+
+
+def test_an_unfinished_distillation_resumed_with_other_settings_is_refused_not_mixed(tmp_path):
+    """A killed distillation resumes by appending: rollouts of the first form and of another (a rewrite, another
+    teacher prompt) would share one file silently. Resuming with the same settings goes on; with others, one line."""
+    from thinkforge.config import load_config
+    from thinkforge.errors import UserError
+    from thinkforge.pipeline import _rollouts_made_from
+
+    rollouts = tmp_path / "data" / "rollouts.jsonl"
+    first = load_config(None, ["distill.teacher=hf", "distill.teacher_model=some-model"])
+    _rollouts_made_from(first, rollouts)
+    rollouts.write_text('{"problem_id": "p"}\n')
+    _rollouts_made_from(first, rollouts)  # the same settings: resumes
+    _rollouts_made_from(load_config(None, ["distill.teacher=hf", "distill.teacher_model=some-model", "select.min_words=3"]),
+                        rollouts)  # selection happens after: the rollouts are the same
+    for change in ("distill.rewrite=think_answer", "model.system_prompt=Be brief."):
+        with pytest.raises(UserError, match=r"unfinished distillation made from other settings \(changed: (distill|model)"):
+            _rollouts_made_from(load_config(None, ["distill.teacher=hf", "distill.teacher_model=some-model", change]), rollouts)

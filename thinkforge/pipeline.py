@@ -218,6 +218,7 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
     if _runs_distill(recipe):
         if not finished("distill"):
             log("[distill] teacher rollouts, graded")
+            _rollouts_made_from(recipe, rollouts)
             problems = distill.problems_for(recipe)
             stats = distill.main(problems, distill.teacher_for(recipe.distill, recipe), recipe.distill.samples, rollouts, progress)
             sel = recipe.select
@@ -252,6 +253,26 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
     return base, current
 
 
+
+
+# What a teacher's rollouts are made from: its settings, the problems, and the prompt it is asked with.
+ROLLOUT_INPUTS = ["seed", "distill", "tasks", "model.prompt_format", "model.system_prompt"]
+
+
+def _rollouts_made_from(recipe: Recipe, rollouts: Path) -> None:
+    """An unfinished distillation resumes by appending to its rollouts: rollouts made from other settings (a
+    rewritten form, another teacher prompt) would be mixed in silently, so that is one line naming what changed.
+    A file from before this record existed is taken as it is."""
+    made_from = rollouts.with_name("rollouts.made_from.json")
+    wanted = fingerprint(recipe, ROLLOUT_INPUTS)
+    if rollouts.exists() and made_from.exists():
+        had = json.loads(made_from.read_text())
+        changed = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
+        if changed:
+            raise UserError(f"{rollouts} holds the rollouts of an unfinished distillation made from other settings "
+                            f"(changed: {', '.join(changed)}): restore them to resume, or delete the file to start over")
+    rollouts.parent.mkdir(parents=True, exist_ok=True)
+    write_json(made_from, wanted)
 
 
 def _make_pairs(recipe: Recipe, stage_recipe: Recipe, data_dir: Path, current: str, log, progress: bool) -> None:
