@@ -328,6 +328,10 @@ def main() -> None:
         print(f"| {name} | {r['steps']} | {r['seconds'] / 60:.1f} | {r['moved']:.2e} | {100 * accuracy(rows[name]):.1f} | "
               + " | ".join(f"{100 * accuracy(rows[name], t):.1f}" for t in a.tasks)
               + f" | {100 * g['change']:+.1f} ({100 * g['ci95'][0]:+.1f} to {100 * g['ci95'][1]:+.1f}) |")
+    for t in a.tasks:  # what ignoring the question earns, and whether a gain is one answer given to everything
+        base = tasks.constant_baseline(by_task[t])
+        spread = "; ".join(f"{name} {answers(rows[name], t)}" for name in ["base", *runs])
+        print(f"{t}: constant answer {base['answer']!r} scores {100 * base['accuracy']:.1f}%; most common answer: {spread}")
     if diff:
         print(f"thinkforge - TRL: {100 * diff['change']:+.1f} points (95% CI {100 * diff['ci95'][0]:+.1f} to "
               f"{100 * diff['ci95'][1]:+.1f}, paired over {diff['n']} items)")
@@ -340,7 +344,9 @@ def main() -> None:
                   "runs": {n: {k: v for k, v in r.items() if k not in ("final", "curve")} for n, r in runs.items()},
                   "gains": gains, "difference": diff, "curves": curves,
                   "accuracy": {n: {"all": accuracy(rows[n]), **{t: accuracy(rows[n], t) for t in a.tasks}}
-                               for n in ["base", *runs]}}
+                               for n in ["base", *runs]},
+                  "constant_baseline": {t: tasks.constant_baseline(by_task[t]) for t in a.tasks},
+                  "most_common_answer": {n: {t: answers(rows[n], t) for t in a.tasks} for n in ["base", *runs]}}
         (out / "results.json.tmp").write_text(json.dumps(result, indent=1))
         os.replace(out / "results.json.tmp", out / "results.json")
         title = f"{', '.join(a.tasks)}: trained at levels {a.levels}, held-out {a.eval_levels or a.levels}, seed {a.seed}"
@@ -351,6 +357,13 @@ def main() -> None:
     print(json.dumps({"metric": "heldout_accuracy_gain", "thinkforge": number(tf["change"]) if tf else None,
                       "peer": number(peer["change"]) if peer else None, "ratio": ratio,
                       "difference_ci95": [number(x) for x in diff["ci95"]] if diff else None}))
+
+
+def answers(rows: list[dict], task: str) -> str:
+    """The most common answer a model gave to one task's items, its share, and how many distinct answers it gave."""
+    given = [str(r.get("answer")) for r in rows if r["task"] == task]
+    top = max(set(given), key=given.count)
+    return f"{top!r} {100 * given.count(top) / len(given):.0f}% of {len(given)} ({len(set(given))} distinct)"
 
 
 def number(x: float) -> float | None:
