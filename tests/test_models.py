@@ -148,3 +148,19 @@ def test_unknown_architecture_needs_explicit_lora_targets(tiny_loaded):
     model, _ = tiny_loaded
     with pytest.raises(UserError, match="not in this model"):
         models.add_lora(model, target_modules=["c_attn"])
+
+
+def test_eval_mode_turns_dropout_off_inside_and_restores_the_mode_after_an_error_too():
+    import torch
+
+    from thinkforge.models import eval_mode
+
+    layer = torch.nn.Dropout(0.5).train()
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(layer):
+            assert not layer.training
+            raise RuntimeError("inside")
+    assert layer.training  # restored after the error (the hand-written toggles it replaces did not)
+    with eval_mode(layer.eval()):
+        pass
+    assert not layer.training

@@ -11,6 +11,7 @@ Tiny random-init models for tests and the demo are in tiny.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -212,15 +213,25 @@ def disable_dropout(model) -> None:
         for name, value in list(vars(module).items()):
             if isinstance(value, float) and ("drop" in name or "jitter" in name):
                 setattr(module, name, 0.0)
-    was = model.training
     ids = torch.arange(8, device=model.device).unsqueeze(0) % model.config.vocab_size  # (1, 8)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # (the mode it had, restored after both)
         got = [model.train(mode)(input_ids=ids, use_cache=False).logits.float() for mode in (True, False)]
-    model.train(was)
     if not torch.allclose(*got, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"{type(model).__name__}: the training-mode forward still differs from the eval-mode one "
                            f"by {(got[0] - got[1]).abs().max().item():.3g} with every known dropout off: a random "
                            "layer this code does not know, which RL and DPO would compare (PITFALLS 22)")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off for the passes inside (sampling, reference and old log-probs, probes, value targets); the
+    model's mode is restored after them, on an error too."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def forward_cached(model, cache, **inputs):

@@ -13,7 +13,7 @@ import functools
 import threading
 from collections.abc import Iterator
 
-from thinkforge.models import cache_argument, forward_cached
+from thinkforge.models import cache_argument, eval_mode, forward_cached
 from thinkforge.rollout.types import (
     Completion,
     SamplingParams,
@@ -51,13 +51,10 @@ class HFGenerator:
         import torch
 
         model = self.model
-        was = model.training
-        model.eval()
         ids = torch.full((1, 1), pad_id(self.tokenizer), dtype=torch.long, device=model.device)
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             while self.peers.lockstep(False):
                 model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False)  # its collectives only
-        model.train(was)
 
     def load_weights(self, model) -> dict[str, float]:
         """Generation runs on the training model itself: its weights are always the current ones."""
@@ -78,9 +75,7 @@ class HFGenerator:
         tok, model = self.tokenizer, self.model
         stops = self.stop_ids
         out: list[Completion] = []
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             start = 0
             while start < len(prompts):
                 chunk = prompts[start : start + max(1, self.batch_size // n)]
@@ -98,8 +93,6 @@ class HFGenerator:
                     out.append(Completion(start + row // n, text, tuple(ids), "stop" if stopped else "length",
                                           version=self.version))
                 start += len(chunk)
-        finally:
-            model.train(was_training)
         return out
 
     def _rows(self, chunk: list[str], start: int, n: int, params: SamplingParams, stops: list[int]) -> list[list[int]]:
@@ -127,18 +120,16 @@ class HFGenerator:
         failed: list[BaseException] = []
 
         def run():
-            was = model.training
-            model.eval()
             try:
-                uniforms = None
-                if params.temperature > 0:
-                    uniforms = RowStreams([(params.stream(0), 0)], _draw_dtype(model.device), model.device)
-                decode(model, [ids], 1, params, self.stop_ids, pad_id(tok), uniforms, interrupt=left.is_set,
-                       packed=self.packed, on_token=tokens.put)
+                with eval_mode(model):
+                    uniforms = None
+                    if params.temperature > 0:
+                        uniforms = RowStreams([(params.stream(0), 0)], _draw_dtype(model.device), model.device)
+                    decode(model, [ids], 1, params, self.stop_ids, pad_id(tok), uniforms, interrupt=left.is_set,
+                           packed=self.packed, on_token=tokens.put)
             except BaseException as e:  # noqa: BLE001 - raised in the consumer's thread below
                 failed.append(e)
             finally:
-                model.train(was)
                 tokens.put(None)
 
         thread = threading.Thread(target=run, daemon=True)

@@ -460,16 +460,14 @@ class VLLMGenerator:
             out = self._post("/v1/completions", {"model": self.model_name, "prompt": [seq], "max_tokens": 1,
                                                  "temperature": 1.0, "prompt_logprobs": 0})
             served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
-        was = model.training
-        model.eval()
+        from thinkforge.models import eval_mode
         from thinkforge.train.head import hidden_states  # the output layer by chunks: never the (T, V) logits
 
         ids = torch.tensor([seq], device=model.device)
-        with torch.no_grad(), hidden_states(model) as head:
-            hidden = model(input_ids=ids).logits[:, :-1]  # (1, T-1, D)
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
+            with hidden_states(model) as head:
+                hidden = model(input_ids=ids).logits[:, :-1]  # (1, T-1, D)
             mine = head.logprobs(hidden, ids[:, 1:])[0][0].cpu()  # (T-1,)
-        model.train(was)
         if served is None:  # a rank that joined rank 0's forward
             return 0.0
         diff = (served - mine).abs().max().item()

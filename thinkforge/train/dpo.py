@@ -109,13 +109,11 @@ def backward(model, batch: list[Pair], ref: torch.Tensor, norm: Normaliser, cfg:
 @torch.no_grad()
 def reference_logprobs(model, pairs: list[Pair], pad_id: int, batch_size: int, chunk: int | None = None) -> torch.Tensor:
     """(N, 2) reference log-probs [chosen, rejected] with the current weights, dropout off."""
-    was = model.training
-    model.eval()
     out = []
-    for i in range(0, len(pairs), batch_size):
-        c, r = pair_logprobs(model, pairs[i : i + batch_size], pad_id, chunk)
-        out.append(torch.stack([c, r], -1).float().cpu())
-    model.train(was)
+    with models.eval_mode(model):
+        for i in range(0, len(pairs), batch_size):
+            c, r = pair_logprobs(model, pairs[i : i + batch_size], pad_id, chunk)
+            out.append(torch.stack([c, r], -1).float().cpu())
     return torch.cat(out)
 
 

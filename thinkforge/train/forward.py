@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from thinkforge.losses import IGNORE
-from thinkforge.models import forward_cached
+from thinkforge.models import eval_mode, forward_cached
 from thinkforge.rollout.types import Rollout
 from thinkforge.train.dist import Dist
 from thinkforge.train.head import hidden_states
@@ -69,14 +69,11 @@ def logp_no_grad(model, batch: Rollout, micro: int, disable_adapter: bool = Fals
     """(N, C) log-probs in eval mode, `micro` rows at a time; with disable_adapter the LoRA base's. On sharded
     ranks every rank runs as many passes as the busiest (repeats of its last, dropped)."""
     outs = []
-    was = model.training
-    model.eval()
-    with model.disable_adapter() if disable_adapter else nullcontext():
+    with eval_mode(model), model.disable_adapter() if disable_adapter else nullcontext():
         for k, weight in no_grad_rounds(len(batch.texts), micro, dist):
             got = forward_logp(model, batch, slice(k * micro, (k + 1) * micro), chunk=chunk)[0]
             if weight:
                 outs.append(got.float().cpu())
-    model.train(was)
     return torch.cat(outs)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkforge.losses import Normaliser, kl_k3, masked_whiten
+from thinkforge.models import eval_mode
 from thinkforge.rollout.types import Rollout
 from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, no_grad_rounds
@@ -105,15 +106,13 @@ class Critic:
     @torch.no_grad()
     def targets(self, model, batch: Rollout, micro: int, chunk: int | None = None, dist: Dist = Dist()) -> None:
         """Values before the update, per-token advantages and returns, into the batch."""
-        was = model.training
-        model.eval()
         values, logps = [], []
-        for k, weight in no_grad_rounds(len(batch.texts), micro, dist):
-            lp, _, v = forward_logp(model, batch, slice(k * micro, (k + 1) * micro), self.head, chunk=chunk)
-            if weight:
-                values.append(v.float().cpu())
-                logps.append(lp.float().cpu())
-        model.train(was)
+        with eval_mode(model):
+            for k, weight in no_grad_rounds(len(batch.texts), micro, dist):
+                lp, _, v = forward_logp(model, batch, slice(k * micro, (k + 1) * micro), self.head, chunk=chunk)
+                if weight:
+                    values.append(v.float().cpu())
+                    logps.append(lp.float().cpu())
         mask = batch.loss_mask
         batch.values = torch.cat(values) * mask  # (N, C)
         penalty = None
