@@ -52,7 +52,7 @@ def test_the_circle_detector_finds_a_circle():
 
 def test_every_stage_of_the_table_has_the_shared_main_a_section_a_command_and_a_card_line():
     """A stage is its module, its recipe section and one row of stages.STAGES: the pipeline, the CLI and the
-    report read the table, so none of them names a stage."""
+    report read the table, so none of them names a stage (plan.py does: a stage's memory depends on its kind)."""
     import inspect
     import re
     import typing

@@ -31,8 +31,9 @@ class ServerError(UserError):
 
 
 class OpenAIClient:
-    """The one HTTP client: a teacher's or evaluation's server by its model name (`chat`, and `generate` of
-    the Generator interface), and the transport of the vLLM rollout backend (`post`). `unreachable`: what the
+    """The HTTP client of the OpenAI-compatible routes: a teacher's or evaluation's server by its model name
+    (`chat`, and `generate` of the Generator interface), and the transport of the vLLM rollout backend's requests
+    (`post`; its health probe while the server starts is its own). `unreachable`: what the
     one-line error adds when the server cannot be reached (where its log is, which setting names it)."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,

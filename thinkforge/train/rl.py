@@ -14,8 +14,9 @@ Each step of `main` reads as the algorithm:
                                   the value loss where there is a critic)
     update -> sync the rollout backend -> log -> aha moments -> checkpoint
 
-No forward pass is done twice: with mu = 1 the old log-probs are the detached training log-probs; the
-reference log-probs come from one no-grad pass (with LoRA: the adapter disabled, no second model).
+With mu = 1 the old log-probs are the detached training log-probs (no pass for them); the reference log-probs
+come from one no-grad pass (with LoRA: the adapter disabled, no second model); PPO runs one more no-grad pass,
+the critic's values and log-probs before the update (its targets).
 """
 
 from __future__ import annotations
