@@ -108,3 +108,22 @@ def test_the_docstring_examples_hold(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted >= 5 and result.failed == 0
+
+
+def test_a_cut_off_response_earns_at_most_what_saying_nothing_does_under_every_reward():
+    """truncation=penalize was -1 for the verifiable reward and 0 for the weighted ones, two hard-coded numbers:
+    now one rule for any reward set, a user's included."""
+    from thinkforge import tasks
+    from thinkforge.config import load_config
+    from thinkforge.train.sampling import score
+
+    p = tasks.load("synthetic").problems("test", 1, 0, [2])[0]
+    right = f"<think>2 + 2 = 4, then more.</think><answer>{p.reference}</answer>"
+    cfg = load_config(None, []).rl
+    for weights, cut in [(None, -1.0), ({"correctness": 1.0, "reasoning": 0.7, "format": 0.3}, 0.0)]:
+        rewards = WeightedRewards(weights) if weights else None
+        full, _, ok = score(right, "stop", p, cfg, rewards)
+        assert ok and full > cut and score(right, "length", p, cfg, rewards)[:1] == (cut,)
+        assert score(right, "length", p, cfg.model_copy(update={"truncation": "none"}), rewards)[0] == full
+    user = WeightedRewards({"user_rewards:shorter_is_better": 1.0})  # saying nothing is its best: no reward for the cut
+    assert score(right, "length", p, cfg, user)[0] == score(right, "stop", p, cfg, user)[0] < 0

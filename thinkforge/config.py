@@ -278,7 +278,8 @@ class RLConfig(_Stage):
     balance: bool = Field(False, description="Reward re-balancing: keep every positive-advantage sample and as many negative ones.")
     uniform_length: float | None = Field(None, gt=0, description="Keep prompts whose response lengths vary at most this much (coefficient of variation).")
     truncation: Literal["mask", "penalize", "none"] = Field(
-        "penalize", description="Responses cut at max_new_tokens: mask (no loss), penalize (reward -1 / 0), none.")
+        "penalize", description="Responses cut at max_new_tokens: mask (no loss), penalize (at most the reward of "
+        "an empty response: -1 verifiable, 0 with the card's weighted rewards), none.")
     overlong_cache: int = Field(0, ge=0, description="DAPO overlong shaping: penalty ramps to -1 over the last N tokens (0 = off).")
     max_new_tokens: int = Field(384, ge=1, description="Tokens per response (Infused Phi-2: 384).")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature after annealing (Phi-4 recipe: 0.6).")

@@ -85,13 +85,17 @@ def score(text: str, finish: str, problem: Problem, cfg: RLConfig, rewards: Weig
     extracted answer only), the score shared by the accuracy and every reward that grades."""
     task_score = problem.score(parse(text).answer)
     correct = is_correct(task_score)
-    if rewards is None:
-        total, parts = (1.0 if correct else -1.0), {"verifiable": 1.0 if correct else -1.0}
-    else:
-        total, parts = rewards.score(text, problem.reference, problem.kind, task_score)
-    if finish == "length" and cfg.truncation == "penalize":
-        total = -1.0 if rewards is None else 0.0
+    total, parts = _reward(text, problem, task_score, rewards)
+    if finish == "length" and cfg.truncation == "penalize":  # one rule: a cut-off response earns at most what saying
+        total = min(total, _reward("", problem, 0.0, rewards)[0])  # nothing does (-1 verifiable, 0 weighted)
     return total, parts, correct
+
+
+def _reward(text: str, problem: Problem, task_score: float, rewards: WeightedRewards | None) -> tuple[float, dict]:
+    if rewards is None:
+        value = 1.0 if is_correct(task_score) else -1.0
+        return value, {"verifiable": value}
+    return rewards.score(text, problem.reference, problem.kind, task_score)
 
 
 DROP_REASONS = ("easy", "all_wrong", "zero_variance", "length_spread")  # what keep_group may answer
