@@ -168,7 +168,7 @@ def grpo_lora_step(a) -> dict:
                 prompts, G, SamplingParams(a.new_tokens, 1.0, 1.0, 0, 0))
         model.train()
         ro = Rollout.build([tok(p, add_special_tokens=False).input_ids for p in prompts], [list(c.token_ids) for c in comps],
-                           [i // G for i in range(len(comps))], 0, [float(i % 2) for i in range(len(comps))])
+                           [i // G for i in range(len(comps))], 0, rewards=[float(i % 2) for i in range(len(comps))])
         mask = ro.completion_mask.float()
         adv = (torch.tensor([float(i % 2) - 0.5 for i in range(len(comps))])[:, None] * mask).to(a.device)
         for i in range(0, len(comps), 8):  # micro-batches of 8

@@ -94,7 +94,7 @@ def one_step(stage: str, path: str, tokens: int, a) -> dict:
     else:  # grpo: one group of two
         from thinkforge.train.forward import forward_logp
 
-        ro = Rollout.build([ids(PROMPT)], [ids(tokens - PROMPT), ids(tokens - PROMPT)], [0, 0], 0, [1.0, -1.0])
+        ro = Rollout.build([ids(PROMPT)], [ids(tokens - PROMPT), ids(tokens - PROMPT)], [0, 0], 0, rewards=[1.0, -1.0])
         mask = ro.completion_mask.float()
         adv = torch.tensor([[1.0], [-1.0]]).expand_as(mask)
         if path == "full":

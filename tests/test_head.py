@@ -272,7 +272,7 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, shar
     def ids(n):
         return torch.randint(2, VOCAB, (n,), generator=g).tolist()
 
-    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(11), ids(3), ids(8)], [0, 0, 1, 1], 1, [1.0, 0.0, 1.0, 0.0],
+    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(11), ids(3), ids(8)], [0, 0, 1, 1], 1, rewards=[1.0, 0.0, 1.0, 0.0],
                           temperature=0.7)
 
     def run(model):

@@ -93,7 +93,8 @@ def test_tags_loss_masks_and_eos_through_the_real_tokenizer():
     assert p.format_ok and p.answer == "7"
     # RL: the mask comes from lengths, not from the pad id (pad == eos would hide the stop token)
     ro = Rollout.build([list(ex.prompt)], [list(ex.completion), list(ex.completion[:5])], [0, 0], tok.pad_token_id,
-                       [1.0, -1.0], [True, False], [False, True], [completion, ""], 1.0)
+                       rewards=[1.0, -1.0], correct=[True, False], truncated=[False, True], texts=[completion, ""],
+                       temperature=1.0)
     assert ro.completion_mask.sum(1).tolist() == [len(ex.completion), 5]
 
 

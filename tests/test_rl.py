@@ -24,8 +24,8 @@ def _rollout(tok, texts, rewards, group_size, temperature=1.0):
     n = len(texts)
     prompts = [tok(PROMPTS[g % 2], add_special_tokens=False).input_ids for g in range(n // group_size)]
     comps = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
-    return Rollout.build(prompts, comps, [i // group_size for i in range(n)], tok.pad_token_id, rewards,
-                         [r > 0 for r in rewards], [False] * n, texts, temperature)
+    return Rollout.build(prompts, comps, [i // group_size for i in range(n)], tok.pad_token_id, rewards=rewards,
+                         correct=[r > 0 for r in rewards], truncated=[False] * n, texts=texts, temperature=temperature)
 
 
 def test_one_grpo_update_raises_logprob_of_positive_advantage_samples(tiny_model):
@@ -65,7 +65,7 @@ def test_rollout_logprobs_equal_a_fresh_forward_at_the_sampling_temperature(tiny
                          output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
     new = out.sequences[0, enc.input_ids.shape[1]:]
     sampler = torch.stack([torch.log_softmax(s[0], -1)[t] for s, t in zip(out.scores, new, strict=True)])
-    ro = Rollout.build([enc.input_ids[0].tolist()], [new.tolist()], [0], tok.pad_token_id, [0.0], temperature=0.7)
+    ro = Rollout.build([enc.input_ids[0].tolist()], [new.tolist()], [0], tok.pad_token_id, rewards=[0.0], temperature=0.7)
     for share in (True, False):
         with torch.no_grad():
             lp, _, _ = forward_logp(model, ro, slice(0, 1), share_prompt=share)
@@ -472,7 +472,7 @@ class PerfectSampler(HFGenerator):
     def generate(self, prompts, n, params):
         out = super().generate(prompts, n, params)
         ro = Rollout.build([encode(self.tokenizer, p) for p in prompts], [list(c.token_ids) for c in out],
-                           [c.prompt_index for c in out], self.tokenizer.pad_token_id, [0.0] * len(out),
+                           [c.prompt_index for c in out], self.tokenizer.pad_token_id, rewards=[0.0] * len(out),
                            temperature=params.temperature)
         lp = logp_no_grad(self.model, ro, len(out))  # (N, C)
         return [dataclasses.replace(c, logprobs=tuple(lp[i, : len(c.token_ids)].tolist())) for i, c in enumerate(out)]

@@ -191,7 +191,7 @@ def test_server_logprobs_equal_the_trainers_on_the_same_tokens(vllm_model, tmp_p
             assert len(c.logprobs) == len(c.token_ids) > 0
             assert c.text == tok.decode(list(c.token_ids), skip_special_tokens=True)
         batch = Rollout.build(ids, [list(c.token_ids) for c in out], [0, 0, 0, 1, 1, 1], tok.pad_token_id,
-                              [0.0] * 6, temperature=0.7)
+                              rewards=[0.0] * 6, temperature=0.7)
         with torch.no_grad():
             mine, _, _ = forward_logp(model.eval(), batch, slice(0, 6))
         for i, c in enumerate(out):

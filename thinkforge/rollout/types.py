@@ -175,7 +175,7 @@ class Rollout:
         return len(self.texts) // self.prompt_ids.shape[0]
 
     @classmethod
-    def build(cls, prompts: list[list[int]], completions: list[list[int]], group: list[int], pad_id: int,
+    def build(cls, prompts: list[list[int]], completions: list[list[int]], group: list[int], pad_id: int, *,
               rewards, correct=None, truncated=None, texts: list[str] | None = None, temperature: float = 1.0) -> Rollout:
         """Pad token-id lists into the layout above (prompts left, completions right); every prompt has the
         same number of completions, in order."""

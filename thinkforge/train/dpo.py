@@ -55,7 +55,7 @@ def pair_logprobs(model, pairs: list[Pair], pad_id: int, chunk: int | None = Non
     if any(c.prompt != r.prompt for c, r in pairs):
         raise ValueError("a preference pair's chosen and rejected continue different prompts")
     rows = Rollout.build([c.prompt for c, _ in pairs], [x.completion for pair in pairs for x in pair],
-                         [i // 2 for i in range(2 * len(pairs))], pad_id, [0.0] * (2 * len(pairs)))
+                         [i // 2 for i in range(2 * len(pairs))], pad_id, rewards=[0.0] * (2 * len(pairs)))
     logp, _, _ = forward_logp(model, rows, slice(0, 2 * len(pairs)), chunk=chunk)  # (2B, C): 0 past each completion
     seq = logp.sum(-1)  # (2B,) chosen, rejected, chosen, ...
     return seq[0::2], seq[1::2]

@@ -200,7 +200,8 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
     r = torch.tensor(rewards)
     if cfg.overlong_cache:
         r = r + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache)
-    batch = Rollout.build(prompts, completions, group, pad_id(tok), r, correct, truncated, texts, temperature)
+    batch = Rollout.build(prompts, completions, group, pad_id(tok), rewards=r, correct=correct, truncated=truncated,
+                          texts=texts, temperature=temperature)
     start, end = dist.bounds(len(holders))
     batch.stand_in = start == end
     served = [c.logprobs for _, comps, *_ in kept for c in comps]
