@@ -85,7 +85,7 @@ def shape_of(config, lora=None) -> Shape:
                  quantizable)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Setting:
     """How one stage runs: its tokens per row, rows per micro-batch and what they are."""
 
@@ -175,7 +175,10 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
     text = config.get_text_config().to_dict() if config is not None else {}
     weights = weights_dtype(recipe, device)
     stream = torch.float32 if m.load_in_4bit else getattr(torch, weights)  # the embedding's: the first weight
-    dtypes = (weights, m.load_in_4bit, stream.itemsize, kv_dtype(stream, torch.bfloat16 if bf16 else None).itemsize)
+    common = {"stage": stage, "checkpointing": m.gradient_checkpointing, "act_bytes": 2 if bf16 else 4,
+              "head_chunk": cfg.head_chunk, "weights": weights, "in_4bit": m.load_in_4bit, "stream_bytes": stream.itemsize,
+              "kv_bytes": kv_dtype(stream, torch.bfloat16 if bf16 else None).itemsize}
+    none = {"reference": False, "kv_cache": 0, "kv_tokens": 0, "vllm_share": 0.0}  # no reference, no rollouts
 
     def masked(row: int, padded: bool) -> bool:  # everything else attends without a mask (train/attention.py)
         window = text.get("sliding_window")
@@ -183,20 +186,19 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
                 and bool(text.get("attn_logit_softcapping") or (window and window < row)))
 
     if stage in ("midtrain", "sft"):
-        return Setting(stage, cfg.max_len, 1, cfg.batch_size, m.gradient_checkpointing,
-                       masked(cfg.max_len, cfg.packing or cfg.batch_size > 1), 2 if bf16 else 4, cfg.head_chunk, False,
-                       0, 0, 0.0, *dtypes)
+        return Setting(row_tokens=cfg.max_len, rows_per_item=1, batch=cfg.batch_size,
+                       masks=masked(cfg.max_len, cfg.packing or cfg.batch_size > 1), **none, **common)
     if stage == "dpo":
-        return Setting(stage, cfg.max_len, 2, cfg.batch_size, m.gradient_checkpointing, masked(cfg.max_len, True),
-                       2 if bf16 else 4, cfg.head_chunk, False, 0, 0, 0.0, *dtypes)
+        return Setting(row_tokens=cfg.max_len, rows_per_item=2, batch=cfg.batch_size, masks=masked(cfg.max_len, True),
+                       **none, **common)
     row = RL_PROMPT + cfg.max_new_tokens
     in_process = recipe.rollout.backend == "hf"
     share = 0.0
     if recipe.rollout.backend == "vllm" and recipe.rollout.base_url is None:
         found = re.search(r"--gpu-memory-utilization[ =]([0-9.]+)", recipe.rollout.vllm_args)
         share = float(found.group(1)) if found else 0.9
-    return Setting(stage, row, 1, cfg.micro_batch, m.gradient_checkpointing, masked(row, True), 2 if bf16 else 4,
-                   cfg.head_chunk, cfg.beta > 0, cfg.gen_batch if in_process else 0, row, share, *dtypes)
+    return Setting(row_tokens=row, rows_per_item=1, batch=cfg.micro_batch, masks=masked(row, True), reference=cfg.beta > 0,
+                   kv_cache=cfg.gen_batch if in_process else 0, kv_tokens=row, vllm_share=share, **common)
 
 
 def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) -> list[dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from thinkforge.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     name: str  # the recipe section, the CLI command, the run folder
     module: str  # the module under thinkforge/train/ with its `main`
@@ -106,26 +106,28 @@ _FOLDER = "checkpoints, metrics.jsonl, tensorboard/, final/; a rerun resumes fro
 _SFT_DATA = "JSONL of graded rollouts: question and completion columns"
 
 STAGES = {s.name: s for s in [
-    Stage("midtrain", "sft", "+mid-training", "mid-training", lambda r: "distillation",
-          "Distillation mid-training (stage 1): next-token loss on verified chains of thought, packed rows.",
-          "sel/accepted.jsonl", lambda r: _sft_line(r, "midtrain", "next-token loss on verified chains of thought"),
-          ({"midtrain.data": None}, _SFT_DATA), f"Run folder: {_FOLDER}."),
-    Stage("sft", "sft", "+fine-tuning", "fine-tuning", lambda r: "sft",
-          "Supervised fine-tuning (stage 2) on the harder subset, unpacked, completion tokens only.",
-          "sel/hard.jsonl", lambda r: _sft_line(r, "sft", "harder subset"),
-          ({"sft.data": None}, _SFT_DATA), f"Run folder: {_FOLDER}."),
-    Stage("dpo", "dpo", "+rollout DPO", "rollout DPO", lambda r: "dpo",
-          "Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference.",
-          "pairs.jsonl", _dpo_line,
-          ({"dpo.data": None}, "Pairs JSONL: question, chosen, rejected (`thinkforge data pairs`)"),
-          f"Run folder: reference log-probs, {_FOLDER}.", (),
-          {"--loss": ("dpo.loss", ("sigmoid", "ipo"), "sigmoid = DPO, ipo = IPO"), "--beta": ("dpo.beta", float, "DPO beta")}),
-    Stage("rl", "rl", "+RLVR", "RLVR", lambda r: r.rl.algo,
-          "RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring.",
-          None, _rl_line,
-          ({"rl.data_path": None, "rl.source": "local"}, "Prompts JSONL/Parquet with references (question, answer; "
-           "rl.columns maps others); default: the recipe's rl.source"),
-          f"Run folder: {_FOLDER} (metrics with aha events).", ("rewards", "rollout.backend", "tasks"),
-          {"--algo": ("rl.algo", ("grpo", "ppo"), "grpo or ppo"), "--steps": ("rl.steps", int, "optimizer steps"),
-           "--task": ("rl.source", str, "the task of the prompts, by name (synthetic, reasoning_gym:<task>, a mix)")}),
+    Stage(name="midtrain", module="sft", label="+mid-training", title="mid-training", tag=lambda r: "distillation",
+          summary="Distillation mid-training (stage 1): next-token loss on verified chains of thought, packed rows.",
+          data="sel/accepted.jsonl",
+          describe=lambda r: _sft_line(r, "midtrain", "next-token loss on verified chains of thought"),
+          data_option=({"midtrain.data": None}, _SFT_DATA), out_help=f"Run folder: {_FOLDER}."),
+    Stage(name="sft", module="sft", label="+fine-tuning", title="fine-tuning", tag=lambda r: "sft",
+          summary="Supervised fine-tuning (stage 2) on the harder subset, unpacked, completion tokens only.",
+          data="sel/hard.jsonl", describe=lambda r: _sft_line(r, "sft", "harder subset"),
+          data_option=({"sft.data": None}, _SFT_DATA), out_help=f"Run folder: {_FOLDER}."),
+    Stage(name="dpo", module="dpo", label="+rollout DPO", title="rollout DPO", tag=lambda r: "dpo",
+          summary="Rollout preference learning (stage 3): DPO or IPO with the starting model as the reference.",
+          data="pairs.jsonl", describe=_dpo_line,
+          data_option=({"dpo.data": None}, "Pairs JSONL: question, chosen, rejected (`thinkforge data pairs`)"),
+          out_help=f"Run folder: reference log-probs, {_FOLDER}.",
+          options={"--loss": ("dpo.loss", ("sigmoid", "ipo"), "sigmoid = DPO, ipo = IPO"),
+                   "--beta": ("dpo.beta", float, "DPO beta")}),
+    Stage(name="rl", module="rl", label="+RLVR", title="RLVR", tag=lambda r: r.rl.algo,
+          summary="RL with verifiable reward (stage 4): GRPO or PPO with the stability recipe and progress monitoring.",
+          data=None, describe=_rl_line,
+          data_option=({"rl.data_path": None, "rl.source": "local"}, "Prompts JSONL/Parquet with references (question, "
+                       "answer; rl.columns maps others); default: the recipe's rl.source"),
+          out_help=f"Run folder: {_FOLDER} (metrics with aha events).", inputs=("rewards", "rollout.backend", "tasks"),
+          options={"--algo": ("rl.algo", ("grpo", "ppo"), "grpo or ppo"), "--steps": ("rl.steps", int, "optimizer steps"),
+                   "--task": ("rl.source", str, "the task of the prompts, by name (synthetic, reasoning_gym:<task>, a mix)")}),
 ]}
