@@ -62,7 +62,7 @@ def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, pa
     for repeat in range(repeats + 1):  # the first call packs the weights (once per weight version): not timed
         streams = RowStreams([(repeat, r) for r in range(rows)], torch.float64, "cpu")
         t = time.perf_counter()
-        out = decode(model, [ids], rows, params, [], 0, streams, min_new_tokens=new, packed=held)
+        out = decode(model, [ids], rows, params, [], 0, uniforms=streams, min_new_tokens=new, packed=held)
         took = time.perf_counter() - t
         assert sum(map(len, out)) == rows * new
         if repeat:

@@ -176,7 +176,8 @@ def grpo_lora_step(a) -> dict:
             with _autocast(a):
                 logp, _, _ = forward_logp(model, ro, rows)
             m = mask[rows].to(a.device)
-            loss, _ = policy_loss(logp, logp.detach(), adv[rows], m, normaliser(mask, "token"), "ppo_clip", (0.2, 0.28))
+            loss, _ = policy_loss(logp, logp.detach(), adv[rows], m, normaliser(mask, "token"), kind="ppo_clip",
+                                  clip=(0.2, 0.28))
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -195,8 +195,8 @@ def evaluate_models(model_dir: str, paths: dict[str, str], problems: dict[str, l
         generator, tok = rollout.load_generator(m, path, a.eval_batch, None, str(work), a.max_new_tokens)
         params = dataclasses.replace(evaluate.sampling_params(recipe), max_new_tokens=a.max_new_tokens, temperature=0.0)
         with contextlib.closing(generator):
-            out[name], _ = evaluate.evaluate(generator, problems[name], prompt_renderer(recipe.model, tok), params, 1,
-                                             a.eval_batch, False, MIX)
+            out[name], _ = evaluate.evaluate(generator, problems[name], prompt_renderer(recipe.model, tok), params,
+                                             chunk=a.eval_batch, progress=False, benchmark=MIX)
     return out
 
 

@@ -105,7 +105,7 @@ def one_step(stage: str, path: str, tokens: int, a) -> dict:
             logp, _ = token_logprobs(logits, ro.completion_ids)
         else:
             logp, _, _ = forward_logp(model, ro, slice(0, 2), chunk=a.chunk)
-        loss, _ = policy_loss(logp, logp.detach(), adv, mask, normaliser(mask, "token"), "ppo_clip", (0.2, 0.28))
+        loss, _ = policy_loss(logp, logp.detach(), adv, mask, normaliser(mask, "token"), kind="ppo_clip", clip=(0.2, 0.28))
     loss.backward()
     opt.step()
     return {"seconds": time.time() - t0, "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -58,8 +58,9 @@ def main() -> None:
     with contextlib.closing(generator):
         for name, probs in chosen.items():
             chunk = max(1, recipe.generation.batch_size // k)
-            _, g = evaluate.evaluate(generator, probs, prompt_fn, greedy, 1, recipe.generation.batch_size, False, name)
-            rows, s = evaluate.evaluate(generator, probs, prompt_fn, sampled, k, chunk, False, name)
+            _, g = evaluate.evaluate(generator, probs, prompt_fn, greedy, chunk=recipe.generation.batch_size, progress=False,
+                                     benchmark=name)
+            rows, s = evaluate.evaluate(generator, probs, prompt_fn, sampled, samples=k, chunk=chunk, progress=False, benchmark=name)
             shares = evaluate.problem_shares(rows)
             base = tasks.constant_baseline(probs)
             out[name] = {"greedy": g["accuracy"], "sampled": s["accuracy"],

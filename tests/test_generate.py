@@ -208,12 +208,12 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded)
     eos = tok.eos_token_id
     prompts = [tok("Mia has 3 apples.").input_ids, tok("Leo has 10 books.").input_ids]
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
-    alone = decode(model.eval(), prompts[1:], 1, greedy, [eos], tok.pad_token_id, None)
-    first = decode(model, prompts, 1, greedy, [eos], tok.pad_token_id, None)[0]
+    alone = decode(model.eval(), prompts[1:], 1, greedy, [eos], tok.pad_token_id)
+    first = decode(model, prompts, 1, greedy, [eos], tok.pad_token_id)[0]
     # Declare the first row's third token a stop token: that row stops after 3 tokens, leaves the batch,
     # and the second row still decodes exactly as it does alone (unless it emits that token itself).
     stop = first[2]
-    both = decode(model, prompts, 1, greedy, [eos, stop], tok.pad_token_id, None)
+    both = decode(model, prompts, 1, greedy, [eos, stop], tok.pad_token_id)
     assert both[0] == first[:3]
     expect = alone[0][: alone[0].index(stop) + 1] if stop in alone[0] else alone[0]
     assert both[1] == expect
@@ -246,7 +246,7 @@ def test_sampling_filters_and_min_new_tokens(tiny_loaded):
         model.lm_head.weight[eos] += 100.0
     try:
         out = decode(model.eval(), prompt, 2, SamplingParams(max_new_tokens=6, temperature=0.0), [eos],
-                     tok.pad_token_id, None, min_new_tokens=4)
+                     tok.pad_token_id, min_new_tokens=4)
     finally:
         with torch.no_grad():
             model.lm_head.weight[eos] = saved

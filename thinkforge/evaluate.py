@@ -154,6 +154,7 @@ def evaluate(
     problems: list[Problem],
     prompt_fn: Callable[[str], str],
     params: SamplingParams,
+    *,
     samples: int = 1,
     chunk: int = 8,
     progress: bool = True,
@@ -237,7 +238,8 @@ def run(recipe, model_path: str, out_dir: str | Path, progress: bool = True) -> 
     with contextlib.closing(generator):
         for name, (task, probs) in problems.items():
             chunk = max(1, recipe.generation.batch_size // ev.samples)  # rows per call: generation.batch_size
-            rows, summary = evaluate(generator, probs, prompt_fn, params, ev.samples, chunk, progress, name)
+            rows, summary = evaluate(generator, probs, prompt_fn, params, samples=ev.samples, chunk=chunk, progress=progress,
+                                     benchmark=name)
             summary.update(benchmark=name, model=model_path, backend=recipe.rollout.backend, notes=task.notes)
             write(out_dir, name, rows, summary)
             results[name] = summary

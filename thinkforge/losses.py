@@ -253,7 +253,7 @@ POLICY_LOSSES = {"ppo_clip": ppo_clip, "gspo": gspo, "cispo": cispo}
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                norm: Normaliser, kind: str = "ppo_clip", clip: tuple[float, float] = (0.2, 0.2),
+                norm: Normaliser, *, kind: str = "ppo_clip", clip: tuple[float, float] = (0.2, 0.2),
                 ref_logp: torch.Tensor | None = None, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The RL loss of these rows: -norm(per-token objective - beta KL_k3)   (SPEC 4).
 

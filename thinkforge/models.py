@@ -110,6 +110,7 @@ def load(
     device: str = "auto",
     trust_remote_code: bool = False,
     load_in_4bit: bool = False,
+    *,
     gradient_checkpointing: bool = False,
     attn_implementation: str | None = None,
     trainable_adapter: bool = False,

@@ -223,11 +223,13 @@ def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) 
         gen_fits = math.floor((budget - fixed + zero["activations"] + zero["output head"]) / per_sequence) if per_sequence else None
         rows.append({"stage": stage, "strategy": strat, "tokens": s.row_tokens, "batch": s.batch, "peak": peak(parts),
                      "budget": budget, "parts": parts, "largest_batch": fits, "largest_gen_batch": gen_fits,
-                     "advice": _advice(recipe, stage, s, strat, (fits, gen_fits), fixed, budget, per_item)})
+                     "advice": _advice(recipe, stage, s, strat, fits=(fits, gen_fits), fixed=fixed, budget=budget,
+                                           per_item=per_item)})
     return rows
 
 
-def _advice(recipe, stage: str, s: Setting, strategy: str, fits: tuple, fixed: float, budget: float, per_item: float) -> str:
+def _advice(recipe, stage: str, s: Setting, strategy: str, *, fits: tuple, fixed: float, budget: float,
+            per_item: float) -> str:
     train, gen = fits
     if train >= s.batch and (gen is None or gen >= s.kv_cache):
         return "fits"

@@ -269,6 +269,6 @@ def teacher_for(cfg, recipe):
         if not cfg.base_url:
             raise UserError("distill.teacher=openai needs distill.base_url (e.g. http://127.0.0.1:8000/v1)")
         client = rollout.server_client(cfg.base_url, cfg.teacher_model, os.environ.get(cfg.api_key_env), cfg.timeout,
-                                       cfg.max_retries, cfg.concurrency)
+                                       retries=cfg.max_retries, concurrency=cfg.concurrency)
         teacher = OpenAITeacher(client, params, system)
     return ThinkAnswer(teacher) if cfg.rewrite == "think_answer" else teacher

@@ -7,7 +7,7 @@ use `make_generator` (or `load_generator` for a checkpoint on disk); a remote te
 from __future__ import annotations
 
 
-def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, dist=None, max_new_tokens=None,
+def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, dist=None, *, max_new_tokens=None,
                    dtype: str | None = None):
     """The backend that samples the policy `model`: rollout.backend (cfg) hf = transformers' forward in our
     decode loop (default); vllm = a vLLM server with its own copy of the weights, started here (its log and
@@ -35,8 +35,8 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
     if dist is not None and not dist.main:
         if peers is not None and not lora and cfg.base_url is None:
             write_weights(model, None, start_dir, peers)  # rank 0 writes the server's starting weights
-        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, push=False,
-                            peers=peers)
+        gen = VLLMGenerator(dist.broadcast(None), tokenizer, batch_size, cfg, sync_dir=workdir / "vllm-sync", stop_ids=stops,
+                            push=False, peers=peers)
         if lora or cfg.base_url:
             gen.load_weights(model)
         dist.barrier()  # rank 0's starting weights are on the server
@@ -50,9 +50,10 @@ def make_generator(model, tokenizer, batch_size: int, cfg=None, workdir=None, di
             start = str(write_weights(model, tokenizer, start_dir, peers).resolve())
             rank, owned = None, Path(start)
         dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the trainer's compute dtype
-        server = VLLMServer(start, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens, owned).start()
-    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, workdir / "vllm-sync", stops, server,
-                        peers=peers)
+        server = VLLMServer(start, cfg, workdir / "vllm.log", lora_rank=rank, dtype=dtype, max_new_tokens=max_new_tokens,
+                            owned_dir=owned).start()
+    gen = VLLMGenerator(cfg.base_url or server.url, tokenizer, batch_size, cfg, sync_dir=workdir / "vllm-sync",
+                        stop_ids=stops, server=server, peers=peers)
     gen._tell_version()  # version 0: the starting weights
     if dist is not None:
         dist.broadcast(gen.url)  # before the first push: under FSDP2 every rank gathers it with rank 0
@@ -81,8 +82,8 @@ def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None
         if not cfg.base_url:
             raise UserError("rollout.backend=openai needs rollout.base_url (e.g. http://127.0.0.1:8000/v1)")
         tok = models.load_tokenizer(path, m.trust_remote_code)
-        return server_client(cfg.base_url, path, os.environ.get(cfg.api_key_env), cfg.request_timeout, 3,
-                             cfg.concurrency, batch_size), tok
+        return server_client(cfg.base_url, path, os.environ.get(cfg.api_key_env), cfg.request_timeout, retries=3,
+                             concurrency=cfg.concurrency, batch_size=batch_size), tok
     if cfg is None or cfg.backend == "hf":
         model, tok = models.load(path, m.dtype, m.device, m.trust_remote_code, m.load_in_4bit,
                                  attn_implementation=m.attn_implementation)
@@ -100,16 +101,18 @@ def load_generator(model_cfg, path: str, batch_size: int, cfg=None, workdir=None
         stops = stop_ids(tok, GenerationConfig.from_pretrained(base or path))
     except OSError:  # no generation_config.json: the tokenizer's eos
         stops = stop_ids(tok, None)
-    server = VLLMServer(base or path, cfg, workdir / "vllm.log", rank, dtype, max_new_tokens).start()
-    gen = VLLMGenerator(server.url, tok, batch_size, cfg, workdir / "vllm-sync", stops, server)
+    server = VLLMServer(base or path, cfg, workdir / "vllm.log", lora_rank=rank, dtype=dtype,
+                        max_new_tokens=max_new_tokens).start()
+    gen = VLLMGenerator(server.url, tok, batch_size, cfg, sync_dir=workdir / "vllm-sync", stop_ids=stops, server=server)
     if base:
         gen.load_adapter(str(Path(path).resolve()))
     return gen, tok
 
 
-def server_client(base_url: str, served_model: str, api_key: str | None, timeout: float, retries: int, concurrency: int,
-                  batch_size: int = 16):
+def server_client(base_url: str, served_model: str, api_key: str | None, timeout: float, *, retries: int,
+                  concurrency: int, batch_size: int = 16):
     """A client of any OpenAI-compatible server (vLLM, SGLang, DeepSeek's API, `thinkforge serve`)."""
     from thinkforge.rollout.openai import OpenAIClient
 
-    return OpenAIClient(base_url, served_model, api_key, timeout, retries, concurrency=concurrency, batch_size=batch_size)
+    return OpenAIClient(base_url, served_model, api_key, timeout, max_retries=retries, concurrency=concurrency,
+                        batch_size=batch_size)

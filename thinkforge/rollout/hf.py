@@ -103,7 +103,7 @@ class HFGenerator:
         if params.temperature > 0:
             keys = [(params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
             uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
-        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms, interrupt=self.interrupt,
+        return decode(model, encoded, n, params, stops, pad_id(tok), uniforms=uniforms, interrupt=self.interrupt,
                       lockstep=self.peers.lockstep if self.peers is not None else None, packed=self.packed)
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
@@ -125,7 +125,7 @@ class HFGenerator:
                     uniforms = None
                     if params.temperature > 0:
                         uniforms = RowStreams([(params.stream(0), 0)], _draw_dtype(model.device), model.device)
-                    decode(model, [ids], 1, params, self.stop_ids, pad_id(tok), uniforms, interrupt=left.is_set,
+                    decode(model, [ids], 1, params, self.stop_ids, pad_id(tok), uniforms=uniforms, interrupt=left.is_set,
                            packed=self.packed, on_token=tokens.put)
             except BaseException as e:  # noqa: BLE001 - raised in the consumer's thread below
                 failed.append(e)
@@ -227,7 +227,7 @@ def pick(logits, params: SamplingParams, u):
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
-def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int,
+def decode(model, encoded: list[list[int]], n: int, params: SamplingParams, stop_ids: list[int], pad_id: int, *,
            uniforms=None, min_new_tokens: int | None = None, interrupt=None, lockstep=None,
            packed: dict | None = None, on_token=None) -> list[list[int]]:
     """n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.

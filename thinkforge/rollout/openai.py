@@ -36,7 +36,7 @@ class OpenAIClient:
     (`post`; its health probe while the server starts is its own). `unreachable`: what the
     one-line error adds when the server cannot be reached (where its log is, which setting names it)."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 120.0, *,
                  max_retries: int = 5, backoff: float = 1.0, concurrency: int = 8, batch_size: int = 16,
                  unreachable: str = "is the server running at that address? check the base_url setting"):
         self.base_url = base_url.rstrip("/")

@@ -1,7 +1,7 @@
 """Rollouts on a vLLM server, with the policy's weights pushed after every optimizer step and proven.
 
     server = VLLMServer(model_dir, cfg, log_path).start()      # or cfg.base_url: a server already running
-    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, sync_dir, stop_ids, server)
+    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, sync_dir=sync_dir, stop_ids=stop_ids, server=server)
     gen.generate(prompts, n, params)   # token ids in, token ids and their log-probs out
     gen.load_weights(model)            # LoRA: hot-load the adapter under a new name; full: reload in place
 
@@ -168,7 +168,7 @@ class VLLMServer:
     """A vLLM OpenAI server as a child process on 127.0.0.1 and a free port: started, waited for, stopped on
     exit and on Ctrl-C (its own process group, so a Ctrl-C reaches us first and we stop it)."""
 
-    def __init__(self, model_dir: str, cfg, log_path: Path, lora_rank: int | None = None, dtype: str = "float32",
+    def __init__(self, model_dir: str, cfg, log_path: Path, *, lora_rank: int | None = None, dtype: str = "float32",
                  max_new_tokens: int | None = None, owned_dir: Path | None = None):
         """owned_dir: a copy of the starting weights made for this server, removed when it stops."""
         self.model_dir, self.cfg, self.log_path = model_dir, cfg, Path(log_path)
@@ -231,7 +231,7 @@ class VLLMGenerator:
     """The Generator interface over a vLLM server (see the module docstring). `server` (ours) is stopped by
     `close`; a server at rollout.base_url is the user's and left running."""
 
-    def __init__(self, url: str, tokenizer, batch_size: int, cfg, sync_dir: Path, stop_ids: list[int],
+    def __init__(self, url: str, tokenizer, batch_size: int, cfg, *, sync_dir: Path, stop_ids: list[int],
                  server: VLLMServer | None = None, push: bool = True, peers=None):
         """stop_ids: what ends a completion (`types.stop_ids`); push: False on ranks other than the first (rank
         0 pushes the weights, every rank samples); peers: the ranks of a sharded (FSDP2) policy, which every

@@ -32,7 +32,7 @@ def token_logprobs(model, ids: list[int], top: int):
     return chosen, alts
 
 
-def logprobs_block(tokenizer, model, prompt: list[int], completion: list[int], top: int, echo: bool, chat: bool):
+def logprobs_block(tokenizer, model, prompt: list[int], completion: list[int], *, top: int, echo: bool, chat: bool):
     """The `logprobs` field of one choice: the legacy completions shape (tokens, token_logprobs, top_logprobs,
     text_offset; with echo the prompt's tokens first, the very first without a log-prob) or chat's `content`
     list. As vLLM, each position's alternatives include the token itself."""
@@ -73,7 +73,7 @@ def completion_body(srv, req: Request) -> dict:
         block = None
         if req.logprobs is not None or req.echo:
             kept = list(c.token_ids) if not stopped else encode(srv.tokenizer, text)
-            block = logprobs_block(srv.tokenizer, srv.model, prompt, kept, req.logprobs or 0, req.echo, req.chat)
+            block = logprobs_block(srv.tokenizer, srv.model, prompt, kept, top=req.logprobs or 0, echo=req.echo, chat=req.chat)
         if req.chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
                             "finish_reason": finish, "logprobs": block})

@@ -114,7 +114,7 @@ class Task:
                             f"got {bad}")
         return list(levels)
 
-    def make(self, pid: str, question: str, reference: Any, kind: str = "math", choices=None, **meta) -> Problem:
+    def make(self, pid: str, question: str, reference: Any, *, kind: str = "math", choices=None, **meta) -> Problem:
         """A problem of this task (meta: the checker's entry, `solution`, `difficulty`, ...)."""
         ref = "" if reference is None or (isinstance(reference, float) and math.isnan(reference)) else str(reference)
         return Problem(pid, question, ref, kind, tuple(choices) if choices else None, meta, self)

@@ -103,5 +103,5 @@ class GPQADiamond(_Hub):
             letter = "ABCD"[order.index(0)]
             text = str(r["Question"]).strip() + "\n\n" + "\n".join(f"({'ABCD'[k]}) {o}" for k, o in enumerate(shuffled))
             text += "\n\nAnswer with the letter of the correct option."
-            out.append(self.make(str(r.get("Record ID", f"gpqa-{i}")), text, letter, "mcq", shuffled))
+            out.append(self.make(str(r.get("Record ID", f"gpqa-{i}")), text, letter, kind="mcq", choices=shuffled))
         return out

@@ -57,6 +57,6 @@ class Local(Task):
             ref = str(r[cols["answer"]])
             meta = {"solution": ref} if kind == "gsm8k" else {}
             out.append(self.make(str(r.get(cols["id"], f"local-{i}")), str(r[cols["question"]]),
-                                 gsm8k_reference(ref) if kind == "gsm8k" else ref, "math" if kind == "gsm8k" else kind,
-                                 r.get("choices"), **meta))
+                                 gsm8k_reference(ref) if kind == "gsm8k" else ref,
+                                 kind="math" if kind == "gsm8k" else kind, choices=r.get("choices"), **meta))
         return out[:n] if n else out

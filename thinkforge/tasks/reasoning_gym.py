@@ -139,7 +139,7 @@ class ReasoningGym(Task):
             solution = meta.get("answer_cot")  # a worked solution (its `solution` fields are often the bare answer)
             extra = {"solution": solution} if isinstance(solution, str) and solution.strip() else {}
             key = hashlib.sha256(q.encode()).hexdigest()[:12]  # the id names the content: resumes and pairs match
-            out.append(self.make(f"{prefix}-{key}", q, item.get("answer"), "exact", entry=item, difficulty=level, **extra))
+            out.append(self.make(f"{prefix}-{key}", q, item.get("answer"), kind="exact", entry=item, difficulty=level, **extra))
             if len(out) == n:
                 return out
         if not out:

@@ -177,7 +177,8 @@ def load_for_training(recipe, run_dir: str | Path):
     source = str(ckpt / "model") if ckpt else start_model(recipe, run_dir)
     device = models.resolve_device(m.device)
     model, tok = models.load(source, weights_dtype(recipe, device), device, m.trust_remote_code, m.load_in_4bit,
-                             m.gradient_checkpointing, m.attn_implementation, trainable_adapter=True)
+                             gradient_checkpointing=m.gradient_checkpointing, attn_implementation=m.attn_implementation,
+                             trainable_adapter=True)
     if recipe.lora.enabled and not models.is_adapter(model):
         model = models.add_lora(model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules)
     want = TRAINABLE_DTYPES[m.trainable_dtype]

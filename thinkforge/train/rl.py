@@ -117,7 +117,8 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | No
             old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
             adv, mismatch = sampler_correction(old, batch, rows, mask, cfg.tis_cap)
-            loss, parts = policy_loss(logp, old, adv, mask, share, cfg.policy_loss, (cfg.clip_low, cfg.clip_high), ref, beta)
+            loss, parts = policy_loss(logp, old, adv, mask, share, kind=cfg.policy_loss, clip=(cfg.clip_low, cfg.clip_high),
+                                      ref_logp=ref, beta=beta)
             parts.update(mismatch)
             if critic is not None:  # PPO: this micro-batch's share of the value loss, weighted once
                 value = critic.loss(values, batch, rows, share)
@@ -204,8 +205,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     # the reference is loaded: no rank holds two whole models)
     reference = None  # LoRA: the adapter disabled (no second model; the start is never an adapter); else a frozen copy
     if cfg.beta > 0 and not models.is_adapter(model):
-        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe, str(model.device)), m.device, m.trust_remote_code,
-                                   False, m.gradient_checkpointing, m.attn_implementation)  # the policy's layout: KL 0 at the start
+        reference, _ = models.load(loop.start_model(recipe, run_dir), loop.weights_dtype(recipe, str(model.device)), m.device,
+                                   m.trust_remote_code, False, gradient_checkpointing=m.gradient_checkpointing,
+                                   attn_implementation=m.attn_implementation)  # the policy's layout: KL 0 at the start
         reference.eval().requires_grad_(False)
         use_document_attention(reference)
         reference = dist.shard_frozen(reference)  # FSDP2: sharded as the policy is, no rank holds it whole
@@ -237,8 +239,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     if make_generator is not None:
         generator = make_generator(model, tok, cfg.gen_batch)
     else:
-        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, cfg.max_new_tokens,
-                                           loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
+        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist,
+                                           max_new_tokens=cfg.max_new_tokens,
+                                           dtype=loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
     with contextlib.closing(generator):
         if start == 0 and cfg.preflight:  # can this policy learn at all? (before the budget is spent)
             with loop.autocast(str(model.device), cfg.mixed_precision):
