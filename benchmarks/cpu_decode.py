@@ -6,8 +6,8 @@
 For each precision (f32, bf16): the model is exported with `thinkforge export --gguf` at that precision and
 llama.cpp (llama-cpp-python in .venv-llamacpp, its own sampler chain per row) decodes R rows of the same chat
 prompt for --new tokens, all rows in one llama_decode per step; thinkforge decodes the same prompt x R rows with
-its HF backend's loop (`rollout.hf.decode`, per-sample streams, temperature 1.0), once with the packed step
-(`rollout/fast.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
+its HF backend's loop (`engine.decode.decode`, per-sample streams, temperature 1.0), once with the packed step
+(`engine/packed.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
 Every row runs all --new steps (no stop token) on both sides; rates are rows x new / wall seconds, prefill
 included, the best of --repeats. The Q4_1 GGUF of `make real-model` runs in llama.cpp for context.
 
@@ -53,7 +53,7 @@ def llama_cpp(gguf: Path, ids: list[int], rows: int, new: int, threads: int, rep
 def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, packed: bool) -> float:
     import torch
 
-    from thinkforge.rollout.hf import RowStreams, decode
+    from thinkforge.engine.decode import Prompts, RowStreams, decode
     from thinkforge.rollout.types import SamplingParams
 
     params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=1.0)
@@ -62,7 +62,7 @@ def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, pa
     for repeat in range(repeats + 1):  # the first call packs the weights (once per weight version): not timed
         streams = RowStreams([(repeat, r) for r in range(rows)], torch.float64, "cpu")
         t = time.perf_counter()
-        out = decode(model, [ids], rows, params, [], 0, uniforms=streams, min_new_tokens=new, packed=held)
+        out = decode(model, Prompts([ids], rows, min_new_tokens=new), params, uniforms=streams, packed=held)
         took = time.perf_counter() - t
         assert sum(map(len, out)) == rows * new
         if repeat:

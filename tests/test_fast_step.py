@@ -1,11 +1,11 @@
-"""The packed CPU decode step (rollout/fast.py) computes what transformers' forward computes, and is never stale."""
+"""The packed CPU decode step (engine/packed.py) computes what transformers' forward computes, and is never stale."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from thinkforge.rollout.hf import decode, kv_cache, reserved_layer
+from thinkforge.engine.decode import Prompts, decode, kv_cache, reserved_layer
 from thinkforge.rollout.types import SamplingParams
 
 
@@ -20,8 +20,8 @@ def tiny(tmp_path, arch, **kw):
 
 def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
     """Logits of `steps` decode steps after a left-padded prefill, feeding the argmax of transformers' logits."""
+    from thinkforge.engine.packed import choose
     from thinkforge.models import forward_cached
-    from thinkforge.rollout.fast import fast_step
     from thinkforge.rollout.types import left_pad
 
     ids, mask = left_pad(prompts, 0)
@@ -32,7 +32,7 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
         assert all(type(x) is reserved_layer() for x in cache.layers)
         o, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         nxt, nxt_pos = o.logits[:, -1].argmax(-1), pos[:, -1] + 1
-        step = fast_step(model, cache, ids.shape[1] + steps, {}) if fast else None
+        step = choose(model, cache, ids.shape[1] + steps, {}) if fast else None
         assert (step is not None) == fast
         if step is not None:
             step_logits.dtype = step.dtype
@@ -119,16 +119,16 @@ def test_weights_changed_in_place_are_never_stale(tmp_path):
     model, tok = tiny(tmp_path, "llama")
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     held = {}
-    first = decode(model, PROMPTS, 1, params, [], 0, packed=held)
+    first = decode(model, Prompts(PROMPTS), params, packed=held)
     step = held["step"]
-    assert decode(model, PROMPTS, 1, params, [], 0, packed=held) == first and held["step"] is step  # unchanged: kept
+    assert decode(model, Prompts(PROMPTS), params, packed=held) == first and held["step"] is step  # unchanged: kept
     weight = model.model.layers[0].mlp.down_proj.weight
     for change in (lambda: weight.mul_(-3.0), lambda: setattr(weight, "data", weight.data * -2.0)):
         with torch.no_grad():
             change()
-        again = decode(model, PROMPTS, 1, params, [], 0, packed=held)
+        again = decode(model, Prompts(PROMPTS), params, packed=held)
         assert held["step"] is not step
-        assert again == decode(model, PROMPTS, 1, params, [], 0) != first  # transformers' forward, on the new weights
+        assert again == decode(model, Prompts(PROMPTS), params) != first  # transformers' forward, on the new weights
         step, first = held["step"], again
 
 
@@ -138,18 +138,18 @@ def test_an_adapter_switched_off_is_seen(tmp_path):
     model, _ = tiny(tmp_path, "llama")
     model = random_lora(model, r=4, alpha=8, std=0.5).eval()
     params, held = SamplingParams(max_new_tokens=8, temperature=0.0), {}
-    with_adapter = decode(model, PROMPTS, 1, params, [], 0, packed=held)
+    with_adapter = decode(model, Prompts(PROMPTS), params, packed=held)
     with model.disable_adapter():
-        without = decode(model, PROMPTS, 1, params, [], 0, packed=held)
-        assert without == decode(model, PROMPTS, 1, params, [], 0)
+        without = decode(model, Prompts(PROMPTS), params, packed=held)
+        assert without == decode(model, Prompts(PROMPTS), params)
     assert without != with_adapter
-    assert decode(model, PROMPTS, 1, params, [], 0, packed=held) == with_adapter
+    assert decode(model, Prompts(PROMPTS), params, packed=held) == with_adapter
 
 
 def test_adapters_it_cannot_merge_are_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from thinkforge.rollout.fast import refuses
+    from thinkforge.engine.packed import refuses
 
     model, _ = tiny(tmp_path, "llama")
     embedded = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
@@ -161,7 +161,7 @@ def test_adapters_it_cannot_merge_are_refused(tmp_path):
 
 def test_a_quantized_linear_is_refused(tmp_path):
     """A 4-bit layer's .weight is packed codes, not a matrix: such a model keeps transformers' forward."""
-    from thinkforge.rollout.fast import refuses
+    from thinkforge.engine.packed import refuses
 
     class Linear4bit(torch.nn.Linear):  # a stand-in of bitsandbytes' class (not installable here): a subclass
         pass
@@ -173,7 +173,7 @@ def test_a_quantized_linear_is_refused(tmp_path):
 
 
 def test_what_the_step_refuses_says_why(tmp_path):
-    from thinkforge.rollout.fast import refuses
+    from thinkforge.engine.packed import refuses
 
     model, _ = tiny(tmp_path, "phi")
     assert "PhiForCausalLM" in refuses(model, 64)
@@ -181,3 +181,28 @@ def test_what_the_step_refuses_says_why(tmp_path):
     assert refuses(llama, 64) is None
     llama.config.hidden_act = "gelu"
     assert "gelu" in refuses(llama, 64)
+
+
+def test_a_model_on_the_slow_path_is_told_why_once(tmp_path):
+    """Three places decided whether the packed step ran and threw the reason away, so a model silently decoded on
+    transformers' forward. Now `refuses` decides, and a CPU model it refuses is told why, once per model."""
+    import warnings
+
+    from thinkforge.rollout.hf import HFGenerator
+    from thinkforge.rollout.types import SamplingParams
+
+    model, tok = tiny(tmp_path, "phi")
+    gen = HFGenerator(model, tok, 4)
+    params = SamplingParams(max_new_tokens=3, temperature=0.0)
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        gen.generate(["a b", "c"], 2, params)
+        gen.generate(["d"], 1, params)
+    said = [str(w.message) for w in told if "packed CPU step" in str(w.message)]
+    assert said == ["PhiForCausalLM decodes with transformers' forward, not the packed CPU step: PhiForCausalLM is not "
+                    "one of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM"]
+    llama, tok = tiny(tmp_path, "llama")
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        HFGenerator(llama, tok, 4).generate(["a b"], 1, params)  # taken: nothing to tell
+    assert not [w for w in told if "packed CPU step" in str(w.message)]

@@ -40,7 +40,7 @@ def test_row_streams_drawn_in_blocks_equal_one_long_draw_per_row():
     import numpy as np
     import pytest
 
-    from thinkforge.rollout.hf import RowStreams
+    from thinkforge.engine.decode import RowStreams
 
     keys = [(2**100 + 7, 0), (2**100 + 7, 1), (5, 3)]
     whole = np.stack([np.random.default_rng([k % 2**64, k >> 64, s]).random(150) for k, s in keys])
@@ -202,18 +202,18 @@ def test_a_model_the_decode_loop_cannot_run_is_refused_in_one_line(tiny_loaded):
 
 
 def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded):
-    from thinkforge.rollout.hf import decode
+    from thinkforge.engine.decode import Prompts, decode
 
     model, tok = tiny_loaded
     eos = tok.eos_token_id
     prompts = [tok("Mia has 3 apples.").input_ids, tok("Leo has 10 books.").input_ids]
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
-    alone = decode(model.eval(), prompts[1:], 1, greedy, [eos], tok.pad_token_id)
-    first = decode(model, prompts, 1, greedy, [eos], tok.pad_token_id)[0]
+    alone = decode(model.eval(), Prompts(prompts[1:], 1, [eos], tok.pad_token_id), greedy)
+    first = decode(model, Prompts(prompts, 1, [eos], tok.pad_token_id), greedy)[0]
     # Declare the first row's third token a stop token: that row stops after 3 tokens, leaves the batch,
     # and the second row still decodes exactly as it does alone (unless it emits that token itself).
     stop = first[2]
-    both = decode(model, prompts, 1, greedy, [eos, stop], tok.pad_token_id)
+    both = decode(model, Prompts(prompts, 1, [eos, stop], tok.pad_token_id), greedy)
     assert both[0] == first[:3]
     expect = alone[0][: alone[0].index(stop) + 1] if stop in alone[0] else alone[0]
     assert both[1] == expect
@@ -222,7 +222,7 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded)
 def test_sampling_filters_and_min_new_tokens(tiny_loaded):
     import torch
 
-    from thinkforge.rollout.hf import decode, pick
+    from thinkforge.engine.decode import Prompts, decode, pick
 
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
     top1 = SamplingParams(temperature=1.0, top_k=1, top_p=1.0)
@@ -245,8 +245,8 @@ def test_sampling_filters_and_min_new_tokens(tiny_loaded):
         saved = model.lm_head.weight[eos].clone()
         model.lm_head.weight[eos] += 100.0
     try:
-        out = decode(model.eval(), prompt, 2, SamplingParams(max_new_tokens=6, temperature=0.0), [eos],
-                     tok.pad_token_id, min_new_tokens=4)
+        out = decode(model.eval(), Prompts(prompt, 2, [eos], tok.pad_token_id, min_new_tokens=4),
+                     SamplingParams(max_new_tokens=6, temperature=0.0))
     finally:
         with torch.no_grad():
             model.lm_head.weight[eos] = saved

@@ -315,7 +315,7 @@ def test_generation_and_unpadded_batches_through_the_switched_model_are_unchange
     logits are those of the unswitched model."""
     from transformers import AutoModelForCausalLM
 
-    from thinkforge.rollout.hf import decode
+    from thinkforge.engine.decode import Prompts, decode
     from thinkforge.rollout.types import SamplingParams
     from thinkforge.train import attention
 
@@ -329,7 +329,7 @@ def test_generation_and_unpadded_batches_through_the_switched_model_are_unchange
     prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 6)]
     params = SamplingParams(12, 0.0, 1.0, 0, 0)
     plain = build()
-    want = decode(plain, prompts, 2, params, [0], 1)
+    want = decode(plain, Prompts(prompts, 2, [0], 1), params)
     ids = torch.randint(2, VOCAB, (2, 10), generator=g)
     with torch.no_grad():
         want_logits = plain(input_ids=ids, position_ids=torch.arange(10).expand(2, -1), use_cache=False).logits
@@ -337,7 +337,7 @@ def test_generation_and_unpadded_batches_through_the_switched_model_are_unchange
     monkeypatch.setattr(attention, "SMALL_MASK", 0)
     model = build()
     assert attention.use_document_attention(model)
-    assert decode(model, prompts, 2, params, [0], 1) == want
+    assert decode(model, Prompts(prompts, 2, [0], 1), params) == want
     assert masks[0] == (9, 2) and {m for q, m in masks if q == 1} == {4}  # prefill: valid keys; steps: sdpa's mask
     masks.clear()
     with torch.no_grad():

@@ -78,14 +78,15 @@ def test_checkpointing_lora_and_sharding_each_lower_what_they_should():
 def test_the_rollout_kv_cache_is_counted_in_the_dtypes_the_decode_loop_stores(tiny_model, tmp_path, monkeypatch, overrides):
     """Under bf16 autocast over fp32 master weights transformers' layers hand float32 keys (rotated by float32
     cos/sin) and bf16 values; the cache the decode loop fills for RL holds, per position, the bytes the plan counts."""
+    from thinkforge.engine import decode as engine
     from thinkforge.rollout import hf
     from thinkforge.rollout.types import SamplingParams
     from thinkforge.train import loop
 
     recipe = load_config(ROOT / "recipes" / "tiny.yaml", [f"model.name_or_path={tiny_model}", *overrides])
     model, tok, _ = loop.load_for_training(recipe, tmp_path)
-    caches, real = [], hf.forward_cached
-    monkeypatch.setattr(hf, "forward_cached", lambda m, cache, **kw: (caches.append(cache), real(m, cache, **kw))[1])
+    caches, real = [], engine.forward_cached
+    monkeypatch.setattr(engine, "forward_cached", lambda m, cache, **kw: (caches.append(cache), real(m, cache, **kw))[1])
     with loop.autocast("cpu", recipe.rl.mixed_precision):  # as rl.main samples
         hf.HFGenerator(model, tok, 4).generate(["Mia has 3 apples"], 2, SamplingParams(max_new_tokens=4, temperature=0.0))
     stored = sum(t.element_size() * t.shape[1] * t.shape[3] for layer in caches[0].layers for t in (layer.keys, layer.values))

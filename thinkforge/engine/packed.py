@@ -14,12 +14,16 @@ step, `load_state_dict`, `copy_` bump it) and by every adapter layer's state, so
 older than the model's: no sync to forget. A LoRA adapter is merged into the packed copy (delta W = B A scale);
 the model is not touched.
 
-The prefill, and every model `refuses(model, capacity)` names a reason for (a GPU, a sharded model, an
-activation other than SiLU, a sliding window that bites, DoRA or an adapter on the embedding, an architecture
-outside Llama / Mistral / Qwen2 / Phi-3, remote code), stay transformers' forward.
+The prefill, and every model `refuses(...)` names a reason for (a GPU, a sharded model, an activation other than
+SiLU, a sliding window that bites, DoRA or an adapter on the embedding, an architecture outside Llama / Mistral /
+Qwen2 / Phi-3, remote code, a dtype oneDNN does not run here), stay transformers' forward. `refuses` is the one
+place that decides; `choose` tells the reason once per model on a CPU, where the packed step is the fast path.
 """
 
 from __future__ import annotations
+
+import warnings
+import weakref
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
 
@@ -30,10 +34,19 @@ def _unwrapped(model):
     return model.get_base_model() if is_adapter(model) else model
 
 
-def refuses(model, capacity: int) -> str | None:
-    """Why the fast step cannot run `model` for a cache of `capacity` positions, or None when it can."""
+def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | None:
+    """Why the packed step cannot run `model` for a cache of `capacity` positions (`cache`: the decode loop's,
+    whose full-attention layers it writes; lockstep: the ranks of a sharded model decode together), or None when
+    it can."""
     import torch
 
+    if lockstep:
+        return "the ranks of a sharded model decode in lockstep: each forward is a collective"
+    if cache is not None:
+        from thinkforge.engine.decode import reserved_layer
+
+        if not all(type(x) is reserved_layer() for x in cache.layers):
+            return "a cache layer is not a reserved full-attention layer (sliding or chunked attention)"
     base = _unwrapped(model)
     name = type(base).__name__
     config = base.config
@@ -57,7 +70,22 @@ def refuses(model, capacity: int) -> str | None:
         return f"a sliding window of {window} positions bites within {capacity}"
     if settings.get("pretraining_tp", 1) != 1:
         return "pretraining_tp > 1"
+    dtype = compute_dtype(model)
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"{str(dtype).removeprefix('torch.')} weights (the packed step runs float32 or bfloat16)"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU's oneDNN has no bfloat16 kernels"
     return None
+
+
+def compute_dtype(model):
+    """The dtype the model computes in: autocast's where it is on over float32 weights, else the parameters'."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    if torch.is_autocast_enabled("cpu") and dtype == torch.float32:
+        dtype = torch.get_autocast_dtype("cpu")
+    return dtype
 
 
 def _layers_refused(base) -> str | None:
@@ -240,22 +268,22 @@ class FastStep:
         return F.rms_norm(h, (width,), self.norm, self.eps).to(w)
 
 
-def fast_step(model, cache, capacity: int, held: dict):
-    """A FastStep for `model` (its cache prefilled, reserved layers), its weights in the dtype the model computes
-    in (autocast's where it is on, else the parameters'): `held` when it was made from the model's current
-    weights in that dtype, a new one otherwise; None when the model is refused. held: where the step is kept
-    between calls ("step"); an outdated one is dropped before the new one is packed (one extra copy at most)."""
-    import torch
+_TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the reason it was told
 
-    if refuses(model, capacity) is not None:
+
+def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> FastStep | None:
+    """The packed step for this decode: `held`'s when it was made from the model's current weights in the dtype
+    it computes in, a new one otherwise (an outdated one is dropped before the new one is packed: one extra copy
+    at most); None where `refuses` names a reason, told once per model when it is on a CPU (where the packed
+    step is the fast path, and transformers' forward the slow one). held: where the step is kept between calls."""
+    why = refuses(model, capacity, cache, lockstep)
+    if why is not None:
+        if _unwrapped(model).device.type == "cpu" and _TOLD.get(model) != why:
+            _TOLD[model] = why
+            warnings.warn(f"{type(_unwrapped(model)).__name__} decodes with transformers' forward, not the packed CPU "
+                          f"step: {why}", stacklevel=3)
         return None
-    dtype = next(model.parameters()).dtype
-    if torch.is_autocast_enabled("cpu") and dtype == torch.float32:
-        dtype = torch.get_autocast_dtype("cpu")
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    if dtype not in (torch.float32, torch.bfloat16):
-        return None
+    dtype = compute_dtype(model)
     step = held.pop("step", None)
     if step is None or step.key != key(model, dtype):
         del step

@@ -1,0 +1,266 @@
+"""The decode loop that every in-process backend runs (HF rollouts, evaluation, teachers, serve and chat): a
+group's prompt prefilled once by the model's forward and its KV cache repeated for the group's samples, one token
+per live row per step, rows that stopped leaving the batch, each sample drawing from its own random stream; on a
+CPU each step runs the packed step (`engine/packed.py`) for the models it takes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from thinkforge.models import forward_cached
+from thinkforge.rollout.types import SamplingParams, left_pad
+
+
+class RowStreams:
+    """The uniforms of each output row: row r draws from the stream of sample keys[r] = (stream key, sample).
+
+    Each sample draws from its own stream (numpy's generator seeded by the prompt's 128-bit stream key and the
+    sample's index), so its tokens do not depend on the batch it ran in (batch size, rows that stopped), and
+    two models sampled with the same keys meet the same uniforms: common random numbers, under which a small
+    change of the model changes few samples and a comparison of two checkpoints measures the models rather
+    than the draw.
+
+    `at(rows, t)` gives the uniforms of output rows `rows` at step t (t = 0, 1, 2, ... in order). They are
+    drawn `block` steps at a time for every row, so memory is rows x block whatever max_new_tokens is; the
+    numbers equal one long draw per row (numpy's generators continue their stream across calls).
+    """
+
+    def __init__(self, keys: list[tuple[int, int]], dtype=None, device=None, block: int = 64):
+        self.streams = [sample_generator(key, sample) for key, sample in keys]
+        self.block, self.dtype, self.device = block, dtype, device
+        self.start, self.values = 0, None
+
+    def at(self, rows, t: int):
+        import numpy as np
+        import torch
+
+        if self.values is not None and t >= self.start + self.block:
+            self.start, self.values = self.start + self.block, None
+        if not self.start <= t < self.start + self.block:
+            raise ValueError(f"uniforms are read in step order: step {t} is outside the block from step {self.start}")
+        if self.values is None:
+            drawn = np.stack([s.random(self.block) for s in self.streams])
+            self.values = torch.from_numpy(drawn).to(self.device, self.dtype)
+        return self.values[rows, t - self.start]
+
+
+def sample_generator(key: int, sample: int):
+    """numpy's generator of sample `sample` of the prompt whose stream key is `key` (a 128-bit int): the entropy
+    is three 64-bit words, always three, so no two (key, sample) pairs share a seed sequence."""
+    import numpy as np
+
+    return np.random.default_rng([key & (2**64 - 1), key >> 64, sample])
+
+
+def _draw_dtype(device):
+    """float64 for the CDF and the uniforms (a 200k vocabulary's cumulative sum stays exact), float32 on MPS,
+    which has no float64."""
+    import torch
+
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def pick(logits, params: SamplingParams, u):
+    """Next token per row (B,) from logits (B, V) and one uniform per row u (B,): argmax at temperature 0, else
+    top-k, top-p and an inverse-CDF draw."""
+    import torch
+
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > params.top_p  # the smallest prefix whose mass reaches top_p stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+    # Inverse-CDF draw: one uniform per row (torch.multinomial draws one exponential per vocabulary entry,
+    # a tenth of a small model's decode step on CPU). Masked tokens have zero width and are never drawn.
+    cdf = logits.softmax(-1, dtype=_draw_dtype(logits.device)).cumsum(-1)
+    target = u.to(cdf.device, cdf.dtype).view(-1, 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """What one decode call continues: the prompts' token ids, `n` rows per prompt, and what ends a row (a stop
+    id, allowed from `min_new_tokens` on: None is the model's generation config's)."""
+
+    ids: list[list[int]]
+    n: int = 1
+    stop_ids: tuple[int, ...] | list[int] = ()
+    pad_id: int = 0
+    min_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a decode call tells its caller and asks it, each optional. interrupt: checked every step; when it
+    returns true the rows end where they are (a server whose clients left). lockstep: called with True before each
+    forward (a sharded model's ranks agree on one more: `HFGenerator.done`). on_token: each new token id as it
+    is drawn (one prompt, n = 1: `HFGenerator.stream`)."""
+
+    interrupt: Callable[[], bool] | None = None
+    lockstep: Callable[[bool], bool] | None = None
+    on_token: Callable[[int], None] | None = None
+
+
+def decode(model, prompts: Prompts, params: SamplingParams, *, uniforms=None, hooks: Hooks = Hooks(),
+           packed: dict | None = None) -> list[list[int]]:
+    """prompts.n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
+    uniforms: the draws of each output row (`RowStreams`); None when greedy. packed: where the packed decode
+    step (`engine.packed`) is kept between calls; it runs on CPUs for the models `packed.choose` takes (else
+    transformers' forward, and the reason is told once per model), and is remade when the weights changed.
+    None: transformers' forward, asked for.
+
+    The prompts are prefilled once (left-padded, explicit positions) and their KV cache repeated n times;
+    each step feeds one token per live row. Rows that stopped get pad and leave the batch once a quarter of
+    it has stopped (the cache rows are selected, not recomputed).
+    """
+    import torch
+
+    device = model.device
+    n, pad_id, interrupt, on_token = prompts.n, prompts.pad_id, hooks.interrupt, hooks.on_token
+    min_new_tokens = prompts.min_new_tokens
+    if min_new_tokens is None:
+        min_new_tokens = model.generation_config.min_new_tokens or 0
+    ids, mask = left_pad(prompts.ids, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    capacity = ids.shape[1] + params.max_new_tokens
+    cache = kv_cache(model, capacity)
+    step = hooks.lockstep or (lambda going: going)
+    with torch.no_grad():
+        step(True)
+        out, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1, :].float().repeat_interleave(n, 0)
+        mask = mask.repeat_interleave(n, 0)
+        next_pos = pos[:, -1:].repeat_interleave(n, 0) + 1
+        fast = None
+        if packed is not None:
+            from thinkforge.engine.packed import choose
+
+            fast = choose(model, cache, capacity, packed, lockstep=hooks.lockstep is not None)
+        total = logits.shape[0]
+        rows = torch.arange(total, device=device)  # the output row of each batch row
+        alive = torch.ones(total, dtype=torch.bool, device=device)
+        tokens = torch.full((total, max(1, params.max_new_tokens)), pad_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(total, dtype=torch.long, device=device)
+        stop = torch.tensor(list(prompts.stop_ids), dtype=torch.long, device=device)
+        for t in range(params.max_new_tokens):
+            if t < min_new_tokens:
+                logits[:, stop] = float("-inf")
+            u = uniforms.at(rows, t) if uniforms is not None else None
+            nxt = torch.where(alive, pick(logits, params, u), pad_id)
+            tokens[rows[alive], t] = nxt[alive]
+            if on_token is not None:
+                on_token(int(nxt[0]))
+            lengths[rows[alive]] = t + 1
+            alive = alive & ~torch.isin(nxt, stop)
+            live = int(alive.sum())
+            if live == 0 or t == params.max_new_tokens - 1 or (interrupt is not None and interrupt()):
+                break
+            if live <= 0.75 * alive.numel():
+                keep = alive.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, alive, nxt, mask, next_pos = rows[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            step(True)
+            if fast is not None:
+                logits = fast(nxt, next_pos.view(-1), mask.bool(), cache)
+            else:
+                out, cache = forward_cached(model, cache, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos)
+                logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+    return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+def kv_dtype(weights, autocast=None):
+    """The one dtype the decode loop's KV cache holds keys and values in: autocast's where it is on (`autocast`,
+    None when off), else the weights' (torch dtypes). Attention reads both in it (autocast runs sdpa and matmul
+    in it, transformers' flash-attention casts to it), yet under bf16 autocast over float32 weights transformers'
+    layers hand float32 keys (bf16 projections turned by float32 cos/sin) beside bf16 values: a float32 key cache
+    costs half as much again for keys read in bf16. `thinkforge plan` counts the cache with this."""
+    return autocast or weights
+
+
+def kv_cache(model, capacity: int):
+    """A KV cache for `model`'s decode loop, its full-attention layers reserved for `capacity` positions
+    (`reserved_layer`), keys and values stored in `kv_dtype` under the autocast in force."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    device = model.device.type
+    weights = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = kv_dtype(weights, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    cache = _cache_class()(model.config, dtype)
+    cache.layers = [reserved_layer()(capacity) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+@functools.cache
+def _cache_class():
+    """The Cache class (made on first use: transformers is imported lazily)."""
+    from transformers import DynamicCache
+
+    class Cache(DynamicCache):
+        """transformers' DynamicCache storing every layer's keys and values in one dtype (`kv_dtype`)."""
+
+        def __init__(self, config, dtype):
+            super().__init__(config=config)
+            self.kv_dtype = dtype
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(self.kv_dtype), value_states.to(self.kv_dtype), layer_idx, *args, **kwargs)
+
+    return Cache
+
+
+@functools.cache
+def reserved_layer():
+    """The ReservedLayer class (made on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A full-attention cache layer with its length reserved up front: each step writes in place and
+        attention reads a view, where the default layer concatenates (copies the whole cache) every step —
+        half of a decode step at 256 rows x 150 positions on CPU."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.dtype, self.device = key_states.dtype, key_states.device
+                b, h, _, d = key_states.shape
+                self.k_buf = key_states.new_empty((b, h, self.capacity, d))
+                self.v_buf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+                self.is_initialized = True
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise ValueError(f"KV cache reserved for {self.capacity} positions, asked for {end}")
+            self.k_buf[:, :, self.length : end] = key_states
+            self.v_buf[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self.k_buf, self.v_buf = self.k_buf.repeat_interleave(repeats, 0), self.v_buf.repeat_interleave(repeats, 0)
+                self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized:
+                self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+                self.keys, self.values = self.k_buf[:, :, : self.length], self.v_buf[:, :, : self.length]
+
+    return ReservedLayer
