@@ -62,7 +62,7 @@ def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, pa
     for repeat in range(repeats + 1):  # the first call packs the weights (once per weight version): not timed
         streams = RowStreams([(repeat, r) for r in range(rows)], torch.float64, "cpu")
         t = time.perf_counter()
-        out = decode(model, Prompts([ids], rows, min_new_tokens=new), params, uniforms=streams, packed=held)
+        out = decode(model, Prompts([ids], rows, [], 0, min_new_tokens=new), params, uniforms=streams, packed=held)
         took = time.perf_counter() - t
         assert sum(map(len, out)) == rows * new
         if repeat:

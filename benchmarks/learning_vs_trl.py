@@ -362,7 +362,9 @@ def main() -> None:
 def answers(rows: list[dict], task: str) -> str:
     """The most common answer a model gave to one task's items, its share, and how many distinct answers it gave."""
     given = [str(r.get("answer")) for r in rows if r["task"] == task]
-    top = max(set(given), key=given.count)
+    if not given:
+        return "no items"
+    top = max(sorted(set(given)), key=given.count)  # ties: the first in sorted order, the same every run
     return f"{top!r} {100 * given.count(top) / len(given):.0f}% of {len(given)} ({len(set(given))} distinct)"
 
 

@@ -207,6 +207,11 @@ def test_a_self_teacher_asked_in_its_own_words_writes_think_answer_rows_graded_a
     assert parse(tagged).thinking == "Add 3 and 4: 3 + 4 = 7."  # the working, not the sentence that states the answer
     bare = distill.think_answer("The answer is 16.")
     assert parse(bare).format_ok and parse(bare).thinking == "" and parse(bare).answer == "16"
+    for said, working in [("The answer is 7. First, 3 + 4 = 7, so that checks out.", "First, 3 + 4 = 7, so that checks out."),
+                          ("The answer is 12. Let me double-check the answer: 3*4 = 12.",
+                           "Let me double-check the answer: 3*4 = 12."),
+                          ("3 + 4 = 7. Therefore, the answer is 7.", "3 + 4 = 7.")]:  # only the sentence that states it goes
+        assert parse(distill.think_answer(said)).thinking == working
     for kept in ("<think>3 + 4 = 7</think>\n<answer>7</answer>", "I am not sure"):
         assert distill.think_answer(kept) == kept
     hashes = "The answer is #### 5"  # read as "#### 5"; in an <answer> tag it would read "5": kept as written

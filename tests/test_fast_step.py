@@ -119,16 +119,16 @@ def test_weights_changed_in_place_are_never_stale(tmp_path):
     model, tok = tiny(tmp_path, "llama")
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     held = {}
-    first = decode(model, Prompts(PROMPTS), params, packed=held)
+    first = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
     step = held["step"]
-    assert decode(model, Prompts(PROMPTS), params, packed=held) == first and held["step"] is step  # unchanged: kept
+    assert decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held) == first and held["step"] is step  # unchanged: kept
     weight = model.model.layers[0].mlp.down_proj.weight
     for change in (lambda: weight.mul_(-3.0), lambda: setattr(weight, "data", weight.data * -2.0)):
         with torch.no_grad():
             change()
-        again = decode(model, Prompts(PROMPTS), params, packed=held)
+        again = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
         assert held["step"] is not step
-        assert again == decode(model, Prompts(PROMPTS), params) != first  # transformers' forward, on the new weights
+        assert again == decode(model, Prompts(PROMPTS, 1, [], 0), params) != first  # transformers' forward, on the new weights
         step, first = held["step"], again
 
 
@@ -138,12 +138,12 @@ def test_an_adapter_switched_off_is_seen(tmp_path):
     model, _ = tiny(tmp_path, "llama")
     model = random_lora(model, r=4, alpha=8, std=0.5).eval()
     params, held = SamplingParams(max_new_tokens=8, temperature=0.0), {}
-    with_adapter = decode(model, Prompts(PROMPTS), params, packed=held)
+    with_adapter = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
     with model.disable_adapter():
-        without = decode(model, Prompts(PROMPTS), params, packed=held)
-        assert without == decode(model, Prompts(PROMPTS), params)
+        without = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
+        assert without == decode(model, Prompts(PROMPTS, 1, [], 0), params)
     assert without != with_adapter
-    assert decode(model, Prompts(PROMPTS), params, packed=held) == with_adapter
+    assert decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held) == with_adapter
 
 
 def test_adapters_it_cannot_merge_are_refused(tmp_path):

@@ -224,6 +224,12 @@ def test_an_unfinished_distillation_resumed_with_other_settings_is_refused_not_m
     _rollouts_made_from(first, rollouts)  # the same settings: resumes
     _rollouts_made_from(load_config(None, ["distill.teacher=hf", "distill.teacher_model=some-model", "select.min_words=3"]),
                         rollouts)  # selection happens after: the rollouts are the same
+    served = ["distill.teacher=openai", "distill.teacher_model=m", "distill.base_url=http://127.0.0.1:1/v1"]
+    other = tmp_path / "other" / "rollouts.jsonl"
+    _rollouts_made_from(load_config(None, served), other)
+    other.write_text('{"problem_id": "p"}\n')  # resumed against a restarted server, more patiently: the same rollouts
+    _rollouts_made_from(load_config(None, [*served[:2], "distill.base_url=http://127.0.0.1:2/v1", "distill.concurrency=2",
+                                           "distill.timeout=900"]), other)
     for change in ("distill.rewrite=think_answer", "model.system_prompt=Be brief."):
         with pytest.raises(UserError, match=r"unfinished distillation made from other settings \(changed: (distill|model)"):
             _rollouts_made_from(load_config(None, ["distill.teacher=hf", "distill.teacher_model=some-model", change]), rollouts)

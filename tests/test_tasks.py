@@ -245,9 +245,19 @@ def test_the_scorer_sees_only_the_extracted_answer_and_only_one_point_zero_is_co
     assert wrong["score"] == pytest.approx(0.01) and not wrong["correct"]  # 0.01 for any number: not correct
     from thinkforge.rewards import WeightedRewards
 
-    total, parts = WeightedRewards({"verifiable": 1.0, "correctness": 1.0}).score("<answer>3</answer>", p.reference,
-                                                                               p.kind, 0.01)
-    assert parts == {"verifiable": -1.0, "correctness": 0.0}  # the card's partial credit: 3 is not near, 0.01 is no credit
+    total, parts = WeightedRewards({"verifiable": 1.0, "correctness": 1.0}).score("", p.reference, p.kind, 0.01)
+    assert parts == {"verifiable": -1.0, "correctness": 0.01}
+    from thinkforge.config import load_config
+    from thinkforge.train.sampling import score
+
+    cfg = load_config(None, []).rl  # in training a near miss earns the card's credit (0.01 for any number was a scorer's)
+    rewards = WeightedRewards({"correctness": 1.0})
+    assert score(f"<answer>{int(p.reference) * 100 + 7}</answer>", "stop", p, cfg, rewards)[1] == {"correctness": 0.0}
+    near = int(p.reference) + 1 if int(p.reference) >= 20 else int(p.reference)  # within 5%: credit; else exact
+    assert score(f"<answer>{near}</answer>", "stop", p, cfg, rewards)[1]["correctness"] > 0
+    chain = tasks.load("reasoning_gym:chain_sum").problems("test", 1, 0)[0]
+    assert 0 < chain.score(chain.reference + "1") < 1  # its scorer's substring credit ...
+    assert score(f"<answer>{chain.reference}1</answer>", "stop", chain, cfg, rewards)[1]["correctness"] == 0.0  # ... not paid
 
 
 def test_a_scorer_that_raises_scores_zero_is_counted_and_never_crashes(recwarn):

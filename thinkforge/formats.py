@@ -155,6 +155,21 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     return None, "none"
 
 
+def answer_statement(text: str) -> tuple[int, int] | None:
+    """The span of the sentence in which untagged text states its final answer ("So the answer is 7."), from the
+    end of the sentence before it to the end of its own (`extract_answer`'s "answer is" match and its sentence);
+    None where the answer is read another way (\\boxed{}, ####) or not at all."""
+    if extract_answer(text)[1] != "final_answer":
+        return None
+    offset = max(0, len(text) - 2000)
+    match = list(_FINAL_RE.finditer(text[offset:]))[-1]
+    start, end = offset + match.start(), offset + match.end()
+    before = max(text.rfind(mark, 0, start) for mark in (". ", "! ", "? ", "\n"))
+    start = before + 1 if before >= 0 else 0
+    after = re.search(r"\n|\.\s", text[end:])
+    return start, end + after.end() if after else len(text)
+
+
 def _clean_answer(answer: str) -> str:
     """An answer tag may itself hold \\boxed{} or 'The final answer is X': reduce to X."""
     inner, source = extract_answer(answer)

@@ -73,9 +73,9 @@ def fingerprint(recipe: Recipe, sections: list[str]) -> dict[str, str]:
         for part in section.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         if section in STAGES:
-            value = _as_recorded(value)
+            value = _as_recorded(value, section)
         elif isinstance(value, dict):
-            value = {k: v for k, v in value.items() if not (k in ADDED_SINCE and v == ADDED_SINCE[k])}
+            value = _without_added(value, section)
         if isinstance(value, dict) and "difficulties" in value:
             value = {**value, "difficulties": _levels_recorded(recipe, value)}
         if section in SECTIONS_ADDED_SINCE and value == type(getattr(recipe, section))().model_dump(mode="json"):
@@ -97,8 +97,9 @@ def _levels_recorded(recipe: Recipe, section: dict) -> list[int] | str:
 
 # Settings added after runs were recorded, left out of a fingerprint at these (their default) values: a run made
 # before they existed made what their defaults make. A whole section added: its key is left out at its default.
-ADDED_SINCE = {"curriculum": False, "curriculum_window": 16, "curriculum_up": 0.7, "curriculum_down": 0.1,
-               "time_budget": None, "teacher_system_prompt": None, "rewrite": "none"}
+ADDED_SINCE = {"rl": {"curriculum": False, "curriculum_window": 16, "curriculum_up": 0.7, "curriculum_down": 0.1,
+                      "time_budget": None},
+               "distill": {"teacher_system_prompt": None, "rewrite": "none"}}
 SECTIONS_ADDED_SINCE = ("tasks",)
 
 # Stage settings that change how a stage runs or whether it starts, never what it makes: the output head's chunk
@@ -106,11 +107,16 @@ SECTIONS_ADDED_SINCE = ("tasks",)
 RUNS_ONLY = ("head_chunk", "preflight", "preflight_groups")
 
 
-def _as_recorded(stage: dict) -> dict:
+def _without_added(values: dict, section: str) -> dict:
+    """A section's values less the settings added to it since runs were recorded, where they are at their default."""
+    added = ADDED_SINCE.get(section, {})
+    return {k: v for k, v in values.items() if not (k in added and v == added[k])}
+
+
+def _as_recorded(stage: dict, section: str) -> dict:
     """A stage section in the flat form finished steps recorded before the nested optim/checkpoints schemas
     (2026-11-29), so their runs still resume; how it runs (RUNS_ONLY) is not what it is made from."""
-    flat = {k: v for k, v in stage.items() if k not in ("optim", "checkpoints", *RUNS_ONLY)
-            and not (k in ADDED_SINCE and v == ADDED_SINCE[k])}
+    flat = {k: v for k, v in _without_added(stage, section).items() if k not in ("optim", "checkpoints", *RUNS_ONLY)}
     return {**flat, **stage["optim"], "save_every": stage["checkpoints"]["every"],
             "keep_checkpoints": stage["checkpoints"]["keep"]}
 
@@ -255,8 +261,11 @@ def _stages(recipe: Recipe, out: Path, run: Run, progress: bool, stop_after_stag
 
 
 
-# What a teacher's rollouts are made from: its settings, the problems, and the prompt it is asked with.
-ROLLOUT_INPUTS = ["seed", "distill", "tasks", "model.prompt_format", "model.system_prompt"]
+# What a teacher's rollouts are made from: its settings, the problems, the prompt it is asked with and the dtype a
+# local teacher computes in; not how a server is reached (its address, key, concurrency, retries, timeout: what
+# one changes to resume after the server failed).
+ROLLOUT_INPUTS = ["seed", "distill", "tasks", "model.prompt_format", "model.system_prompt", "model.dtype"]
+TEACHER_RUNS_ONLY = ("base_url", "api_key_env", "concurrency", "max_retries", "timeout")
 
 
 def _rollouts_made_from(recipe: Recipe, rollouts: Path) -> None:
@@ -264,7 +273,8 @@ def _rollouts_made_from(recipe: Recipe, rollouts: Path) -> None:
     rewritten form, another teacher prompt) would be mixed in silently, so that is one line naming what changed.
     A file from before this record existed is taken as it is."""
     made_from = rollouts.with_name("rollouts.made_from.json")
-    wanted = fingerprint(recipe, ROLLOUT_INPUTS)
+    reached = {k: type(recipe.distill).model_fields[k].default for k in TEACHER_RUNS_ONLY}
+    wanted = fingerprint(recipe.model_copy(update={"distill": recipe.distill.model_copy(update=reached)}), ROLLOUT_INPUTS)
     if rollouts.exists() and made_from.exists():
         had = json.loads(made_from.read_text())
         changed = sorted(k for k in set(had) | set(wanted) if had.get(k) != wanted.get(k))
@@ -308,7 +318,10 @@ def stage_rows(recipe: Recipe, out: Path, run: Run) -> list[dict]:
             if samples:
                 entry["ci95"] = evaluate.accuracy_interval(samples)
             if samples and previous_samples.get(bench):  # paired by problem
-                entry["change"] = evaluate.paired_change(previous_samples[bench], samples)
+                try:
+                    entry["change"] = evaluate.paired_change(previous_samples[bench], samples)
+                except ValueError as e:  # other problems than the stage above's: no pairing, said in the summary
+                    entry["unpaired"] = str(e)
             previous_samples[bench] = samples
             benchmarks[bench] = entry
         stage = {"name": name, "label": LABELS[name], "accuracy": first["accuracy"], "format_rate": first["format_rate"],

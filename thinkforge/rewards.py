@@ -2,8 +2,8 @@
 
 - verifiable: the Phi-4-mini-reasoning RLVR reward, +1 if the task's checker says correct (1.0), -1 otherwise.
 - the Infused Phi-2 set, weighted in the recipe (card: correctness 1.0, reasoning 0.7, format 0.3):
-  correctness (1 correct; a wrong answer to a numeric reference gets the card's partial credit, up to 0.5 for
-  a number within 10%, whatever the task's own near-miss credit; other references the task's score), reasoning (thinking present, steps, calculations, a length bonus), format (tags
+  correctness (the task's score: 1 correct, its partial credit otherwise; the built-in checker gives up to 0.5
+  for a number within 10%, as the card, and so do reasoning-gym's arithmetic tasks, `Task.reward_credit`), reasoning (thinking present, steps, calculations, a length bonus), format (tags
   present, ordered, balanced, not repeated).
 A user reward is any function of that signature, named by import path `package.module:function`.
 Training and evaluation score a completion with the same checker, its problem's task (thinkforge/tasks); the
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from thinkforge.errors import UserError
 from thinkforge.formats import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, parse
-from thinkforge.grading import as_number, grade, gsm8k_reference, partial_credit
+from thinkforge.grading import grade, gsm8k_reference, partial_credit
 
 RewardFn = Callable[..., float]
 
@@ -42,26 +42,20 @@ def verifiable(completion: str, reference: str, kind: str = "math", score: float
 
 
 def correctness(completion: str, reference: str, kind: str = "math", score: float | None = None) -> float:
-    """1 if right. A wrong answer: to a numeric reference, the card's partial credit (up to 0.5 for a number
-    within 10% of it), not the task's own near-miss credit, which can pay for what is not near (reasoning-gym's
-    chain_sum gives 0.5 to "11" for 1 and to "-5" for 5, gsm_symbolic 0.01 to any number: PITFALLS 20); to any
-    other reference, the task's score (a list half right, say). `score` as in `verifiable`.
+    """The task's score: 1 if right, its partial credit otherwise (the built-in checker's: up to 0.5 for a number
+    within 10% of the reference; a task's own where it has one, except where a task's near-miss credit pays for
+    what is not near: `Task.reward_credit`). `score` as in `verifiable`.
 
     >>> correctness("<answer>100</answer>", "100"), correctness("<answer>98</answer>", "100")
     (1.0, 0.4)
-    >>> correctness("<answer>11</answer>", "1", "exact", score=0.5), correctness("<answer>a b</answer>", "a c", score=0.5)
-    (0.0, 0.5)
     """
-    if score is not None and score >= 1.0:
-        return 1.0
-    if score is None and grade(completion, reference, kind):
+    if score is not None:
+        return float(score)
+    if grade(completion, reference, kind):
         return 1.0
     if kind == "mcq":
         return 0.0
-    gold = gsm8k_reference(reference) if kind == "gsm8k" else reference
-    if score is not None and as_number(gold) is None:
-        return float(score)
-    return partial_credit(parse(completion).answer, gold)
+    return partial_credit(parse(completion).answer, gsm8k_reference(reference) if kind == "gsm8k" else reference)
 
 
 _STEP = re.compile(r"^\s*(?:step\s*\d+|\d+[.)]|[-*•]|first|second|then|next|finally|so\b)", re.IGNORECASE | re.MULTILINE)

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -32,6 +31,7 @@ from thinkforge.formats import (
     ANSWER_OPEN,
     THINK_CLOSE,
     THINK_OPEN,
+    answer_statement,
     format_completion,
     parse,
     response,
@@ -109,9 +109,6 @@ class ThinkAnswer:
             yield p, [(think_answer(text), finish) for text, finish in outs]
 
 
-_STATES_ANSWER = re.compile(r"(?i)\b(?:so,?\s+)?(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)")
-
-
 def think_answer(text: str) -> str:
     parsed = parse(text)
     if parsed.format_ok or parsed.answer is None:
@@ -119,10 +116,10 @@ def think_answer(text: str) -> str:
     body = text
     for tag in (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE):
         body = body.replace(tag, " ")
-    said = list(_STATES_ANSWER.finditer(body))
-    if said and parsed.answer in body[said[-1].start():]:
-        body = body[: said[-1].start()]
-    out = format_completion(body, parsed.answer)
+    span = answer_statement(body)
+    if span is not None:  # the sentence that states the answer goes; the working around it stays
+        body = body[: span[0]] + " " + body[span[1] :]
+    out = format_completion(" ".join(body.split(" ")).strip(), parsed.answer)
     return out if parse(out).answer == parsed.answer else text
 
 

@@ -55,7 +55,7 @@ def sample_generator(key: int, sample: int):
     return np.random.default_rng([key & (2**64 - 1), key >> 64, sample])
 
 
-def _draw_dtype(device):
+def draw_dtype(device):
     """float64 for the CDF and the uniforms (a 200k vocabulary's cumulative sum stays exact), float32 on MPS,
     which has no float64."""
     import torch
@@ -81,7 +81,7 @@ def pick(logits, params: SamplingParams, u):
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
     # Inverse-CDF draw: one uniform per row (torch.multinomial draws one exponential per vocabulary entry,
     # a tenth of a small model's decode step on CPU). Masked tokens have zero width and are never drawn.
-    cdf = logits.softmax(-1, dtype=_draw_dtype(logits.device)).cumsum(-1)
+    cdf = logits.softmax(-1, dtype=draw_dtype(logits.device)).cumsum(-1)
     target = u.to(cdf.device, cdf.dtype).view(-1, 1) * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
@@ -92,9 +92,9 @@ class Prompts:
     id, allowed from `min_new_tokens` on: None is the model's generation config's)."""
 
     ids: list[list[int]]
-    n: int = 1
-    stop_ids: tuple[int, ...] | list[int] = ()
-    pad_id: int = 0
+    n: int
+    stop_ids: tuple[int, ...] | list[int]
+    pad_id: int
     min_new_tokens: int | None = None
 
 

@@ -72,7 +72,7 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
         return "pretraining_tp > 1"
     dtype = compute_dtype(model)
     if dtype not in (torch.float32, torch.bfloat16):
-        return f"{str(dtype).removeprefix('torch.')} weights (the packed step runs float32 or bfloat16)"
+        return f"it computes in {str(dtype).removeprefix('torch.')} (the packed step runs float32 or bfloat16)"
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU's oneDNN has no bfloat16 kernels"
     return None
@@ -152,7 +152,7 @@ def key(model, dtype) -> tuple:
 
 class FastStep:
     """`step(ids (B,), positions (B,), keys (B, K) bool, cache)` -> logits (B, V) float32, writing each layer's new
-    key and value into the reserved cache layers (`hf.reserved_layer()`) at their current length."""
+    key and value into the reserved cache layers (`engine.decode.reserved_layer()`) at their current length."""
 
     def __init__(self, model, dtype):
         import torch
@@ -278,7 +278,7 @@ def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> F
     step is the fast path, and transformers' forward the slow one). held: where the step is kept between calls."""
     why = refuses(model, capacity, cache, lockstep)
     if why is not None:
-        if _unwrapped(model).device.type == "cpu" and _TOLD.get(model) != why:
+        if _unwrapped(model).device.type == "cpu" and model not in _TOLD:  # once: a reason may name a length
             _TOLD[model] = why
             warnings.warn(f"{type(_unwrapped(model)).__name__} decodes with transformers' forward, not the packed CPU "
                           f"step: {why}", stacklevel=3)

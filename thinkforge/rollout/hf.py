@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from thinkforge.engine.decode import Hooks, Prompts, RowStreams, _draw_dtype, decode
+from thinkforge.engine.decode import Hooks, Prompts, RowStreams, decode, draw_dtype
 from thinkforge.models import cache_argument, eval_mode
 from thinkforge.rollout.types import Completion, SamplingParams, encode, is_out_of_memory, pad_id, stop_ids
 
@@ -92,7 +92,7 @@ class HFGenerator:
         uniforms = None
         if params.temperature > 0:
             keys = [(params.stream(start + p), j) for p in range(len(chunk)) for j in range(n)]
-            uniforms = RowStreams(keys, _draw_dtype(model.device), model.device)
+            uniforms = RowStreams(keys, draw_dtype(model.device), model.device)
         hooks = Hooks(interrupt=self.interrupt, lockstep=self.peers.lockstep if self.peers is not None else None)
         return decode(model, Prompts(encoded, n, stops, pad_id(tok)), params, uniforms=uniforms, hooks=hooks,
                       packed=self.packed)
@@ -115,7 +115,7 @@ class HFGenerator:
                 with eval_mode(model):
                     uniforms = None
                     if params.temperature > 0:
-                        uniforms = RowStreams([(params.stream(0), 0)], _draw_dtype(model.device), model.device)
+                        uniforms = RowStreams([(params.stream(0), 0)], draw_dtype(model.device), model.device)
                     decode(model, Prompts([ids], 1, self.stop_ids, pad_id(tok)), params, uniforms=uniforms,
                            hooks=Hooks(interrupt=left.is_set, on_token=tokens.put), packed=self.packed)
             except BaseException as e:  # noqa: BLE001 - raised in the consumer's thread below

@@ -92,6 +92,12 @@ class Task:
             return CORRECT
         return 0.0 if problem.kind == "mcq" else partial_credit(answer, problem.reference)
 
+    def reward_credit(self, problem: Problem, answer: str | None, score: float) -> float:
+        """What a wrong answer (`score` < 1, the checker's) earns in a reward that pays partial credit (the Infused
+        card's correctness): the checker's score, unless the task says its near-miss credit pays for what is not
+        near."""
+        return score
+
     def train_levels(self, levels: list[int] | None, where: str) -> list[int] | None:
         """The levels a training draw uses: the recipe's `levels` checked against the task's own, or where the
         recipe sets none the task's `default_levels`; a task without levels refuses levels that were set

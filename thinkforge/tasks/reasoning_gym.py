@@ -26,6 +26,11 @@ TEST_SHARE = 5  # one question in five (by its hash) is an evaluation item
 CHECK_BUDGET = 2.0  # CPU seconds a scorer may spend on one answer
 MAX_ANSWER_CHARS = 2000  # longer answers score 0 without a scorer
 ATTEMPTS_PER_ITEM = 20  # draws per wanted item before a split is called exhausted (small tasks, few distinct items)
+# Tasks whose answers are decimal quantities, and whose scorers' near-miss credit is a substring rule (0.5 for "11"
+# against 1, or for "-5" against 5; gsm_symbolic 0.01 for any number): in a reward they earn the Infused card's
+# partial credit instead, a number within 10% (PITFALLS 20). Other tasks keep their scorer's own.
+QUANTITIES = frozenset({"chain_sum", "products", "basic_arithmetic", "decimal_arithmetic", "leg_counting", "gcd", "lcm",
+                        "gsm_symbolic", "count_bits"})
 UNRELIABLE = {
     "propositional_logic": "its scorer accepts any conclusion the premises entail, so a trivially true answer "
                            "(a premise restated) scores 1.0: accuracy overstates reasoning",
@@ -147,6 +152,12 @@ class ReasoningGym(Task):
         warnings.warn(f"task {self.name}: only {len(out)} distinct {split} problems at level {level} in {cap} draws, "
                       f"{n} asked; drawing those (a higher level has more)", stacklevel=2)
         return out
+
+    def reward_credit(self, problem: Problem, answer: str | None, score: float) -> float:
+        """The card's partial credit for the arithmetic tasks (QUANTITIES), the scorer's own for the rest."""
+        from thinkforge.grading import partial_credit
+
+        return partial_credit(answer, problem.reference) if self.argument in QUANTITIES else score
 
     def check(self, problem: Problem, answer: str | None) -> float:
         """Its scorer, in the scorer worker under a budget of CHECK_BUDGET CPU seconds (an answer over it scores

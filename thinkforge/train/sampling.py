@@ -83,8 +83,11 @@ def generate_groups(generator: Generator, prompts: list[str], n: int, params: Sa
 def score(text: str, finish: str, problem: Problem, cfg: RLConfig, rewards: WeightedRewards | None) -> tuple[float, dict, bool]:
     """(reward, reward per function, correct) of one completion: scored once by its problem's own checker (on the
     extracted answer only), the score shared by the accuracy and every reward that grades."""
-    task_score = problem.score(parse(text).answer)
+    answer = parse(text).answer
+    task_score = problem.score(answer)
     correct = is_correct(task_score)
+    if not correct and problem.task is not None:  # a near miss earns what its task says a reward should pay
+        task_score = problem.task.reward_credit(problem, answer, task_score)
     total, parts = _reward(text, problem, task_score, rewards)
     if finish == "length" and cfg.truncation == "penalize":  # one rule: a cut-off response earns at most what saying
         total = min(total, _reward("", problem, 0.0, rewards)[0])  # nothing does (-1 verifiable, 0 weighted)
