@@ -233,3 +233,25 @@ def test_an_unfinished_distillation_resumed_with_other_settings_is_refused_not_m
     for change in ("distill.rewrite=think_answer", "model.system_prompt=Be brief."):
         with pytest.raises(UserError, match=r"unfinished distillation made from other settings \(changed: (distill|model)"):
             _rollouts_made_from(load_config(None, ["distill.teacher=hf", "distill.teacher_model=some-model", change]), rollouts)
+
+
+def test_the_seed_table_script_gives_each_benchmark_its_own_table(tmp_path, capsys):
+    """dev/stage_table.py over runs that evaluated several benchmarks: the first benchmark's table as before, then
+    one table per benchmark with its own paired changes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_table", ROOT / "dev" / "stage_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    change = {"change": 0.05, "ci95": [0.01, 0.09]}
+    for seed in (0, 1):
+        stages = [{"label": label, "accuracy": 0.1 + i / 10, "format_rate": 0.0, "avg_think_words": 0.0,
+                   **({"change": change} if i else {}),
+                   "benchmarks": {b: {"accuracy": 0.2 + i / 10 + seed / 100, **({"change": change} if i else {})}
+                                  for b in ("rg:a", "rg:b")}} for i, label in enumerate(["base", "+RLVR"])]
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "summary.json").write_text(json.dumps({"stages": stages, "wall_seconds": 60.0}))
+    script.main([str(tmp_path / "s0"), str(tmp_path / "s1")])
+    out = capsys.readouterr().out
+    assert "| +RLVR | 20.0 (+5.0; +1.0 to +9.0); format 0, think 0 words |" in out
+    assert "rg:b: accuracy %" in out and "| +RLVR | 30.0 (+5.0; +1.0 to +9.0) | 31.0 (+5.0; +1.0 to +9.0) |" in out
