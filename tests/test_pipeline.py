@@ -245,13 +245,20 @@ def test_the_seed_table_script_gives_each_benchmark_its_own_table(tmp_path, caps
     spec.loader.exec_module(script)
     change = {"change": 0.05, "ci95": [0.01, 0.09]}
     for seed in (0, 1):
-        stages = [{"label": label, "accuracy": 0.1 + i / 10, "format_rate": 0.0, "avg_think_words": 0.0,
+        for i, name in enumerate(["base", "rl"]):  # each benchmark's 10 items: 1, then 3 of them right
+            (tmp_path / f"s{seed}" / name / "eval").mkdir(parents=True)
+            for b in ("rg-a", "rg-b"):
+                rows = [{"problem_id": f"p{j}", "correct": j < 1 + 2 * i} for j in range(10)]
+                (tmp_path / f"s{seed}" / name / "eval" / f"{b}.samples.jsonl").write_text(
+                    "".join(json.dumps(r) + "\n" for r in rows))
+        stages = [{"name": name, "label": label, "accuracy": 0.1 + i / 10, "format_rate": 0.0, "avg_think_words": 0.0,
                    **({"change": change} if i else {}),
                    "benchmarks": {b: {"accuracy": 0.2 + i / 10 + seed / 100, **({"change": change} if i else {})}
-                                  for b in ("rg:a", "rg:b")}} for i, label in enumerate(["base", "+RLVR"])]
-        (tmp_path / f"s{seed}").mkdir()
+                                  for b in ("rg:a", "rg:b")}} for i, (name, label) in enumerate([("base", "base"),
+                                                                                               ("rl", "+RLVR")])]
         (tmp_path / f"s{seed}" / "summary.json").write_text(json.dumps({"stages": stages, "wall_seconds": 60.0}))
-    script.main([str(tmp_path / "s0"), str(tmp_path / "s1")])
+    script.main([str(tmp_path / "s0"), str(tmp_path / "s1")], pool=["rg:a", "rg:b"])
     out = capsys.readouterr().out
+    assert "rg:a + rg:b, pooled" in out and "| +RLVR | 30.0 (+20.0; +" in out  # 20 items: 2 then 6 right
     assert "| +RLVR | 20.0 (+5.0; +1.0 to +9.0); format 0, think 0 words |" in out
     assert "rg:b: accuracy %" in out and "| +RLVR | 30.0 (+5.0; +1.0 to +9.0) | 31.0 (+5.0; +1.0 to +9.0) |" in out
