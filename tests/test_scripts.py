@@ -65,7 +65,7 @@ SMOKE = {
         also=(*(rf"\| {name} \| 2 \| {N} \| {N} \| {N} \| {N} \| " for name in ("thinkforge", "trl")),
               *(rf"curve {name}: 0\.0 min {N}%, {N} min {N}%, {N} min {N}%\n" for name in ("thinkforge", "trl")),
               r"curve: .*curve\.png",
-              r"reasoning_gym:chain_sum: constant answer '\d+' scores [\d.]+%; most common answer: base '.*' \d+% of 3 "
+              r"reasoning_gym:chain_sum: constant answer '-?\d+' scores [\d.]+%; most common answer: base '.*' \d+% of 3 "
               r"\(\d distinct\); thinkforge .*; trl ")),
     "benchmarks/long_context_memory.py": Smoke(
         ("--tokens", "128", "--vocab", "1024", "--hidden", "32", "--layers", "1"),
