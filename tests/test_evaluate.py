@@ -133,9 +133,10 @@ def test_eval_batch_size_sets_rows_per_call_and_the_samples_do_not_depend_on_it(
     calls = []
     real = ev.evaluate
 
-    def spy(generator, problems, prompt_fn, params, samples=1, chunk=8, progress=True, benchmark=""):
+    def spy(generator, problems, prompt_fn, params, *, samples=1, chunk=8, progress=True, benchmark=""):
         calls.append(chunk)
-        return real(generator, problems, prompt_fn, params, samples, chunk, progress, benchmark)
+        return real(generator, problems, prompt_fn, params, samples=samples, chunk=chunk, progress=progress,
+                    benchmark=benchmark)
 
     texts = {}
     for bs in (2, 12):
