@@ -3,7 +3,7 @@
     python benchmarks/decode_step.py [--rows 256 --positions 10 100 150 --hidden 128 --layers 4]
 
 The default transformers cache layer concatenates each layer's keys and values at every step (a copy of the
-whole cache); `thinkforge.engine.decode.reserved_layer()` writes into a buffer reserved up front and hands
+whole cache); `thinkforge.engine.cache.reserved_layer()` writes into a buffer reserved up front and hands
 attention a view. Median of 30 steps at each cache length. The last line is one JSON object; ratio > 1 means
 the reserved cache is faster (the peer here is the default cache layer, not another project).
 """
@@ -22,7 +22,7 @@ def step_ms(model, rows: int, positions: int, reserved: bool) -> float:
     import torch
     from transformers import DynamicCache
 
-    from thinkforge.engine.decode import reserved_layer
+    from thinkforge.engine.cache import reserved_layer
 
     ids = torch.randint(5, model.config.vocab_size, (rows, positions))
     mask = torch.ones_like(ids)

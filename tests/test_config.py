@@ -119,17 +119,20 @@ def test_an_assigned_or_constructed_nested_section_keeps_the_stage_defaults_it_d
 def test_no_function_in_the_package_takes_more_than_six_positional_parameters():
     """Components take a few plain arguments (STYLE 6); a long positional list is a record waiting to exist
     (keyword-only options are named at every call). A stage's `main` takes the signature every stage shares
-    (tests/test_layout.py) and what it needs beyond it; a CLI command (in cli.py: decorated, or a stage's `command`) takes its options."""
+    (tests/test_layout.py) and what it needs beyond it; a CLI command (in cli.py: decorated, or a stage's
+    `command`) takes its options."""
     import ast
     from pathlib import Path
 
     for path in sorted((Path(__file__).resolve().parent.parent / "thinkforge").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            command = path.name == "cli.py" and (bool(getattr(node, "decorator_list", None)) or getattr(node, "name", "") == "command")
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "main" and not command:
-                a = node.args
-                n = len(a.posonlyargs) + len(a.args) + bool(a.vararg) + bool(a.kwarg)
-                assert n <= 6, f"{path.name}:{node.lineno} {node.name} takes {n} parameters"
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name == "main":
+                continue
+            if path.name == "cli.py" and (node.decorator_list or node.name == "command"):
+                continue
+            a = node.args
+            n = len(a.posonlyargs) + len(a.args) + bool(a.vararg) + bool(a.kwarg)
+            assert n <= 6, f"{path.name}:{node.lineno} {node.name} takes {n} parameters"
 
 
 @pytest.mark.parametrize("overrides,words,reader", [

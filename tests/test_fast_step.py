@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thinkforge.engine.decode import Prompts, decode, kv_cache, reserved_layer
+from thinkforge.engine.cache import kv_cache, reserved_layer
+from thinkforge.engine.decode import Prompts, decode
 from thinkforge.rollout.types import SamplingParams
 
 

@@ -15,7 +15,7 @@ No weights are read: the parameter count comes from the architecture built on th
 - the output head: one chunk of fp32 logits (train/head.py) about twice over in the backward, never
   the (T, V) logits;
 - RL: the rollout KV cache of the in-process backend, keys and values in the dtype it stores them in
-  (`engine.decode.kv_dtype`; generation and backward do not overlap), or vLLM's share of the device when it is
+  (`engine.cache.kv_dtype`; generation and backward do not overlap), or vLLM's share of the device when it is
   started here (`--gpu-memory-utilization`);
 - the runtime: CUDA context, or on a CPU the interpreter with torch and transformers.
 The largest micro-batch that fits comes from the per-row cost; a stage that does not fit says what to change.
@@ -104,7 +104,7 @@ class Setting:
     weights: str  # the dtype training loads the weights in (train.loop.weights_dtype)
     in_4bit: bool  # model.load_in_4bit (QLoRA)
     stream_bytes: int  # one element of the residual stream: the embedding's dtype (fp32 master weights: 4)
-    kv_bytes: int  # one key or value element in the rollout KV cache (engine.decode.kv_dtype)
+    kv_bytes: int  # one key or value element in the rollout KV cache (engine.cache.kv_dtype)
 
 
 def frozen_bytes(shape: Shape, s: Setting) -> float:
@@ -163,10 +163,10 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
     """How `stage` runs: from the recipe, and from the model's config whether its attention keeps transformers'
     (T, T) masks (a sliding window shorter than the row, soft-capped scores: train/attention.py). The dtypes
     are the ones the code takes: the weights' from `train.loop.weights_dtype`, the KV cache's from
-    `engine.decode.kv_dtype` (after 4-bit loading the unquantized weights, the embedding first, are float32)."""
+    `engine.cache.kv_dtype` (after 4-bit loading the unquantized weights, the embedding first, are float32)."""
     import torch
 
-    from thinkforge.engine.decode import kv_dtype
+    from thinkforge.engine.cache import kv_dtype
     from thinkforge.train.loop import weights_dtype
 
     cfg = getattr(recipe, stage)

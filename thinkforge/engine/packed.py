@@ -42,8 +42,11 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
 
     if lockstep:
         return "the ranks of a sharded model decode in lockstep: each forward is a collective"
-    if cache is not None and not all(hasattr(x, "capacity") for x in cache.layers):  # decode's reserved_layer()s
-        return "a cache layer is not a reserved full-attention layer (sliding or chunked attention)"
+    if cache is not None:
+        from thinkforge.engine.cache import reserved_layer
+
+        if not all(type(x) is reserved_layer() for x in cache.layers):
+            return "a cache layer is not a reserved full-attention layer (sliding or chunked attention)"
     base = _unwrapped(model)
     name = type(base).__name__
     config = base.config
@@ -149,7 +152,7 @@ def key(model, dtype) -> tuple:
 
 class FastStep:
     """`step(ids (B,), positions (B,), keys (B, K) bool, cache)` -> logits (B, V) float32, writing each layer's new
-    key and value into the reserved cache layers (`engine.decode.reserved_layer()`) at their current length."""
+    key and value into the reserved cache layers (`engine.cache.reserved_layer()`) at their current length."""
 
     def __init__(self, model, dtype):
         import torch
