@@ -5,7 +5,9 @@
   correctness (the task's score: 1 correct, its partial credit otherwise; the built-in checker gives up to 0.5
   for a number within 10%, as the card, and so do reasoning-gym's arithmetic tasks, `Task.reward_credit`), reasoning (thinking present, steps, calculations, a length bonus), format (tags
   present, ordered, balanced, not repeated).
-A user reward is any function of that signature, named by import path `package.module:function`.
+A user reward is any function of that signature, named by import path `package.module:function`. With
+rl.truncation=penalize each reward is also called on the empty response "" (a cut-off response earns at most
+what saying nothing does), so it must accept one.
 Training and evaluation score a completion with the same checker, its problem's task (thinkforge/tasks); the
 rewards that grade take that score (`score=`) rather than grading again.
 """
