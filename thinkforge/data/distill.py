@@ -119,7 +119,7 @@ def think_answer(text: str) -> str:
     span = answer_statement(body)
     if span is not None:  # the sentence that states the answer goes; the working around it stays
         body = body[: span[0]] + " " + body[span[1] :]
-    out = format_completion(" ".join(body.split(" ")).strip(), parsed.answer)
+    out = format_completion(body.strip(), parsed.answer)
     return out if parse(out).answer == parsed.answer else text
 
 
