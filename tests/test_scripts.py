@@ -99,8 +99,9 @@ SMOKE = {
         + r'.*"items": 2, "levels": \[1\]\}, "synthetic": \{.*"items": 2, "levels": \[1\]\}\}\}',
         also=(rf"\| reasoning_gym:chain_sum \| \[1\] \| 2 \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \| {N} \|",)),
     "dev/stage_table.py": Smoke(
-        ("{run}", "{run}"), r"\| wall time \| [\d.]+ min \| [\d.]+ min \|",
-        also=(rf"\| \+RLVR \| {N} \({N}; {N} to {N}\); format {N}, think {N} words \|",)),
+        ("{run}", "{run}", "--clean"), r"\| wall time \| [\d.]+ min \| [\d.]+ min \|",
+        also=(rf"\| \+RLVR \| {N} \({N}; {N} to {N}\); format {N}, think {N} words \|",
+              r"items without a training twin", r"\| items left \| 2 \| 2 \|")),
 }
 
 

@@ -235,6 +235,31 @@ def test_reasoning_gym_splits_are_disjoint_by_content_although_its_seeds_overlap
     assert len(test) == 60
 
 
+def test_arithmetic_twins_share_a_key_and_a_split_in_every_task_and_training_on_one_is_refused():
+    """"5 * 8" is a twin of "8 * 5", and "Calculate 3 + 6." of chain_sum's "6 + 3 =": a model trained on one is
+    not evaluated on held-out items by the other. They share an expression key, so the same split, and a
+    training problem that is the twin of an evaluation problem is refused."""
+    from thinkforge.tasks.reasoning_gym import expression_key, is_test
+
+    twins = [("Solve the following multiplication: 5 * 8. Give only the result.", "What is 8 * 5?"),
+             ("Calculate 3 + 6.", "State the final answer to the following arithmetic problem: 6 + 3 ="),
+             ("Calculate 8 - 3 + 5.", "Calculate 5 + 8 - 3.")]
+    for a, b in twins:
+        assert expression_key(a) == expression_key(b) is not None and is_test(a) == is_test(b)
+    others = [("Calculate 8 - 3.", "Calculate 3 - 8."), ("Calculate 6 / 2.", "Calculate 2 / 6."), ("Calculate 2 * 3 + 1.", "Calculate 2 * 4.")]
+    for a, b in others:
+        assert expression_key(a) != expression_key(b)
+    assert expression_key("How many legs does a spider have?") is None
+    chain, basic = tasks.load("reasoning_gym:chain_sum"), tasks.load("reasoning_gym:basic_arithmetic")
+    test = chain.problems("test", 150, 0, [1])  # every two-term one-digit sum on the test side ...
+    train = basic.problems("train", 300, 0, [1])  # ... is on basic_arithmetic's test side too, whatever the wording
+    assert not {expression_key(p.question) for p in test} & {expression_key(p.question) for p in train}
+    twin = tasks.Problem("twin", "Calculate " + test[0].question.split(": ")[-1].rstrip(" ="), test[0].reference, task=basic)
+    assert expression_key(twin.question) == expression_key(test[0].question)
+    with pytest.raises(UserError, match="1 of 1 training problems are evaluation problems"):
+        tasks.assert_disjoint([twin], test, "here")
+
+
 def test_the_scorer_sees_only_the_extracted_answer_and_only_one_point_zero_is_correct():
     from thinkforge.evaluate import score_sample
 
@@ -253,8 +278,9 @@ def test_the_scorer_sees_only_the_extracted_answer_and_only_one_point_zero_is_co
     cfg = load_config(None, []).rl  # in training a near miss earns the card's credit (0.01 for any number was a scorer's)
     rewards = WeightedRewards({"correctness": 1.0})
     assert score(f"<answer>{int(p.reference) * 100 + 7}</answer>", "stop", p, cfg, rewards)[1] == {"correctness": 0.0}
-    near = int(p.reference) + 1 if int(p.reference) >= 20 else int(p.reference)  # within 5%: credit; else exact
-    assert score(f"<answer>{near}</answer>", "stop", p, cfg, rewards)[1]["correctness"] > 0
+    big = next(q for q in tasks.load("reasoning_gym:gsm_symbolic").problems("test", 20, 0) if int(q.reference) >= 20)
+    near = score(f"<answer>{int(big.reference) + 1}</answer>", "stop", big, cfg, rewards)[1]["correctness"]
+    assert 0 < near < 1  # within 5% of a number of 20 or more: the card's partial credit, not the full point
     chain = tasks.load("reasoning_gym:chain_sum").problems("test", 1, 0)[0]
     assert 0 < chain.score(chain.reference + "1") < 1  # its scorer's substring credit ...
     assert score(f"<answer>{chain.reference}1</answer>", "stop", chain, cfg, rewards)[1]["correctness"] == 0.0  # ... not paid

@@ -5,6 +5,9 @@ difficulty levels, and its own scorer as the checker.
 Its traps, each handled here:
 - Seeds overlap (item i+1 of seed s is item i of seed s+1): the splits are made by content instead, an item is a
   test item when the hash of its question says so, so no seed of a training draw can reach an evaluation item.
+  Small arithmetic spaces hold twins ("5 * 8" and "8 * 5"; "Calculate 3 + 6." in basic_arithmetic and "6 + 3 ="
+  in chain_sum): the hash is of the arithmetic asked for (`expression_key`), so twins fall on the same side in
+  every task.
 - Its scorers read whatever they get (gsm_symbolic takes the first number, others give partial credit for a
   near miss): they see only the extracted answer, and only a score of 1.0 is correct.
 - Scorers raise on odd answers (prime_factorization on "2 * 3"): scored 0, counted and logged (Problem.score).
@@ -48,8 +51,31 @@ def _gym():
     return reasoning_gym, DATASETS, CURRICULA
 
 
+def expression_key(question: str) -> str | None:
+    """The arithmetic a question asks for, in a form that commuted twins share: the expression's signed terms
+    sorted where it is a chain of + and - ("8 - 3 + 5" and "5 + 8 - 3" alike), its factors sorted where it is a
+    product, else the expression with spaces removed; None where the question holds no expression (two numbers
+    or more joined by an operator). The same key in any task's wording: "Calculate 3 + 6." and "...: 6 + 3 =".
+    """
+    import re
+
+    found = [m.group().strip() for m in re.finditer(r"[-+*/×÷()\d\s.]+", question)]
+    found = [f for f in found if re.search(r"\d\s*[-+*/×÷]\s*[-(\d]", f)]
+    if not found:
+        return None
+    expr = re.sub(r"\s+", "", max(found, key=len)).replace("×", "*").replace("÷", "/").strip(".")
+    if re.fullmatch(r"-?[\d.]+([-+][\d.]+)+", expr):
+        return "sum:" + ",".join(sorted(re.findall(r"[-+]?[\d.]+", expr if expr[0] == "-" else "+" + expr)))
+    if re.fullmatch(r"-?[\d.]+(\*-?[\d.]+)+", expr):
+        return "product:" + ",".join(sorted(expr.split("*")))
+    return "expr:" + expr
+
+
 def is_test(question: str) -> bool:
-    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % TEST_SHARE == 0
+    """Whether a question is an evaluation item: by the hash of its arithmetic (`expression_key`) where it asks for
+    some, so commuted twins and the same sum in another task's wording fall on the same side; else of its text."""
+    key = expression_key(question) or question
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % TEST_SHARE == 0
 
 
 class ReasoningGym(Task):
