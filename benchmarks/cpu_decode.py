@@ -6,8 +6,8 @@
 For each precision (f32, bf16): the model is exported with `thinkforge export --gguf` at that precision and
 llama.cpp (llama-cpp-python in .venv-llamacpp, its own sampler chain per row) decodes R rows of the same chat
 prompt for --new tokens, all rows in one llama_decode per step; thinkforge decodes the same prompt x R rows with
-its HF backend's loop (`engine.decode.decode`, per-sample streams, temperature 1.0), once with the packed step
-(`engine/packed.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
+its HF backend's loop (`engine.decode.decode`, per-sample streams, temperature 1.0), once with the fast step
+(`engine/fast.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
 Every row runs all --new steps (no stop token) on both sides; rates are rows x new / wall seconds, prefill
 included, the best of --repeats. The Q4_1 GGUF of `make real-model` runs in llama.cpp for context.
 
@@ -50,7 +50,7 @@ def llama_cpp(gguf: Path, ids: list[int], rows: int, new: int, threads: int, rep
     return max(json.loads(done.stdout.strip().splitlines()[-1])["tok_per_s"])
 
 
-def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, packed: bool) -> float:
+def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, fast: bool) -> float:
     import torch
 
     from thinkforge.engine.decode import Prompts, RowStreams, decode
@@ -58,17 +58,17 @@ def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, pa
 
     params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=1.0)
     best = 0.0
-    held = {} if packed else None
+    held = {} if fast else None
     for repeat in range(repeats + 1):  # the first call packs the weights (once per weight version): not timed
         streams = RowStreams([(repeat, r) for r in range(rows)], torch.float64, "cpu")
         t = time.perf_counter()
-        out = decode(model, Prompts([ids], rows, [], 0, min_new_tokens=new), params, uniforms=streams, packed=held)
+        out = decode(model, Prompts([ids], rows, [], 0, min_new_tokens=new), params, uniforms=streams, fast=held)
         took = time.perf_counter() - t
         assert sum(map(len, out)) == rows * new
         if repeat:
             best = max(best, rows * new / took)
-    if packed:
-        assert held.get("step") is not None, "the packed step refused this model"
+    if fast:
+        assert held.get("step") is not None, "the fast step refused this model"
     return best
 
 
@@ -107,8 +107,8 @@ def main() -> None:
             m = model.to(dtype)
             for rows in a.rows:
                 theirs = llama_cpp(gguf, ids, rows, a.new, a.threads, a.repeats)
-                ours = thinkforge_rate(m, ids, rows, a.new, a.repeats, packed=True)
-                plain = thinkforge_rate(m, ids, rows, a.new, 1, packed=False)
+                ours = thinkforge_rate(m, ids, rows, a.new, a.repeats, fast=True)
+                plain = thinkforge_rate(m, ids, rows, a.new, 1, fast=False)
                 results[(precision, rows)] = (ours, theirs)
                 print(f"| {precision} | {weights / 1e6:.0f} | {bw / weights:.0f} | {rows} | {theirs:.0f} | {ours:.0f} | "
                       f"{ours / theirs:.2f} | {plain:.0f} |", flush=True)

@@ -346,7 +346,9 @@ def main() -> None:
                   "accuracy": {n: {"all": accuracy(rows[n]), **{t: accuracy(rows[n], t) for t in a.tasks}}
                                for n in ["base", *runs]},
                   "constant_baseline": {t: tasks.constant_baseline(by_task[t]) for t in a.tasks},
-                  "most_common_answer": {n: {t: answers(rows[n], t) for t in a.tasks} for n in ["base", *runs]}}
+                  "most_common_answer": {n: {t: answers(rows[n], t) for t in a.tasks} for n in ["base", *runs]},
+                  "items": {n: [{k: r[k] for k in ("problem_id", "task", "question", "reference", "answer", "correct")
+                                 if k in r} for r in rows[n]] for n in ["base", *runs]}}  # per item: audits, twins
         (out / "results.json.tmp").write_text(json.dumps(result, indent=1))
         os.replace(out / "results.json.tmp", out / "results.json")
         title = f"{', '.join(a.tasks)}: trained at levels {a.levels}, held-out {a.eval_levels or a.levels}, seed {a.seed}"

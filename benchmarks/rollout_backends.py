@@ -78,20 +78,23 @@ def main() -> None:
 
     import torch
 
-    from thinkforge import models, rollout, tiny
+    from thinkforge import models, tiny
     from thinkforge.config import InitConfig, RolloutConfig
+    from thinkforge.rollout.hf import HFGenerator
+    from thinkforge.train.backend import make_backend
+    from thinkforge.train.dist import Dist
 
     work = Path(tempfile.mkdtemp(prefix="tf-rollout-bench-"))
     model_dir = a.model or str(tiny.init_model(work / "model", InitConfig(arch="phi3", hidden=a.hidden, layers=a.layers,
                                                                           heads=a.heads)))
     model, tok = models.load(model_dir, device=a.device)
     n_params = sum(p.numel() for p in model.parameters())
-    res = {"hf": time_generation(rollout.make_generator(model, tok, 64), tok, a)}
+    res = {"hf": time_generation(HFGenerator(model, tok, 64), tok, a)}
     cfg = RolloutConfig(backend="vllm", vllm_command=a.vllm_command, max_model_len=1024)
     t0 = time.perf_counter()
-    with contextlib.closing(rollout.make_generator(model, tok, 64, cfg, work / "gen")) as gen:
+    with contextlib.closing(make_backend(model, tok, 64, cfg, work / "gen", Dist(), max_new_tokens=a.max_new_tokens)) as backend:
         start = time.perf_counter() - t0
-        res["vllm"] = time_generation(gen, tok, a) | {"start_seconds": start}
+        res["vllm"] = time_generation(backend.sampler, tok, a) | {"start_seconds": start}
     del model
     none = {"step_seconds": float("nan"), "gen_seconds": float("nan"), "sync_seconds": float("nan")}
     steps = {b: none if a.no_grpo else grpo_step(model_dir, b, work, a) for b in ("hf", "vllm")}

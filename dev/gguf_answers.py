@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    from thinkforge.data import synthetic
     from thinkforge.export import export_gguf
     from thinkforge.formats import SYSTEM_PROMPT, parse
     from thinkforge.grading import math_equal
+    from thinkforge.tasks import synthetic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")

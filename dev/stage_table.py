@@ -91,6 +91,14 @@ def pool_table(runs: list, names: list[str], benchmarks: list[str], clean: dict 
 def main(folders: list[str], pool: list[str] | None = None, clean: bool = False) -> None:
     runs = [(Path(f), json.loads((Path(f) / "summary.json").read_text())) for f in folders]
     names = [s["label"] for s in runs[0][1]["stages"]]
+    benchmarks = list(runs[0][1]["stages"][0].get("benchmarks", {}))
+    if clean:  # first: the last line is the wall time
+        keys = {folder: trained_keys(folder) for folder, _ in runs}
+        for bench in benchmarks:
+            pool_table(runs, names, [bench], keys)
+        if pool:
+            pool_table(runs, names, pool, keys)
+        print()
     print("| stage | " + " | ".join(f.name for f, _ in runs) + " |")
     print("|---" * (len(runs) + 1) + "|")
     for k, name in enumerate(names):
@@ -103,7 +111,6 @@ def main(folders: list[str], pool: list[str] | None = None, clean: bool = False)
                          f"think {s['avg_think_words']:.0f} words")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| wall time | " + " | ".join(f"{summary['wall_seconds'] / 60:.1f} min" for _, summary in runs) + " |")
-    benchmarks = list(runs[0][1]["stages"][0].get("benchmarks", {}))
     for bench in benchmarks if len(benchmarks) > 1 else []:
         print(f"\n{bench}: accuracy % (change over the stage above; 95% interval, paired by problem)\n")
         print("| stage | " + " | ".join(f.name for f, _ in runs) + " |")
@@ -118,12 +125,7 @@ def main(folders: list[str], pool: list[str] | None = None, clean: bool = False)
             print(f"| {name} | " + " | ".join(cells) + " |")
     if pool:
         pool_table(runs, names, pool)
-    if clean:
-        keys = {folder: trained_keys(folder) for folder, _ in runs}
-        for bench in benchmarks:
-            pool_table(runs, names, [bench], keys)
-        if pool:
-            pool_table(runs, names, pool, keys)
+    print("\n| wall time | " + " | ".join(f"{summary['wall_seconds'] / 60:.1f} min" for _, summary in runs) + " |")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class FlakyGenerator:
 
     def __init__(self, inner, failures):
         self.inner, self.failures, self.calls = inner, failures, 0
-        self.batch_size, self.stop_ids, self.model, self.interrupt = inner.batch_size, inner.stop_ids, inner.model, None
+        self.batch_size, self.model, self.interrupt = inner.batch_size, inner.model, None
 
     def generate(self, prompts, n, params):
         self.calls += 1

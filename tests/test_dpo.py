@@ -89,7 +89,7 @@ def test_pairs_prefer_similar_lengths_and_skip_one_sided_problems():
 
 
 def _pairs_file(tmp_path, n=12):
-    from thinkforge.data import synthetic
+    from thinkforge.tasks import synthetic
 
     out = tmp_path / "pairs.jsonl"
     with out.open("w") as f:

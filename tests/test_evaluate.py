@@ -84,8 +84,8 @@ def test_t_quantiles_against_tables():
 def test_evaluations_of_different_problems_are_refused_not_paired_on_their_intersection():
     """Synthetic test ids once did not carry the seed: seed 0 against seed 1 paired 200 ids whose questions all
     differed; evaluations of different n used their intersection without a word."""
-    from thinkforge.data import synthetic
     from thinkforge.evaluate import paired_change
+    from thinkforge.tasks import synthetic
 
     def rows(problems, n=None):
         return [{"problem_id": p["id"], "question": p["question"], "reference": p["final"], "correct": True}

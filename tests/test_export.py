@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import engine_python, run_cli
+from thinkforge.arch import ARCHS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,7 @@ LLAMA_PYTHON = engine_python(".venv-llamacpp", "llama-cpp", "llama.cpp")
 # Measured on the tiny models below: f32 ~1e-6, f16 ~5e-3, bf16 ~3e-2, q8_0 ~5e-2 (SmolLM2-135M: 0.2%, 0.7%,
 # 4.5%, 20% of the logits' spread with the f16 cache).
 TOLERANCE = {"f32": 1e-4, "f16": 3e-2, "bf16": 0.1, "q8_0": 0.2}
+EXPORTED = [name for name, row in ARCHS.items() if row.gguf]  # a row with a llama.cpp name is tested as it is added
 TEXT = "<|im_start|>user\nTom has 12 apples and buys 345 more.\n<|im_end|>\n<think>3+4=7</think> <answer>7</answer> é"
 
 
@@ -57,7 +59,7 @@ def models_by_arch(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     return {arch: tiny.init_model(root / arch, InitConfig(arch=arch, hidden=64, layers=2, heads=4), seed=1)
-            for arch in ("llama", "qwen2")}
+            for arch in EXPORTED}
 
 
 def token_ids(folder) -> list[int]:
@@ -76,13 +78,13 @@ def test_llama_logits_match_per_dtype(models_by_arch, tmp_path, capsys, dtype):
     assert gap(folder, out, ids, tmp_path, f32_cache=dtype == "f32") <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("arch", ["qwen2"])
-def test_other_architectures_match_in_f32(models_by_arch, tmp_path, arch):
+@pytest.mark.parametrize("arch", EXPORTED)
+def test_every_exported_architecture_matches_in_f32(models_by_arch, tmp_path, arch):
     from thinkforge.export import export_gguf
 
     folder = models_by_arch[arch]
     done = export_gguf(folder, tmp_path / "m.gguf", "f32")
-    assert done["architecture"] == arch
+    assert done["architecture"] == ARCHS[arch].gguf
     assert gap(folder, tmp_path / "m.gguf", token_ids(folder), tmp_path, f32_cache=True) <= TOLERANCE["f32"]
 
 

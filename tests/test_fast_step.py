@@ -1,10 +1,11 @@
-"""The packed CPU decode step (engine/packed.py) computes what transformers' forward computes, and is never stale."""
+"""The fast CPU decode step (engine/fast.py) computes what transformers' forward computes, and is never stale."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from thinkforge.arch import ARCHS
 from thinkforge.engine.cache import kv_cache, reserved_layer
 from thinkforge.engine.decode import Prompts, decode
 from thinkforge.rollout.types import SamplingParams
@@ -21,7 +22,7 @@ def tiny(tmp_path, arch, **kw):
 
 def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
     """Logits of `steps` decode steps after a left-padded prefill, feeding the argmax of transformers' logits."""
-    from thinkforge.engine.packed import choose
+    from thinkforge.engine.fast import choose
     from thinkforge.models import forward_cached
     from thinkforge.rollout.types import left_pad
 
@@ -50,6 +51,7 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
 
 
 PROMPTS = [[5, 9, 12, 40, 7], [33, 8], [17, 17, 90, 3, 4, 5, 6]]
+FAST = [name for name, row in ARCHS.items() if row.fast_step]  # a row marked fast_step is tested below as it is added
 
 
 def test_a_streamed_sample_is_the_generated_one(tmp_path):
@@ -63,9 +65,9 @@ def test_a_streamed_sample_is_the_generated_one(tmp_path):
     assert len(pieces) > 1 and "".join(pieces) == gen.generate(["Mia has 3 apples"], 1, params)[0].text
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", FAST)
 @pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["left-padded", "one-prompt"])
-def test_the_packed_step_gives_transformers_logits(tmp_path, arch, prompts):
+def test_the_fast_step_gives_transformers_logits(tmp_path, arch, prompts):
     model, _ = tiny(tmp_path, arch)
     ours, theirs = step_logits(model, prompts, 6, True), step_logits(model, prompts, 6, False)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
@@ -120,14 +122,14 @@ def test_weights_changed_in_place_are_never_stale(tmp_path):
     model, tok = tiny(tmp_path, "llama")
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     held = {}
-    first = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
+    first = decode(model, Prompts(PROMPTS, 1, [], 0), params, fast=held)
     step = held["step"]
-    assert decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held) == first and held["step"] is step  # unchanged: kept
+    assert decode(model, Prompts(PROMPTS, 1, [], 0), params, fast=held) == first and held["step"] is step  # unchanged: kept
     weight = model.model.layers[0].mlp.down_proj.weight
     for change in (lambda: weight.mul_(-3.0), lambda: setattr(weight, "data", weight.data * -2.0)):
         with torch.no_grad():
             change()
-        again = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
+        again = decode(model, Prompts(PROMPTS, 1, [], 0), params, fast=held)
         assert held["step"] is not step
         assert again == decode(model, Prompts(PROMPTS, 1, [], 0), params) != first  # transformers' forward, on the new weights
         step, first = held["step"], again
@@ -139,18 +141,18 @@ def test_an_adapter_switched_off_is_seen(tmp_path):
     model, _ = tiny(tmp_path, "llama")
     model = random_lora(model, r=4, alpha=8, std=0.5).eval()
     params, held = SamplingParams(max_new_tokens=8, temperature=0.0), {}
-    with_adapter = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
+    with_adapter = decode(model, Prompts(PROMPTS, 1, [], 0), params, fast=held)
     with model.disable_adapter():
-        without = decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held)
+        without = decode(model, Prompts(PROMPTS, 1, [], 0), params, fast=held)
         assert without == decode(model, Prompts(PROMPTS, 1, [], 0), params)
     assert without != with_adapter
-    assert decode(model, Prompts(PROMPTS, 1, [], 0), params, packed=held) == with_adapter
+    assert decode(model, Prompts(PROMPTS, 1, [], 0), params, fast=held) == with_adapter
 
 
 def test_adapters_it_cannot_merge_are_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from thinkforge.engine.packed import refuses
+    from thinkforge.engine.fast import refuses
 
     model, _ = tiny(tmp_path, "llama")
     embedded = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
@@ -162,7 +164,7 @@ def test_adapters_it_cannot_merge_are_refused(tmp_path):
 
 def test_a_quantized_linear_is_refused(tmp_path):
     """A 4-bit layer's .weight is packed codes, not a matrix: such a model keeps transformers' forward."""
-    from thinkforge.engine.packed import refuses
+    from thinkforge.engine.fast import refuses
 
     class Linear4bit(torch.nn.Linear):  # a stand-in of bitsandbytes' class (not installable here): a subclass
         pass
@@ -174,7 +176,7 @@ def test_a_quantized_linear_is_refused(tmp_path):
 
 
 def test_what_the_step_refuses_says_why(tmp_path):
-    from thinkforge.engine.packed import refuses
+    from thinkforge.engine.fast import refuses
 
     model, _ = tiny(tmp_path, "phi")
     assert "PhiForCausalLM" in refuses(model, 64)
@@ -185,7 +187,7 @@ def test_what_the_step_refuses_says_why(tmp_path):
 
 
 def test_a_model_on_the_slow_path_is_told_why_once(tmp_path):
-    """Three places decided whether the packed step ran and threw the reason away, so a model silently decoded on
+    """Three places decided whether the fast step ran and threw the reason away, so a model silently decoded on
     transformers' forward. Now `refuses` decides, and a CPU model it refuses is told why, once per model."""
     import warnings
 
@@ -199,11 +201,11 @@ def test_a_model_on_the_slow_path_is_told_why_once(tmp_path):
         warnings.simplefilter("always")
         gen.generate(["a b", "c"], 2, params)
         gen.generate(["d"], 1, params)
-    said = [str(w.message) for w in told if "packed CPU step" in str(w.message)]
-    assert said == ["PhiForCausalLM decodes with transformers' forward, not the packed CPU step: PhiForCausalLM is not "
-                    "one of LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM"]
+    said = [str(w.message) for w in told if "fast CPU step" in str(w.message)]
+    assert said == ["PhiForCausalLM decodes with transformers' forward, not the fast CPU step: PhiForCausalLM is not "
+                    "one of Phi3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"]
     llama, tok = tiny(tmp_path, "llama")
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
         HFGenerator(llama, tok, 4).generate(["a b"], 1, params)  # taken: nothing to tell
-    assert not [w for w in told if "packed CPU step" in str(w.message)]
+    assert not [w for w in told if "fast CPU step" in str(w.message)]

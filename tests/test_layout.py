@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "thinkforge"
 
 
@@ -133,3 +135,84 @@ def test_every_registered_task_is_one_file_and_one_line_and_checks_its_own_probl
             if isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute) and node.left.attr in ("source", "benchmark"):
                 literal = [c.value for c in node.comparators if isinstance(c, ast.Constant)]
                 assert not set(literal) & names, f"{rel}:{node.lineno} compares a task's name: reach it through the task"
+
+
+def _parametrized(module: str, test: str, argument: str) -> list:
+    """The values a test module's test is parametrized over (its module imported as pytest imports it)."""
+    import importlib
+
+    marks = getattr(importlib.import_module(module), test).pytestmark
+    return next(list(m.args[1]) for m in marks if m.name == "parametrize" and m.args[0] == argument)
+
+
+def test_every_architecture_of_the_table_is_offered_by_init_model_and_read_from_the_table():
+    """An architecture is one row of arch.ARCHS: init.arch's Literal (written out for pydantic) and
+    `init-model --arch` offer exactly the rows, the tiny-model test runs every row, and the modules that act on
+    an architecture name none of its classes (they read the table)."""
+    import typing
+
+    from thinkforge.arch import ARCHS
+    from thinkforge.cli import cli
+    from thinkforge.config import InitConfig
+
+    assert set(typing.get_args(InitConfig.model_fields["arch"].annotation)) == set(ARCHS)
+    option = next(p for p in cli.commands["init-model"].params if p.name == "arch")
+    assert list(option.type.choices) == list(ARCHS)
+    assert _parametrized("test_models", "test_every_architecture_inits_loads_and_takes_lora", "arch") == list(ARCHS)
+    names = {n for row in ARCHS.values() for n in (row.model_class, row.config_class)}
+    for rel in ["engine/fast.py", "export.py", "models.py", "tiny.py", "config.py", "cli.py"]:
+        for node in ast.walk(ast.parse((PACKAGE / rel).read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                raise AssertionError(f"{rel}:{node.lineno} names {node.value}: read it from arch.ARCHS")
+
+
+def test_every_row_marked_fast_step_is_checked_against_transformers():
+    from thinkforge.arch import ARCHS
+
+    fast = [name for name, row in ARCHS.items() if row.fast_step]
+    assert _parametrized("test_fast_step", "test_the_fast_step_gives_transformers_logits", "arch") == fast
+
+
+def test_every_row_with_a_llama_cpp_name_is_checked_against_llama_cpp():
+    """(Skipped with tests/test_export.py where llama.cpp's venv is not built.)"""
+    from thinkforge.arch import ARCHS
+
+    exported = [name for name, row in ARCHS.items() if row.gguf]
+    assert _parametrized("test_export", "test_every_exported_architecture_matches_in_f32", "arch") == exported
+
+
+def test_every_rollout_backend_of_the_config_is_one_loader_and_rollout_imports_no_training_code():
+    """rollout.backend's Literal equals rollout.LOADERS' keys (a backend is one module and one row); the three
+    interfaces stay narrow: a sampling-only backend has no policy sync and no stream, and no module of rollout/
+    or engine/ imports train/ (the trainer hands rollout plain functions, `types.Policy`)."""
+    import typing
+
+    from thinkforge import rollout
+    from thinkforge.config import RolloutConfig
+    from thinkforge.rollout.openai import OpenAIClient
+    from thinkforge.rollout.vllm import VLLMGenerator
+
+    assert list(typing.get_args(RolloutConfig.model_fields["backend"].annotation)) == list(rollout.LOADERS)
+    for cls in (OpenAIClient, VLLMGenerator):
+        assert not {"push", "prove", "stream", "load_weights", "done"} & set(vars(cls)), cls
+    for folder in ("rollout", "engine"):
+        for path in sorted((PACKAGE / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("thinkforge.train"):
+                    raise AssertionError(f"{folder}/{path.name}:{node.lineno} imports {node.module}")
+
+
+@pytest.mark.parametrize("section,field,table", [("RLConfig", "advantage", "thinkforge.losses:ADVANTAGES"),
+                                                  ("RLConfig", "policy_loss", "thinkforge.losses:POLICY_LOSSES"),
+                                                  ("ModelConfig", "prompt_format", "thinkforge.formats:FORMATS"),
+                                                  ("RolloutConfig", "backend", "thinkforge.rollout:LOADERS")])
+def test_every_config_choice_equals_its_table(section, field, table):
+    """A config Literal is written out for pydantic; the table the code dispatches on is the fact: they are equal."""
+    import importlib
+    import typing
+
+    from thinkforge import config
+
+    module, name = table.split(":")
+    choices = typing.get_args(getattr(config, section).model_fields[field].annotation)
+    assert list(choices) == list(getattr(importlib.import_module(module), name))

@@ -10,13 +10,18 @@ from thinkforge.config import load_config
 from thinkforge.errors import UserError
 from thinkforge.losses import grpo_advantages, normaliser, policy_loss
 from thinkforge.rollout.hf import HFGenerator
-from thinkforge.rollout.types import Completion, Rollout, encode
-from thinkforge.rollout.vllm import SyncError
+from thinkforge.rollout.types import Completion, Rollout, SyncError, encode
 from thinkforge.train import ppo, rl, sampling
+from thinkforge.train.backend import Backend
 from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
 
 PROMPTS = ["Mia has 3 apples.", "Leo has 10 books and gives away 4 of them to Sam."]
+
+
+def _backend(make):
+    """rl.main's make_backend for a sampler alone: no policy sync, as the in-process backend."""
+    return lambda model, tok, batch_size: Backend(make(model, tok, batch_size))
 
 
 def _rollout(tok, texts, rewards, group_size, temperature=1.0):
@@ -186,7 +191,7 @@ def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_s
     gen = _out_of_memory_above(hf.HFGenerator(model, tok, 64), 2)
     assert gen.generate(["a", "b", "c"], 2, params) == want and gen.batch_size == 2
 
-    class Backend:
+    class Failing:
         batch_size = 2
 
         def __init__(self, error):
@@ -198,12 +203,12 @@ def test_out_of_memory_halves_the_backend_batch_and_a_group_that_never_fits_is_s
             return [hf.Completion(i, "x", (1,), "stop") for i in range(len(prompts)) for _ in range(n)]
 
     stats = {}
-    out = sampling.generate_groups(Backend(RuntimeError("CUDA out of memory (simulated)")), ["a", "bad", "c"], 2,
+    out = sampling.generate_groups(Failing(RuntimeError("CUDA out of memory (simulated)")), ["a", "bad", "c"], 2,
                                    SamplingParams(streams=(1, 2, 3)), stats)
     assert out[1] is None and len(out[0]) == 2 and len(out[2]) == 2
     assert stats["generation_failures"] == 1
     with pytest.raises(RuntimeError, match="size mismatch"):
-        sampling.generate_groups(Backend(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(streams=(1, 2)), {})
+        sampling.generate_groups(Failing(RuntimeError("size mismatch (a bug)")), ["a", "bad"], 2, SamplingParams(streams=(1, 2)), {})
 
 
 def test_steps_that_keep_no_group_stop_the_run_with_the_reasons(tiny_model, tmp_path):
@@ -326,47 +331,41 @@ def _shorter(model):
 
 def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_model, tmp_path):
     """The shape of a server backend (vLLM/SGLang with hot-reload): it generates from its own copy of the
-    weights, which only `load_weights` updates. The run must equal in-process generation, step for step."""
+    weights, which only `push` updates. The run must equal in-process generation, step for step."""
     import copy
 
     from thinkforge.rollout.hf import HFGenerator
 
     class OwnCopy:
         def __init__(self, model, tok, batch_size):
-            self.inner = HFGenerator(copy.deepcopy(model), tok, batch_size)
-            self.syncs = 0
+            self.policy, self.inner = model, HFGenerator(copy.deepcopy(model), tok, batch_size)
+            self.batch_size, self.version, self.syncs = batch_size, 0, 0
             backends.append(self)
 
-        @property
-        def batch_size(self):
-            return self.inner.batch_size
+        def generate(self, prompts, n, params):  # each sample of the version it came from
+            return [dataclasses.replace(c, version=self.version) for c in self.inner.generate(prompts, n, params)]
 
-        @batch_size.setter
-        def batch_size(self, value):
-            self.inner.batch_size = value
-
-        @property
-        def version(self):
-            return self.inner.version
-
-        def generate(self, prompts, n, params):
-            return self.inner.generate(prompts, n, params)
-
-        def load_weights(self, model):
-            self.inner.model.load_state_dict(model.state_dict())
-            self.inner.version += 1  # its samples are of the new version
+        def push(self):
+            self.inner.model.load_state_dict(self.policy.state_dict())
+            self.version += 1  # its samples are of the new version
             self.syncs += 1
             return {}
 
-        def prove(self, model):
+        def prove(self):
             return {}
 
         def close(self):
             pass
 
+    def own_copy(cls):
+        def make(model, tok, batch_size):
+            gen = cls(model, tok, batch_size)
+            return Backend(gen, sync=gen)
+        return make
+
     backends: list = []
     plain = rl.main(_shorter(tiny_model), "rl", tmp_path / "a", progress=False)
-    served = rl.main(_shorter(tiny_model), "rl", tmp_path / "b", progress=False, make_generator=OwnCopy)
+    served = rl.main(_shorter(tiny_model), "rl", tmp_path / "b", progress=False, make_backend=own_copy(OwnCopy))
 
     def rows(d):
         return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
@@ -379,12 +378,12 @@ def test_a_backend_with_its_own_weights_plugs_in_and_is_synced_every_step(tiny_m
     assert plain.is_dir() and served.is_dir()
 
     class Unsynced(OwnCopy):  # a sync that never arrives: step 2's rollouts would come from the start weights
-        def load_weights(self, model):
+        def push(self):
             self.syncs += 1
             return {}
 
     with pytest.raises(SyncError, match="step 2's samples came from policy version\\(s\\) \\[0\\], the trainer is at version 1"):
-        rl.main(_shorter(tiny_model), "rl", tmp_path / "c", progress=False, make_generator=Unsynced)
+        rl.main(_shorter(tiny_model), "rl", tmp_path / "c", progress=False, make_backend=own_copy(Unsynced))
 
 
 def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
@@ -392,7 +391,6 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
 
     class TextOnly:
         batch_size = 8
-        version = 0
 
         def __init__(self, *args):
             pass
@@ -400,17 +398,11 @@ def test_a_backend_without_token_ids_is_refused(tiny_model, tmp_path):
         def generate(self, prompts, n, params):
             return [Completion(i, "<think>2</think><answer>2</answer>", (), "stop") for i in range(len(prompts)) for _ in range(n)]
 
-        def load_weights(self, model):
-            return {}
-
-        def prove(self, model):
-            return {}
-
         def close(self):
             pass
 
     with pytest.raises(RuntimeError, match="without token ids"):
-        rl.main(_recipe(tiny_model, "grpo"), "rl", tmp_path / "t", progress=False, make_generator=TextOnly)
+        rl.main(_recipe(tiny_model, "grpo"), "rl", tmp_path / "t", progress=False, make_backend=_backend(TextOnly))
 
 
 def test_ppo_value_loss_is_weighted_by_vf_coef_once_and_logged_unweighted(tiny_model):
@@ -501,7 +493,7 @@ def test_with_the_recipes_dropout_every_compared_pass_sees_one_function(request,
     recipe = _recipe(request.getfixturevalue(model), "grpo", **extra)
     recipe.rewards.weights = {"user_rewards:shorter_is_better": 1.0}  # a reward that varies: every step trains
     assert recipe.lora.dropout == 0.05
-    rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=PerfectSampler)
+    rl.main(recipe, "rl", tmp_path / "run", progress=False, make_backend=_backend(PerfectSampler))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"pg_loss"' in x]
     assert len(rows) == 3 and rows[-1]["grad_norm"] > 0
     assert [r["sampler_logp_diff"] for r in rows] == pytest.approx([0.0] * 3, abs=1e-5)
@@ -547,7 +539,7 @@ def test_no_two_samples_of_a_large_run_share_a_random_stream():
                              "rl.drop_all_wrong=true", "rl.oversample=1.0"]).rl
     rec = Recorder()
     for step in range(2):
-        sampling.collect(step, task, rec, cfg, seed=0)
+        sampling.collect(step, task, Backend(rec), cfg, seed=0)
     assert len(rec.keys) == 2 * 3 * 256 * 8  # every round drew a full draw (all wrong: nothing kept)
     assert len(set(rec.keys)) == len(rec.keys)
     assert len({k % 2**63 for k, _ in rec.keys}) == len(rec.keys) // 8  # the vLLM request seeds, one per prompt
@@ -564,7 +556,7 @@ def test_a_run_whose_generator_halved_its_batch_then_was_killed_resumes_as_if_it
     extra = {"rl.steps": 4, "rl.gen_batch": 16, "rl.prompts_per_step": 4}
     rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "a", progress=False)
     assert rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False, stop_after=2,
-                   make_generator=halving) is None
+                   make_backend=_backend(halving)) is None
     rl.main(_recipe(tiny_model, "grpo", **extra), "rl", tmp_path / "b", progress=False)
 
     def rows(d):
@@ -580,7 +572,6 @@ class _Scripted:
     length, finished; `truncate` marks every sample cut at max_new_tokens."""
 
     batch_size = 64
-    version = 0
     texts = staticmethod(lambda i, j: "<think>1 + 1 = 2</think><answer>2</answer>")
     truncate = False
 
@@ -595,12 +586,6 @@ class _Scripted:
                 out.append(Completion(i, text, tuple(self.tok(text, add_special_tokens=False).input_ids) or (0,),
                                       "length" if self.truncate else "stop"))
         return out
-
-    def load_weights(self, model):
-        return {}
-
-    def prove(self, model):
-        return {}
 
     def close(self):
         pass
@@ -622,13 +607,13 @@ def test_the_preflight_stops_a_run_that_could_not_learn_with_what_to_do(tiny_mod
     learns nothing; the preflight says so in one line, and the report is in metrics.jsonl. No step is taken."""
     recipe = _preflight_recipe(tiny_model, **{"rl.preflight_groups": 4, **extra})
     with pytest.raises(UserError, match=re.escape(words)) as err:
-        rl.main(recipe, "rl", tmp_path / "r", progress=False, make_generator=backend)
+        rl.main(recipe, "rl", tmp_path / "r", progress=False, make_backend=_backend(backend))
     assert "rl.preflight=false" in str(err.value) and "\n" not in str(err.value)
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in rows if r.get("event") == "preflight"] == ["preflight"]
     assert not any("pg_loss" in r for r in rows) and not (tmp_path / "r" / "final").exists()
     recipe.rl.preflight = False  # asked for by name, the run trains anyway
-    assert rl.main(recipe, "rl", tmp_path / "anyway", progress=False, make_generator=backend) is not None
+    assert rl.main(recipe, "rl", tmp_path / "anyway", progress=False, make_backend=_backend(backend)) is not None
 
 
 def test_a_learnable_policy_passes_the_preflight_and_rl_proceeds_on_its_own_streams(tiny_model, tmp_path, monkeypatch):
@@ -641,7 +626,7 @@ def test_a_learnable_policy_passes_the_preflight_and_rl_proceeds_on_its_own_stre
 
     recipe = _preflight_recipe(tiny_model, **{"rl.reward": "weighted"})
     recipe.rewards.weights = {"user_rewards:shorter_is_better": 1.0}
-    assert rl.main(recipe, "rl", tmp_path / "a", progress=False, make_generator=Mixed) is not None
+    assert rl.main(recipe, "rl", tmp_path / "a", progress=False, make_backend=_backend(Mixed)) is not None
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     report = next(r for r in rows if r.get("event") == "preflight")
     assert (report["flat_group_share"], report["format_rate"], report["truncated_rate"]) == (0.0, 1.0, 0.0)
@@ -692,7 +677,7 @@ def test_answers_over_the_grading_budget_reach_the_step_metrics(tiny_model, monk
     monkeypatch.setattr(grading.math_equal, "__defaults__", (0.0,))  # an expression no other test grades (cache)
     task = sampling.Task([Problem("p", "expand", "(x+1)^{46}")], lambda q: q, load_tokenizer(tiny_model))
     cfg = load_config(None, ["rl.prompts_per_step=1", "rl.group_size=2", "rl.gen_batch=8"]).rl
-    batch, stats = sampling.collect(0, task, Heavy(), cfg, seed=0)
+    batch, stats = sampling.collect(0, task, Backend(Heavy()), cfg, seed=0)
     assert stats["grading_timeouts"] == 2 and stats["graded"] == 2
     batch.loss_mask = batch.completion_mask
     row = rl._row(batch, stats, Dist())

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from thinkforge.config import load_config
-from thinkforge.data import synthetic
 from thinkforge.data.packing import collate_packed, collate_padded, pack, tokenize
 from thinkforge.errors import UserError
 from thinkforge.formats import format_completion, render_prompt
 from thinkforge.losses import IGNORE, label_mask, normaliser, sft_loss, shift_labels, token_logprobs
+from thinkforge.tasks import synthetic
 
 
 def _examples(tok, n=6):

@@ -8,8 +8,8 @@ import yaml
 
 from thinkforge import tasks
 from thinkforge.config import Recipe, dump_config, load_config, validate
-from thinkforge.data import synthetic
 from thinkforge.errors import UserError
+from thinkforge.tasks import synthetic
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -245,11 +245,13 @@ def test_arithmetic_twins_share_a_key_and_a_split_in_every_task_and_training_on_
              ("Calculate 3 + 6.", "State the final answer to the following arithmetic problem: 6 + 3 ="),
              ("Calculate 8 - 3 + 5.", "Calculate 5 + 8 - 3.")]
     for a, b in twins:
-        assert expression_key(a) == expression_key(b) is not None and is_test(a) == is_test(b)
+        assert expression_key(a) == expression_key(b) is not None and is_test(a, expression_key(a)) == is_test(b, expression_key(b))
     others = [("Calculate 8 - 3.", "Calculate 3 - 8."), ("Calculate 6 / 2.", "Calculate 2 / 6."), ("Calculate 2 * 3 + 1.", "Calculate 2 * 4.")]
     for a, b in others:
         assert expression_key(a) != expression_key(b)
     assert expression_key("How many legs does a spider have?") is None
+    factors = tasks.load("reasoning_gym:prime_factorization")  # every question holds the example "2 × 2 × 3":
+    assert factors.twin_key(factors.problems("test", 1, 0)[0].question) is None  # its text names it, not that
     chain, basic = tasks.load("reasoning_gym:chain_sum"), tasks.load("reasoning_gym:basic_arithmetic")
     test = chain.problems("test", 150, 0, [1])  # every two-term one-digit sum on the test side ...
     train = basic.problems("train", 300, 0, [1])  # ... is on basic_arithmetic's test side too, whatever the wording

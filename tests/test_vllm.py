@@ -37,6 +37,14 @@ def _recipe(model, *extra):
                               f"rollout.vllm_command={json.dumps(COMMAND)}", *extra])
 
 
+def _backend(model, tok, batch_size, recipe, workdir):
+    """The RL stage's vLLM backend of one process, as rl.main builds it."""
+    from thinkforge.train.backend import make_backend
+    from thinkforge.train.dist import Dist
+
+    return make_backend(model, tok, batch_size, recipe.rollout, workdir, Dist(), max_new_tokens=recipe.rl.max_new_tokens)
+
+
 def _rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"pg_loss"' in x]
 
@@ -74,27 +82,27 @@ def test_grpo_on_a_vllm_server_syncs_and_proves_the_weights_every_step(vllm_mode
 def test_a_skipped_sync_is_caught_and_the_server_stops(vllm_model, tmp_path, how):
     """A push that never reaches the server: its weight version stays behind (lost), or even moves on while
     the weights stay (silent): the version, then the server's own checksums, stop the run in one line."""
-    from thinkforge import rollout
-    from thinkforge.rollout.vllm import SyncError, VLLMGenerator
+    from thinkforge.rollout.types import SyncError
+    from thinkforge.rollout.vllm import VLLMSync
     from thinkforge.train import rl
 
-    class Skipping(VLLMGenerator):
-        def load_weights(self, model):  # the push never happens
-            self.version += 1
+    class Skipping(VLLMSync):
+        def push(self):  # the push never happens
+            self.sampler.version += 1
             if how == "silent":
-                self._tell_version()
+                self.sampler.tell_version()
             return {}
 
     recipe = _recipe(vllm_model)
 
     def make(model, tok, batch_size):
-        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
-        gen.__class__ = Skipping
-        return gen
+        backend = _backend(model, tok, batch_size, recipe, tmp_path / "run")
+        backend.sync.__class__ = Skipping
+        return backend
 
     match = "holds weight version 0 before sampling, the trainer pushed version 1" if how == "lost" else "the push did not arrive"
     with pytest.raises(SyncError, match=match):
-        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_backend=make)
     assert _no_server_left()
 
 
@@ -102,33 +110,29 @@ def test_a_restarted_server_is_caught_by_its_version(vllm_model, tmp_path):
     """A server this run did not start (no checksums: what it held at the start is not known) is restarted after
     step 1's push: it serves its starting weights under vLLM's version "default", and at the recipe's learning
     rate the probe's log-probs move less than rollout.sync_atol. The version stops the run in one line."""
-    from thinkforge import rollout
-    from thinkforge.rollout.vllm import SyncError, VLLMGenerator
+    from thinkforge.rollout.types import SyncError
+    from thinkforge.rollout.vllm import VLLMSync
     from thinkforge.train import rl
 
-    class Restarted(VLLMGenerator):
-        def load_weights(self, model):
-            out = super().load_weights(model)
+    class Restarted(VLLMSync):
+        def push(self):
+            out = super().push()
             # what a restart leaves: the weights it was started with, no version
-            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": vllm_model}})
-            self._post("/update_weight_version", {"new_version": "default"})
-            self.ours, self.server = self.server, None  # from here on a server this run did not start
+            self.sampler.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": vllm_model}})
+            self.sampler.post("/update_weight_version", {"new_version": "default"})
+            self.checksums = False  # from here on a server this run did not start
             return out
-
-        def close(self):
-            self.server = self.ours
-            super().close()
 
     recipe = _recipe(vllm_model, "rl.optim.lr=5e-7", "rl.optim.warmup_ratio=0.0")
 
     def make(model, tok, batch_size):
-        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
-        gen.__class__ = Restarted
-        return gen
+        backend = _backend(model, tok, batch_size, recipe, tmp_path / "run")
+        backend.sync.__class__ = Restarted
+        return backend
 
     with pytest.raises(SyncError, match="reports weight version 'default' before sampling, after this run pushed version 1: "
                                         "it was restarted"):
-        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_backend=make)
     assert _no_server_left()
 
 
@@ -141,32 +145,38 @@ def test_a_push_one_step_late_is_caught_at_the_recipes_learning_rate(vllm_model,
     the run at the first step; the same run pushing on time passes with every check."""
     import copy
 
-    from thinkforge import rollout
-    from thinkforge.rollout.vllm import SyncError, VLLMGenerator
+    from thinkforge.rollout.types import SyncError
+    from thinkforge.rollout.vllm import VLLMSync
     from thinkforge.train import rl
+    from thinkforge.train.backend import policy_of
 
-    class Late(VLLMGenerator):
-        def prove(self, model):  # the policy before this step's update: what a push made before it would send
-            self.before = copy.deepcopy(model)
-            return super().prove(model)
+    class Late(VLLMSync):
+        def prove(self):  # the policy before this step's update: what a push made before it would send
+            self.before = policy_of(copy.deepcopy(self.trainer))
+            return super().prove()
 
-        def load_weights(self, model):
-            return super().load_weights(self.before)
+        def push(self):
+            now, self.policy = self.policy, self.before
+            try:
+                return super().push()
+            finally:
+                self.policy = now
 
     extra = ["lora.enabled=true", "lora.r=8", "lora.alpha=16", "rl.optim.lr=1e-5"] if lora else [
         "rl.optim.lr=5e-7"]
     recipe = _recipe(vllm_model, *extra, "rl.optim.warmup_ratio=0.0")
 
     def make(model, tok, batch_size):
-        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
-        gen.__class__ = Late if late else VLLMGenerator
-        return gen
+        backend = _backend(model, tok, batch_size, recipe, tmp_path / "run")
+        backend.sync.__class__ = Late if late else VLLMSync
+        backend.sync.trainer = model
+        return backend
 
     if late:
         with pytest.raises(SyncError, match=r"weight version \d on the vLLM server is not the trainer.s current policy"):
-            rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+            rl.main(recipe, "rl", tmp_path / "run", progress=False, make_backend=make)
     else:
-        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_backend=make)
         rows = _rows(tmp_path / "run")
         assert [r["step"] for r in rows] == [1, 2] and all(r["sync_logp_diff"] < 1e-4 for r in rows)
         assert all(r["sync_checksum_share"] > 0 for r in rows) if not lora else "sync_checksum_share" not in rows[0]
@@ -176,13 +186,14 @@ def test_a_push_one_step_late_is_caught_at_the_recipes_learning_rate(vllm_model,
 def test_server_logprobs_equal_the_trainers_on_the_same_tokens(vllm_model, tmp_path):
     """Token ids in and out, and the sampled tokens' log-probs at the sampling temperature: within 1e-4 of a
     transformers forward in fp32 (measured ~5e-7)."""
-    from thinkforge import models, rollout
+    from thinkforge import models
     from thinkforge.rollout.types import Rollout, SamplingParams
     from thinkforge.train.forward import forward_logp
 
     model, tok = models.load(vllm_model)
     recipe = _recipe(vllm_model)
-    with contextlib.closing(rollout.make_generator(model, tok, 16, recipe.rollout, tmp_path)) as gen:
+    with contextlib.closing(_backend(model, tok, 16, recipe, tmp_path)) as backend:
+        gen = backend.sampler
         prompts = ["Mia has 3 apples.", "Leo has 10 books and gives 4 away."]
         out = gen.generate(prompts, 3, SamplingParams(max_new_tokens=12, temperature=0.7, top_p=1.0, seed=5))
         assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1]
@@ -279,10 +290,10 @@ def test_a_push_is_written_in_buckets_that_load_back_whole(tmp_path):
     from safetensors.torch import load_file
 
     from thinkforge import models, tiny
-    from thinkforge.rollout.vllm import write_weights
+    from thinkforge.train.backend import policy_of, starting_folder
 
     model, tok = models.load(str(tiny.init_model(tmp_path / "m", InitConfig(hidden=64, heads=2))))
-    out = write_weights(model, tok, tmp_path / "push", bucket_bytes=50_000)
+    out = starting_folder(model, tok, tmp_path / "push", policy_of(model), bucket_bytes=50_000)
     shards = sorted(out.glob("model-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(shards) > 3 and set(index) == set(model.state_dict())
@@ -301,15 +312,14 @@ def test_a_server_that_stops_answering_is_one_line_within_its_timeout_and_is_sto
     import signal
     import time
 
-    from thinkforge import rollout
     from thinkforge.errors import UserError
-    from thinkforge.rollout.vllm import VLLMGenerator
+    from thinkforge.rollout.vllm import VLLMSync
     from thinkforge.train import rl
 
-    class Freezing(VLLMGenerator):
-        def load_weights(self, model):
-            out = super().load_weights(model)
-            os.kill(self.server.proc.pid, signal.SIGSTOP)  # after step 1's push: the server answers nothing more
+    class Freezing(VLLMSync):
+        def push(self):
+            out = super().push()
+            os.kill(self.sampler.server.proc.pid, signal.SIGSTOP)  # after step 1's push: the server answers nothing more
             self.frozen = time.time()
             return out
 
@@ -317,13 +327,13 @@ def test_a_server_that_stops_answering_is_one_line_within_its_timeout_and_is_sto
     gens = []
 
     def make(model, tok, batch_size):
-        gen = rollout.make_generator(model, tok, batch_size, recipe.rollout, tmp_path / "run")
-        gen.__class__ = Freezing
-        gens.append(gen)
-        return gen
+        backend = _backend(model, tok, batch_size, recipe, tmp_path / "run")
+        backend.sync.__class__ = Freezing
+        gens.append(backend.sync)
+        return backend
 
     with pytest.raises(UserError, match="the vLLM server at http://127.0.0.1:[0-9]+ is unreachable .*see .*vllm.log"):
-        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_generator=make)
+        rl.main(recipe, "rl", tmp_path / "run", progress=False, make_backend=make)
     took = time.time() - gens[0].frozen
     # the request's timeout (5 s, not the default 600), then the server's stop (20 s at most), with a margin for a
     # loaded 2-core machine

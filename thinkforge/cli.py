@@ -28,6 +28,7 @@ if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before the heavy imports below
 
 import click  # noqa: E402
 
+from thinkforge.arch import ARCHS  # noqa: E402
 from thinkforge.config import InitConfig  # noqa: E402
 from thinkforge.errors import UserError  # noqa: E402
 from thinkforge.io import run_folder  # noqa: E402
@@ -136,7 +137,7 @@ def cli():
 
 @cli.command("init-model", context_settings=CTX)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["phi", "phi3", "qwen2", "llama"]), default=_INIT["arch"], show_default=True,
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=_INIT["arch"], show_default=True,
               help="Real transformers architecture to initialise at random.")
 @click.option("--hidden", type=int, default=_INIT["hidden"], show_default=True, help="Hidden size (at least 8).")
 @click.option("--layers", type=int, default=_INIT["layers"], show_default=True, help="Number of transformer layers.")

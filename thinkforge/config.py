@@ -69,7 +69,7 @@ class LoraConfig(_Section):
     alpha: int = Field(32, ge=1, description="LoRA alpha (Infused Phi-2: 32).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (Infused Phi-2: 0.05), in SFT and mid-training: "
                            "DPO and RL turn every dropout off (their passes are compared; models.disable_dropout).")
-    target_modules: list[str] | None = Field(None, description="Module names; None = the architecture's default (see models.py).")
+    target_modules: list[str] | None = Field(None, description="Module names; None = the architecture's default (its row of arch.ARCHS).")
 
 
 class GenerationConfig(_Section):
@@ -392,7 +392,9 @@ class RewardsConfig(_Section):
 class InitConfig(_Section):
     """Make the starting model with `init-model` when model.name_or_path does not exist yet (the tiny recipe)."""
 
-    arch: Literal["phi", "phi3", "qwen2", "llama"] = Field("phi3", description="Architecture to initialise at random.")
+    # arch.ARCHS' keys, written out for pydantic and type checkers (tests/test_layout.py checks they agree)
+    arch: Literal["phi", "phi3", "llama", "mistral", "qwen2", "qwen3"] = Field(
+        "phi3", description="Architecture to initialise at random (a row of arch.ARCHS).")
     hidden: int = Field(64, ge=8, description="Hidden size (a multiple of heads).")
     layers: int = Field(2, ge=1, description="Transformer layers.")
     heads: int = Field(4, ge=1, description="Attention heads.")

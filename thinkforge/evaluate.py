@@ -25,7 +25,7 @@ from pathlib import Path
 from thinkforge import grading
 from thinkforge.formats import parse, response, words
 from thinkforge.monitor import progress_bar
-from thinkforge.rollout.types import Generator, SamplingParams, stream_key
+from thinkforge.rollout.types import Sampler, SamplingParams, stream_key
 from thinkforge.tasks import Problem, check_errors, constant_baseline, is_correct
 
 REASONING_MIN_WORDS = 5
@@ -150,7 +150,7 @@ def paired_change(before: list[dict], after: list[dict]) -> dict:
 
 
 def evaluate(
-    generator: Generator,
+    generator: Sampler,
     problems: list[Problem],
     prompt_fn: Callable[[str], str],
     params: SamplingParams,

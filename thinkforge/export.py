@@ -7,14 +7,14 @@ Ollama and LM Studio run the model with the prompt format it was trained with.
 What llama.cpp computes differently from transformers, and the file accounts for:
 - Llama-family rotary embedding: transformers rotates the two halves of each head (`rotate_half`); llama.cpp's
   `llama` graph rotates adjacent pairs. The q and k projections' output rows are reordered per head (each
-  half interleaved with the other) so that both compute the same attention. Qwen2 uses the halves in llama.cpp
-  too (NeoX rotation): its rows stay as they are.
+  half interleaved with the other) so that both compute the same attention. Qwen2 and Qwen3 use the halves in
+  llama.cpp too (NeoX rotation): their rows stay as they are (arch.py's `pairwise_rope`).
 - Norms and biases stay float32 in every dtype (as llama.cpp's own converter does); q8_0 needs rows whose
   length is a multiple of 32 and keeps float32 where it is not (a tiny model's odd sizes).
 
 The tensors' names come from the gguf package's map (its TensorNameMap), the metadata keys from its writer.
-Architectures outside llama / mistral / qwen2 (Phi-3 and Phi-4-mini not yet: llama.cpp 0.3.36 refuses the
-vocabulary of a phi3 file written this way, and Phi-4-mini's tokenizer needs llama.cpp's gpt-4o split), rope
+Architectures without a llama.cpp name in arch.ARCHS (Phi-3 and Phi-4-mini not yet: llama.cpp 0.3.36 refuses
+the vocabulary of a phi3 file written this way, and Phi-4-mini's tokenizer needs llama.cpp's gpt-4o split), rope
 scalings other than the default rotation, and tokenizers other than byte-level BPE are refused with one line
 naming what is not supported.
 """
@@ -26,16 +26,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from thinkforge.arch import ARCHS, row_of
 from thinkforge.errors import UserError
 
 DTYPES = ("f32", "bf16", "f16", "q8_0")
-
-# transformers' class -> (llama.cpp architecture, whether q/k rows are reordered for the pairwise rotation)
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-}
 
 # The byte-level pre-tokenizer's split, as llama.cpp names it (tokenizer.ggml.pre): told apart by the structure
 # of tokenizer.json's pre_tokenizer. GPT-2's regex alone; digits one by one then GPT-2's regex (SmolLM,
@@ -64,10 +58,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> d
     model, tok = models.load(str(model_dir), dtype="float32", device="cpu")
     if models.is_adapter(model):
         model = model.merge_and_unload()
-    cls = type(model).__name__
-    if cls not in ARCHITECTURES:
-        raise UserError(f"{model_dir}: {cls} cannot be exported to GGUF yet (supported: {', '.join(ARCHITECTURES)})")
-    arch, pairwise = ARCHITECTURES[cls]
+    row = row_of(model)
+    if row is None or row.gguf is None:
+        supported = ", ".join(r.model_class for r in ARCHS.values() if r.gguf)
+        raise UserError(f"{model_dir}: {type(model).__name__} cannot be exported to GGUF yet (supported: {supported})")
+    arch, pairwise = row.gguf, row.pairwise_rope
     config = model.config
     rope = _rope(config, model_dir)
     state = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}

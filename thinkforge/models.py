@@ -2,7 +2,7 @@
 
 - load(name_or_path, ...): any Hugging Face causal LM by hub id or local folder, or a PEFT adapter folder
   (its base is loaded first). 4-bit NF4 (QLoRA) through bitsandbytes only where CUDA is present.
-- add_lora(model, ...): PEFT LoRA with per-architecture default targets (LORA_TARGETS).
+- add_lora(model, ...): PEFT LoRA with per-architecture default targets (arch.ARCHS' `lora_targets`).
 - disable_dropout(model): the training-mode forward made the eval-mode one (RL and DPO: PITFALLS 22).
 - save(model, tokenizer, out): a standard folder, full weights or a PEFT adapter (optionally merged),
   written to a temporary folder and renamed, safetensors only.
@@ -20,18 +20,9 @@ import tempfile
 from pathlib import Path
 
 from thinkforge import cards
+from thinkforge.arch import ARCHS
 from thinkforge.errors import UserError
 from thinkforge.io import respect_umask
-
-# Per-architecture LoRA targets. Phi-2 as the Infused Phi-2 card; Phi-3/Phi-4 fuse q, k, v into qkv_proj.
-LORA_TARGETS = {
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
-    "phi3": ["qkv_proj", "o_proj"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -175,12 +166,12 @@ def adapter_base(path: str) -> tuple[str | None, int | None]:
 
 def default_lora_targets(model) -> list[str]:
     kind = getattr(model.config, "model_type", "")
-    if kind not in LORA_TARGETS:
+    if kind not in ARCHS:
         raise UserError(
             f"no default LoRA targets for architecture {kind!r}; set lora.target_modules "
-            f"(e.g. [q_proj, v_proj]); known: {', '.join(LORA_TARGETS)}"
+            f"(e.g. [q_proj, v_proj]); known: {', '.join(ARCHS)}"
         )
-    return LORA_TARGETS[kind]
+    return list(ARCHS[kind].lora_targets)
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules: list[str] | None = None):

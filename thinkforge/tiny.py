@@ -5,13 +5,15 @@
 The tokenizer is a byte-level BPE trained on synthetic-task text (digits one per token: arithmetic is learned
 digit by digit), with the role markers as special tokens, the reasoning tags as ordinary added tokens (the
 Infused Phi-2 snippet decodes with skip_special_tokens=True and must still see them), and a chat template in
-the Phi-4 layout. The sizes' one default is config.InitConfig's.
+the Phi-4 layout. The sizes' one default is config.InitConfig's; each architecture's own settings are its row of
+arch.ARCHS.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from thinkforge.arch import ARCHS
 from thinkforge.config import InitConfig
 from thinkforge.models import save
 
@@ -30,8 +32,8 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from thinkforge.data.synthetic import generate
     from thinkforge.formats import SYSTEM_PROMPT
+    from thinkforge.tasks.synthetic import generate
 
     corpus = [SYSTEM_PROMPT, "The final answer is", "Let me check. Wait, so the answer is"]
     for level in (1, 2, 3, 4):
@@ -57,21 +59,16 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
 
 
 def tiny_config(size: InitConfig, vocab_size: int, max_len: int = 1024, **ids):
-    """The transformers config of a tiny model of `size` (arch, hidden, layers, heads)."""
-    from transformers import LlamaConfig, Phi3Config, PhiConfig, Qwen2Config
+    """The transformers config of a tiny model of `size` (arch, hidden, layers, heads): the sizes every
+    architecture shares, then the settings of its row in arch.ARCHS."""
+    import transformers
 
-    arch, hidden, heads = size.arch, size.hidden, size.heads
+    row = ARCHS[size.arch]
     common = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=size.layers,
-        num_attention_heads=heads, max_position_embeddings=max_len, **ids,
+        vocab_size=vocab_size, hidden_size=size.hidden, intermediate_size=4 * size.hidden,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, max_position_embeddings=max_len, **ids,
     )
-    if arch == "phi":
-        return PhiConfig(**common, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
-    if arch == "phi3":
-        return Phi3Config(**common, num_key_value_heads=heads, tie_word_embeddings=False)
-    if arch == "qwen2":
-        return Qwen2Config(**common, num_key_value_heads=max(1, heads // 2), tie_word_embeddings=True)
-    return LlamaConfig(**common, num_key_value_heads=max(1, heads // 2))
+    return getattr(transformers, row.config_class)(**common, **row.tiny(size))
 
 
 def init_model(out: str | Path, size: InitConfig | None = None, seed: int = 0) -> Path:

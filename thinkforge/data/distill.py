@@ -50,8 +50,7 @@ class SyntheticTeacher:
         self.slip_rate, self.seed = slip_rate, seed
 
     def solve(self, problems: list[Problem], n: int) -> Iterator[Result]:
-        from thinkforge.data.synthetic import teacher_completion
-        from thinkforge.tasks.synthetic import Synthetic
+        from thinkforge.tasks.synthetic import Synthetic, teacher_completion
 
         for p in problems:
             if not isinstance(p.task, Synthetic):

@@ -1,5 +1,5 @@
 """The decode loop's KV cache: one dtype for keys and values, full-attention layers reserved up front (written in
-place, read as views). Both the loop (`decode.py`) and the packed step (`packed.py`) read it."""
+place, read as views). Both the loop (`decode.py`) and the fast step (`fast.py`) read it."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The decode loop that every in-process backend runs (HF rollouts, evaluation, teachers, serve and chat): a
 group's prompt prefilled once by the model's forward and its KV cache repeated for the group's samples, one token
 per live row per step, rows that stopped leaving the batch, each sample drawing from its own random stream; on a
-CPU each step runs the packed step (`engine/packed.py`) for the models it takes.
+CPU each step runs the fast step (`engine/fast.py`) for the models it takes.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from thinkforge.draw import SamplingParams, left_pad
 from thinkforge.engine.cache import kv_cache
 from thinkforge.models import forward_cached
-from thinkforge.rollout.types import SamplingParams, left_pad
 
 
 class RowStreams:
@@ -102,8 +102,8 @@ class Prompts:
 class Hooks:
     """What a decode call tells its caller and asks it, each optional. interrupt: checked every step; when it
     returns true the rows end where they are (a server whose clients left). lockstep: called with True before each
-    forward (a sharded model's ranks agree on one more: `HFGenerator.done`). on_token: each new token id as it
-    is drawn (one prompt, n = 1: `HFGenerator.stream`)."""
+    forward (a sharded model's ranks agree on one more; a rank whose share is done `join`s the others').
+    on_token: each new token id as it is drawn (one prompt, n = 1: `HFGenerator.stream`)."""
 
     interrupt: Callable[[], bool] | None = None
     lockstep: Callable[[bool], bool] | None = None
@@ -111,10 +111,10 @@ class Hooks:
 
 
 def decode(model, prompts: Prompts, params: SamplingParams, *, uniforms=None, hooks: Hooks = Hooks(),
-           packed: dict | None = None) -> list[list[int]]:
+           fast: dict | None = None) -> list[list[int]]:
     """prompts.n continuations of each prompt (token ids, the stop token included), ordered prompt by prompt.
-    uniforms: the draws of each output row (`RowStreams`); None when greedy. packed: where the packed decode
-    step (`engine.packed`) is kept between calls; it runs on CPUs for the models `packed.choose` takes (else
+    uniforms: the draws of each output row (`RowStreams`); None when greedy. fast: where the fast decode
+    step (`engine.fast`) is kept between calls; it runs on CPUs for the models `fast.choose` takes (else
     transformers' forward, and the reason is told once per model), and is remade when the weights changed.
     None: transformers' forward, asked for.
 
@@ -134,20 +134,20 @@ def decode(model, prompts: Prompts, params: SamplingParams, *, uniforms=None, ho
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     capacity = ids.shape[1] + params.max_new_tokens
     cache = kv_cache(model, capacity)
-    step = hooks.lockstep or (lambda going: going)
+    agree = hooks.lockstep or (lambda going: going)
     with torch.no_grad():
-        step(True)
+        agree(True)
         out, cache = forward_cached(model, cache, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         if n > 1:
             cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1, :].float().repeat_interleave(n, 0)
         mask = mask.repeat_interleave(n, 0)
         next_pos = pos[:, -1:].repeat_interleave(n, 0) + 1
-        fast = None
-        if packed is not None:
-            from thinkforge.engine.packed import choose
+        fast_step = None  # engine/fast.py's step, where it runs this model
+        if fast is not None:
+            from thinkforge.engine.fast import choose
 
-            fast = choose(model, cache, capacity, packed, lockstep=hooks.lockstep is not None)
+            fast_step = choose(model, cache, capacity, fast, lockstep=hooks.lockstep is not None)
         total = logits.shape[0]
         rows = torch.arange(total, device=device)  # the output row of each batch row
         alive = torch.ones(total, dtype=torch.bool, device=device)
@@ -172,11 +172,25 @@ def decode(model, prompts: Prompts, params: SamplingParams, *, uniforms=None, ho
                 cache.batch_select_indices(keep)
                 rows, alive, nxt, mask, next_pos = rows[keep], alive[keep], nxt[keep], mask[keep], next_pos[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            step(True)
-            if fast is not None:
-                logits = fast(nxt, next_pos.view(-1), mask.bool(), cache)
+            agree(True)
+            if fast_step is not None:
+                logits = fast_step(nxt, next_pos.view(-1), mask.bool(), cache)
             else:
                 out, cache = forward_cached(model, cache, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=next_pos)
                 logits = out.logits[:, -1, :].float()
             next_pos = next_pos + 1
     return [r[:k] for r, k in zip(tokens.tolist(), lengths.tolist(), strict=True)]
+
+
+def join(model, lockstep: Callable[[bool], bool], pad_id: int) -> None:
+    """This rank's share of a generation phase is done: with the ranks of a sharded model (`lockstep`, as
+    `Hooks.lockstep`), run stand-in forwards, whose collectives pair with the other ranks', until every rank's
+    share is done."""
+    import torch
+
+    from thinkforge.models import eval_mode
+
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=model.device)
+    with eval_mode(model), torch.no_grad():
+        while lockstep(False):
+            model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False)  # its collectives only

@@ -12,7 +12,6 @@ import random
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from thinkforge.errors import UserError
@@ -32,7 +31,7 @@ class ServerError(UserError):
 
 class OpenAIClient:
     """The HTTP client of the OpenAI-compatible routes: a teacher's or evaluation's server by its model name
-    (`chat`, and `generate` of the Generator interface), and the transport of the vLLM rollout backend's requests
+    (`chat`, and `generate` of the Sampler interface), and the transport of the vLLM rollout backend's requests
     (`post`; its health probe while the server starts is its own). `unreachable`: what the
     one-line error adds when the server cannot be reached (where its log is, which setting names it)."""
 
@@ -44,11 +43,7 @@ class OpenAIClient:
         self.max_retries, self.backoff, self.concurrency = max_retries, backoff, max(1, concurrency)
         self.unreachable = unreachable
         self.retries = 0  # how many retries this client has made, for logs and tests
-        self.batch_size = max(1, batch_size)  # prompts x samples per generate call (the Generator interface)
-        self.stop_ids: list[int] = []  # the served model's own end tokens decide
-        self.model = None  # no in-process model: no log-probs of arbitrary tokens
-        self.interrupt = None  # checked before each request: true skips those not yet sent
-        self.version = 0  # a fixed model: no pushes
+        self.batch_size = max(1, batch_size)  # prompts x samples per generate call (the Sampler interface)
 
     def post(self, route: str, body: dict) -> dict | None:
         """POST body as JSON to base_url + route; the answer's JSON object (None for an empty or non-JSON
@@ -106,10 +101,9 @@ class OpenAIClient:
         return results
 
     def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
-        """The rollout Generator interface over /completions (prompts already formatted)."""
+        """The Sampler interface over /completions (prompts already formatted; the served model's own end
+        tokens decide where a completion stops)."""
         def one(i: int) -> list[Completion]:
-            if self.interrupt is not None and self.interrupt():  # its clients left: not sent
-                return [Completion(i, "", (), "length") for _ in range(n)]
             out = self.post("/completions", {**self._sampling(params, n, i), "prompt": prompts[i]})
             return [Completion(i, c.get("text", ""), (), "length" if c.get("finish_reason") == "length" else "stop")
                     for c in out["choices"]]
@@ -117,21 +111,8 @@ class OpenAIClient:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return [c for group in pool.map(one, range(len(prompts))) for c in group]
 
-    def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
-        """The completion in one piece (this client does not stream)."""
-        yield self.generate([prompt], 1, params)[0].text
-
-    def load_weights(self, model) -> dict[str, float]:
-        raise RuntimeError("an OpenAI-compatible server takes no weight updates: RL needs rollout.backend hf or vllm")
-
     def close(self) -> None:
-        pass
-
-    def done(self) -> None:
-        pass
-
-    def prove(self, model) -> dict[str, float]:
-        raise RuntimeError("an OpenAI-compatible server takes no weight updates: RL needs rollout.backend hf or vllm")
+        """Nothing to release: each request opens and closes its own connection."""
 
     def get(self, route: str) -> dict | None:
         """GET base_url + route: its JSON object (retried as `post` is)."""

@@ -1,4 +1,5 @@
-"""What every generation backend returns, and the interface it implements."""
+"""What every generation backend returns, and the three interfaces backends implement (sampling, streaming,
+policy sync)."""
 
 from __future__ import annotations
 
@@ -6,40 +7,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from thinkforge.draw import SamplingParams, left_pad, stream_key  # noqa: F401 - every backend's, here too
+
 if TYPE_CHECKING:
     import torch
-
-
-def stream_key(*identity) -> int:
-    """A 128-bit key for the random stream of whatever `identity` names (ints and strings: a seed, a step, a
-    refill round, a problem's id and position). Different identities get different keys (blake2b), however
-    large any count grows: seed arithmetic such as seed * K + 1000 * step + 100 * round + i reuses a stream
-    once a count passes its stride (PITFALLS 18)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.blake2b(repr(identity).encode(), digest_size=16).digest(), "little")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Sampling settings; recorded beside every evaluation number (SPEC 5).
-
-    Prompt i of a call samples from the stream `stream(i)`: `streams[i]` when the caller names each prompt's
-    stream (RL: seed, step, round, the problem; the server: each request's own seed), else
-    stream_key(seed, first_prompt + i) (evaluation: the problem's position). Sample j of that prompt draws from
-    (stream, j) in every backend, so a sample depends on neither its batch nor the chunking."""
-
-    max_new_tokens: int = 384
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    seed: int = 0
-    first_prompt: int = 0  # the position of the call's first prompt in the stream its keys follow
-    streams: tuple[int, ...] | None = None  # one stream_key per prompt of the call
-
-    def stream(self, i: int) -> int:
-        """The stream key of prompt i of a call."""
-        return self.streams[i] if self.streams is not None else stream_key(self.seed, self.first_prompt + i)
 
 
 Prompt = "str | list[int]"  # text, or token ids sent as they are
@@ -78,46 +49,73 @@ def stop_ids(tokenizer, generation_config) -> list[int]:
     return ids
 
 
-class Generator(Protocol):
-    """A rollout backend. The RL trainer uses `generate` (token ids required), `batch_size` (sequences per
-    call) and `load_weights` (after every optimizer step); the server and chat use `stream`, `interrupt`
-    and `model`. A backend that runs out of memory halves its own batch and retries; when even one prompt's
-    group does not fit, it raises the out-of-memory error."""
+class Sampler(Protocol):
+    """Sampling, for RL, evaluation, the policy's own samples for DPO pairs and teachers: every backend.
+    A backend that runs out of memory halves its own batch and retries; when even one prompt's group does not
+    fit, it raises the out-of-memory error."""
 
-    batch_size: int
-    stop_ids: list[int]  # what ends a completion (`stop_ids` above)
-    model: Any  # the in-process model (log-probs of any tokens need it); None for a server backend
-    interrupt: Callable[[], bool] | None  # checked while generating: true ends the rows where they are
-    version: int  # the policy version it samples: one more per `load_weights` (each sample carries it)
+    batch_size: int  # sequences (prompts x samples) per call
 
-    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list, n: int, params: SamplingParams) -> list[Completion]:
         """`n` completions per prompt, ordered prompt by prompt: index i*n + j is sample j of prompt i.
         A prompt is text or a list of token ids."""
         ...
 
-    def load_weights(self, model) -> dict[str, float]:
-        """The policy changed: its version goes up by one. A backend holding its own copy of the weights (a
-        vLLM server) pushes them here; an in-process backend generates with the training model itself.
-        Returns what to log (sync seconds)."""
+    def close(self) -> None:
+        """Release what the backend holds (a server it started, copies of weights)."""
         ...
 
-    def prove(self, model) -> dict[str, float]:
-        """Before sampling: prove the backend samples with `model`'s current weights (PITFALLS 4), or raise
-        SyncError. Returns what to log."""
-        ...
+
+class Streamer(Sampler, Protocol):
+    """Streaming with interruption, for serve and chat: a backend whose model is in this process."""
+
+    model: Any  # the in-process model (the server's log-probs of any tokens need it)
+    interrupt: Callable[[], bool] | None  # checked while generating: true ends the rows where they are
 
     def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
         """The text of one completion piece by piece; closing the iterator stops the generation."""
         ...
 
-    def close(self) -> None:
-        """Stop what the backend started (a server)."""
+
+class SyncError(RuntimeError):
+    """A rollout backend does not sample with the trainer's current weights (PITFALLS 4)."""
+
+
+class PolicySync(Protocol):
+    """Policy sync, for RL only: a backend that holds its own copy of the weights (a vLLM server). A sampler
+    that runs the training model itself has none: its weights are always the current ones."""
+
+    version: int  # the policy version it samples: pushes since the run (re)started (each sample carries it)
+
+    def push(self) -> dict[str, float]:
+        """The policy changed (an optimizer step): send it as version + 1. Returns what to log."""
         ...
 
-    def done(self) -> None:
-        """This rank's share of a generation phase is over (called on sharded ranks only): an in-process
-        backend on a sharded model joins the other ranks' forwards until theirs is over too."""
+    def prove(self) -> dict[str, float]:
+        """Before sampling: prove the backend samples with the policy's current weights, or raise SyncError.
+        Returns what to log."""
         ...
+
+
+def _same(value):
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """What a policy sync reads of the trainer's model, as plain functions the trainer hands over (rollout
+    imports no training code). On the ranks of a sharded model every rank calls `tensors` and `logprobs`
+    alike (each is a collective there): `collective` says so, and `share` gives every rank the main rank's
+    value; the main rank alone writes, talks to the server and judges."""
+
+    lora: bool  # the policy is a LoRA adapter over a base the server holds
+    tensors: Callable[[], Iterator[tuple[str, Any]]]  # what a push writes, whole, by name: the adapter's or every weight
+    save_adapter: Callable[[Any], None]  # a loadable adapter folder of the policy at a path (LoRA)
+    logprobs: Callable[[list[int]], Any]  # (T-1,) log-probs at temperature 1 of tokens 1.. of a sequence, on the CPU
+    sizes: dict[str, int]  # every parameter's element count (the share of the model a check covered)
+    main: bool = True
+    collective: bool = False
+    share: Callable[[Any], Any] = _same
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -196,20 +194,6 @@ class Rollout:
                    torch.as_tensor(group, dtype=torch.long),
                    torch.as_tensor(truncated if truncated is not None else [False] * n, dtype=torch.bool),
                    list(texts) if texts is not None else [""] * n, temperature)
-
-
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """(ids, attention_mask), both (B, L) long tensors, sequences aligned to the right."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids, mask
 
 
 def pad_id(tokenizer) -> int:

@@ -1,9 +1,11 @@
 """Rollouts on a vLLM server, with the policy's weights pushed after every optimizer step and proven.
 
     server = VLLMServer(model_dir, cfg, log_path).start()      # or cfg.base_url: a server already running
-    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, sync_dir=sync_dir, stop_ids=stop_ids, server=server)
+    gen = VLLMGenerator(server.url, tokenizer, batch_size, cfg, stop_ids=stop_ids, server=server)   # a Sampler
     gen.generate(prompts, n, params)   # token ids in, token ids and their log-probs out
-    gen.load_weights(model)            # LoRA: hot-load the adapter under a new name; full: reload in place
+    sync = VLLMSync(gen, policy, sync_dir, atol=cfg.sync_atol)   # a PolicySync: policy = the trainer's functions
+    sync.push()                        # LoRA: hot-load the adapter under a new name; full: reload in place
+    sync.prove()                       # before the next samples
 
 Token-exact: prompts go to /v1/completions as token ids, completions come back as token ids with the
 sampled tokens' log-probs (`return_token_ids`, `logprobs: 0`); nothing is re-tokenised. The server must run
@@ -34,51 +36,24 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from thinkforge.errors import UserError
 from thinkforge.rollout.openai import OpenAIClient, ServerError
-from thinkforge.rollout.types import Completion, SamplingParams, encode
-
-
-class SyncError(RuntimeError):
-    """The server does not generate with the trainer's weights after a sync."""
-
-
-def full_weights(model, peers=None):
-    """(name, tensor) of every weight of `model`, whole: a sharded (FSDP2) weight gathered from the ranks one
-    at a time (a collective: every rank iterates alike), so no rank holds the whole model at once."""
-    from torch.distributed.tensor import DTensor
-
-    for name, t in model.state_dict().items():
-        yield name, (t.full_tensor() if peers is not None and isinstance(t, DTensor) else t)
-
-
-def adapter_state(model, peers=None) -> dict:
-    """The LoRA adapter's weights by PEFT's names, whole (gathered from the ranks under FSDP2)."""
-    from peft import get_peft_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    state = get_peft_model_state_dict(model)
-    if peers is None:
-        return state
-    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in state.items()}
-
+from thinkforge.rollout.types import Completion, Policy, SamplingParams, SyncError, encode
 
 BUCKET_BYTES = 2**30  # a push's shard files: at most this much of the model in memory on rank 0 at once
 
 
-def write_weights(model, tokenizer, out: Path, peers=None, bucket_bytes: int = BUCKET_BYTES) -> Path:
-    """The full weights of `model` as safetensors shards of at most bucket_bytes (and their index), written
-    by rank 0 while every rank gathers a sharded model's weights one at a time with it; with a tokenizer, a
-    loadable folder (config, generation config, tokenizer). Replaces out's shards; returns out."""
-    import json as _json
-
+def write_weights(tensors: Iterable, out: Path, *, main: bool = True, bucket_bytes: int = BUCKET_BYTES) -> Path:
+    """The (name, tensor) pairs `tensors` as safetensors shards of at most bucket_bytes and their index, written
+    by the main rank (the others only iterate: a sharded policy's gathers are collectives). Replaces out's
+    shards; returns out."""
     from safetensors.torch import save_file
 
-    main = peers is None or peers.main
     if main:
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("model*.safetensors*"):
@@ -94,7 +69,7 @@ def write_weights(model, tokenizer, out: Path, peers=None, bucket_bytes: int = B
             index.update(dict.fromkeys(bucket, name))
         bucket, size = {}, 0
 
-    for name, t in full_weights(model, peers):
+    for name, t in tensors:
         if main:
             bucket[name] = t.detach().cpu().contiguous().clone()
             size += t.numel() * t.element_size()
@@ -102,15 +77,7 @@ def write_weights(model, tokenizer, out: Path, peers=None, bucket_bytes: int = B
             flush()
     flush()
     if main:
-        (out / "model.safetensors.index.json").write_text(_json.dumps({"metadata": {}, "weight_map": index}))
-        if tokenizer is not None:
-            from thinkforge import models
-
-            base = model.get_base_model() if models.is_adapter(model) else model
-            base.config.save_pretrained(out)
-            if base.generation_config is not None:
-                base.generation_config.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
     return out
 
 
@@ -228,33 +195,24 @@ class VLLMServer:
 
 
 class VLLMGenerator:
-    """The Generator interface over a vLLM server (see the module docstring). `server` (ours) is stopped by
-    `close`; a server at rollout.base_url is the user's and left running."""
+    """The Sampler interface over a vLLM server (see the module docstring). `server` (ours) is stopped by
+    `close`; a server at rollout.base_url is the user's and left running. The served name and weight version
+    it samples are a policy sync's to move (`VLLMSync`), or a saved adapter's (`load_adapter`)."""
 
-    def __init__(self, url: str, tokenizer, batch_size: int, cfg, *, sync_dir: Path, stop_ids: list[int],
-                 server: VLLMServer | None = None, push: bool = True, peers=None):
-        """stop_ids: what ends a completion (`types.stop_ids`); push: False on ranks other than the first (rank
-        0 pushes the weights, every rank samples); peers: the ranks of a sharded (FSDP2) policy, which every
-        rank gathers with the others, a weight at a time, for rank 0 to push and prove."""
+    def __init__(self, url: str, tokenizer, batch_size: int, cfg, *, stop_ids: list[int], server: VLLMServer | None = None):
+        """stop_ids: what ends a completion (`types.stop_ids`)."""
         self.url, self.tokenizer, self.batch_size, self.cfg = url.rstrip("/"), tokenizer, batch_size, cfg
-        self.sync_dir, self.stop_ids, self.server, self.push = Path(sync_dir), list(stop_ids), server, push
+        self.stop_ids, self.server = list(stop_ids), server
         self.http = OpenAIClient(self.url, "policy", timeout=cfg.request_timeout, max_retries=0,
                                  concurrency=cfg.concurrency, unreachable="see " + str(server.log_path) if server
                                  else "is rollout.base_url right?")
         self.model_name = "policy"
-        self.version = 0  # pushes since the run (re)started; the server is told it with each
+        self.version = 0  # the weight version it samples: pushes since the run (re)started
         self.told = False  # the server took a version from this run (it then never says "default" again)
-        self.dtype = server.dtype if server is not None else None  # the server's weights dtype (None: the trainer's)
-        self.pushed: dict[str, str] | None = None  # digests of what the last push wrote
-        self.layout: set[str] | None = None  # weights the server keeps in the trainer's layout (its checksums comparable)
-        self.peers = peers if peers is not None and peers.sharded else None
         self.probe: list[int] | None = None  # prompt + completion ids of one fixed sample, for the sync check
-        self.model = None  # the weights live in the server
-        self.interrupt = None  # checked before each request: true skips those not yet sent
+        self.said: set[str] = set()  # the proofs found off on this server, each said once
 
-    # ------------------------------------------------------------ generation
-
-    def _post(self, route: str, body: dict) -> dict | None:
+    def post(self, route: str, body: dict) -> dict | None:
         """One request to our server. An HTTP error it answers is a RuntimeError (a 500 that says "out of
         memory" is the one the sampler skips and counts); a server that does not answer is one line."""
         try:
@@ -264,37 +222,34 @@ class VLLMGenerator:
                 raise UserError(f"the vLLM server at {self.url} is unreachable ({e.detail}); {self.http.unreachable}") from None
             raise RuntimeError(f"vLLM {route} answered {e.status}: {e.detail}") from None
 
-    def generate(self, prompts: list[str], n: int, params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list, n: int, params: SamplingParams) -> list[Completion]:
         """n completions per prompt, prompt by prompt, each with its token ids and their log-probs.
 
         One request per prompt, its seed the prompt's stream key (`SamplingParams.stream`, the rule every
-        backend follows): the samples do not depend on how prompts are batched or spread over ranks. The prompt tokens in flight
-        stay within the server's step budget (rollout.max_batched_tokens): vLLM's CPU engine fails on a seeded
-        request whose prefill it splits across steps.
+        backend follows): the samples do not depend on how prompts are batched or spread over ranks. The prompt
+        tokens in flight stay within the server's step budget (rollout.max_batched_tokens): vLLM's CPU engine
+        fails on a seeded request whose prefill it splits across steps.
         """
         ids = [encode(self.tokenizer, p) for p in prompts]
         longest = max((len(x) for x in ids), default=1)
         in_flight = max(1, min(self.cfg.concurrency, self.cfg.max_batched_tokens // (2 * n * longest)))
-        self._same_version("before sampling")
+        self.same_version("before sampling")
         with ThreadPoolExecutor(in_flight) as pool:
             results = list(pool.map(lambda i: self._complete(ids[i], n, params, i), range(len(ids))))
-        self._same_version("while it sampled")  # no push came in between: every sample is of this version
+        self.same_version("while it sampled")  # no push came in between: every sample is of this version
         out = [c for one in results for c in one]
         if self.probe is None and out and out[0].token_ids:
             self.probe = ids[0] + list(out[0].token_ids)
         return out
 
     def _complete(self, prompt: list[int], n: int, params: SamplingParams, index: int) -> list[Completion]:
-        if self.interrupt is not None and self.interrupt():  # its clients left: not sent
-            return [Completion(index, "", (), "length") for _ in range(n)]
         body = {"model": self.model_name, "prompt": [prompt], "n": n, "max_tokens": params.max_new_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "logprobs": 0, "return_token_ids": True,
-                "seed": params.stream(index) % 2**63,
-                "stop_token_ids": self.stop_ids or None}
+                "seed": params.stream(index) % 2**63, "stop_token_ids": self.stop_ids or None}
         if params.top_k:
             body["top_k"] = params.top_k
         out = []
-        for choice in sorted(self._post("/v1/completions", body)["choices"], key=lambda c: c["index"]):
+        for choice in sorted(self.post("/v1/completions", body)["choices"], key=lambda c: c["index"]):
             ids = tuple(choice["token_ids"])
             logprobs = tuple((choice.get("logprobs") or {}).get("token_logprobs") or ())
             text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -302,89 +257,28 @@ class VLLMGenerator:
                                   logprobs or None, self.version))
         return out
 
-    def stream(self, prompt, params: SamplingParams) -> Iterator[str]:
-        """The completion in one piece (the server is asked without streaming)."""
-        yield self.generate([prompt], 1, params)[0].text
+    def serve(self, name: str, version: int, *, tell: bool = True) -> None:
+        """Sample the server's model `name` as weight version `version` from now on (a policy sync's push, a saved
+        adapter); tell: the server is told the version too (the rank that pushed)."""
+        self.model_name, self.version = name, version
+        if tell:
+            self.tell_version()
 
-    # ------------------------------------------------------------ weight sync
-
-    def load_weights(self, model) -> dict[str, float]:
-        """Push the trainer's weights as version + 1 (the server is told the number with them); `prove` shows,
-        before the next samples, that the server holds them. A sharded policy is gathered a weight at a time
-        by every rank and written by rank 0 in buckets (`write_weights`). Returns the push's seconds."""
-        from thinkforge import models
-
-        start = time.time()
-        self.version += 1
-        lora = models.is_adapter(model)
-        if not self.push:  # rank 0 pushes the weights every rank holds; the adapter's name follows the version
-            self.model_name = f"policy-{self.version}" if lora else "policy"
-            if self.peers is not None:  # its shards join rank 0's gathers
-                self._digests(model)
-                write_weights(model, None, self.sync_dir / "weights", self.peers) if not lora else adapter_state(model, self.peers)
-            return {}
-        self.pushed = self._digests(model)  # what this push writes, to compare with the policy when it samples
-        if lora:
-            path = self.sync_dir / f"adapter-{self.version}"
-            models.save(model, None, path, state_dict=adapter_state(model, self.peers) if self.peers else None)
-            name = f"policy-{self.version}"
-            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
-            old, self.model_name = self.model_name, name
-            if old != "policy":
-                self._post("/v1/unload_lora_adapter", {"lora_name": old})
-                shutil.rmtree(self.sync_dir / f"adapter-{self.version - 1}", ignore_errors=True)
-            self._tell_version()
-        else:
-            path = self.sync_dir / "weights"
-            write_weights(model, None, path, self.peers)
-            self._post("/pause", {})
-            self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}})
-            self._post("/reset_prefix_cache", {})
-            self._tell_version()  # with the weights, before generation resumes
-            self._post("/resume", {})
-        return {"sync_seconds": time.time() - start}
-
-    def prove(self, model) -> dict[str, float]:
-        """Before sampling, that the server holds exactly the trainer's current weights, three ways (SyncError
-        otherwise): its weight version is the last push's; what that push wrote is the policy as it is now (a
-        push made before the optimizer step fails here, at whatever learning rate); the server's own per-weight
-        checksums (/weight_checker) equal the policy's wherever its layout keeps the trainer's (full weights:
-        the norms on the CPU engine, which repacks linear layers and pads embeddings); and, second, the log-probs
-        of a fixed sample agree within rollout.sync_atol. Returns the checks' seconds, the share of the
-        parameters the server's checksums covered and the log-prob difference. On sharded ranks every rank
-        joins the gathers and the probe's forward; rank 0 judges."""
-        from thinkforge import models
-
-        start = time.time()
-        self._same_version("before sampling")
-        if not self.push:  # rank 0 proves the weights; every rank checks the version it samples
-            if self.peers is not None:
-                self._digests(model)
-                self.check(model)
-            return {}
-        out = {}
-        now = self._digests(model)
-        if self.pushed is not None:
-            moved = [n for n in now if self.pushed.get(n) != now[n]]
-            if moved:
-                raise SyncError(f"weight version {self.version} on the vLLM server is not the trainer's current policy: "
-                                f"{len(moved)} of {len(now)} tensors differ from what was pushed (e.g. {moved[0]}); "
-                                "the push came before the optimizer step, or the policy changed after it")
-        if not models.is_adapter(model):
-            out["sync_checksum_share"] = self._compare_checksums(model, now)
-        out["sync_logp_diff"] = self.check(model)
-        out["sync_check_seconds"] = time.time() - start
-        return out
-
-    def _tell_version(self) -> None:
-        """The server's weight version is this generator's (a server without vLLM's RL API: not told)."""
+    def tell_version(self) -> None:
+        """The server's weight version is this generator's (a server without vLLM's RL API: not told, and said once)."""
         try:
-            self._post("/update_weight_version", {"new_version": str(self.version)})
+            self.post("/update_weight_version", {"new_version": str(self.version)})
             self.told = True
-        except RuntimeError:  # a server without vLLM's RL API: its version is not checked (see _same_version)
-            pass
+        except RuntimeError as e:  # a server without vLLM's RL API: its version is not checked (see same_version)
+            self.say(f"it refused /update_weight_version ({e}), so its weight version is not checked")
 
-    def _same_version(self, when: str) -> None:
+    def say(self, why: str) -> None:
+        """Tell once per server that one of the sync's proofs is off, and why."""
+        if why not in self.said:
+            self.said.add(why)
+            warnings.warn(f"the vLLM server at {self.url}: {why} (a server without vLLM's RL API)", stacklevel=3)
+
+    def same_version(self, when: str) -> None:
         """The server's weight version (/weight_info) is this generator's, or SyncError. A server without the
         route (not vLLM's RL API) is not asked."""
         try:
@@ -394,7 +288,8 @@ class VLLMGenerator:
                 raise UserError(f"the vLLM server at {self.url} is unreachable ({e.detail}); {self.http.unreachable}") from None
             if e.status != 404:
                 raise RuntimeError(f"vLLM /weight_info answered {e.status}: {e.detail}") from None
-            return  # a server without vLLM's RL API: its version is not known
+            self.say("it has no /weight_info, so the weight version it samples is not checked")
+            return
         if got == "default" and self.told:  # vLLM's version before any update: a restart lost every push
             raise SyncError(f"the vLLM server at {self.url} reports weight version 'default' {when}, after this run pushed "
                             f"version {self.version}: it was restarted and serves the weights it started with; rerun "
@@ -403,31 +298,121 @@ class VLLMGenerator:
             raise SyncError(f"the vLLM server holds weight version {got} {when}, the trainer pushed version {self.version}: "
                             "a push was lost or another trainer pushes to this server")
 
-    def _digests(self, model) -> dict[str, str]:
+    def load_adapter(self, path: str) -> None:
+        """Serve a saved LoRA adapter folder (evaluation of a LoRA checkpoint; no trainer to check against)."""
+        name = f"policy-{self.version + 1}"
+        self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        self.serve(name, self.version + 1, tell=False)
+
+    def close(self) -> None:
+        """Stop our server (and drop the copy of the starting weights made for it)."""
+        if self.server is not None:
+            self.server.stop()
+            if self.server.owned_dir is not None:
+                shutil.rmtree(self.server.owned_dir, ignore_errors=True)
+
+
+class VLLMSync:
+    """The PolicySync interface over a VLLMGenerator's server: pushes the trainer's `policy` (plain functions,
+    `types.Policy`) after every optimizer step and proves the server holds it before the next samples. On
+    ranks other than the main one it moves the served name and version with the main rank's pushes and joins
+    a sharded policy's collectives; the main rank writes, talks to the server and judges."""
+
+    def __init__(self, sampler: VLLMGenerator, policy: Policy, sync_dir: Path, *, atol: float, dtype: str | None = None,
+                 checksums: bool = True):
+        """dtype: the server's weights dtype (digests are of the weights in it; None: the trainer's); checksums:
+        compare the server's own weight checksums (a server this run started: what it held at the start is known)."""
+        self.sampler, self.policy, self.sync_dir, self.atol = sampler, policy, Path(sync_dir), atol
+        self.dtype, self.checksums = dtype, checksums
+        self.pushed: dict[str, str] | None = None  # digests of what the last push wrote
+        self.layout: set[str] | None = None  # weights the server keeps in the trainer's layout (its checksums comparable)
+
+    @property
+    def version(self) -> int:
+        return self.sampler.version
+
+    def push(self) -> dict[str, float]:
+        """Push the trainer's weights as version + 1 (the server is told the number with them); `prove` shows,
+        before the next samples, that the server holds them. A sharded policy is gathered a weight at a time
+        by every rank and written by the main rank in buckets (`write_weights`). Returns the push's seconds."""
+        start, gen, policy = time.time(), self.sampler, self.policy
+        version = gen.version + 1
+        if not policy.main:  # the main rank pushes the weights every rank holds; the adapter's name follows the version
+            gen.serve(f"policy-{version}" if policy.lora else "policy", version, tell=False)
+            if policy.collective:  # its shards join the main rank's gathers (digests, then the write)
+                self._digests()
+                for _ in policy.tensors():
+                    pass
+            return {}
+        self.pushed = self._digests()  # what this push writes, to compare with the policy when it samples
+        if policy.lora:
+            path = self.sync_dir / f"adapter-{version}"
+            policy.save_adapter(path)
+            name, old = f"policy-{version}", gen.model_name
+            gen.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path.resolve())})
+            gen.serve(name, version)
+            if old != "policy":
+                gen.post("/v1/unload_lora_adapter", {"lora_name": old})
+                shutil.rmtree(self.sync_dir / f"adapter-{version - 1}", ignore_errors=True)
+        else:
+            path = write_weights(policy.tensors(), self.sync_dir / "weights")
+            gen.post("/pause", {})
+            gen.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path.resolve())}})
+            gen.post("/reset_prefix_cache", {})
+            gen.serve("policy", version)  # with the weights, before generation resumes
+            gen.post("/resume", {})
+        return {"sync_seconds": time.time() - start}
+
+    def prove(self) -> dict[str, float]:
+        """Before sampling, that the server holds exactly the trainer's current weights, three ways (SyncError
+        otherwise): its weight version is the last push's; what that push wrote is the policy as it is now (a
+        push made before the optimizer step fails here, at whatever learning rate); the server's own per-weight
+        checksums (/weight_checker) equal the policy's wherever its layout keeps the trainer's (full weights:
+        the norms on the CPU engine, which repacks linear layers and pads embeddings); and, second, the log-probs
+        of a fixed sample agree within rollout.sync_atol. Returns the checks' seconds, the share of the
+        parameters the server's checksums covered and the log-prob difference. On sharded ranks every rank
+        joins the gathers and the probe's forward; the main rank judges."""
+        start, policy = time.time(), self.policy
+        self.sampler.same_version("before sampling")
+        if not policy.main:  # the main rank proves the weights; every rank checks the version it samples
+            if policy.collective:
+                self._digests()
+                self.check()
+            return {}
+        out = {}
+        now = self._digests()
+        if self.pushed is not None:
+            moved = [n for n in now if self.pushed.get(n) != now[n]]
+            if moved:
+                raise SyncError(f"weight version {self.version} on the vLLM server is not the trainer's current policy: "
+                                f"{len(moved)} of {len(now)} tensors differ from what was pushed (e.g. {moved[0]}); "
+                                "the push came before the optimizer step, or the policy changed after it")
+        if not policy.lora:
+            out["sync_checksum_share"] = self._compare_checksums(now)
+        out["sync_logp_diff"] = self.check()
+        out["sync_check_seconds"] = time.time() - start
+        return out
+
+    def _digests(self) -> dict[str, str]:
         """sha256 of each tensor a push writes (the adapter's, or every weight), in the server's dtype: the
         digests vLLM's /weight_checker computes of its own copy."""
         import torch
 
-        from thinkforge import models
-
         dtype = getattr(torch, self.dtype) if self.dtype else None
-        if models.is_adapter(model):
-            state = adapter_state(model, self.peers)
-        else:
-            return {n: tensor_digest(t.to(dtype) if dtype is not None else t) for n, t in full_weights(model, self.peers)}
-        return {n: tensor_digest(t.to(dtype) if dtype is not None else t) for n, t in state.items()}
+        return {n: tensor_digest(t.to(dtype) if dtype is not None else t) for n, t in self.policy.tensors()}
 
-    def _compare_checksums(self, model, now: dict[str, str]) -> float:
+    def _compare_checksums(self, now: dict[str, str]) -> float:
         """The server's per-weight checksums against the policy's digests `now`, SyncError on a difference;
         returns the share of the policy's parameters they cover. Which weights the server keeps in the trainer's
         layout (not repacked, padded or fused) is learned at the first check, when it holds the weights it was
         started on; only those are compared (the CPU engine's checksums of its repacked linear layers do not
         follow a reload: no use). 0 for a server without a checker."""
-        if self.server is None:  # a server this run did not start: what it holds at the first check is not known
+        if not self.checksums:  # a server this run did not start: what it holds at the first check is not known
             return 0.0
         try:
-            served = (self._post("/weight_checker", {"action": "checksum"}) or {}).get("checksums") or {}
-        except RuntimeError:  # a server without the RL API
+            served = (self.sampler.post("/weight_checker", {"action": "checksum"}) or {}).get("checksums") or {}
+        except RuntimeError as e:  # a server without the RL API
+            self.sampler.say(f"it refused /weight_checker ({e}), so its weight checksums are not compared")
             return 0.0
         served = {key.rsplit(":", 1)[-1]: digest for key, digest in served.items()}
         if self.layout is None:  # the server holds the weights this run started it on: the policy's
@@ -436,54 +421,26 @@ class VLLMGenerator:
         if wrong:
             raise SyncError(f"the vLLM server's weights are not the trainer's: its checksums of {len(wrong)} of {len(served)} "
                             f"weights disagree with the policy's (e.g. {wrong[0]}): the push did not arrive")
-        sizes = {n: p.numel() for n, p in model.named_parameters()}  # no state_dict on rank 0 alone (FSDP2 reshards)
+        sizes = self.policy.sizes
         return sum(sizes.get(n, 0) for n in self.layout) / max(sum(sizes.values()), 1)
 
-    def load_adapter(self, path: str) -> None:
-        """Serve a saved LoRA adapter folder (evaluation of a LoRA checkpoint; no trainer to check against)."""
-        self.version += 1
-        self.model_name = f"policy-{self.version}"
-        self._post("/v1/load_lora_adapter", {"lora_name": self.model_name, "lora_path": path})
-
-    def check(self, model) -> float:
+    def check(self) -> float:
         """max |server - trainer| log-prob over the probe sample's tokens at temperature 1; SyncError above
         rollout.sync_atol. No probe yet (nothing generated): 0."""
-        if self.peers is not None:  # the probe's forward is a collective: every rank runs rank 0's probe
-            self.probe = self.peers.broadcast(self.probe)
-        if self.probe is None:
+        gen, policy = self.sampler, self.policy
+        seq = policy.share(gen.probe) if policy.collective else gen.probe  # a collective forward: the main rank's probe
+        if seq is None:
             return 0.0
         import torch
 
-        seq = self.probe
-        served = None
-        if self.push:
-            out = self._post("/v1/completions", {"model": self.model_name, "prompt": [seq], "max_tokens": 1,
-                                                 "temperature": 1.0, "prompt_logprobs": 0})
-            served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
-        from thinkforge.models import eval_mode
-        from thinkforge.train.head import hidden_states  # the output layer by chunks: never the (T, V) logits
-
-        ids = torch.tensor([seq], device=model.device)
-        with eval_mode(model), torch.no_grad():
-            with hidden_states(model) as head:
-                hidden = model(input_ids=ids).logits[:, :-1]  # (1, T-1, D)
-            mine = head.logprobs(hidden, ids[:, 1:])[0][0].cpu()  # (T-1,)
-        if served is None:  # a rank that joined rank 0's forward
+        mine = policy.logprobs(seq)  # (T-1,)
+        if not policy.main:  # a rank that joined the main rank's forward
             return 0.0
+        out = gen.post("/v1/completions", {"model": gen.model_name, "prompt": [seq], "max_tokens": 1,
+                                           "temperature": 1.0, "prompt_logprobs": 0})
+        served = torch.tensor([next(iter(d.values()))["logprob"] for d in out["choices"][0]["prompt_logprobs"][1:]])
         diff = (served - mine).abs().max().item()
-        if not diff <= self.cfg.sync_atol:
+        if not diff <= self.atol:
             raise SyncError(f"after weight sync {self.version} the vLLM server's log-probs differ from the trainer's by "
-                            f"{diff:.2e} (> rollout.sync_atol={self.cfg.sync_atol}): it is not generating with the new weights")
+                            f"{diff:.2e} (> rollout.sync_atol={self.atol}): it is not generating with the new weights")
         return diff
-
-    def done(self) -> None:
-        """A server samples without the trainer's collectives: nothing to join."""
-
-    def close(self) -> None:
-        """Stop our server and drop the sync folder (copies of weights the run's checkpoints already hold)."""
-        if self.server is not None:
-            self.server.stop()
-            if self.server.owned_dir is not None:
-                shutil.rmtree(self.server.owned_dir, ignore_errors=True)
-        if self.push:
-            shutil.rmtree(self.sync_dir, ignore_errors=True)

@@ -30,7 +30,7 @@ from thinkforge.serve.http import Server, Settings
 
 
 def make_server(generator, tokenizer, settings: Settings, log=None) -> Server:
-    """The server (bound, not yet serving: call serve_forever) of `generator` (rollout.types.Generator)."""
+    """The server (bound, not yet serving: call serve_forever) of `generator` (a `rollout.types.Streamer`: the in-process backend)."""
     return Server(generator, tokenizer, settings, log)
 
 

@@ -140,17 +140,15 @@ def _text(q: str) -> str:
 
 
 def _keys(p: Problem) -> set[str]:
-    """What makes two problems the same: their text (case and spacing aside), and for procedural tasks the
-    arithmetic they ask for in any order or wording (`reasoning_gym.expression_key`)."""
-    from thinkforge.tasks.reasoning_gym import expression_key
-
-    key = expression_key(p.question) if p.task is not None and p.task.procedural else None
+    """What makes two problems the same: their text (case and spacing aside), and their twin key where their task
+    has one (`Task.twin_key`: the arithmetic they ask for, in any order or wording)."""
+    key = p.task.twin_key(p.question) if p.task is not None else None
     return {_text(p.question)} | ({key} if key else set())
 
 
 def assert_disjoint(train: list[Problem], evaluation: list[Problem], where: str) -> None:
-    """No training problem is an evaluation problem: the same question text (case and spacing aside), or, between
-    procedural tasks, the same arithmetic ("8 * 5" against "5 * 8", one task's wording against another's)."""
+    """No training problem is an evaluation problem: the same question text (case and spacing aside), or the same
+    twin key ("8 * 5" against "5 * 8", one task's wording against another's)."""
     seen = set().union(*(_keys(p) for p in evaluation)) if evaluation else set()
     overlap = [p for p in train if _keys(p) & seen]
     if overlap:

@@ -92,6 +92,12 @@ class Task:
             return CORRECT
         return 0.0 if problem.kind == "mcq" else partial_credit(answer, problem.reference)
 
+    def twin_key(self, question: str) -> str | None:
+        """What a question shares with its twins in this task and others (the same arithmetic in another order or
+        wording), where the task has twins: its train/test split and the training check use it; None: the text
+        alone names a problem."""
+        return None
+
     def reward_credit(self, problem: Problem, answer: str | None, score: float) -> float:
         """What a wrong answer (`score` < 1, the checker's) earns in a reward that pays partial credit (the Infused
         card's correctness): the checker's score, unless the task says its near-miss credit pays for what is not

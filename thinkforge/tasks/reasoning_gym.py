@@ -32,6 +32,10 @@ ATTEMPTS_PER_ITEM = 20  # draws per wanted item before a split is called exhaust
 # Tasks whose answers are decimal quantities, and whose scorers' near-miss credit is a substring rule (0.5 for "11"
 # against 1, or for "-5" against 5; gsm_symbolic 0.01 for any number): in a reward they earn the Infused card's
 # partial credit instead, a number within 10% (PITFALLS 20). Other tasks keep their scorer's own.
+# Tasks whose question is an expression to evaluate: their twins ("5 * 8" and "8 * 5", chain_sum's "6 + 3 =" and
+# basic_arithmetic's "Calculate 3 + 6.") share a key (`expression_key`). Other tasks' questions may hold an expression
+# that is not the problem (prime_factorization's example "2 × 2 × 3" in every question): their text names them.
+EXPRESSIONS = frozenset({"chain_sum", "products", "basic_arithmetic", "decimal_arithmetic"})
 QUANTITIES = frozenset({"chain_sum", "products", "basic_arithmetic", "decimal_arithmetic", "leg_counting", "gcd", "lcm",
                         "gsm_symbolic", "count_bits"})
 UNRELIABLE = {
@@ -71,10 +75,10 @@ def expression_key(question: str) -> str | None:
     return "expr:" + expr
 
 
-def is_test(question: str) -> bool:
-    """Whether a question is an evaluation item: by the hash of its arithmetic (`expression_key`) where it asks for
-    some, so commuted twins and the same sum in another task's wording fall on the same side; else of its text."""
-    key = expression_key(question) or question
+def is_test(question: str, key: str | None = None) -> bool:
+    """Whether a question is an evaluation item: by the hash of its twin key where it has one (an expression to
+    evaluate: commuted twins and the same sum in another task's wording fall on the same side), else of its text."""
+    key = key or question
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % TEST_SHARE == 0
 
 
@@ -152,6 +156,9 @@ class ReasoningGym(Task):
                 out += [p for p in self._draw(split, share, seed, level, stream) if p.question not in seen]
         return out
 
+    def twin_key(self, question: str) -> str | None:
+        return expression_key(question) if self.argument in EXPRESSIONS else None
+
     def _draw(self, split: str, n: int, seed: int, level: int | None, stream: str) -> list[Problem]:
         tag = f"{seed}-{split}-{level}-{stream}"
         gym_seed = int(hashlib.sha256(tag.encode()).hexdigest()[:8], 16)
@@ -163,7 +170,7 @@ class ReasoningGym(Task):
         for i in range(cap):
             item = ds[i]
             q = str(item["question"])
-            if is_test(q) != (split == "test") or q in seen:
+            if is_test(q, self.twin_key(q)) != (split == "test") or q in seen:
                 continue
             seen.add(q)
             meta = item.get("metadata") or {}

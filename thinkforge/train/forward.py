@@ -14,7 +14,7 @@ from thinkforge.losses import IGNORE
 from thinkforge.models import eval_mode, forward_cached
 from thinkforge.rollout.types import Rollout
 from thinkforge.train.dist import Dist
-from thinkforge.train.head import hidden_states
+from thinkforge.train.head import final, hidden_states
 
 
 def uses_checkpointing(model) -> bool:
@@ -42,7 +42,7 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     if share_prompt is None:  # one layout for the training pass and the no-grad passes it is compared with
         share_prompt = not uses_checkpointing(model)
-    with hidden_states(model, chunk) as head:  # .logits below are final hidden states (D wide)
+    with hidden_states(model, chunk) as head:  # the forwards below return final hidden states (D wide)
         if share_prompt:
             from transformers import DynamicCache
 
@@ -52,13 +52,13 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
             c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
             out, _ = forward_cached(model, cache, input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1),
                                     position_ids=c_pos)
-            states = torch.cat([first.logits[row_prompt, -1:], out.logits[:, :-1]], 1)  # (n, C, D)
+            states = torch.cat([final(first)[row_prompt, -1:], final(out)[:, :-1]], 1)  # (n, C, D)
         else:
             mask = torch.cat([p_mask[row_prompt], c_mask], -1)
             out = model(input_ids=torch.cat([p_ids[row_prompt], comp], -1), attention_mask=mask,
                         position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
             start = p_ids.shape[1] - 1  # the last prompt position predicts the first completion token
-            states = out.logits[:, start:-1]  # (n, C, D)
+            states = final(out)[:, start:-1]  # (n, C, D)
     got = head.logprobs(states, comp.masked_fill(c_mask == 0, IGNORE), batch.temperature, with_entropy)  # (n, C)
     return got[0], got[2] if with_entropy else None, value_head(states) if value_head is not None else None
 

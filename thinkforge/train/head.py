@@ -10,8 +10,8 @@ a label (prompt, padding, IGNORE) never reach the output layer. The output layer
 (tied or not, LoRA on it or not): its gradients are the unchunked path's, and DDP's hooks and FSDP2's root
 unsharding see it as part of the step (the root's parameters stay unsharded until backward).
 
-    with hidden_states(model) as head:                       # model(...).logits are (N, T, D) hidden states
-        h = model(input_ids=..., attention_mask=...).logits
+    with hidden_states(model) as head:                       # the forward's output layer is the identity
+        h = final(model(input_ids=..., attention_mask=...))  # (N, T, D) hidden states
     logp, mask = head.logprobs(h, targets, temperature)      # (N, T), never (N, T, V)
 """
 
@@ -89,10 +89,16 @@ def _hf_model(model):
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def final(output) -> torch.Tensor:
+    """The final hidden states (N, T, D) of a forward run inside `hidden_states` (transformers returns them in
+    the field it names `logits`: they are not logits)."""
+    return output.logits
+
+
 @contextmanager
 def hidden_states(model, chunk: int | None = None):
-    """Inside, the model's forward returns its final hidden states as `.logits` (its output layer replaced
-    by the identity); yields the `Head` that applies the real output layer afterwards, chunk by chunk."""
+    """Inside, the model's forward returns its final hidden states (its output layer replaced by the identity;
+    read them with `final`); yields the `Head` that applies the real output layer afterwards, chunk by chunk."""
     hf = _hf_model(model)
     config = hf.config.get_text_config()
     for key in ("final_logit_softcapping",):  # (a scale after a bias-free layer commutes with it: not here)

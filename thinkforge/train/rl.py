@@ -29,18 +29,18 @@ from pathlib import Path
 
 import torch
 
-from thinkforge import grading, models, rollout, tasks
+from thinkforge import grading, models, tasks
 from thinkforge.config import Recipe, RLConfig
 from thinkforge.errors import UserError
 from thinkforge.formats import prompt_renderer
 from thinkforge.losses import ADVANTAGES, kl_k3, masked_mean, normaliser, policy_loss
 from thinkforge.monitor import AhaDetector, progress_bar
 from thinkforge.rewards import WeightedRewards
-from thinkforge.rollout.types import Rollout
-from thinkforge.rollout.vllm import SyncError
+from thinkforge.rollout.types import Rollout, SyncError
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop, ppo
 from thinkforge.train.attention import use_document_attention
+from thinkforge.train.backend import make_backend as rollout_backend
 from thinkforge.train.curriculum import Curriculum
 from thinkforge.train.dist import Dist
 from thinkforge.train.forward import forward_logp, logp_no_grad
@@ -169,11 +169,11 @@ def reference_logp(model, reference, batch: Rollout, micro: int, chunk: int | No
 
 
 def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = None, progress: bool = True,
-         stop_after: int | None = None, make_generator=None) -> Path | None:
+         stop_after: int | None = None, make_backend=None) -> Path | None:
     """Run the RL stage `stage` (its recipe section, "rl") into run_dir, resuming from its last checkpoint; `data`
     is a prompts file (default: the section's data_path). The signature every stage shares (thinkforge/stages.py),
-    plus `make_generator(model, tokenizer, batch_size)`, the rollout backend (`rollout.types.Generator`;
-    default: `rollout.make_generator`)."""
+    plus `make_backend(model, tokenizer, batch_size)`, the rollout backend (`train.backend.Backend`; default:
+    `backend.make_backend` for the recipe's rollout settings)."""
     cfg: RLConfig = getattr(recipe, stage)
     run_dir = Path(run_dir)
     m = recipe.model
@@ -236,22 +236,22 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     checkpoints = loop.Checkpoints(run_dir, stage, cfg.steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)
     empty = 0
     # Built last: from here on a server started for this run stops with it, whatever happens.
-    if make_generator is not None:
-        generator = make_generator(model, tok, cfg.gen_batch)
+    if make_backend is not None:
+        backend = make_backend(model, tok, cfg.gen_batch)
     else:
-        generator = rollout.make_generator(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist,
-                                           max_new_tokens=cfg.max_new_tokens,
-                                           dtype=loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
-    with contextlib.closing(generator):
+        backend = rollout_backend(model, tok, cfg.gen_batch, recipe.rollout, run_dir, dist, max_new_tokens=cfg.max_new_tokens,
+                                  dtype=loop.compute_dtype(str(model.device), cfg.mixed_precision, model))
+    sync = backend.sync  # None: the sampler runs the training model itself (its weights always the current ones)
+    with contextlib.closing(backend):
         if start == 0 and cfg.preflight:  # can this policy learn at all? (before the budget is spent)
             with loop.autocast(str(model.device), cfg.mixed_precision):
-                report = preflight(task, generator, cfg, recipe.seed, dist)
+                report = preflight(task, backend, cfg, recipe.seed, dist)
             metrics.log(0, {"event": "preflight", **report})
             if why := unlearnable(report, cfg, task.rewards):
                 metrics.close()  # its writer's thread would outlive a folder removed for a failed start
                 raise UserError(f"{stage} preflight: {why} (or set {stage}.preflight=false to train anyway)")
         bar = progress_bar(cfg.steps, f"{stage}/{cfg.algo}", "step", progress and dist.main, start)
-        pushed = generator.version  # the policy version every sample must carry (one more per push)
+        pushed = sync.version if sync is not None else None  # the version every sample must carry (one more per push)
         # Seconds of steps so far: a resumed run's from the row of the step it resumes at (every row carries them,
         # empty steps' too), plus this process's since its first step.
         past = [r["elapsed_seconds"] for r in _past_rows(run_dir, start, events=("empty_batch",))
@@ -266,12 +266,14 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 break  # (every rank alike: the one reduce above)
             t0 = time.time()
             with loop.autocast(str(model.device), cfg.mixed_precision):  # samples drawn in the loss pass's precision
-                proof = generator.prove(model)  # the backend holds this policy (a server: its weights, proven)
-                if recipe.rollout.backend == "vllm":  # no rank samples while rank 0 proves: vLLM's CPU engine fails
-                    dist.barrier()  # a batch mixing the proof's prompt log-probs with LoRA generation (an einsum error)
+                proof = {}
+                if sync is not None:  # the server holds this policy: its weights, proven
+                    proof = sync.prove()
+                    dist.barrier()  # no rank samples while rank 0 proves: vLLM's CPU engine fails a batch mixing the
+                    # proof's prompt log-probs with LoRA generation (an einsum error)
                 if curriculum is not None:
                     task.problems = pools[curriculum.level]
-                batch, stats = collect(step, task, generator, cfg, recipe.seed, dist)  # sample -> score -> filter
+                batch, stats = collect(step, task, backend, cfg, recipe.seed, dist)  # sample -> score -> filter
             level = {}  # the curriculum's level of this step's prompts, and its move on their pass rate
             if curriculum is not None:
                 level = {"curriculum_level": curriculum.level}
@@ -321,11 +323,13 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                     totals[k] = totals.get(k, 0.0) + v / cfg.mu
                 lr = loop.lr_at(step, cfg.steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)
                 grad_norm = loop.apply_update(clipped, optimizer, cfg.optim.clip, lr)
-            sync = generator.load_weights(model)  # a server backend pushes the new weights (proven before sampling)
-            pushed += 1
-            dist.barrier()  # no rank samples before the push is done
+            push_log = {}
+            if sync is not None:  # a server backend gets the new weights (proven before sampling)
+                push_log = sync.push()
+                pushed += 1
+                dist.barrier()  # no rank samples before the push is done
 
-            row = _row(batch, stats, dist) | totals | proof | sync | level | {"lr": lr, "grad_norm": grad_norm,
+            row = _row(batch, stats, dist) | totals | proof | push_log | level | {"lr": lr, "grad_norm": grad_norm,
                                                               "gen_seconds": gen_seconds, "step_seconds": time.time() - t0,
                                                               "elapsed_seconds": time.time() - clock}
             metrics.log(step + 1, row)

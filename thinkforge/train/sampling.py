@@ -1,7 +1,7 @@
 """RL's data: sample G completions per prompt at the annealed temperature, score them, filter the groups
 (zero variance, easy, all wrong, uniform length) and refill (dynamic sampling), into a Rollout.
 
-`collect(step, task, generator, cfg, seed)` is the first line of each RL step (rl.main). Prompt draws and
+`collect(step, task, backend, cfg, seed)` is the first line of each RL step (rl.main). Prompt draws and
 random streams are pure functions of (seed, step, round, position, problem): a resumed run samples what the
 uninterrupted one did, whatever batch size its generator runs at.
 """
@@ -24,14 +24,15 @@ from thinkforge.monitor import sample_stats
 from thinkforge.rewards import WeightedRewards
 from thinkforge.rollout.types import (
     Completion,
-    Generator,
     Rollout,
+    Sampler,
     SamplingParams,
     is_out_of_memory,
     pad_id,
     stream_key,
 )
 from thinkforge.tasks import Problem, check_errors, is_correct
+from thinkforge.train.backend import Backend
 from thinkforge.train.dist import Dist
 
 
@@ -52,7 +53,7 @@ class Task:
     rewards: WeightedRewards | None = None
 
 
-def generate_groups(generator: Generator, prompts: list[str], n: int, params: SamplingParams,
+def generate_groups(generator: Sampler, prompts: list[str], n: int, params: SamplingParams,
                     stats: dict, *, sharded: bool = False) -> list[list[Completion] | None]:
     """n completions per prompt (None for a prompt whose chunk ran out of memory even after the backend
     halved its batch: skipped and counted). Any other error is a bug and propagates; so does out of memory on
@@ -120,7 +121,7 @@ def keep_group(rewards: list[float], correct: list[bool], lengths: list[int], cf
     return None
 
 
-def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> tuple[Rollout | None, dict]:
+def collect(step: int, task: Task, backend: Backend, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> tuple[Rollout | None, dict]:
     """Sample, score and filter until prompts_per_step groups are kept (or refills run out). None: no group
     was kept; the stats say why (counts over every rank).
 
@@ -150,10 +151,10 @@ def collect(step: int, task: Task, generator: Generator, cfg: RLConfig, seed: in
         # two samples of a run share uniforms, whatever the counts, the chunking or the number of ranks.
         streams = tuple(stream_key("rl", seed, step, round_, start + k, p.id) for k, p in enumerate(draw[start:end]))
         prompts = [task.prompt_fn(p.question) for p in draw[start:end]]
-        groups = generate_groups(generator, prompts, g, dataclasses.replace(params, streams=streams), stats,
+        groups = generate_groups(backend.sampler, prompts, g, dataclasses.replace(params, streams=streams), stats,
                                  sharded=dist.sharded)
-        if dist.sharded:  # a sharded model's forwards are collectives: every rank ends the round together
-            generator.done()
+        if backend.finish is not None:  # a sharded model's forwards are collectives: every rank ends the round together
+            backend.finish()
         passed = {}  # position in the draw -> the group, for this rank's groups that pass the filters
         for k, (p, prompt, comps) in enumerate(zip(draw[start:end], prompts, groups, strict=True)):
             if comps is None:
@@ -248,7 +249,7 @@ def _summed(stats: dict, dist: Dist) -> dict:
     return out
 
 
-def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> dict:
+def preflight(task: Task, backend: Backend, cfg: RLConfig, seed: int, dist: Dist = Dist()) -> dict:
     """Can RL learn from this policy? A few groups (rl.preflight_groups) sampled at the first step's temperature
     on their own random streams (training samples what it would have without it) and scored as training
     scores them: format rate, reward mean and spread, the share of groups without reward variance (they give
@@ -263,9 +264,9 @@ def preflight(task: Task, generator: Generator, cfg: RLConfig, seed: int, dist: 
     stats: dict = {}
     n = groups = flat = formatted = truncated = correct = 0
     total = squares = format_reward = 0.0
-    sampled = generate_groups(generator, prompts, cfg.group_size, params, stats, sharded=dist.sharded)
-    if dist.sharded:
-        generator.done()
+    sampled = generate_groups(backend.sampler, prompts, cfg.group_size, params, stats, sharded=dist.sharded)
+    if backend.finish is not None:
+        backend.finish()
     for p, prompt, comps in zip(draw, prompts, sampled, strict=True):
         if comps is None:
             continue

@@ -23,7 +23,7 @@ from thinkforge.losses import Normaliser, label_mask, normaliser, shift_labels
 from thinkforge.monitor import progress_bar
 from thinkforge.train import dist as distributed
 from thinkforge.train import loop
-from thinkforge.train.head import hidden_states
+from thinkforge.train.head import final, hidden_states
 
 
 def load_examples(path: str, tokenizer, recipe: Recipe, max_len: int) -> list[Example]:
@@ -62,7 +62,7 @@ def forward_loss(model, batch: dict, norm: Normaliser, chunk: int | None = None)
     of completion tokens at a time (train/head.py: never the (B, T, V) logits)."""
     inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
     with hidden_states(model, chunk) as head:
-        hidden = model(**inputs, use_cache=False).logits  # (B, T, D): the final hidden states
+        hidden = final(model(**inputs, use_cache=False))  # (B, T, D)
     logp, mask = head.logprobs(hidden, shift_labels(batch["labels"].to(model.device)))  # (B, T)
     return norm(-logp, mask)
 

@@ -15,9 +15,10 @@ older than the model's: no sync to forget. A LoRA adapter is merged into the pac
 the model is not touched.
 
 The prefill, and every model `refuses(...)` names a reason for (a GPU, a sharded model, an activation other than
-SiLU, a sliding window that bites, DoRA or an adapter on the embedding, an architecture outside Llama / Mistral /
-Qwen2 / Phi-3, remote code, a dtype oneDNN does not run here), stay transformers' forward. `refuses` is the one
-place that decides; `choose` tells the reason once per model on a CPU, where the packed step is the fast path.
+SiLU, a sliding window that bites, DoRA or an adapter on the embedding, an architecture whose row in arch.ARCHS
+is not marked `fast_step`, remote code, a dtype oneDNN does not run here), stay transformers' forward. `refuses` is
+the one place that decides; `choose` tells the reason once per model on a CPU, where the fast step is the fast
+path.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
+from thinkforge.arch import ARCHS, row_of
 
 
 def _unwrapped(model):
@@ -35,7 +36,7 @@ def _unwrapped(model):
 
 
 def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | None:
-    """Why the packed step cannot run `model` for a cache of `capacity` positions (`cache`: the decode loop's,
+    """Why the fast step cannot run `model` for a cache of `capacity` positions (`cache`: the decode loop's,
     whose full-attention layers it writes; lockstep: the ranks of a sharded model decode together), or None when
     it can."""
     import torch
@@ -50,10 +51,11 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
     base = _unwrapped(model)
     name = type(base).__name__
     config = base.config
-    if name not in SUPPORTED:
-        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    row = row_of(base)
+    if row is None or not row.fast_step:
+        return f"{name} is not one of {', '.join(r.model_class for r in ARCHS.values() if r.fast_step)}"
     if base.device.type != "cpu":
-        return f"the model is on {base.device.type}, the packed step is for CPUs"
+        return f"the model is on {base.device.type}, the fast step is for CPUs"
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN"
     if not type(base).__module__.startswith("transformers.models."):
@@ -64,7 +66,7 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
         return why
     settings = config.to_dict()
     if settings.get("hidden_act") != "silu":
-        return f"activation {settings.get('hidden_act')} (the packed step has SiLU)"
+        return f"activation {settings.get('hidden_act')} (the fast step has SiLU)"
     window = settings.get("sliding_window") if settings.get("use_sliding_window", True) else None
     if window and window < capacity:
         return f"a sliding window of {window} positions bites within {capacity}"
@@ -72,7 +74,7 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
         return "pretraining_tp > 1"
     dtype = compute_dtype(model)
     if dtype not in (torch.float32, torch.bfloat16):
-        return f"it computes in {str(dtype).removeprefix('torch.')} (the packed step runs float32 or bfloat16)"
+        return f"it computes in {str(dtype).removeprefix('torch.')} (the fast step runs float32 or bfloat16)"
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU's oneDNN has no bfloat16 kernels"
     return None
@@ -173,7 +175,7 @@ class FastStep:
         head_weight, head_bias = _linear_weight(base.lm_head)
         self.head = self._pack(head_weight, head_bias)
         self.layers = []
-        fused = type(base).__name__ == "Phi3ForCausalLM"
+        fused = row_of(base).fused_qkv
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
@@ -272,15 +274,15 @@ _TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the r
 
 
 def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> FastStep | None:
-    """The packed step for this decode: `held`'s when it was made from the model's current weights in the dtype
+    """The fast step for this decode: `held`'s when it was made from the model's current weights in the dtype
     it computes in, a new one otherwise (an outdated one is dropped before the new one is packed: one extra copy
-    at most); None where `refuses` names a reason, told once per model when it is on a CPU (where the packed
-    step is the fast path, and transformers' forward the slow one). held: where the step is kept between calls."""
+    at most); None where `refuses` names a reason, told once per model when it is on a CPU (where transformers'
+    forward is the slow path). held: where the step is kept between calls."""
     why = refuses(model, capacity, cache, lockstep)
     if why is not None:
         if _unwrapped(model).device.type == "cpu" and model not in _TOLD:  # once: a reason may name a length
             _TOLD[model] = why
-            warnings.warn(f"{type(_unwrapped(model)).__name__} decodes with transformers' forward, not the packed CPU "
+            warnings.warn(f"{type(_unwrapped(model)).__name__} decodes with transformers' forward, not the fast CPU "
                           f"step: {why}", stacklevel=3)
         return None
     dtype = compute_dtype(model)
