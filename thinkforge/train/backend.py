@@ -142,10 +142,10 @@ def policy_of(model, dist=None) -> Policy:
         if peers is None or peers.main:
             models.save(model, None, folder, state_dict=state)
 
+    sharded = {"collective": True, "share": peers.broadcast} if peers is not None else {}
     return Policy(lora=lora, tensors=tensors, save_adapter=save_adapter, logprobs=partial(probe_logprobs, model),
                   sizes={n: p.numel() for n, p in model.named_parameters()},  # no state_dict: FSDP2 reshards
-                  main=dist is None or dist.main, collective=peers is not None,
-                  share=peers.broadcast if peers is not None else (lambda value: value))
+                  main=dist is None or dist.main, **sharded)
 
 
 def full_weights(model, peers=None):
