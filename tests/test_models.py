@@ -127,13 +127,6 @@ def test_adapter_folder_loads_with_the_card_snippet_and_merges(tiny_model, tmp_p
     assert torch.allclose(plain(ids).logits, want, atol=1e-4)
 
 
-def test_four_bit_without_cuda_is_a_clear_error(tiny_model):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: 4-bit loading is allowed")
-    with pytest.raises(UserError, match="load_in_4bit needs CUDA"):
-        models.load(tiny_model, load_in_4bit=True)
-
-
 def test_gradient_checkpointing_is_switched_on(tiny_model):
     model, _ = models.load(tiny_model, gradient_checkpointing=True)
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing

@@ -172,12 +172,16 @@ def init_model(out_dir, arch, hidden, layers, heads, seed, gguf_file):
 @click.argument("adapter", type=click.Path(file_okay=False))
 @click.argument("out_dir", metavar="OUT", type=click.Path(file_okay=False))
 def merge(adapter, out_dir):
-    """Merge a LoRA adapter folder into its base and write the full model to OUT (plain transformers folder)."""
+    """Merge a LoRA adapter folder into its base and write the full model to OUT (plain transformers folder).
+
+    The base is loaded in float32, also for an adapter trained on a 4-bit base (QLoRA): merging into 4-bit weights
+    would round the update away. The merged model is the full-precision base plus the update; it differs from the
+    4-bit model that trained by the base's rounding to 4 bits."""
     from thinkforge import models
 
     _quiet_hf()
     path = models.merge(adapter, out_dir)
-    click.echo(f"wrote {adapter} merged into its base to {path}")
+    click.echo(f"wrote {adapter} merged into its float32 base to {path}")
 
 
 # ---------------------------------------------------------------- export

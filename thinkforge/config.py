@@ -54,7 +54,7 @@ class ModelConfig(_Section):
         "AdamW step (~lr) below half an ulp is lost, so at lr 5e-7 almost nothing moves (PITFALLS 14); memory experiments only.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Only when you trust it.")
-    load_in_4bit: bool = Field(False, description="4-bit NF4 base weights via bitsandbytes (QLoRA); needs CUDA.")
+    load_in_4bit: bool = Field(False, description="4-bit NF4 base weights via bitsandbytes (QLoRA), on CUDA or a CPU; training needs lora.enabled.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose.")
     prompt_format: Literal["auto", "phi2", "phi4", "chat_template", "plain"] = Field(
@@ -449,6 +449,17 @@ class Recipe(_Section):
         if self.rl.curriculum and self.rl.curriculum_down >= self.rl.curriculum_up:
             raise ValueError(f"rl.curriculum_down={self.rl.curriculum_down} must be below rl.curriculum_up="
                              f"{self.rl.curriculum_up} (else the level moves both ways at once)")
+        return self
+
+    @model_validator(mode="after")
+    def _four_bit_weights_live_in_this_process(self) -> Recipe:
+        """4-bit loading is transformers' (bitsandbytes): a vLLM or OpenAI-compatible server loads its own weights,
+        and a vLLM sampler of the unquantized base would not be the NF4 policy the trainer updates (its proofs fail)."""
+        if self.model.load_in_4bit and self.rollout.backend != "hf":
+            raise ValueError(f"model.load_in_4bit loads the base in this process (transformers + bitsandbytes); "
+                             f"rollout.backend={self.rollout.backend} samples from a server's own weights, so the "
+                             f"policy it samples would not be the 4-bit one that trains: set rollout.backend=hf, "
+                             f"or model.load_in_4bit=false")
         return self
 
     @model_validator(mode="after")

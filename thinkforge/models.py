@@ -1,7 +1,7 @@
 """Loading, adapting and saving causal LMs.
 
 - load(name_or_path, ...): any Hugging Face causal LM by hub id or local folder, or a PEFT adapter folder
-  (its base is loaded first). 4-bit NF4 (QLoRA) through bitsandbytes only where CUDA is present.
+  (its base is loaded first). 4-bit NF4 (QLoRA) through bitsandbytes, on CUDA or a CPU (import_bitsandbytes).
 - add_lora(model, ...): PEFT LoRA with per-architecture default targets (arch.ARCHS' `lora_targets`).
 - disable_dropout(model): the training-mode forward made the eval-mode one (RL and DPO: PITFALLS 22).
 - save(model, tokenizer, out): a standard folder, full weights or a PEFT adapter (optionally merged),
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from thinkforge import cards
@@ -95,6 +96,65 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+# bitsandbytes' first CPU release whose 4-bit layers train and decode on a CPU (NF4 kernels of its own library)
+# without a CUDA build: the floor of the `qlora` extra and of the test lock.
+BNB_CPU = "0.50.2"
+
+
+def import_bitsandbytes(device: str):
+    """bitsandbytes, imported without fetching code from the Hub. On a CPU with AVX-512 BF16 its import asks the
+    optional `kernels` package for a Hub kernel ("kernels-community/quantization-bitsandbytes"); thinkforge runs
+    no downloaded code unasked (as trust_remote_code), so `kernels` is hidden for that one import and bitsandbytes
+    takes its own compiled CPU kernels (the warning it logs then is dropped in thinkforge/__init__.py). peft
+    imports bitsandbytes too: where `kernels` is installed and peft came first, that import is bitsandbytes' own.
+    On a CPU a release before BNB_CPU has no CPU 4-bit path: one line says which release is needed."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    need = f"pip install 'bitsandbytes>={BNB_CPU}' (or 'thinkforge[qlora]')"
+    try:
+        have = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise UserError(f"model.load_in_4bit needs bitsandbytes, which is not installed: {need}") from None
+    if not device.startswith("cuda") and Version(have) < Version(BNB_CPU):
+        raise UserError(f"model.load_in_4bit on {device}: bitsandbytes {have} has no CPU 4-bit layers; {need}")
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    hidden = sys.modules.get("kernels", False)
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError: no Hub access
+    try:
+        import bitsandbytes
+    finally:
+        if hidden is False:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+    return bitsandbytes
+
+
+def _never_repack_for_cpu_inference(model) -> None:
+    """bitsandbytes 0.50's Linear4bit, on a CPU with AVX-512 BF16, rewrites its weight into a layout for its
+    inference kernel at the first forward in eval mode without gradients (a sampling pass), for good; every later
+    forward, training ones too, then runs that kernel, which has no backward: gradients through the layer are
+    silently wrong (layer-0 LoRA gradients 10-20% off on a tiny Llama, measured), or the forward fails where the
+    layer has a bias (Phi-2). RL samples and trains the same model, so the rewrite is switched off: every forward
+    dequantizes and multiplies, with gradients (tests/test_qlora.py)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def four_bit_config(compute_dtype):
+    """QLoRA's base (its paper, the Infused Phi-2 card): NF4 weights, double-quantized scales, products computed in
+    the dtype the rest of the model is loaded in (model.dtype: bf16 on CUDA, float32 on a CPU unless asked)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load(
     name_or_path: str,
     dtype: str = "auto",
@@ -122,18 +182,9 @@ def load(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
-        if not torch.cuda.is_available():
-            raise UserError("model.load_in_4bit needs CUDA (bitsandbytes 4-bit); set model.load_in_4bit=false on CPU")
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError:
-            raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'thinkforge[gpu]'") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        import_bitsandbytes(device)
+        kwargs["quantization_config"] = four_bit_config(torch_dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device.startswith("cuda") else device}
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as e:
@@ -145,9 +196,11 @@ def load(
 
         model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable_adapter)
     if load_in_4bit:
+        _never_repack_for_cpu_inference(model)
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        with _peft_asking_a_deprecated_question():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -186,7 +239,17 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"LoRA target modules {missing} are not in this model; its linear layers are {linear}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with _peft_asking_a_deprecated_question():
+        return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _peft_asking_a_deprecated_question():
+    """peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: a FutureWarning on every adapter
+    that no user can act on. Only that warning is hidden; peft's own stay."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def disable_dropout(model) -> None:
@@ -285,6 +348,9 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if is_adapter(model) and merged:
+            if four_bit_of(model):
+                raise UserError("merging an adapter into 4-bit weights would round the update away: merge into "
+                                "the full-precision base (thinkforge merge ADAPTER OUT loads it so)")
             model = model.merge_and_unload()
         # state_dict: a sharded model's full weights, gathered by the caller
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -298,7 +364,7 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
                 cfg["base_model_name_or_path"] = str(Path(base).resolve())
                 cfg_path.write_text(json.dumps(cfg, indent=2))
         if cfg_path.is_file():  # PEFT wrote its empty card template: ours says what this folder is
-            (tmp / "README.md").write_text(cards.adapter_card(json.loads(cfg_path.read_text())))
+            (tmp / "README.md").write_text(cards.adapter_card(json.loads(cfg_path.read_text()), four_bit_of(model)))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         respect_umask(tmp)
@@ -311,9 +377,23 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
     return out
 
 
+def four_bit_of(model) -> str | None:
+    """The compute dtype ("bfloat16", "float32", ...) of `model`'s 4-bit layers when its base was loaded in 4 bits,
+    else None."""
+    import torch
+
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            return str(getattr(module, "compute_dtype", None) or torch.float32).removeprefix("torch.")
+    return None
+
+
 def merge(adapter: str | Path, out: str | Path) -> Path:
     """Write `adapter` (a PEFT LoRA folder) merged into its base as a full-weight folder: the policy that a
-    later stage starts from and refers to."""
+    later stage starts from and refers to. The base is always loaded in full precision (float32), also for an
+    adapter trained on a 4-bit base (QLoRA): adding the update to 4-bit weights would round the sum back to NF4's
+    16 levels per block and lose most of it. The merged model is therefore the full-precision base plus the
+    update, which differs from the 4-bit model that trained by the base's rounding (the QLoRA paper's setting)."""
     if not Path(adapter).is_dir():
         raise UserError(f"adapter folder {adapter} not found; pass a LoRA adapter folder (e.g. a LoRA run's final/)")
     if adapter_base(str(adapter))[0] is None:

@@ -5,7 +5,7 @@
 No weights are read: the parameter count comes from the architecture built on the meta device. Per device:
 - model state: trained weights (fp32 master weights), their gradients (fp32) and AdamW's two moments (fp32),
   frozen weights (a LoRA base) in the dtype training loads them in (`train.loop.weights_dtype`: model.dtype,
-  auto = bf16 on CUDA; 4-bit QLoRA: half a byte per quantized weight, the rest float32); FSDP2 divides all of
+  auto = bf16 on CUDA; 4-bit QLoRA: half a byte per quantized weight and its scales, the rest float32); FSDP2 divides all of
   it by the ranks (plus two gathered layers in flight), DDP keeps it whole; RL's frozen reference (full
   fine-tuning with beta > 0) is a second copy;
 - activations: per token and layer, the tensors autograd keeps (about 8 D + 5 I + 3 kv elements; calibrated
@@ -38,6 +38,9 @@ RL_PROMPT = 512  # prompt tokens assumed per RL sample
 # Bytes per element of transformers' (T, T) attention mask where a model keeps it: the bool mask and the float
 # bias the kernel makes of it (measured on this CPU: DPO at 16K tokens through transformers' mask, BENCHMARKS.md)
 MASK_BYTES = {"cpu": 8, "cuda": 3}
+# A 4-bit weight (models.four_bit_config): half a byte, its block of 64's scale double-quantized to one byte, and
+# a float32 scale of those per 256 blocks (bitsandbytes' quant_state; 1 KB of code tables per layer left out).
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Setting:
 
 
 def frozen_bytes(shape: Shape, s: Setting) -> float:
-    """The frozen weights of a LoRA run: the base in s.weights; in 4 bits, half a byte per quantized weight and
+    """The frozen weights of a LoRA run: the base in s.weights; in 4 bits, NF4_BYTES per quantized weight and
     float32 for the rest (embeddings, norms, the output layer: PEFT's prepare_model_for_kbit_training casts
     them up). 0 without LoRA: every weight trains."""
     import torch
@@ -116,7 +119,7 @@ def frozen_bytes(shape: Shape, s: Setting) -> float:
     if not shape.lora_params:
         return 0.0
     if s.in_4bit:
-        return shape.quantizable * 0.5 + (shape.params - shape.quantizable) * 4
+        return shape.quantizable * NF4_BYTES + (shape.params - shape.quantizable) * 4
     return shape.params * getattr(torch, s.weights).itemsize
 
 

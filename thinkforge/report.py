@@ -7,7 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
-from thinkforge.cards import metadata
+from thinkforge.cards import FOUR_BIT_SNIPPET, four_bit_words, metadata
 from thinkforge.formats import SYSTEM_PROMPT, prompt_snippet
 from thinkforge.io import atomic_write
 from thinkforge.stages import STAGES
@@ -127,6 +127,13 @@ def _ran(out: Path | None, stage: str) -> str:
     return text
 
 
+def _compute_dtype(recipe) -> str:
+    """The dtype a 4-bit base computed in (models.four_bit_config: the model's dtype on the device it ran on)."""
+    from thinkforge import models
+
+    return str(models.resolve_dtype(recipe.model.dtype, models.resolve_device(recipe.model.device))).removeprefix("torch.")
+
+
 def model_card(recipe, summary: dict, base: str, out: Path | None = None) -> str:
     final = Path(summary["final_model"])
     adapter = (final / "adapter_config.json").is_file()
@@ -141,10 +148,12 @@ def model_card(recipe, summary: dict, base: str, out: Path | None = None) -> str
                   f"targets {recipe.lora.target_modules or 'architecture default'}")
     system = recipe.model.system_prompt if recipe.model.system_prompt is not None else SYSTEM_PROMPT
     prompt_line = _prompt_line(recipe.model.prompt_format, final)
-    load = f'''from transformers import AutoModelForCausalLM, AutoTokenizer
+    four_bit = adapter and recipe.model.load_in_4bit  # QLoRA: the base loaded as it trained
+    quant = (",\n    " + FOUR_BIT_SNIPPET.format(dtype=_compute_dtype(recipe))) if four_bit else ""
+    load = f'''from transformers import AutoModelForCausalLM, AutoTokenizer{", BitsAndBytesConfig" if four_bit else ""}
 {"from peft import PeftModel" + chr(10) if adapter else ""}import torch
 
-base_model = AutoModelForCausalLM.from_pretrained("{base_ref if adapter else final}", torch_dtype=torch.float32)
+base_model = AutoModelForCausalLM.from_pretrained("{base_ref if adapter else final}", torch_dtype=torch.float32{quant})
 tokenizer = AutoTokenizer.from_pretrained("{final}")
 {f'model = PeftModel.from_pretrained(base_model, "{final}")' if adapter else "model = base_model"}
 model.eval()
@@ -168,7 +177,7 @@ A reasoning model trained with thinkforge: {_recipe_line(recipe)}. It answers in
 ## Model details
 - Base model: {str(Path(base).resolve()) if Path(base).exists() else base}
 - Training method: {", ".join(LABEL.get(s, s) for s in stages)}
-- Output: {"a PEFT LoRA adapter" if adapter else "full weights (safetensors)"}
+- Output: {"a PEFT LoRA adapter" if adapter else "full weights (safetensors)"}{(". " + four_bit_words(_compute_dtype(recipe))) if four_bit else ""}
 - Prompt format: {recipe.model.prompt_format}; system prompt: {json.dumps(recipe.model.system_prompt)}
 
 ## Training details

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from thinkforge.errors import UserError
 from thinkforge.io import respect_umask, write_json
 from thinkforge.train.attention import use_document_attention
 from thinkforge.train.dist import Dist
@@ -173,6 +174,9 @@ def load_for_training(recipe, run_dir: str | Path):
     from thinkforge import models
 
     m = recipe.model
+    if m.load_in_4bit and not recipe.lora.enabled:
+        raise UserError("model.load_in_4bit trains nothing without an adapter (4-bit weights take no optimizer "
+                        "step): set lora.enabled=true (QLoRA), or model.load_in_4bit=false")
     ckpt = latest_checkpoint(run_dir)
     source = str(ckpt / "model") if ckpt else start_model(recipe, run_dir)
     device = models.resolve_device(m.device)
