@@ -2,6 +2,7 @@
 
     make real-model llama-cpp
     python benchmarks/cpu_decode.py [--model models/smollm2-135m-instruct] [--new 128] [--rows 1 32] [--threads 2]
+    python benchmarks/cpu_decode.py --random phi     # Phi-2's layers, random weights, SmolLM2's size and tokenizer
 
 For each precision (f32, bf16): the model is exported with `thinkforge export --gguf` at that precision and
 llama.cpp (llama-cpp-python in .venv-llamacpp, its own sampler chain per row) decodes R rows of the same chat
@@ -72,6 +73,29 @@ def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, fa
     return best
 
 
+# Random-init shapes of SmolLM2-135M's size class (its 49,152-token vocabulary): Phi-2's layer (heads of 80, 40% of
+# each rotated, a 4x GELU MLP) at 640 wide and 16 deep, 142M parameters (Phi-2 itself: 2,560 x 32, 2.8B).
+RANDOM = {"phi": dict(hidden_size=640, num_hidden_layers=16, num_attention_heads=8, intermediate_size=2560,
+                      partial_rotary_factor=0.4, resid_pdrop=0.0, embd_pdrop=0.0, max_position_embeddings=2048)}
+
+
+def random_model(arch: str, tokenizer_from: str, out: Path) -> str:
+    """A folder with a random-init `arch` model shaped by RANDOM and `tokenizer_from`'s tokenizer (seed 0)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thinkforge.arch import ARCHS
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = getattr(transformers, ARCHS[arch].config_class)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                              eos_token_id=tok.eos_token_id, **RANDOM[arch])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 def main() -> None:
     import torch
 
@@ -85,8 +109,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--random", choices=sorted(RANDOM), help="instead of --model's weights: a random-init model of this "
+                    "architecture in SmolLM2-135M's size class, with --model's tokenizer (no such checkpoint here)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.random:
+        a.model = random_model(a.random, a.model, Path(tempfile.mkdtemp(prefix="cpu-decode-")) / a.random)
     model, tok = models.load(a.model, dtype="float32", device="cpu")
     model.eval()
     text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)

@@ -85,8 +85,32 @@ def test_partial_rotary_and_wide_heads(tmp_path):
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
-def test_under_bf16_autocast_the_step_packs_bf16(tmp_path):
-    model, _ = tiny(tmp_path, "llama")
+def _random_biases_and_norms(model):
+    """Every bias and norm of `model` drawn at random (a random-init model has zero biases and unit norms: a step
+    that dropped them would pass)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.3)
+            elif "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def test_phi2_layers_with_their_biases_norms_and_half_rotated_heads(tmp_path):
+    """Phi-2's layer: one LayerNorm (weight and bias) feeding attention and the GELU MLP in parallel, a bias on
+    q/k/v, dense, fc1, fc2 and the output layer, rotary on half of each head (the tiny model's 0.5; Phi-2: 0.4)."""
+    model, _ = tiny(tmp_path, "phi")
+    assert model.config.rope_parameters["partial_rotary_factor"] < 1 and model.lm_head.bias is not None
+    model = _random_biases_and_norms(model)
+    ours, theirs = step_logits(model, PROMPTS, 6, True), step_logits(model, PROMPTS, 6, False)
+    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_under_bf16_autocast_the_step_packs_bf16(tmp_path, arch):
+    model, _ = tiny(tmp_path, arch)
+    model = _random_biases_and_norms(model) if arch == "phi" else model
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU has no bf16 in oneDNN")
     ours, theirs = step_logits(model, PROMPTS, 4, True, True), step_logits(model, PROMPTS, 4, False, True)
@@ -108,10 +132,11 @@ def test_biases_on_some_projections_only(tmp_path):
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
-def test_a_lora_adapter_is_merged_in(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_a_lora_adapter_is_merged_in(tmp_path, arch):
     from tests.conftest import random_lora
 
-    model, _ = tiny(tmp_path, "llama")
+    model, _ = tiny(tmp_path, arch)
     model = random_lora(model, r=4, alpha=8, std=0.5).eval()
     ours, theirs = step_logits(model, PROMPTS, 4, True), step_logits(model, PROMPTS, 4, False)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
@@ -178,12 +203,18 @@ def test_a_quantized_linear_is_refused(tmp_path):
 def test_what_the_step_refuses_says_why(tmp_path):
     from thinkforge.engine.fast import refuses
 
-    model, _ = tiny(tmp_path, "phi")
-    assert "PhiForCausalLM" in refuses(model, 64)
+    model, _ = tiny(tmp_path, "qwen3")  # its q/k norms are not in the step yet
+    assert "Qwen3ForCausalLM is not one of" in refuses(model, 64)
     llama, _ = tiny(tmp_path, "llama")
     assert refuses(llama, 64) is None
     llama.config.hidden_act = "gelu"
-    assert "gelu" in refuses(llama, 64)
+    assert "activation gelu (the fast step's llama layers have silu)" in refuses(llama, 64)
+    phi, _ = tiny(tmp_path, "phi")
+    assert refuses(phi, 64) is None
+    phi.config.hidden_act = "relu"
+    assert "activation relu (the fast step's phi layers have gelu_new, gelu_pytorch_tanh, gelu)" in refuses(phi, 64)
+    phi.config.hidden_act, phi.config.qk_layernorm = "gelu_new", True
+    assert "qk_layernorm" in refuses(phi, 64)
 
 
 def test_a_model_on_the_slow_path_is_told_why_once(tmp_path):
@@ -194,7 +225,7 @@ def test_a_model_on_the_slow_path_is_told_why_once(tmp_path):
     from thinkforge.rollout.hf import HFGenerator
     from thinkforge.rollout.types import SamplingParams
 
-    model, tok = tiny(tmp_path, "phi")
+    model, tok = tiny(tmp_path, "qwen3")
     gen = HFGenerator(model, tok, 4)
     params = SamplingParams(max_new_tokens=3, temperature=0.0)
     with warnings.catch_warnings(record=True) as told:
@@ -202,8 +233,8 @@ def test_a_model_on_the_slow_path_is_told_why_once(tmp_path):
         gen.generate(["a b", "c"], 2, params)
         gen.generate(["d"], 1, params)
     said = [str(w.message) for w in told if "fast CPU step" in str(w.message)]
-    assert said == ["PhiForCausalLM decodes with transformers' forward, not the fast CPU step: PhiForCausalLM is not "
-                    "one of Phi3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"]
+    assert said == ["Qwen3ForCausalLM decodes with transformers' forward, not the fast CPU step: Qwen3ForCausalLM is not "
+                    "one of PhiForCausalLM, Phi3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"]
     llama, tok = tiny(tmp_path, "llama")
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")

@@ -29,7 +29,9 @@ class Arch:
     lora_targets: tuple[str, ...]  # the modules LoRA adapts when lora.target_modules is unset
     gguf: str | None = None  # llama.cpp's architecture in an exported file; None: export refuses it
     pairwise_rope: bool = False  # llama.cpp's graph for `gguf` rotates adjacent pairs: q/k rows are reordered
-    fast_step: bool = False  # the fast CPU decode step runs it
+    # the fast CPU decode step runs it, with layers of this kind (engine/fast.py): "llama" = RMS norms, attention then
+    # a SiLU-gated MLP; "phi" = one LayerNorm (with bias) feeding attention and a GELU MLP in parallel, biases
+    fast_step: str | None = None
     fused_qkv: bool = False  # q/k/v and gate/up are one matrix each in the checkpoint
 
 
@@ -43,19 +45,19 @@ _QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ARCHS: dict[str, Arch] = {
     "phi": Arch(model_class="PhiForCausalLM", config_class="PhiConfig",
                 tiny=lambda size: dict(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0),
-                lora_targets=("q_proj", "k_proj", "v_proj", "dense")),  # the Infused Phi-2 card's
+                lora_targets=("q_proj", "k_proj", "v_proj", "dense"), gguf="phi2", fast_step="phi"),  # the Infused Phi-2 card's
     "phi3": Arch(model_class="Phi3ForCausalLM", config_class="Phi3Config",  # Phi-3 and Phi-4-mini
                  tiny=lambda size: dict(num_key_value_heads=size.heads, tie_word_embeddings=False),
-                 lora_targets=("qkv_proj", "o_proj"), fast_step=True, fused_qkv=True),
+                 lora_targets=("qkv_proj", "o_proj"), gguf="phi3", fast_step="llama", fused_qkv=True),
     "llama": Arch(model_class="LlamaForCausalLM", config_class="LlamaConfig",
                   tiny=lambda size: dict(num_key_value_heads=_half_kv_heads(size)),
-                  lora_targets=_QKVO, gguf="llama", pairwise_rope=True, fast_step=True),
+                  lora_targets=_QKVO, gguf="llama", pairwise_rope=True, fast_step="llama"),
     "mistral": Arch(model_class="MistralForCausalLM", config_class="MistralConfig",
                     tiny=lambda size: dict(num_key_value_heads=_half_kv_heads(size), sliding_window=None),
-                    lora_targets=_QKVO, gguf="llama", pairwise_rope=True, fast_step=True),
+                    lora_targets=_QKVO, gguf="llama", pairwise_rope=True, fast_step="llama"),
     "qwen2": Arch(model_class="Qwen2ForCausalLM", config_class="Qwen2Config",
                   tiny=lambda size: dict(num_key_value_heads=_half_kv_heads(size), tie_word_embeddings=True),
-                  lora_targets=_QKVO, gguf="qwen2", fast_step=True),
+                  lora_targets=_QKVO, gguf="qwen2", fast_step="llama"),
     "qwen3": Arch(model_class="Qwen3ForCausalLM", config_class="Qwen3Config",  # heads wider than hidden/heads, as the real ones (0.6B: 16 x 128 > 1,024)
                   tiny=lambda size: dict(num_key_value_heads=_half_kv_heads(size), head_dim=2 * size.hidden // size.heads,
                                          tie_word_embeddings=True),

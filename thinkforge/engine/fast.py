@@ -1,4 +1,4 @@
-"""The decode step on a CPU: one new token per row of a Llama-family model, over weights packed for oneDNN.
+"""The decode step on a CPU: one new token per row of a Llama-family or Phi-2 model, over weights packed for oneDNN.
 
 Where a CPU decode step's time went (SmolLM2-135M, 2 cores, dev/LOG.md 2026-11-29): transformers' forward runs
 ~45 module calls and ~60 tensor ops per layer (9-25 ms of framework work per step before any arithmetic), its
@@ -14,8 +14,12 @@ step, `load_state_dict`, `copy_` bump it) and by every adapter layer's state, so
 older than the model's: no sync to forget. A LoRA adapter is merged into the packed copy (delta W = B A scale);
 the model is not touched.
 
-The prefill, and every model `refuses(...)` names a reason for (a GPU, a sharded model, an activation other than
-SiLU, a sliding window that bites, DoRA or an adapter on the embedding, an architecture whose row in arch.ARCHS
+Two kinds of layer (arch.Arch.fast_step): Llama's (RMS norms; attention, then a SiLU-gated MLP) and Phi-2's (one
+LayerNorm with a bias feeding attention and a GELU MLP in parallel; every projection and the output layer with a
+bias; rotary on part of each head, as every kind may have).
+
+The prefill, and every model `refuses(...)` names a reason for (a GPU, a sharded model, an activation its kind of
+layer does not compute (ACTIVATIONS), q/k LayerNorms, a sliding window that bites, DoRA or an adapter on the embedding, an architecture whose row in arch.ARCHS
 is not marked `fast_step`, remote code, a dtype oneDNN does not run here), stay transformers' forward. `refuses` is
 the one place that decides; `choose` tells the reason once per model on a CPU, where the fast step is the fast
 path.
@@ -65,8 +69,11 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
     if why := _layers_refused(base):
         return why
     settings = config.to_dict()
-    if settings.get("hidden_act") != "silu":
-        return f"activation {settings.get('hidden_act')} (the fast step has SiLU)"
+    if settings.get("hidden_act") not in ACTIVATIONS[row.fast_step]:
+        return (f"activation {settings.get('hidden_act')} (the fast step's {row.fast_step} layers have "
+                f"{', '.join(ACTIVATIONS[row.fast_step])})")
+    if settings.get("qk_layernorm"):
+        return "query/key LayerNorms (qk_layernorm)"
     window = settings.get("sliding_window") if settings.get("use_sliding_window", True) else None
     if window and window < capacity:
         return f"a sliding window of {window} positions bites within {capacity}"
@@ -78,6 +85,11 @@ def refuses(model, capacity: int, cache=None, lockstep: bool = False) -> str | N
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU's oneDNN has no bfloat16 kernels"
     return None
+
+
+# The activations each kind of layer computes (arch.Arch.fast_step), by transformers' name: Phi-2's gelu_new is the
+# tanh approximation of GELU (transformers' NewGELUActivation), as gelu_pytorch_tanh is.
+ACTIVATIONS = {"llama": {"silu": None}, "phi": {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}}
 
 
 def compute_dtype(model):
@@ -161,6 +173,7 @@ class FastStep:
 
         base = _unwrapped(model)
         config = base.config
+        row = row_of(base)
         self.dtype = dtype
         self.key = key(model, dtype)
         inner = base.model
@@ -168,29 +181,35 @@ class FastStep:
         self.kv_heads = config.num_key_value_heads or self.heads
         self.head_dim = config.to_dict().get("head_dim") or config.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
-        self.eps = config.rms_norm_eps
         self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight.detach()  # gathered as stored (fp32 under autocast), no copy
-        self.norm = inner.norm.weight.detach().float()
-        head_weight, head_bias = _linear_weight(base.lm_head)
-        self.head = self._pack(head_weight, head_bias)
+        self.head = self._pack(*_linear_weight(base.lm_head))
         self.layers = []
-        fused = row_of(base).fused_qkv
+        self.parallel = row.fast_step == "phi"
         with torch.no_grad():
+            if self.parallel:  # Phi-2: LayerNorms with biases, one per layer, feeding attention and the MLP alike
+                self.gelu = ACTIVATIONS["phi"][config.hidden_act]
+                self.eps = config.layer_norm_eps
+                self.norm = _norm(inner.final_layernorm)
+                for layer in inner.layers:
+                    attn, mlp = layer.self_attn, layer.mlp
+                    qkv = _stacked([_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+                    self.layers.append((_norm(layer.input_layernorm), self._pack(*qkv),
+                                        self._pack(*_linear_weight(attn.dense)), self._pack(*_linear_weight(mlp.fc1)),
+                                        self._pack(*_linear_weight(mlp.fc2))))
+                return
+            self.eps = config.rms_norm_eps
+            self.norm = _norm(inner.norm)
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                if fused:  # Phi-3: q/k/v and gate/up are one matrix each in the checkpoint already
-                    qkv = _linear_weight(attn.qkv_proj)
+                if row.fused_qkv:  # Phi-3: q/k/v and gate/up are one matrix each in the checkpoint already
+                    qkv, gate_up = _linear_weight(attn.qkv_proj), _linear_weight(mlp.gate_up_proj)
                 else:
                     qkv = _stacked([_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-                if fused:
-                    gate_up = _linear_weight(mlp.gate_up_proj)
-                else:
                     gate_up = _stacked([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)])
                 self.layers.append((
-                    layer.input_layernorm.weight.detach().float(), self._pack(*qkv), self._pack(*_linear_weight(attn.o_proj)),
-                    layer.post_attention_layernorm.weight.detach().float(), self._pack(*gate_up),
-                    self._pack(*_linear_weight(mlp.down_proj)),
+                    _norm(layer.input_layernorm), self._pack(*qkv), self._pack(*_linear_weight(attn.o_proj)),
+                    _norm(layer.post_attention_layernorm), self._pack(*gate_up), self._pack(*_linear_weight(mlp.down_proj)),
                 ))
 
     def _pack(self, weight, bias):
@@ -234,40 +253,67 @@ class FastStep:
         r[:, j, j] = 1.0
         return r
 
-    def _step(self, ids, positions, keys, cache):
+    def _normed(self, h, norm):
+        """The norm of the float32 residual stream, in the weights' dtype for the matrix product it feeds."""
+        import torch.nn.functional as F
+
+        weight, bias = norm
+        if self.parallel:
+            return F.layer_norm(h, (h.shape[-1],), weight, bias, self.eps).to(self.dtype)
+        return F.rms_norm(h, (h.shape[-1],), weight, self.eps).to(self.dtype)
+
+    def _attend(self, qkv, rotation, layer, hidden):
+        """(B, heads x head_dim) attention output of one layer for its fused q/k/v projection (B, ...): q and k
+        rotated, the new key and value written at the cache layer's length, every cached position attended but
+        the left padding (`hidden`, (B, 1, 1, T) or None)."""
         import torch
         import torch.nn.functional as F
 
-        b = ids.shape[0]
+        b = qkv.shape[0]
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
-        w = self.dtype
+        qk = torch.bmm(qkv[:, : (hq + hkv) * d].view(b, hq + hkv, d).float(), rotation)  # query heads, then key heads
+        at = layer.length
+        layer.k_buf[:, :, at] = qk[:, hq:]
+        layer.v_buf[:, :, at] = qkv[:, (hq + hkv) * d :].view(b, hkv, d)
+        layer.length = at + 1
+        keys_, values = layer.k_buf[:, :, : at + 1], layer.v_buf[:, :, : at + 1]
+        layer.keys, layer.values = keys_, values
+        q = qk[:, :hq].to(keys_.dtype).view(b, hkv, hq // hkv, d)  # query head i reads kv head i // group (repeat_kv)
+        if hidden is None:  # every key counts: sdpa, a group's heads as its queries
+            o = F.scaled_dot_product_attention(q, keys_, values, scale=self.scale)
+        else:  # two batched products, softmax in float32 (CPU sdpa with a mask: ~1 ms per call at 32 rows)
+            scores = torch.matmul(q, keys_.transpose(-1, -2)).float().mul_(self.scale).masked_fill_(hidden, float("-inf"))
+            o = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # (B, hkv, group, d)
+        return o.reshape(b, hq * d).to(self.dtype)
+
+    def _step(self, ids, positions, keys, cache):
+        import torch.nn.functional as F
+
+        b = ids.shape[0]
         # The residual stream stays float32 (as under autocast); the norms run on it and hand the matrix products
         # their input in the weights' dtype.
         h = F.embedding(ids, self.embed).float()  # (B, H)
         cos, sin = self.rotary(h, positions.view(b, 1))  # (B, 1, rotated), the model's own rope and its scaling
-        rotation = self._rotation(cos.view(b, -1).float(), sin.view(b, -1).float(), d)  # (B, d, d), float32
-        padded = not bool(keys.all())
-        hidden = ~keys.view(b, 1, 1, -1)  # left padding
-        width, group = h.shape[-1], hq // hkv
-        for (n1, qkv_w, o_w, n2, gu_w, down_w), layer in zip(self.layers, cache.layers, strict=True):
-            qkv = self._linear(F.rms_norm(h, (width,), n1, self.eps).to(w), qkv_w)
-            qk = torch.bmm(qkv[:, : (hq + hkv) * d].view(b, hq + hkv, d).float(), rotation)  # query heads, then key heads
-            at = layer.length
-            layer.k_buf[:, :, at] = qk[:, hq:]
-            layer.v_buf[:, :, at] = qkv[:, (hq + hkv) * d :].view(b, hkv, d)
-            layer.length = at + 1
-            keys_, values = layer.k_buf[:, :, : at + 1], layer.v_buf[:, :, : at + 1]
-            layer.keys, layer.values = keys_, values
-            q = qk[:, :hq].to(keys_.dtype).view(b, hkv, group, d)  # query head i reads kv head i // group (repeat_kv)
-            if not padded:  # every key counts: sdpa, a group's heads as its queries
-                o = F.scaled_dot_product_attention(q, keys_, values, scale=self.scale)
-            else:  # two batched products, softmax in float32 (CPU sdpa with a mask: ~1 ms per call at 32 rows)
-                scores = torch.matmul(q, keys_.transpose(-1, -2)).float().mul_(self.scale).masked_fill_(hidden, float("-inf"))
-                o = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # (B, hkv, group, d)
-            h = h + self._linear(o.reshape(b, hq * d).to(w), o_w)
-            gate, up = self._linear(F.rms_norm(h, (width,), n2, self.eps).to(w), gu_w).chunk(2, dim=-1)
-            h = h + self._linear(F.silu(gate) * up, down_w)
-        return F.rms_norm(h, (width,), self.norm, self.eps).to(w)
+        rotation = self._rotation(cos.view(b, -1).float(), sin.view(b, -1).float(), self.head_dim)  # (B, d, d)
+        hidden = None if bool(keys.all()) else ~keys.view(b, 1, 1, -1)  # left padding
+        if self.parallel:  # Phi-2: h + attention(x) + fc2(gelu(fc1(x))), x = one LayerNorm of h
+            for (n, qkv_w, dense_w, fc1_w, fc2_w), layer in zip(self.layers, cache.layers, strict=True):
+                x = self._normed(h, n)
+                o = self._attend(self._linear(x, qkv_w), rotation, layer, hidden)
+                h = h + self._linear(o, dense_w) + self._linear(F.gelu(self._linear(x, fc1_w), approximate=self.gelu), fc2_w)
+        else:  # Llama: h + attention(norm1(h)), then + down(silu(gate) * up) of norm2 of that
+            for (n1, qkv_w, o_w, n2, gu_w, down_w), layer in zip(self.layers, cache.layers, strict=True):
+                o = self._attend(self._linear(self._normed(h, n1), qkv_w), rotation, layer, hidden)
+                h = h + self._linear(o, o_w)
+                gate, up = self._linear(self._normed(h, n2), gu_w).chunk(2, dim=-1)
+                h = h + self._linear(F.silu(gate) * up, down_w)
+        return self._normed(h, self.norm)
+
+
+def _norm(module) -> tuple:
+    """(weight, bias or None) of a norm layer, in float32: the residual stream's dtype."""
+    bias = getattr(module, "bias", None)
+    return module.weight.detach().float(), None if bias is None else bias.detach().float()
 
 
 _TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the reason it was told
