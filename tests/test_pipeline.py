@@ -56,6 +56,8 @@ def test_run_produces_summary_report_card_and_a_loadable_model(tmp_path, capsys)
     final = Path(summary["final_model"])
     card = (final / "README.md").read_text()
     assert "## How to get started" in card and "| +rollout DPO |" in card and "thinkforge export" in card
+    flat = " ".join(card.split())
+    assert "This model is a phi3 model, written as llama.cpp's phi3" in flat and "phi (as llama.cpp's phi2)" in flat
     header = card.split("---\n")[1]  # the Hub's YAML metadata
     assert "library_name: transformers" in header and "- thinkforge" in header and "license:" in header
     assert f'base_model: "{out / "base-model"}"' in header  # absolute: the card works from anywhere

@@ -72,9 +72,19 @@ SMOKE = {
         r'\{"metric": "peak_mb_per_token", "path": "head", "peak_gb": \{"sft@128": ' + N + ', "dpo@128": ' + N
         + ', "grpo@128": ' + N + r"\}\}"),
     "benchmarks/plan_vs_measured.py": Smoke(("--tiny",), _json("plan_relative_error", "max_abs", "configurations")),
+    "benchmarks/qlora_cpu.py": Smoke(  # a 2-layer Llama made by the script, 2 steps, each base in its own process
+        ("--tiny",),
+        r'\{"metric": "qlora_cpu", ' + ", ".join(
+            f'"{base}/autocast_{cast}": ' + r'\{"load_s": ' + N + "".join(
+                f', "{f}": {N}' for f in ("libraries_mb", "load_peak_mb", "peak_mb", "weight_mb", "trainable", "step_s",
+                                           "tokens_per_s", "loss_first", "loss_last")) + r"\}"
+            for base in ("4bit", "bf16", "fp32") for cast in ("on", "off")) + r"\}",
+        also=(rf"\| 4bit \| on \| {N} \| \d+ / \d+ / \d+ \| {N} \| {N} \| {N} \| {N} -> {N} \|",)),
     "benchmarks/rl_sharded_memory.py": Smoke(
         ("--hidden", "64", "--layers", "1", "--steps", "1"),
         _json("rl_peak_gb_per_rank", "params", "ddp", "fsdp2", "fsdp2_over_ddp")),
+    "benchmarks/rl_train_pass.py": Smoke(
+        ("--tiny",), _json("rl_train_pass_tokens_per_s", "rl", "rl_without_entropy", "lm", "of_lm")),
     "benchmarks/rollout_backends.py": Smoke(  # vLLM's CPU attention: a head size of 32, 64, 80, ...
         ("--hidden", "64", "--layers", "1", "--heads", "2", "--max-new-tokens", "4", "--rounds", "1"),
         r'\{"metric": "rollout_tokens_per_s", "hf": ' + N + ', "vllm": ' + N + ', "ratio": ' + N

@@ -2,27 +2,42 @@
 
 `thinkforge export MODEL --gguf OUT.gguf [--dtype f32|bf16|f16|q8_0]` writes the weights, the tokenizer
 (byte-level BPE: its tokens, merges, special ids, pre-tokenizer) and the chat template, so that llama.cpp,
-Ollama and LM Studio run the model with the prompt format it was trained with.
+Ollama and LM Studio run the model with the prompt format it was trained with. Architectures: those with a
+llama.cpp name in arch.ARCHS (Llama and Mistral as llama, Qwen2, Qwen3, Phi-2 as phi2, Phi-3 as phi3: Phi-4-mini,
+whose tokenizer is byte-level BPE, not Phi-3-mini, whose is SentencePiece); the tensors keep transformers' layout
+(Phi-3's fused q/k/v and gate/up included), named by the gguf package's map (its TensorNameMap), the metadata keys
+by its writer.
 
 What llama.cpp computes differently from transformers, and the file accounts for:
 - Llama-family rotary embedding: transformers rotates the two halves of each head (`rotate_half`); llama.cpp's
   `llama` graph rotates adjacent pairs. The q and k projections' output rows are reordered per head (each
-  half interleaved with the other) so that both compute the same attention. Qwen2 and Qwen3 use the halves in
-  llama.cpp too (NeoX rotation): their rows stay as they are (arch.py's `pairwise_rope`).
+  half interleaved with the other) so that both compute the same attention. Qwen2, Qwen3, Phi-2 and Phi-3 use the
+  halves in llama.cpp too (NeoX rotation): their rows stay as they are (arch.py's `pairwise_rope`). A partial
+  rotation (Phi-2's half, Phi-4-mini's three quarters of each head) is the rotated dimension count.
+- LongRoPE (Phi-4-mini): its short and long factors are two tensors, its factor on cos and sin (transformers')
+  a key. llama.cpp takes the long factors when its context is longer than the pretraining one, for every
+  position; transformers when the sequence is: past that length (4,096 for Phi-4-mini) a short prompt in a long
+  llama.cpp context is rotated with the long factors there, with the short ones here.
+- llama.cpp keys Phi-3's SentencePiece quirks on the model's name (see _name): "phi3" is written "phi 3" in it.
 - Norms and biases stay float32 in every dtype (as llama.cpp's own converter does); q8_0 needs rows whose
   length is a multiple of 32 and keeps float32 where it is not (a tiny model's odd sizes).
 
-The tensors' names come from the gguf package's map (its TensorNameMap), the metadata keys from its writer.
-Architectures without a llama.cpp name in arch.ARCHS (Phi-3 and Phi-4-mini not yet: llama.cpp 0.3.36 refuses
-the vocabulary of a phi3 file written this way, and Phi-4-mini's tokenizer needs llama.cpp's gpt-4o split), rope
-scalings other than the default rotation, and tokenizers other than byte-level BPE are refused with one line
-naming what is not supported.
+What llama.cpp 0.3.36 computes differently and no file can change: its CPU GELU (Phi-2's MLP) looks values up in
+a table of f16 numbers (ggml/src/ggml-cpu/vec.h:46 and 1001-1014), ~1.5e-3 of the logits' spread in f32 (the
+tests' tolerance for it); its GPT-4o split tells capitals from small letters in ASCII only
+(src/llama-vocab.cpp:438-443), so a small letter before a non-ASCII capital ("aÉcole") stays in one piece there
+and is two words in transformers: tokens can differ on such text (seen on a tokenizer trained for it).
+
+Architectures without a llama.cpp name, rope scalings other than the default rotation and Phi-3's LongRoPE,
+attention that slides, and tokenizers other than byte-level BPE (Phi-3-mini's SentencePiece) are refused with one
+line naming what is not supported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -36,6 +51,10 @@ DTYPES = ("f32", "bf16", "f16", "q8_0")
 # StarCoder, thinkforge's tiny models); Llama-3's and Qwen2's own split patterns.
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# GPT-4o's (tiktoken's o200k_base, Phi-4-mini's): a word is its capitals then its small letters, contractions kept on
+_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> dict:
@@ -64,9 +83,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> d
         raise UserError(f"{model_dir}: {type(model).__name__} cannot be exported to GGUF yet (supported: {supported})")
     arch, pairwise = row.gguf, row.pairwise_rope
     config = model.config
-    rope = _rope(config, model_dir)
+    rope = _rope(config, arch, model_dir)
     state = {k: v.detach().to(torch.float32) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and arch != "phi2":  # llama.cpp's phi2 wants the output matrix even when tied
         state.pop("lm_head.weight", None)
     settings = config.to_dict()
     if settings.get("sliding_window") and settings.get("use_sliding_window", True) \
@@ -81,7 +100,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> d
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _metadata(writer, gguf, config, rope, dtype, model_dir)
+        _metadata(writer, gguf, arch, config, rope, dtype, model_dir)
         _tokenizer(writer, tok, vocab, model.generation_config, config)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -99,6 +118,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> d
             data, qtype = _encode(tensor.numpy(), dtype, gguf)
             writer.add_tensor(gguf_name, data, raw_dtype=qtype)
             written += 1
+        for which, kind in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long"), (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short")):
+            if kind in rope:  # LongRoPE's factors, one per rotated pair of dimensions
+                writer.add_tensor(gguf.TENSOR_NAMES[which] + ".weight", torch.tensor(rope[kind]).numpy())
+                written += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -136,25 +159,34 @@ def _encode(array, dtype: str, gguf):
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype), qtype
 
 
-def _rope(config, model_dir: Path) -> dict:
-    """The rotary embedding as llama.cpp's keys: base and rotated dimensions."""
+def _rope(config, arch: str, model_dir: Path) -> dict:
+    """The rotary embedding as llama.cpp's keys: base and rotated dimensions; for LongRoPE (Phi-4-mini, llama.cpp's
+    phi3 only) also its long and short factors, the context it was pretrained at and the factor on cos and sin."""
     settings = config.to_dict()
     params = dict(settings.get("rope_parameters") or {})
     kind = params.get("rope_type", "default")
     head_dim = settings.get("head_dim") or config.hidden_size // config.num_attention_heads
-    rotated = int(head_dim * (settings.get("partial_rotary_factor") or 1.0))
+    # transformers 5 keeps the share of rotated dimensions in rope_parameters (Phi-2) or beside it (Phi-3)
+    share = params.get("partial_rotary_factor") or settings.get("partial_rotary_factor") or 1.0
+    rotated = int(head_dim * share)
     out = {"base": float(params.get("rope_theta", settings.get("rope_theta", 10000.0))), "dims": rotated,
            "head_dim": head_dim}
     if kind == "default":
         return out
+    if kind == "longrope" and arch == "phi3":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _, attention = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")  # transformers' own factor on cos and sin
+        return {**out, "long": list(params["long_factor"]), "short": list(params["short_factor"]),
+                "original": int(params["original_max_position_embeddings"]), "attention": float(attention)}
     raise UserError(f"{model_dir}: rope type {kind!r} of {config.model_type} cannot be exported to GGUF yet "
-                    f"(supported: the default rotation)")
+                    f"(supported: the default rotation, and LongRoPE for Phi-3)")
 
 
-def _metadata(writer, gguf, config, rope: dict, dtype: str, model_dir: Path) -> None:
+def _metadata(writer, gguf, arch: str, config, rope: dict, dtype: str, model_dir: Path) -> None:
     types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    writer.add_name(Path(model_dir).resolve().name)
+    writer.add_name(_name(model_dir))
     writer.add_type("model")
     writer.add_file_type(types[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -164,13 +196,28 @@ def _metadata(writer, gguf, config, rope: dict, dtype: str, model_dir: Path) -> 
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if arch == "phi2":  # LayerNorms with biases; the others RMS norms
+        writer.add_layer_norm_eps(config.layer_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_freq_base(rope["base"])
     writer.add_rope_dimension_count(rope["dims"])
+    if "long" in rope:  # llama.cpp takes the long factors when its context is longer than the original one
+        writer.add_rope_scaling_orig_ctx_len(rope["original"])
+        writer.add_rope_scaling_attn_factors(rope["attention"])
     if rope["head_dim"] * config.num_attention_heads != config.hidden_size:
         writer.add_key_length(rope["head_dim"])
         writer.add_value_length(rope["head_dim"])
+
+
+def _name(model_dir: Path) -> str:
+    """general.name: the folder's name, with "phi3" and "phi-3" written "phi 3". llama.cpp gives any vocabulary whose
+    model name contains either the token attributes of Phi-3's SentencePiece one (llama.cpp 0.3.36,
+    src/llama-vocab.cpp:3118-3127): whitespace stripped after every special token (transformers keeps it), and
+    "</s>", "<unk>", "<s>", "<|endoftext|>" looked up with .at(), so that a vocabulary without one of them does not
+    load ("error loading model vocabulary: unordered_map::at"), whatever the file's architecture."""
+    return re.sub(r"(?i)(phi)-?(3)", r"\1 \2", Path(model_dir).resolve().name)
 
 
 def _vocabulary(tok, model_dir: Path, vocab_size: int) -> list[str]:
@@ -203,15 +250,20 @@ def _pre_tokenizer(spec: dict | None, where: str) -> str:
         return "gpt-2"
     if names == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
-    if names == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+    # a Split whose pieces are its pattern's matches, as llama.cpp's: matches isolated, or non-matches removed
+    split = parts[0] if parts else {}
+    matches = (split.get("behavior"), split.get("invert", False)) in (("Isolated", False), ("Removed", True))
+    if names == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True) and matches:
         pattern = parts[0].get("pattern", {}).get("Regex")
         if pattern == _LLAMA3_SPLIT:
             return "llama-bpe"
         if pattern == _QWEN2_SPLIT:
             return "qwen2"
+        if pattern == _GPT4O_SPLIT:
+            return "gpt-4o"
     raise UserError(f"{where}: its tokenizer splits text with {' + '.join(names) or 'no pre-tokenizer'}, which "
                     f"this exporter does not map to a llama.cpp pre-tokenizer (byte-level BPE of GPT-2, SmolLM, "
-                    f"Llama-3 and Qwen2 are supported)")
+                    f"Llama-3, Qwen2 and GPT-4o are supported)")
 
 
 def _tokenizer(writer, tok, tokens: list[str], generation_config, config) -> None:
