@@ -43,7 +43,7 @@ def rollout(tok, prompts: int, group: int, prompt_len: int, short: int, long: in
                          [i // group for i in range(prompts * group)], tok.pad_token_id, rewards=rewards, temperature=0.8)
 
 
-def rl_pass(model, batch, entropy: bool):
+def rl_pass(model, batch, group: int, entropy: bool):
     import torch
 
     from thinkforge.losses import grpo_advantages, normaliser, policy_loss
@@ -51,7 +51,7 @@ def rl_pass(model, batch, entropy: bool):
 
     n = len(batch.texts)
     mask = batch.completion_mask.float()
-    adv = grpo_advantages(batch.rewards, n // 2)
+    adv = grpo_advantages(batch.rewards, group)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logp, _, _ = forward_logp(model, batch, slice(0, n), with_entropy=entropy)
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, normaliser(mask, "sequence"))
@@ -118,8 +118,8 @@ def main() -> None:
     rows = torch.randint(10, len(tok), (max(1, real // a.lm_row), a.lm_row), generator=g)
     lm_tokens = rows.numel()
     rate = {
-        "rl": real / timed(lambda: rl_pass(model, batch, True), a.repeats),
-        "rl without entropy": real / timed(lambda: rl_pass(model, batch, False), a.repeats),
+        "rl": real / timed(lambda: rl_pass(model, batch, a.group, True), a.repeats),
+        "rl without entropy": real / timed(lambda: rl_pass(model, batch, a.group, False), a.repeats),
         "lm": lm_tokens / timed(lambda: lm_pass(model, rows), a.repeats),
     }
     params = sum(p.numel() for p in model.parameters())

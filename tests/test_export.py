@@ -61,8 +61,29 @@ def models_by_arch(tmp_path_factory):
     from thinkforge.config import InitConfig
 
     root = tmp_path_factory.mktemp("export")
-    return {arch: tiny.init_model(root / arch, InitConfig(arch=arch, hidden=64, layers=2, heads=4), seed=1)
+    return {arch: randomized(tiny.init_model(root / arch, InitConfig(arch=arch, hidden=64, layers=2, heads=4), seed=1))
             for arch in EXPORTED}
+
+
+def randomized(folder, zero_mlp: bool = False):
+    """The model folder with every bias and norm drawn at random (a random-init model has zero biases and unit
+    norms: an exporter that dropped or misplaced them, or wrote a wrong norm eps, would pass); zero_mlp: the MLP's
+    output layer zeroed (Phi-2: llama.cpp's GELU reads an f16 table, the one f32 difference left)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "norm" in name:
+                p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
+            if zero_mlp and (".mlp.fc2." in name or ".mlp.down_proj." in name):
+                p.zero_()
+    model.save_pretrained(folder)
+    return folder
 
 
 def token_ids(folder) -> list[int]:
@@ -73,6 +94,20 @@ def token_ids(folder) -> list[int]:
 
 def tolerance(arch: str, dtype: str) -> float:
     return F32_TOLERANCE.get(arch, TOLERANCE["f32"]) if dtype == "f32" else TOLERANCE[dtype]
+
+
+def test_phi2_without_its_mlp_matches_to_the_last_digits(tmp_path, capsys):
+    """Phi-2's f32 gap (F32_TOLERANCE) is llama.cpp's tabled GELU: with the MLP's output zeroed the file's
+    LayerNorms (weights, biases, eps), biases and partial rotation are held to the tolerance of every other model."""
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig
+
+    folder = randomized(tiny.init_model(tmp_path / "phi", InitConfig(arch="phi", hidden=64, layers=2, heads=4), seed=1),
+                        zero_mlp=True)
+    out = tmp_path / "m.gguf"
+    code, _, _ = run_cli(["export", str(folder), "--gguf", str(out), "--dtype", "f32"], capsys)
+    assert code in (0, None)
+    assert gap(folder, out, token_ids(folder), tmp_path, f32_cache=True) < TOLERANCE["f32"]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])

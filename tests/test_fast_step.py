@@ -104,7 +104,8 @@ def test_phi2_layers_with_their_biases_norms_and_half_rotated_heads(tmp_path):
     assert model.config.rope_parameters["partial_rotary_factor"] < 1 and model.lm_head.bias is not None
     model = _random_biases_and_norms(model)
     ours, theirs = step_logits(model, PROMPTS, 6, True), step_logits(model, PROMPTS, 6, False)
-    assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
+    # tighter than the other tests' 1e-4: the exact GELU in place of Phi-2's tanh one moves these logits by 1e-5
+    assert (ours - theirs).abs().max() < 2e-6 * theirs.abs().max()
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi"])

@@ -264,3 +264,17 @@ def test_the_seed_table_script_gives_each_benchmark_its_own_table(tmp_path, caps
     assert "rg:a + rg:b, pooled" in out and "| +RLVR | 30.0 (+20.0; +" in out  # 20 items: 2 then 6 right
     assert "| +RLVR | 20.0 (+5.0; +1.0 to +9.0); format 0, think 0 words |" in out
     assert "rg:b: accuracy %" in out and "| +RLVR | 30.0 (+5.0; +1.0 to +9.0) | 31.0 (+5.0; +1.0 to +9.0) |" in out
+
+
+def test_the_cards_llama_cpp_section_for_a_hub_base_and_an_architecture_without_gguf(tmp_path):
+    """An adapter on a Hub base (no local config to read) still gets the export commands; a local model of an
+    architecture the exporter does not write is told so instead of being given a command that fails."""
+    from pathlib import Path
+
+    from thinkforge.report import _gguf_section
+
+    hub = _gguf_section(Path("runs/x/final"), "microsoft/phi-2", True, None)
+    assert "thinkforge export runs/x/final --gguf final.gguf" in hub and "(None)" not in hub
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    other = _gguf_section(tmp_path, tmp_path, False, None)
+    assert "this model's architecture (gpt2) is not among them yet" in other and "llama-cli" not in other

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ def phi(tmp_path_factory):
 
 def _card(model, **over):
     over = {"model.name_or_path": model, "model.load_in_4bit": "true", "model.system_prompt": "Think.",
+            "model.gradient_checkpointing": "true",  # as recipes/infused-phi2.yaml
             "lora.enabled": "true", "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0,
             "lora.target_modules": "[q_proj, k_proj, v_proj, dense]", "rl.preflight": "false", "rl.steps": 3,
             "rl.prompts_per_step": 2, "rl.group_size": 4, "rl.max_new_tokens": 16, "rl.optim.lr": 1e-2,
@@ -35,12 +37,18 @@ def _card(model, **over):
     return load_config(None, [f"{k}={v}" for k, v in over.items()])
 
 
-def test_a_4bit_base_loads_on_a_cpu_offline_without_a_word_from_bitsandbytes(phi):
-    """A fresh process: the import's Hub-kernel fetch is never tried (no `kernels` message), nothing is printed,
+def test_a_4bit_base_loads_on_a_cpu_offline_without_a_word_from_bitsandbytes(phi, tmp_path):
+    """A fresh process with a `kernels` package installed: bitsandbytes' import (made by peft's) never reaches it
+    (no Hub kernel is fetched), nothing is printed,
     the linear layers are NF4 Linear4bit (the output layer stays full precision), and the logits are the
     full-precision model's within 4-bit rounding."""
+    stub = tmp_path / "stub" / "kernels"  # an installed `kernels` package that says when bitsandbytes asks it
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(f"def get_kernel(*a, **k):\n    open({str(tmp_path / 'fetched')!r}, 'w').close()\n")
     code = f"""
 import torch
+import importlib.util
+assert importlib.util.find_spec("kernels") is not None  # installed, and found by anyone but bitsandbytes
 from thinkforge import models
 import peft  # imports bitsandbytes first, as any LoRA run does
 q, tok = models.load({phi!r}, load_in_4bit=True)
@@ -53,9 +61,10 @@ with torch.no_grad():
     a, b = q(ids).logits, f(ids).logits
 print(float((a - b).norm() / b.norm()), float((a.argmax(-1) == b.argmax(-1)).float().mean()))
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(stub.parent), *sys.path])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "fetched").exists()  # bitsandbytes never called kernels.get_kernel
     kinds, numbers = done.stdout.splitlines()
     assert kinds.split() == ["Linear4bit", "Linear4bit", "Linear", "nf4"]
     relative, agree = map(float, numbers.split())
@@ -69,7 +78,7 @@ def test_an_old_bitsandbytes_or_none_is_one_line_naming_the_release(monkeypatch)
 
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.5" if name == "bitsandbytes" else real(name))
-    with pytest.raises(UserError, match=r"bitsandbytes 0\.45\.5 has no CPU 4-bit layers; pip install 'bitsandbytes>=0\.50\.2'"):
+    with pytest.raises(UserError, match=r"bitsandbytes 0\.45\.5 is older than 0\.50\.2, .*; pip install 'bitsandbytes>=0\.50\.2'"):
         models.import_bitsandbytes("cpu")
 
     def missing(name):
@@ -114,6 +123,9 @@ def test_a_sampling_pass_leaves_the_4bit_layers_differentiable(tmp_path, arch):
         model(input_ids=x, labels=x).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
+    model = models.load(folder, load_in_4bit=True)[0]
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)  # (on any CPU; this one has AVX-512 BF16)
     plain, after = grads(False), grads(True)
     assert plain.keys() == after.keys() and len(plain) == 2 * 2 * 4
     for n in plain:
@@ -159,28 +171,32 @@ def test_infused_grpo_on_a_4bit_phi2_runs_and_its_adapter_loads_as_the_card_says
     base (step-1 KL exactly 0); the adapter trains; the saved adapter loads with the card's snippet on a 4-bit
     base (what trained) and on the float32 base (what `thinkforge merge` merges into), and the merge is that."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from thinkforge.train import rl
 
     final = rl.main(_card(phi), "rl", tmp_path / "rl", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert len(rows) == 3 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[-1]["kl"] > 0
-    assert (tmp_path / "rl" / "step-2").is_dir() or any((tmp_path / "rl").glob("step-*"))
+    # interrupted after step 2 and run again: it resumes from the checkpoint's adapter, trainable, to the same end
+    assert rl.main(_card(phi), "rl", tmp_path / "again", progress=False, stop_after=2) is None
+    rl.main(_card(phi), "rl", tmp_path / "again", progress=False)
+    again = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows] and [r["reward"] for r in again] == [r["reward"] for r in rows]
     card = (final / "README.md").read_text()
-    assert "trained on the base loaded in 4 bits" in card and "bnb_4bit_quant_type=\"nf4\"" in card
+    assert "trained on the base loaded in 4 bits" in card and "products in float32" in card
     state = {n: p for n, p in models.load(str(final))[0].named_parameters() if "lora_B" in n}
     assert state and max(float(p.abs().max()) for p in state.values()) > 0  # B starts at 0: it learned
 
     _, tok = models.load(str(final))
     ids = tok("Mia has 3 apples and buys 4 more.", return_tensors="pt").input_ids
     base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
-    monkeypatch.chdir(tmp_path)  # the snippet, as a user runs it
-    four = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="auto", quantization_config=
-                                                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                   bnb_4bit_use_double_quant=True,
-                                                                   bnb_4bit_compute_dtype=torch.float32))
-    on_four = PeftModel.from_pretrained(four, str(final)).eval()
+    monkeypatch.chdir(tmp_path)  # the card's snippet, as a user runs it
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("PATH/TO/THIS/FOLDER", str(final))
+    scope: dict = {}
+    exec(snippet, scope)
+    on_four = scope["model"].eval()
+    assert "BitsAndBytesConfig" in snippet and type(on_four.get_base_model().model.layers[0].mlp.fc1).__name__ == "Linear4bit"
     ours_four = models.load(str(final), load_in_4bit=True)[0].eval()
     with torch.no_grad():
         want = ours_four(ids).logits
@@ -216,3 +232,15 @@ def test_plan_counts_a_4bit_base_on_a_cpu_as_loaded(phi, tmp_path):
     shape, s = plan.shape_of(config, recipe.lora), plan.settings_for(recipe, "rl", "cpu", config)
     assert s.in_4bit and s.weights == "float32"
     assert plan.frozen_bytes(shape, s) == pytest.approx(frozen + scales, rel=0.001)
+
+
+def test_a_bf16_base_in_4_bits_is_what_the_adapters_card_loads(phi, tmp_path):
+    """The card names the compute dtype the 4-bit layers had (bf16 here, as a CUDA run's), read from bitsandbytes'
+    layers and not from PEFT's LoRA wrapper of them (also named Linear4bit, without one)."""
+    model, tok = models.load(phi, dtype="bfloat16", load_in_4bit=True)
+    assert models.four_bit_of(model) == "bfloat16"
+    model = models.add_lora(model, 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "dense"])
+    assert models.four_bit_of(model) == "bfloat16"
+    card = (models.save(model, tok, tmp_path / "adapter") / "README.md").read_text()
+    assert "products in bfloat16" in card and "bnb_4bit_compute_dtype=torch.bfloat16" in card
+    assert models.four_bit_of(models.load(phi)[0]) is None

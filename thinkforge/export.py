@@ -45,6 +45,8 @@ from thinkforge.arch import ARCHS, row_of
 from thinkforge.errors import UserError
 
 DTYPES = ("f32", "bf16", "f16", "q8_0")
+# The MLP activation llama.cpp's graph computes, by its architecture name (transformers' names for it); SiLU elsewhere.
+LLAMA_CPP_ACTIVATION = {"phi2": ("gelu_new", "gelu_pytorch_tanh")}
 
 # The byte-level pre-tokenizer's split, as llama.cpp names it (tokenizer.ggml.pre): told apart by the structure
 # of tokenizer.json's pre_tokenizer. GPT-2's regex alone; digits one by one then GPT-2's regex (SmolLM,
@@ -92,6 +94,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> d
             and settings["sliding_window"] < config.max_position_embeddings:
         raise UserError(f"{model_dir}: its attention slides over {settings['sliding_window']} positions, which this "
                         f"exporter does not write for llama.cpp yet; it would run as full attention")
+    computes = LLAMA_CPP_ACTIVATION.get(arch, ("silu",))
+    if settings.get("hidden_act") not in computes or settings.get("qk_layernorm"):
+        what = "q/k LayerNorms" if settings.get("qk_layernorm") else f"activation {settings.get('hidden_act')}"
+        raise UserError(f"{model_dir}: its {what} is not what llama.cpp's {arch} graph computes "
+                        f"({', '.join(computes)}, no q/k LayerNorms): the file would run another model")
     vocab = _vocabulary(tok, model_dir, config.vocab_size)
 
     out = Path(out)

@@ -96,19 +96,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
-# bitsandbytes' first CPU release whose 4-bit layers train and decode on a CPU (NF4 kernels of its own library)
-# without a CUDA build: the floor of the `qlora` extra and of the test lock.
+# The bitsandbytes release whose CPU 4-bit layers thinkforge is tested with (the test lock): the floor of the
+# `qlora` extra; older releases are refused on a CPU rather than tried.
 BNB_CPU = "0.50.2"
 
 
 def import_bitsandbytes(device: str):
-    """bitsandbytes, imported without fetching code from the Hub. On a CPU with AVX-512 BF16 its import asks the
-    optional `kernels` package for a Hub kernel ("kernels-community/quantization-bitsandbytes"); thinkforge runs
-    no downloaded code unasked (as trust_remote_code), so `kernels` is hidden for that one import and bitsandbytes
-    takes its own compiled CPU kernels (the warning it logs then is dropped in thinkforge/__init__.py). peft
-    imports bitsandbytes too: where `kernels` is installed and peft came first, that import is bitsandbytes' own.
-    On a CPU a release before BNB_CPU has no CPU 4-bit path: one line says which release is needed."""
-    import sys
+    """bitsandbytes, or one line saying which release to install (none, or one older than BNB_CPU on a CPU). Its
+    import asks the optional `kernels` package for a Hub kernel on a CPU with AVX-512 BF16: thinkforge/__init__.py
+    keeps that import from finding `kernels` (no code is fetched unasked), so bitsandbytes takes its own compiled
+    CPU kernels, whoever imports it first (peft does, whenever bitsandbytes is installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import Version
@@ -118,19 +115,11 @@ def import_bitsandbytes(device: str):
         have = version("bitsandbytes")
     except PackageNotFoundError:
         raise UserError(f"model.load_in_4bit needs bitsandbytes, which is not installed: {need}") from None
-    if not device.startswith("cuda") and Version(have) < Version(BNB_CPU):
-        raise UserError(f"model.load_in_4bit on {device}: bitsandbytes {have} has no CPU 4-bit layers; {need}")
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
-    hidden = sys.modules.get("kernels", False)
-    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError: no Hub access
-    try:
-        import bitsandbytes
-    finally:
-        if hidden is False:
-            del sys.modules["kernels"]
-        else:
-            sys.modules["kernels"] = hidden
+    if device == "cpu" and Version(have) < Version(BNB_CPU):
+        raise UserError(f"model.load_in_4bit on a CPU: bitsandbytes {have} is older than {BNB_CPU}, the release "
+                        f"thinkforge's CPU 4-bit path is tested with; {need}")
+    import bitsandbytes
+
     return bitsandbytes
 
 
@@ -184,24 +173,25 @@ def load(
     if load_in_4bit:
         import_bitsandbytes(device)
         kwargs["quantization_config"] = four_bit_config(torch_dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device() if device.startswith("cuda") else device}
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else device}
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as e:
         raise UserError(f"cannot load model {base!r}: {str(e).splitlines()[0]}") from None
     if not load_in_4bit:
         model.to(device)
-    if adapter_cfg.is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable_adapter)
-    if load_in_4bit:
+    if load_in_4bit:  # before an adapter is put on: peft's preparation freezes every parameter there is
         _never_repack_for_cpu_inference(model)
         from peft import prepare_model_for_kbit_training
 
+        with _peft_asking_a_deprecated_question():  # checkpointing below, as without 4 bits (non-reentrant)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
         with _peft_asking_a_deprecated_question():
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+            model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable_adapter)
+    if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     tok_source = name_or_path if (Path(name_or_path) / "tokenizer_config.json").is_file() else base
@@ -380,11 +370,14 @@ def save(model, tokenizer, out: str | Path, merged: bool = False, state_dict: di
 def four_bit_of(model) -> str | None:
     """The compute dtype ("bfloat16", "float32", ...) of `model`'s 4-bit layers when its base was loaded in 4 bits,
     else None."""
+    import sys
+
     import torch
 
-    for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
-            return str(getattr(module, "compute_dtype", None) or torch.float32).removeprefix("torch.")
+    bnb = sys.modules.get("bitsandbytes")  # not imported: nothing was loaded in 4 bits
+    for module in model.modules() if bnb is not None else ():
+        if isinstance(module, bnb.nn.Linear4bit):  # not PEFT's LoRA wrapper of one, also named Linear4bit
+            return str(module.compute_dtype or torch.float32).removeprefix("torch.")
     return None
 
 

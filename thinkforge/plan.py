@@ -178,7 +178,8 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
     text = config.get_text_config().to_dict() if config is not None else {}
     weights = weights_dtype(recipe, device)
     stream = torch.float32 if m.load_in_4bit else getattr(torch, weights)  # the embedding's: the first weight
-    common = {"stage": stage, "checkpointing": m.gradient_checkpointing, "act_bytes": 2 if bf16 else 4,
+    # bitsandbytes' 4-bit layers hand back their input's dtype, the float32 stream, even under autocast
+    common = {"stage": stage, "checkpointing": m.gradient_checkpointing, "act_bytes": 2 if bf16 and not m.load_in_4bit else 4,
               "head_chunk": cfg.head_chunk, "weights": weights, "in_4bit": m.load_in_4bit, "stream_bytes": stream.itemsize,
               "kv_bytes": kv_dtype(stream, torch.bfloat16 if bf16 else None).itemsize}
     none = {"reference": False, "kv_cache": 0, "kv_tokens": 0, "vllm_share": 0.0}  # no reference, no rollouts

@@ -210,14 +210,13 @@ def _gguf_section(final: Path, weights: str | Path, adapter: bool, system: str |
     from thinkforge.arch import ARCHS
 
     config = Path(weights) / "config.json"
-    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None  # None: a Hub base
     supported = ", ".join(f"{name} (as llama.cpp's {row.gguf})" for name, row in ARCHS.items() if row.gguf)
-    if kind not in ARCHS or ARCHS[kind].gguf is None:
+    if kind is not None and (kind not in ARCHS or ARCHS[kind].gguf is None):
         return (f"`thinkforge export` writes GGUF files for {supported}; this model's architecture ({kind}) is not "
                 f"among them yet.\n")
     return f"""One GGUF file holds the weights{" (the adapter merged into its base)" if adapter else ""}, the tokenizer and the chat
-template; `--dtype` is f32, bf16, f16 (the default) or q8_0. This model is a {kind} model, written as llama.cpp's
-{ARCHS[kind].gguf} (`thinkforge export` writes {supported}):
+template; `--dtype` is f32, bf16, f16 (the default) or q8_0. {f"This model is a {kind} model, written as llama.cpp's {ARCHS[kind].gguf}" if kind else "`thinkforge export` refuses an architecture it does not write"} (`thinkforge export` writes {supported}):
 ```bash
 thinkforge export {final} --gguf {final.name}.gguf --dtype f16
 llama-cli -m {final.name}.gguf -cnv{f" -sys {shlex.quote(system)}" if system else ""}
