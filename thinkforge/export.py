@@ -107,7 +107,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f16") -> d
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _metadata(writer, gguf, arch, config, rope, dtype, model_dir)
+        _metadata(writer, gguf, arch, config, rope=rope, dtype=dtype, model_dir=model_dir)
         _tokenizer(writer, tok, vocab, model.generation_config, config)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -190,7 +190,7 @@ def _rope(config, arch: str, model_dir: Path) -> dict:
                     f"(supported: the default rotation, and LongRoPE for Phi-3)")
 
 
-def _metadata(writer, gguf, arch: str, config, rope: dict, dtype: str, model_dir: Path) -> None:
+def _metadata(writer, gguf, arch: str, config, *, rope: dict, dtype: str, model_dir: Path) -> None:
     types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_name(_name(model_dir))
