@@ -130,8 +130,14 @@ def _never_repack_for_cpu_inference(model) -> None:
     silently wrong (layer-0 LoRA gradients 10-20% off on a tiny Llama, measured), or the forward fails where the
     layer has a bias (Phi-2). RL samples and trains the same model, so the rewrite is switched off: every forward
     dequantizes and multiplies, with gradients (tests/test_qlora.py)."""
+    import bitsandbytes
+
     for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            if "support_avx512bf16_for_cpu" not in vars(module):  # a release that decides it elsewhere: say so
+                raise UserError(f"bitsandbytes {bitsandbytes.__version__}'s Linear4bit has no support_avx512bf16_for_cpu "
+                                f"switch, which thinkforge turns off so that a sampling pass cannot leave it without "
+                                f"gradients; install bitsandbytes=={BNB_CPU}")
             module.support_avx512bf16_for_cpu = False
 
 

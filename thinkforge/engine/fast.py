@@ -311,8 +311,10 @@ class FastStep:
 
 
 def _norm(module) -> tuple:
-    """(weight, bias or None) of a norm layer, in float32: the residual stream's dtype."""
-    bias = getattr(module, "bias", None)
+    """(weight, bias or None) of a norm layer, in float32: the residual stream's dtype. An RMS norm has no bias."""
+    import torch
+
+    bias = module.bias if isinstance(module, torch.nn.LayerNorm) else None
     return module.weight.detach().float(), None if bias is None else bias.detach().float()
 
 
