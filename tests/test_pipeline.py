@@ -278,3 +278,8 @@ def test_the_cards_llama_cpp_section_for_a_hub_base_and_an_architecture_without_
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     other = _gguf_section(tmp_path, tmp_path, False, None)
     assert "this model's architecture (gpt2) is not among them yet" in other and "llama-cli" not in other
+    (tmp_path / "config.json").write_text('{"model_type": "phi3"}')  # Phi-3-mini: a SentencePiece-style tokenizer
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE"}, "decoder": {"type": "Sequence", "decoders": '
+                                             '[{"type": "Replace"}, {"type": "ByteFallback"}, {"type": "Fuse"}]}}')
+    sentencepiece = _gguf_section(tmp_path, tmp_path, False, None)
+    assert "writes byte-level BPE tokenizers" in sentencepiece and "llama-cli" not in sentencepiece

@@ -90,11 +90,15 @@ def test_an_old_bitsandbytes_or_none_is_one_line_naming_the_release(monkeypatch)
 
 
 def test_4bit_needs_an_adapter_to_train_and_the_in_process_sampler(phi, tmp_path):
+    from thinkforge import plan
     from thinkforge.train import loop
 
+    full = _card(phi, **{"lora.enabled": "false", "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05,
+                         "lora.target_modules": "null"})
     with pytest.raises(UserError, match="trains nothing without an adapter"):
-        loop.load_for_training(_card(phi, **{"lora.enabled": "false", "lora.r": 16, "lora.alpha": 32,
-                                             "lora.dropout": 0.05, "lora.target_modules": "null"}), tmp_path)
+        loop.load_for_training(full, tmp_path)
+    with pytest.raises(UserError, match="trains nothing without an adapter"):  # no memory table for it either
+        plan.plan(full, 0, 24e9)
     with pytest.raises(UserError, match="rollout.backend=vllm samples from a server's own weights"):
         _card(phi, **{"rollout.backend": "vllm"})
 

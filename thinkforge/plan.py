@@ -208,7 +208,9 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
 def plan(recipe, gpus: int, memory: float, strategy: str = "auto", config=None) -> list[dict]:
     """One row per training stage of the recipe: predicted peak, the largest micro-batch that fits, advice."""
     from thinkforge.config import _Stage
+    from thinkforge.train.loop import check_trainable
 
+    check_trainable(recipe)  # a stage that cannot run has no memory to plan
     device = "cuda" if gpus > 0 else "cpu"
     config = config or _config(recipe)
     shape = shape_of(config, recipe.lora)

@@ -215,6 +215,13 @@ def _gguf_section(final: Path, weights: str | Path, adapter: bool, system: str |
     if kind is not None and (kind not in ARCHS or ARCHS[kind].gguf is None):
         return (f"`thinkforge export` writes GGUF files for {supported}; this model's architecture ({kind}) is not "
                 f"among them yet.\n")
+    spec = final / "tokenizer.json"  # the exporter writes byte-level BPE only (Phi-3-mini's SentencePiece: not yet)
+    if spec.is_file():
+        tok = json.loads(spec.read_text())
+        model_type, decoder = (tok.get("model") or {}).get("type"), json.dumps(tok.get("decoder"))
+        if model_type != "BPE" or "ByteLevel" not in decoder:
+            return (f"`thinkforge export` writes byte-level BPE tokenizers; this model's ({model_type}, decoded by "
+                    f"{(tok.get('decoder') or {}).get('type')}) is not one yet, so it has no GGUF file.\n")
     return f"""One GGUF file holds the weights{" (the adapter merged into its base)" if adapter else ""}, the tokenizer and the chat
 template; `--dtype` is f32, bf16, f16 (the default) or q8_0. {f"This model is a {kind} model, written as llama.cpp's {ARCHS[kind].gguf}" if kind else "`thinkforge export` refuses an architecture it does not write"} (`thinkforge export` writes {supported}):
 ```bash

@@ -166,6 +166,13 @@ def weights_dtype(recipe, device: str) -> str:
     return {"float32": "float32", "pure_bfloat16": "bfloat16", "pure_float16": "float16"}[m.trainable_dtype]
 
 
+def check_trainable(recipe) -> None:
+    """One line where the recipe's training stages would have nothing to train (`thinkforge plan` asks too)."""
+    if recipe.model.load_in_4bit and not recipe.lora.enabled:
+        raise UserError("model.load_in_4bit trains nothing without an adapter (4-bit weights take no optimizer "
+                        "step): set lora.enabled=true (QLoRA), or model.load_in_4bit=false")
+
+
 def load_for_training(recipe, run_dir: str | Path):
     """(model, tokenizer, checkpoint): the newest checkpoint of run_dir if any, else the stage's start model
     (`start_model`), wrapped in a new LoRA adapter when recipe.lora.enabled, its attention without (T, T) masks. Every trainable weight is in
@@ -174,9 +181,7 @@ def load_for_training(recipe, run_dir: str | Path):
     from thinkforge import models
 
     m = recipe.model
-    if m.load_in_4bit and not recipe.lora.enabled:
-        raise UserError("model.load_in_4bit trains nothing without an adapter (4-bit weights take no optimizer "
-                        "step): set lora.enabled=true (QLoRA), or model.load_in_4bit=false")
+    check_trainable(recipe)
     ckpt = latest_checkpoint(run_dir)
     source = str(ckpt / "model") if ckpt else start_model(recipe, run_dir)
     device = models.resolve_device(m.device)
