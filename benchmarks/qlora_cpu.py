@@ -47,10 +47,9 @@ def weight_bytes(model) -> int:
 
         for m in model.modules():
             if isinstance(m, bitsandbytes.nn.Linear4bit):
-                for qs in (m.weight.quant_state, getattr(m.weight.quant_state, "state2", None)):
-                    for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None)):
-                        if t is not None:
-                            tensors[t.data_ptr()] = t
+                qs = m.weight.quant_state  # double-quantized (models.four_bit_config): its scales have their own
+                for t in (qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code):
+                    tensors[t.data_ptr()] = t
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
