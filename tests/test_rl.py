@@ -127,6 +127,22 @@ def test_rl_runs_logs_and_resumes_exactly(tiny_model, tmp_path, algo, extra):
         assert "value_loss" in a[0]
 
 
+def test_the_entropy_every_n_steps_changes_nothing_else_and_the_log_says_so(tiny_model, tmp_path):
+    """rl.entropy_every=3 (4 steps): the entropy is in the rows of steps 1 and 4 only, equal to every step's run
+    there, and the training (losses, rewards, gradient norms) is the same; the start row says it."""
+    def rows(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+
+    rl.main(_recipe(tiny_model, "grpo", **{"rl.mu": 2}), "rl", tmp_path / "every", progress=False)
+    rl.main(_recipe(tiny_model, "grpo", **{"rl.mu": 2, "rl.entropy_every": 3}), "rl", tmp_path / "third", progress=False)
+    every, third = ([r for r in rows(d) if "reward" in r] for d in (tmp_path / "every", tmp_path / "third"))
+    assert [r["step"] for r in third if "entropy" in r] == [1, 4]
+    assert [r["entropy"] for r in third if "entropy" in r] == [every[0]["entropy"], every[3]["entropy"]]
+    for key in ("loss", "reward", "grad_norm", "kl"):
+        assert [r[key] for r in third] == [r[key] for r in every], key
+    assert "entropy logged every 3 steps" in rows(tmp_path / "third")[0]["note"]
+
+
 def test_lora_reference_is_the_adapter_disabled(tiny_model):
     from conftest import random_lora
 

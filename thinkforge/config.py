@@ -301,6 +301,9 @@ class RLConfig(_Stage):
     checkpoints: CheckpointConfig = Field(CheckpointConfig(every=50), description="When checkpoints are written (Infused "
                                           "Phi-2: every 50 steps) and how many are kept.")
     aha_window: int = Field(10, ge=2, description="Steps of history for aha-moment detection.")
+    entropy_every: int = Field(1, ge=1, description="Log the policy's entropy (over a step's first micro-batch: one more "
+                               "pass of the output layer, ~10-20% of that micro-batch) every this many steps, from step 1; "
+                               "the other steps' rows have no `entropy`.")
     aha_rise: float = Field(0.3, ge=0, description="Relative rise over the window mean that flags an aha moment.")
     preflight: bool = Field(True, description="Before the first step, sample rl.preflight_groups groups from the starting "
                             "policy and stop with what to do when RL could not learn from it (no group with reward variance, "

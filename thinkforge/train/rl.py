@@ -93,12 +93,13 @@ def balance(batch: Rollout, rng: random.Random, dist: Dist = Dist()) -> torch.Te
 
 
 def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | None = None,
-             dist: Dist = Dist()) -> dict[str, float]:
+             dist: Dist = Dist(), *, entropy: bool = True) -> dict[str, float]:
     """One backward pass over the batch, micro-batch by micro-batch (those with loss tokens). Each divides by
     the step's normaliser, so their gradients add up to the full batch's; on N ranks every rank joins as many
     rounds as the busiest (zero-weight repeats). With PPO's critic the value loss joins the policy loss, once
     weighted by vf_coef, and the KL is in the reward instead. Returns the step's loss statistics (over every
-    rank). The step has loss tokens: rl.main skips one without."""
+    rank), with `entropy` (of the first micro-batch) where asked. The step has loss tokens: rl.main skips one
+    without."""
     totals: dict[str, float] = {}
     tokens = dist.all_sum([float(batch.loss_mask.sum())])[0]
     if tokens == 0:
@@ -113,7 +114,7 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | No
         with dist.sync(model, last=r == len(rounds) - 1):
             with loop.autocast(str(model.device), cfg.mixed_precision):
                 logp, ent, values = forward_logp(model, batch, rows, critic.head if critic else None,
-                                                 with_entropy="entropy" not in totals, chunk=cfg.head_chunk)
+                                                 with_entropy=entropy and "entropy" not in totals, chunk=cfg.head_chunk)
             old = batch.old_logp[rows].to(logp.device) if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows].to(logp.device) if batch.ref_logp is not None else None
             adv, mismatch = sampler_correction(old, batch, rows, mask, cfg.tis_cap)
@@ -130,11 +131,13 @@ def backward(model, batch: Rollout, norm, cfg: RLConfig, critic: ppo.Critic | No
         totals["loss"] = totals.get("loss", 0.0) + loss.item() / dist.world
         for key, v in parts.items():
             totals[key] = totals.get(key, 0.0) + (v / dist.world if key in ("pg_loss", "value_loss") else v * w)
-        if "entropy" not in totals:  # of the first micro-batch: its softmax costs another pass of the output layer
+        if entropy and "entropy" not in totals:  # of the first micro-batch: another pass of the output layer
             totals["entropy"] = masked_mean(ent, mask).item()
+    if not entropy:
+        return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True))
     # the step's first micro-batch is on the first rank that has one (the others ran zero-weight passes)
-    entropy = next(e for e, real in dist.all_gather([totals.pop("entropy"), float(bool(micro))]) if real)
-    return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": entropy}
+    first = next(e for e, real in dist.all_gather([totals.pop("entropy"), float(bool(micro))]) if real)
+    return dict(zip(totals, dist.all_sum(list(totals.values())), strict=True)) | {"entropy": first}
 
 
 def sampler_correction(old: torch.Tensor, batch: Rollout, rows: slice, mask: torch.Tensor, cap: float | None):
@@ -228,7 +231,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, "note": "with mu=1 and beta=0 the loss can read 0 "
-                        "while gradients flow: watch pg_loss, kl, clip_fraction (PITFALLS 1)"})
+                        "while gradients flow: watch pg_loss, kl, clip_fraction (PITFALLS 1)"
+                        + (f"; entropy logged every {cfg.entropy_every} steps (rl.entropy_every)" if cfg.entropy_every > 1 else "")})
     aha = AhaDetector(cfg.aha_window, cfg.aha_rise)
     for row in _past_rows(run_dir, start):  # rebuild the detector's history on resume
         aha.update(row["step"], row, [])
@@ -313,14 +317,14 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
             norm = dist.normaliser(normaliser(batch.loss_mask, cfg.loss_agg, cfg.max_new_tokens))  # one all-reduce
 
             totals: dict[str, float] = {}
-            for _ in range(cfg.mu):
-                parts = backward(ddp, batch, norm, cfg, critic, dist)
+            for epoch in range(cfg.mu):  # the entropy of the first epoch's pass, at every entropy_every-th step
+                parts = backward(ddp, batch, norm, cfg, critic, dist, entropy=epoch == 0 and step % cfg.entropy_every == 0)
                 if critic is not None:  # its head is outside the wrapped model: averaged over the ranks here
                     dist.average(critic.head.parameters())
                 if critic is not None and not critic.head.trunk:  # a detached head is clipped alone
                     parts["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.head.parameters(), cfg.optim.clip).item()
-                for k, v in parts.items():
-                    totals[k] = totals.get(k, 0.0) + v / cfg.mu
+                for k, v in parts.items():  # epoch means; the entropy is the first epoch's alone
+                    totals[k] = totals.get(k, 0.0) + (v if k == "entropy" else v / cfg.mu)
                 lr = loop.lr_at(step, cfg.steps, cfg.optim.lr, warmup, cfg.optim.min_lr_ratio)
                 grad_norm = loop.apply_update(clipped, optimizer, cfg.optim.clip, lr)
             push_log = {}
