@@ -176,6 +176,7 @@ def test_a_run_finished_before_the_nested_optimizer_schema_still_resumes(tmp_pat
     made_from = stage_inputs(recipe, "rl")
     assert hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16] == "fb60f5948cd7378b"
     assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["rl.head_chunk=64"]), "rl") == made_from
+    assert stage_inputs(load_config(ROOT / "recipes" / "tiny.yaml", ["rl.entropy_every=5"]), "rl") == made_from
     old = tmp_path / "config.yaml"
     old.write_text("sft: {lr: 0.0005, warmup_ratio: 0.03, save_every: 0, keep_checkpoints: 2, clip: 1.0}\n")
     with pytest.warns(FutureWarning, match="'sft.lr' is now 'sft.optim.lr'"):

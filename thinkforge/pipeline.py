@@ -103,8 +103,8 @@ ADDED_SINCE = {"rl": {"curriculum": False, "curriculum_window": 16, "curriculum_
 SECTIONS_ADDED_SINCE = ("tasks",)
 
 # Stage settings that change how a stage runs or whether it starts, never what it makes: the output head's chunk
-# (float rounding), RL's learnability preflight.
-RUNS_ONLY = ("head_chunk", "preflight", "preflight_groups")
+# (float rounding), RL's learnability preflight, how often RL logs its entropy.
+RUNS_ONLY = ("head_chunk", "preflight", "preflight_groups", "entropy_every")
 
 
 def _without_added(values: dict, section: str) -> dict:
