@@ -10,6 +10,8 @@ tokens, completions of --short..--long tokens (seeded random ids; the recipe's r
 cache), the policy loss and its backward, the median of --repeats after a warm-up, three ways:
 - `rl`: what rl.py runs for a step's first micro-batch (with the entropy metric: one more pass of the output layer);
 - `rl without entropy`: its other micro-batches;
+- `rl without entropy, completions padded`: the same with the completions right-padded on the prompt's cache
+  repeated per row (the layout before they were packed in one row);
 - `lm`: plain LM training on as many real tokens (unpadded rows of --lm-row tokens, log-probs of every token
   from the chunked head): the rate the RL pass is measured against.
 Rates count real tokens (prompts once each, completions without padding). The last line is one JSON object.
@@ -18,6 +20,7 @@ Rates count real tokens (prompts once each, completions without padding). The la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -71,6 +74,19 @@ def lm_pass(model, rows):
     (-logp.sum() / logp.numel()).backward()
 
 
+@contextlib.contextmanager
+def padded_layout():
+    """The completions right-padded on the prompt's cache repeated per row (the layout before packing)."""
+    from thinkforge.train import forward
+
+    packable = forward.packable
+    forward.packable = lambda *a: False
+    try:
+        yield
+    finally:
+        forward.packable = packable
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     seconds = []
@@ -85,6 +101,7 @@ def main() -> None:
     import torch
 
     from thinkforge import models
+    from thinkforge.train.attention import use_document_attention
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
@@ -97,6 +114,8 @@ def main() -> None:
     ap.add_argument("--lm-row", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the frozen base's weights (model.dtype); the adapter trains in float32 either way")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.tiny:
@@ -107,9 +126,13 @@ def main() -> None:
 
         a.model = str(tiny.init_model(Path(tempfile.mkdtemp()) / "tiny", InitConfig(arch="llama", hidden=64, layers=2)))
         a.prompt, a.short, a.long, a.lm_row, a.repeats = 12, 4, 20, 32, 1
-    model, tok = models.load(a.model, dtype="float32", device="cpu")
+    model, tok = models.load(a.model, dtype=a.base_dtype, device="cpu")
     model = models.add_lora(model, 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    for w in model.parameters():  # as loop.load_for_training: the adapter trains in float32 on any base
+        if w.requires_grad:
+            w.data = w.data.float()
     models.disable_dropout(model)
+    use_document_attention(model)  # as loop.load_for_training sets every training stage up
     model.train()
     batch = rollout(tok, a.prompts, a.group, a.prompt, a.short, a.long, seed=0)
     real = int(batch.prompt_mask.sum()) + int(batch.completion_mask.sum())
@@ -120,8 +143,11 @@ def main() -> None:
     rate = {
         "rl": real / timed(lambda: rl_pass(model, batch, a.group, True), a.repeats),
         "rl without entropy": real / timed(lambda: rl_pass(model, batch, a.group, False), a.repeats),
-        "lm": lm_tokens / timed(lambda: lm_pass(model, rows), a.repeats),
     }
+    with padded_layout():
+        rate["rl without entropy, completions padded"] = real / timed(lambda: rl_pass(model, batch, a.group, False),
+                                                                      a.repeats)
+    rate["lm"] = lm_tokens / timed(lambda: lm_pass(model, rows), a.repeats)
     params = sum(p.numel() for p in model.parameters())
     print(f"CPU, {a.threads} threads, torch {torch.__version__}, {Path(a.model).name} ({params / 1e6:.1f}M parameters), "
           f"LoRA r 16 q/k/v/o, bf16 autocast; {a.prompts} prompts x {a.group} completions, prompt {a.prompt}, "
@@ -132,6 +158,7 @@ def main() -> None:
         print(f"| {name} | {r:.0f} | {r / rate['lm']:.2f} |")
     print(json.dumps({"metric": "rl_train_pass_tokens_per_s", "rl": round(rate["rl"], 1),
                       "rl_without_entropy": round(rate["rl without entropy"], 1), "lm": round(rate["lm"], 1),
+                      "rl_padded_without_entropy": round(rate["rl without entropy, completions padded"], 1),
                       "of_lm": round(rate["rl"] / rate["lm"], 3)}))
 
 

@@ -249,17 +249,25 @@ def test_a_soft_capped_attention_keeps_its_own_implementation():
     assert not use_document_attention(model) and model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
-@pytest.mark.parametrize("share_prompt", [True, False])
-def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, share_prompt, monkeypatch):
-    """RL and DPO rows (prompts padded on the left, completions on the right, the completions on top of the
-    prompt's cache or in one pass) through train/attention.py's padded path give the log-probs and gradients
-    of transformers' (B, 1, Q, K) mask, and no such mask is built."""
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "phi", "llama"])
+@pytest.mark.parametrize("layout", ["packed", "padded on the cache", "one pass"])
+def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layout, monkeypatch):
+    """RL and DPO rows (prompts padded on the left, completions on the right: packed in one row on top of their
+    prompt's cache, padded on the cache repeated, or prompt and completion in one pass) through
+    train/attention.py give the log-probs and gradients of transformers' (B, 1, Q, K) mask, and no such mask is
+    built. The completions' lengths straddle the prompts' (the packed masks' both shapes), one is a single token."""
     from transformers import AutoModelForCausalLM
 
     from thinkforge.rollout.types import Rollout
-    from thinkforge.train import attention
+    from thinkforge.train import attention, forward
     from thinkforge.train.forward import forward_logp
+
+    share_prompt = layout != "one pass"
+    if layout == "padded on the cache":
+        monkeypatch.setattr(forward, "packable", lambda *a: False)
+    packed_runs = []
+    real_states = forward.packed_states
+    monkeypatch.setattr(forward, "packed_states", lambda *a: packed_runs.append(1) or real_states(*a))
 
     def build():
         torch.manual_seed(0)
@@ -272,7 +280,7 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, shar
     def ids(n):
         return torch.randint(2, VOCAB, (n,), generator=g).tolist()
 
-    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(11), ids(3), ids(8)], [0, 0, 1, 1], 1, rewards=[1.0, 0.0, 1.0, 0.0],
+    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(11), ids(1), ids(8)], [0, 0, 1, 1], 1, rewards=[1.0, 0.0, 1.0, 0.0],
                           temperature=0.7)
 
     def run(model):
@@ -287,7 +295,9 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, shar
     model = build()
     assert attention.use_document_attention(model)
     got, g_got = run(model)
-    assert masks and {m for _, m in masks} == {2}  # every layer got the (B, K) valid keys, never a (B, 1, Q, K) mask
+    # every layer got the (B, K) valid keys, or (the packed completions) no mask; never a (B, 1, Q, K) mask
+    assert masks and {m for _, m in masks} == ({2, None} if layout == "packed" else {2})
+    assert len(packed_runs) == (layout == "packed")
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
 
 

@@ -14,6 +14,10 @@ makes, more than the whole rest of a narrow model's step. Here no such mask is b
 
 The numbers are those of the masked rows (tested); memory grows with the row, not with its square.
 
+A group's completions can also run packed (`packed_completions`): their real tokens one after another in a
+single row, no padding, each attending to its prompt's cached keys and to its own earlier tokens (one small
+causal call per completion). Used by train/forward.py's shared-prompt pass.
+
     use_document_attention(model)   # every training stage, where the model runs transformers' sdpa
 
 Everything else keeps transformers' own mask and kernel: small calls (fewer than `SMALL_MASK` mask elements,
@@ -25,6 +29,10 @@ bidirectional ones, and those without sdpa keep their implementation.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +50,9 @@ def document_attention(module, query, key, value, attention_mask, *, dropout: fl
         raise RuntimeError(f"{type(module).__name__} passes {[k for k in EXTRAS if kwargs.get(k) is not None] or 'is_causal=False'} "
                            "to its attention, which train/attention.py does not compute: it must keep its own")
     p = dropout if module.training else 0.0
+    packed = _PACKED.get()
+    if packed is not None:  # completions packed in one row over their prompts' cache
+        return packed.attend(module, query, key, value, dropout=p, scaling=scaling), None
     if attention_mask is not None and attention_mask.dim() == 2:  # (B, K) valid keys from `_mask`: a long padded batch
         return padded_attention(query, key, value, attention_mask, dropout=p, scaling=scaling), None
     if attention_mask is not None or query.shape[2] != key.shape[2]:  # small padded rows, decoding: the mask is real
@@ -75,6 +86,60 @@ def _sdpa(query, key, value, mask=None, *, dropout: float, scaling: float | None
         gqa = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                           scale=scaling, enable_gqa=gqa)
+
+
+@dataclass
+class Packed:
+    """Completions packed in one row (1, N) on top of their prompts' KV cache.
+
+    prompt_cache: the prompts' cache (B, Hkv, P, hd per layer, the prompts left-padded); rows: per completion
+    (its prompt's row, the prompt's first valid key, its offset in the packed row, its length). Each layer's
+    queries of a completion attend to its prompt's valid keys and, causally, to the completion's own keys.
+    """
+
+    prompt_cache: object
+    rows: list[tuple[int, int, int, int]]
+    calls: int = 0  # attention calls that ran here (the caller checks: every layer)
+    _masks: dict = field(default_factory=dict)
+
+    def attend(self, module, query, key, value, *, dropout: float, scaling: float | None) -> torch.Tensor:
+        """query (1, H, N, hd), key and value (1, Hkv, N, hd) of the packed completions. -> (1, N, H, hd)"""
+        layer = self.prompt_cache.layers[module.layer_idx]
+        P = layer.keys.shape[2]
+        prompts = {g: first for g, first, _, _ in self.rows}  # each prompt's valid keys, sliced once (B, Hkv, P, hd)
+        p_keys = {g: layer.keys[g : g + 1, :, first:] for g, first in prompts.items()}
+        p_values = {g: layer.values[g : g + 1, :, first:] for g, first in prompts.items()}
+        lengths = [length for *_, length in self.rows]
+        # split, not sliced per completion: one backward node each, not a zero-filled (1, H, N, hd) per completion
+        outs = []
+        for (g, first, _, length), q, k, v in zip(self.rows, query.split(lengths, 2), key.split(lengths, 2),
+                                                   value.split(lengths, 2), strict=True):
+            if length:
+                outs.append(_sdpa(q, torch.cat([p_keys[g], k], 2), torch.cat([p_values[g], v], 2),
+                                  self._mask(P - first, length, query.device), dropout=dropout, scaling=scaling))
+        self.calls += 1
+        return torch.cat(outs, 2).transpose(1, 2).contiguous()
+
+    def _mask(self, prompt: int, length: int, device) -> torch.Tensor:
+        """(length, prompt + length) bool: every prompt key, then causal over the completion's own."""
+        if (prompt, length) not in self._masks:
+            keys = torch.arange(prompt + length, device=device)
+            self._masks[prompt, length] = keys <= torch.arange(prompt, prompt + length, device=device)[:, None]
+        return self._masks[prompt, length]
+
+
+_PACKED: ContextVar[Packed | None] = ContextVar("thinkforge_packed", default=None)
+
+
+@contextmanager
+def packed_completions(packed: Packed):
+    """Inside, the model's attention (document_attention) runs `packed`'s layout: its forward takes the packed
+    completions (1, N) with their positions and no cache."""
+    token = _PACKED.set(packed)
+    try:
+        yield packed
+    finally:
+        _PACKED.reset(token)
 
 
 def key_runs(keys: torch.Tensor) -> list[tuple[int, int, bool]]:
@@ -136,6 +201,8 @@ def _mask(**kwargs):
     the (B, 1, Q, K) mask; else sdpa's own mask (see the module's docstring for which calls)."""
     from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
+    if _PACKED.get() is not None:  # `Packed.attend` lays the completions out itself
+        return None
     mask = kwargs.get("attention_mask")
     padded = mask is not None and not bool(mask.all())
     q, kv, q_offset, kv_offset = kwargs["q_length"], kwargs["kv_length"], kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)

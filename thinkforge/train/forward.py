@@ -13,8 +13,9 @@ import torch
 from thinkforge.losses import IGNORE
 from thinkforge.models import eval_mode, forward_cached
 from thinkforge.rollout.types import Rollout
+from thinkforge.train.attention import NAME, Packed, packed_completions
 from thinkforge.train.dist import Dist
-from thinkforge.train.head import final, hidden_states
+from thinkforge.train.head import final, hf_model, hidden_states
 
 
 def uses_checkpointing(model) -> bool:
@@ -28,8 +29,9 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
     what is not asked. The output layer runs a chunk of completion tokens at a time (train/head.py): never
     the (n, C, V) logits.
 
-    A group's prompt is run once: its KV cache is repeated for the group's completions, which run on top of
-    it (gradients flow into the prompt pass through the cache). Under gradient checkpointing, which drops the
+    A group's prompt is run once; its completions run on top of its KV cache (gradients flow into the prompt
+    pass through the cache): packed in one row without padding where the model runs thinkforge's attention
+    (`packed_states`), else right-padded on the cache repeated for each. Under gradient checkpointing, which drops the
     cache in training, each row runs prompt + completion in one pass instead, and so do the reference and
     old log-prob passes of such a model (in eval mode), so that in low precision both round alike.
     """
@@ -48,11 +50,15 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
 
             first, cache = forward_cached(model, DynamicCache(config=model.config), input_ids=p_ids,
                                           attention_mask=p_mask, position_ids=p_pos, logits_to_keep=1)
-            cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
-            c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
-            out, _ = forward_cached(model, cache, input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1),
-                                    position_ids=c_pos)
-            states = torch.cat([final(first)[row_prompt, -1:], final(out)[:, :-1]], 1)  # (n, C, D)
+            last = final(first)[:, -1]  # (B, D): each prompt's last position predicts its completions' first token
+            if packable(model, p_mask, c_mask):
+                states = packed_states(model, cache, last, comp, c_mask, p_mask, row_prompt)
+            else:
+                cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
+                c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
+                out, _ = forward_cached(model, cache, input_ids=comp, attention_mask=torch.cat([p_mask[row_prompt], c_mask], -1),
+                                        position_ids=c_pos)
+                states = torch.cat([last[row_prompt, None], final(out)[:, :-1]], 1)  # (n, C, D)
         else:
             mask = torch.cat([p_mask[row_prompt], c_mask], -1)
             out = model(input_ids=torch.cat([p_ids[row_prompt], comp], -1), attention_mask=mask,
@@ -61,6 +67,48 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
             states = final(out)[:, start:-1]  # (n, C, D)
     got = head.logprobs(states, comp.masked_fill(c_mask == 0, IGNORE), batch.temperature, with_entropy)  # (n, C)
     return got[0], got[2] if with_entropy else None, value_head(states) if value_head is not None else None
+
+
+def packable(model, p_mask: torch.Tensor, c_mask: torch.Tensor) -> bool:
+    """Whether the completions can run packed (`packed_states`): the model runs train/attention.py's attention
+    with no window shorter than the rows, the prompts are left-padded and the completions right-padded."""
+    config = hf_model(model).config
+    text = config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    if config._attn_implementation != NAME or (window is not None and window < p_mask.shape[1] + c_mask.shape[1]):
+        return False
+    P, C = p_mask.shape[1], c_mask.shape[1]
+    p_len, c_len = p_mask.sum(-1, keepdim=True), c_mask.sum(-1, keepdim=True)
+    left = torch.equal(p_mask.bool(), torch.arange(P, device=p_mask.device) >= P - p_len)
+    right = torch.equal(c_mask.bool(), torch.arange(C, device=c_mask.device) < c_len)
+    return left and right and bool(c_len.sum())
+
+
+def packed_states(model, cache, last: torch.Tensor, comp: torch.Tensor, c_mask: torch.Tensor, p_mask: torch.Tensor,
+                  row_prompt: torch.Tensor) -> torch.Tensor:
+    """The completions' real tokens packed in one row (1, N), no padding, run on their prompts' cache (`Packed`);
+    -> the hidden state before each completion token (n, C, D), zeros at padding: `last` (B, D) before a
+    completion's first token, the packed row's own states after."""
+    valid = c_mask.bool()  # (n, C), right-padded
+    lengths = valid.sum(-1)
+    P = p_mask.shape[1]
+    p_len = p_mask.sum(-1)
+    first_key = (P - p_len)[row_prompt]  # each completion's prompt's first valid key
+    offsets = lengths.cumsum(0) - lengths
+    packed = Packed(cache, [tuple(r) for r in torch.stack([row_prompt, first_key, offsets, lengths], -1).tolist()])
+    ids = comp[valid][None]  # (1, N)
+    pos = (p_len[row_prompt, None] + torch.arange(comp.shape[1], device=comp.device))[valid][None]
+    with packed_completions(packed):
+        out = model(input_ids=ids, position_ids=pos, use_cache=False)
+    layers = hf_model(model).config.get_text_config().num_hidden_layers
+    if packed.calls != layers:  # a model whose layers do not all call the attention interface: never silently
+        raise RuntimeError(f"{type(hf_model(model)).__name__}: {packed.calls} of {layers} layers ran thinkforge's "
+                           "packed attention; train with model.attn_implementation=eager (the padded layout)")
+    h = final(out)[0]  # (N, D)
+    before = torch.cat([h.new_zeros(1, h.shape[-1]), h[:-1]])  # (N, D): each token's predecessor in the row
+    starts = offsets[lengths > 0]
+    before = before.index_put((starts,), last[row_prompt[lengths > 0]].to(before.dtype))
+    return h.new_zeros(*valid.shape, h.shape[-1]).masked_scatter(valid[..., None], before)  # (n, C, D)
 
 
 @torch.no_grad()

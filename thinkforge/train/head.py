@@ -41,6 +41,8 @@ class Head:
 
     def __init__(self, layer: torch.nn.Module, vocab: int, chunk: int | None = None):
         self.layer, self.vocab, self.chunk = layer, vocab, chunk_tokens(vocab, chunk)
+        base = getattr(layer, "base_layer", layer)  # under a LoRA adapter on the output layer: its own sum is linear too
+        self.linear_without_bias = isinstance(base, torch.nn.Linear) and base.bias is None
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                  with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
@@ -69,9 +71,12 @@ class Head:
         return out
 
     def _logp(self, h: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-        logits = self.layer(h).float()  # (c, V): the only logits alive
-        if temperature != 1.0:
-            logits = logits / temperature
+        if temperature != 1.0 and self.linear_without_bias:
+            logits = self.layer(h / temperature).float()  # W h / T, divided on D numbers, not on V
+        else:
+            logits = self.layer(h).float()  # (c, V): the only logits alive
+            if temperature != 1.0:
+                logits = logits / temperature
         return -F.cross_entropy(logits, t, reduction="none")  # (c,)
 
 
@@ -80,7 +85,7 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _hf_model(model):
+def hf_model(model):
     """The transformers model under DDP / FSDP wrappers and a PEFT adapter."""
     while isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
@@ -99,7 +104,7 @@ def final(output) -> torch.Tensor:
 def hidden_states(model, chunk: int | None = None):
     """Inside, the model's forward returns its final hidden states (its output layer replaced by the identity;
     read them with `final`); yields the `Head` that applies the real output layer afterwards, chunk by chunk."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     config = hf.config.get_text_config()
     for key in ("final_logit_softcapping",):  # (a scale after a bias-free layer commutes with it: not here)
         if config.to_dict().get(key) not in (None, 1.0):
