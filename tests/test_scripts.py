@@ -33,6 +33,10 @@ def _json(metric: str, *fields: str) -> str:
 
 
 SMOKE = {
+    "benchmarks/compile_train.py": Smoke(
+        ("--tiny",), r'\{"metric": "compiled_training", ' + ", ".join(
+            f'"{k}": ' + r'\{"eager": ' + N + ', "compiled": ' + N + ', "first_call_s": ' + N + r"\}"
+            for k in ("sft", "dpo", "grpo")) + r"\}"),
     "benchmarks/cpu_decode.py": Smoke(
         ("--model", "{llama}", "--new", "4", "--rows", "1", "--repeats", "1"),
         _json("cpu_decode_tok_per_s_bf16_1_row", "thinkforge", "peer", "ratio"), needs=("llama-cpp",)),
@@ -84,7 +88,8 @@ SMOKE = {
         ("--hidden", "64", "--layers", "1", "--steps", "1"),
         _json("rl_peak_gb_per_rank", "params", "ddp", "fsdp2", "fsdp2_over_ddp")),
     "benchmarks/rl_train_pass.py": Smoke(
-        ("--tiny",), _json("rl_train_pass_tokens_per_s", "rl", "rl_without_entropy", "lm", "of_lm")),
+        ("--tiny",), _json("rl_train_pass_tokens_per_s", "rl", "rl_without_entropy", "lm", "rl_padded_without_entropy",
+                           "of_lm")),
     "benchmarks/rollout_backends.py": Smoke(  # vLLM's CPU attention: a head size of 32, 64, 80, ...
         ("--hidden", "64", "--layers", "1", "--heads", "2", "--max-new-tokens", "4", "--rounds", "1"),
         r'\{"metric": "rollout_tokens_per_s", "hf": ' + N + ', "vllm": ' + N + ', "ratio": ' + N

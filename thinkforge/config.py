@@ -43,6 +43,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _on_off(value):
+    """YAML reads a bare on / off as true / false: take them as the words."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class ModelConfig(_Section):
     name_or_path: str = Field("runs/tiny-model", description="Hugging Face hub id or local folder of a causal LM (or a PEFT adapter folder).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -57,6 +62,10 @@ class ModelConfig(_Section):
     load_in_4bit: bool = Field(False, description="4-bit NF4 base weights via bitsandbytes (QLoRA), on CUDA or a CPU; training needs lora.enabled.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose.")
+    compile: Annotated[Literal["off", "on", "auto"], BeforeValidator(_on_off)] = Field(
+        "auto", description="torch.compile each decoder layer for the training passes (train/compiled.py). auto: when "
+        "the stage's planned tokens repay the compile time measured for its kind of pass on this device kind (the rule "
+        "and its numbers go in the stage's start row); on: always; off: never.")
     prompt_format: Literal["auto", "phi2", "phi4", "chat_template", "plain"] = Field(
         "auto", description="auto = the tokenizer's chat template if it has one, else phi2."
     )
@@ -463,6 +472,14 @@ class Recipe(_Section):
                              f"rollout.backend={self.rollout.backend} samples from a server's own weights, so the "
                              f"policy it samples would not be the 4-bit one that trains: set rollout.backend=hf, "
                              f"or model.load_in_4bit=false")
+        return self
+
+    @model_validator(mode="after")
+    def _compile_makes_a_graph(self) -> Recipe:
+        """torch.compile makes no graph of transformers' checkpointed layers (torch 2.13): on would do nothing."""
+        if self.model.compile == "on" and self.model.gradient_checkpointing:
+            raise ValueError("model.compile=on with model.gradient_checkpointing=true: torch.compile makes no graph of "
+                             "transformers' checkpointed layers, so nothing would be compiled; set one of them off")
         return self
 
     @model_validator(mode="after")

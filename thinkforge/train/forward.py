@@ -7,6 +7,7 @@ sampler's temperature (PITFALLS 5): `Rollout.temperature`.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -52,7 +53,7 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
                                           attention_mask=p_mask, position_ids=p_pos, logits_to_keep=1)
             last = final(first)[:, -1]  # (B, D): each prompt's last position predicts its completions' first token
             if packable(model, p_mask, c_mask):
-                states = packed_states(model, cache, last, comp, c_mask, p_mask, row_prompt)
+                states = packed_states(model, Prompts(cache, last, p_mask, row_prompt), comp, c_mask)
             else:
                 cache.batch_select_indices(row_prompt)  # each completion row gets its prompt's keys and values
                 c_pos = p_pos[row_prompt, -1:] + 1 + torch.arange(comp.shape[1], device=dev)
@@ -84,11 +85,21 @@ def packable(model, p_mask: torch.Tensor, c_mask: torch.Tensor) -> bool:
     return left and right and bool(c_len.sum())
 
 
-def packed_states(model, cache, last: torch.Tensor, comp: torch.Tensor, c_mask: torch.Tensor, p_mask: torch.Tensor,
-                  row_prompt: torch.Tensor) -> torch.Tensor:
+class Prompts(NamedTuple):
+    """The prompt pass the completions continue: its KV cache, its last hidden states (B, D), the prompts' mask
+    (B, P) (left-padded) and each completion's prompt row (n,)."""
+
+    cache: object
+    last: torch.Tensor
+    mask: torch.Tensor
+    of_row: torch.Tensor
+
+
+def packed_states(model, prompts: Prompts, comp: torch.Tensor, c_mask: torch.Tensor) -> torch.Tensor:
     """The completions' real tokens packed in one row (1, N), no padding, run on their prompts' cache (`Packed`);
-    -> the hidden state before each completion token (n, C, D), zeros at padding: `last` (B, D) before a
+    -> the hidden state before each completion token (n, C, D), zeros at padding: the prompt's last state before a
     completion's first token, the packed row's own states after."""
+    cache, last, p_mask, row_prompt = prompts
     valid = c_mask.bool()  # (n, C), right-padded
     lengths = valid.sum(-1)
     P = p_mask.shape[1]

@@ -97,10 +97,12 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     if ckpt:
         start = loop.restore(ckpt, optimizer, model, dist)["step"]
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
+    n_tok = sum(len(e) for e in examples)
+    steps_per_epoch = loop.total_steps(len(rows), per_step, 1)
+    compiled = loop.compile_layers(recipe, model, "sft", n_tok / steps_per_epoch * (n_steps - start))
     if start == 0:
-        n_tok = sum(len(e) for e in examples)
         metrics.log(0, {"event": "start", "documents": len(examples), "rows": len(rows), "steps": n_steps,
-                        "tokens": n_tok, "packing": cfg.packing})
+                        "tokens": n_tok, "packing": cfg.packing, **compiled})
 
     device = str(model.device)
     checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)

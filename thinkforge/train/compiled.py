@@ -1,0 +1,115 @@
+"""Compiled training where it pays: `model.compile` = off | on | auto.
+
+- Regional: each decoder layer's forward is compiled (torch.compile, inductor), not the whole model. The layers
+  run one code object, so one graph serves all of them, and it is compiled with dynamic shapes: rows of any
+  length and count reuse it (a handful of graphs a stage, not one per length; a shape dynamo specialises, such as
+  a single row, adds one). Attention (train/attention.py, whose layout depends on the data) runs eagerly between
+  the compiled regions.
+- Only where gradients are taken: generation and the no-grad log-prob passes (reference, old policy) run the
+  eager layers. The decode loop's reserved cache cannot be compiled (AOTAutograd rejects inputs that are views
+  of one buffer), and a no-grad graph would be a second compile. So the training pass and a reference pass
+  round differently in low precision: step-1 KL is ~1e-3, not exactly 0, with compile on.
+- auto compiles when the stage's planned tokens amortise the compile time:
+
+      planned tokens x (1 / eager rate - 1 / compiled rate) > compile seconds
+
+  from the figures measured for the kind of pass on the device kind (`MEASURED`, by benchmarks/compile_train.py).
+  A pair without measurements does not compile on auto (on: always). On this project's CPU only SFT's passes gain
+  (1.17x, 38 s to compile: from ~140K planned tokens); DPO's and RL's are attention- and cache-bound (1.00x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One device kind's compile figures (benchmarks/compile_train.py, SmolLM2-135M, LoRA, bf16 autocast)."""
+
+    compile_seconds: float  # the first step's extra time
+    eager_rate: float  # tokens/s
+    compiled_rate: float  # tokens/s
+
+    def break_even(self) -> float:
+        """Planned tokens above which compiling saves time."""
+        saved = 1 / self.eager_rate - 1 / self.compiled_rate  # seconds per token
+        return float("inf") if saved <= 0 else self.compile_seconds / saved
+
+
+RECOMPILE_LIMIT = 32
+# (device kind, pass kind) -> figures; benchmarks/compile_train.py on SmolLM2-135M (BENCHMARKS.md, 2026-12-07)
+MEASURED = {("cpu", "sft"): Measured(compile_seconds=37.8, eager_rate=545.1, compiled_rate=639.3),
+            ("cpu", "dpo"): Measured(compile_seconds=25.2, eager_rate=359.6, compiled_rate=360.2),
+            ("cpu", "rl"): Measured(compile_seconds=6.6, eager_rate=366.5, compiled_rate=363.0)}
+
+
+def decide(setting: str, device: str, kind: str, planned_tokens: float) -> tuple[bool, str]:
+    """(compile, the reason in words) for a stage whose passes are of `kind` planning `planned_tokens` on `device`."""
+    if setting == "off":
+        return False, "model.compile=off"
+    if setting == "on":
+        return True, "model.compile=on"
+    where = device.split(":")[0]
+    figures = MEASURED.get((where, kind))
+    if figures is None:
+        return False, f"auto: no compile figures measured for {kind} passes on {where}"
+    speed = figures.compiled_rate / figures.eager_rate
+    need = figures.break_even()
+    if need == float("inf"):
+        return False, f"auto: compiled {kind} passes ran at {speed:.2f}x eager on {where}: compiling never repays"
+    verdict = planned_tokens > need
+    return verdict, (f"auto: {planned_tokens:,.0f} planned tokens {'>' if verdict else '<='} {need:,.0f}, the break-even "
+                     f"of {figures.compile_seconds:.0f} s of compiling at {speed:.2f}x on {where}")
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' GradientCheckpointingLayer subclasses, one per block)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """Compile each decoder layer's forward for the passes that take gradients (see the module docstring);
+    -> how many layers. Attention stays eager: train/attention.py's function is registered un-traced."""
+    from transformers import AttentionInterface
+
+    from thinkforge.train import attention
+
+    layers = decoder_layers(model)
+    # Graphs a stage makes: the first layer (its input needs no gradient under an adapter) and the rest, a single
+    # row (packed completions) and several, with and without a prompt's cache: 8 and their resumes after the
+    # eager attention, where dynamo's default stops at 8 and runs the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if not layers:
+        raise RuntimeError(f"{type(model).__name__} has no transformers decoder layers to compile; set model.compile=off")
+    AttentionInterface.register(attention.NAME, torch.compiler.disable(attention.document_attention))
+    for layer in layers:
+        if getattr(layer, "thinkforge_compiled", False):
+            continue
+        eager = layer.forward
+        compiled = torch.compile(eager, dynamic=True, backend=backend)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kwargs)
+
+        layer.forward = forward
+        layer.thinkforge_compiled = True
+    return len(layers)
+
+
+def setup(model, setting: str, device: str, kind: str, planned_tokens: float) -> dict:
+    """Compile the model's layers when `decide` says so; -> the start row's entries (compile, compile_rule).
+    Not with gradient checkpointing: dynamo gives up on transformers' checkpointing wrapper (no graph is made,
+    measured with torch 2.13); the recipe refuses on with it, auto says why it does not compile."""
+    from thinkforge.train.forward import uses_checkpointing
+
+    if setting == "auto" and uses_checkpointing(model):
+        return {"compile": False, "compile_rule": "auto: not with gradient checkpointing"}
+    on, rule = decide(setting, device, kind, planned_tokens)
+    if on:
+        compile_layers(model)
+    return {"compile": on, "compile_rule": rule}
