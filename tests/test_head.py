@@ -255,7 +255,8 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layo
     """RL and DPO rows (prompts padded on the left, completions on the right: packed in one row on top of their
     prompt's cache, padded on the cache repeated, or prompt and completion in one pass) through
     train/attention.py give the log-probs and gradients of transformers' (B, 1, Q, K) mask, and no such mask is
-    built. The completions' lengths straddle the prompts' (the packed masks' both shapes), one is a single token."""
+    built. The completions' lengths straddle the prompts' (the packed masks' both shapes), two are a single token,
+    and two of a prompt share a length (one packed call for both)."""
     from transformers import AutoModelForCausalLM
 
     from thinkforge.rollout.types import Rollout
@@ -280,12 +281,12 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layo
     def ids(n):
         return torch.randint(2, VOCAB, (n,), generator=g).tolist()
 
-    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(11), ids(1), ids(8)], [0, 0, 1, 1], 1, rewards=[1.0, 0.0, 1.0, 0.0],
-                          temperature=0.7)
+    batch = Rollout.build([ids(4), ids(9)], [ids(6), ids(6), ids(11), ids(1), ids(1), ids(8)], [0, 0, 0, 1, 1, 1], 1,
+                          rewards=[1.0, 0.0, 1.0, 0.0, 1.0, 0.0], temperature=0.7)
 
     def run(model):
         model.zero_grad()
-        logp = forward_logp(model, batch, slice(0, 4), share_prompt=share_prompt)[0]
+        logp = forward_logp(model, batch, slice(0, 6), share_prompt=share_prompt)[0]
         (logp * batch.completion_mask * torch.linspace(0.5, 1.5, logp.numel()).view(logp.shape)).sum().backward()
         return (logp * batch.completion_mask).detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 

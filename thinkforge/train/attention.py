@@ -111,14 +111,21 @@ class Packed:
         p_values = {g: layer.values[g : g + 1, :, first:] for g, first in prompts.items()}
         lengths = [length for *_, length in self.rows]
         # split, not sliced per completion: one backward node each, not a zero-filled (1, H, N, hd) per completion
-        outs = []
-        for (g, first, _, length), q, k, v in zip(self.rows, query.split(lengths, 2), key.split(lengths, 2),
-                                                   value.split(lengths, 2), strict=True):
+        qs, ks, vs = query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)
+        alike: dict[tuple[int, int], list[int]] = {}  # completions of one prompt and one length: one call
+        for i, (g, _, _, length) in enumerate(self.rows):
             if length:
-                outs.append(_sdpa(q, torch.cat([p_keys[g], k], 2), torch.cat([p_values[g], v], 2),
-                                  self._mask(P - first, length, query.device), dropout=dropout, scaling=scaling))
+                alike.setdefault((g, length), []).append(i)
+        outs: list = [None] * len(self.rows)
+        for (g, length), members in alike.items():
+            q, k, v = (_stack([t[i] for i in members]) for t in (qs, ks, vs))
+            prompt_k, prompt_v = (t[g].expand(len(members), -1, -1, -1) for t in (p_keys, p_values))
+            y = _sdpa(q, torch.cat([prompt_k, k], 2), torch.cat([prompt_v, v], 2),
+                      self._mask(P - prompts[g], length, query.device), dropout=dropout, scaling=scaling)
+            for j, i in enumerate(members):
+                outs[i] = y[j : j + 1]
         self.calls += 1
-        return torch.cat(outs, 2).transpose(1, 2).contiguous()
+        return torch.cat([y for y in outs if y is not None], 2).transpose(1, 2).contiguous()
 
     def _mask(self, prompt: int, length: int, device) -> torch.Tensor:
         """(length, prompt + length) bool: every prompt key, then causal over the completion's own."""
@@ -126,6 +133,11 @@ class Packed:
             keys = torch.arange(prompt + length, device=device)
             self._masks[prompt, length] = keys <= torch.arange(prompt, prompt + length, device=device)[:, None]
         return self._masks[prompt, length]
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """(1, ...) tensors as one (n, ...) batch (one alone as it is)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 _PACKED: ContextVar[Packed | None] = ContextVar("thinkforge_packed", default=None)
