@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from rl_train_pass import lm_pass, rl_pass, rollout, timed
+from rl_train_pass import lm_pass, rl_pass, rollout, timed, tiny_model_dir, training_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,8 +58,6 @@ def make_pairs(tok, n: int, prompt: int, short: int, long: int, seed: int):
 def main() -> None:
     import torch
 
-    from thinkforge import models
-    from thinkforge.train.attention import use_document_attention
     from thinkforge.train.compiled import compile_layers
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,19 +73,10 @@ def main() -> None:
     ap.add_argument("--backend", default="inductor", help="torch.compile's backend (the smoke test: aot_eager, no code made)")
     a = ap.parse_args()
     if a.tiny:
-        import tempfile
-
-        from thinkforge import tiny
-        from thinkforge.config import InitConfig
-
-        a.model = str(tiny.init_model(Path(tempfile.mkdtemp()) / "tiny", InitConfig(arch="llama", hidden=64, layers=2)))
+        a.model = tiny_model_dir()
         a.prompt, a.short, a.long, a.lm_row, a.lm_rows, a.pairs, a.repeats = 12, 4, 20, 32, 2, 2, 1
         a.backend = "aot_eager" if a.backend == "inductor" else a.backend
-    model, tok = models.load(a.model, dtype="float32", device="cpu")
-    model = models.add_lora(model, 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    models.disable_dropout(model)
-    use_document_attention(model)
-    model.train()
+    model, tok = training_model(a.model)
     batch = rollout(tok, 2, 8, a.prompt, a.short, a.long, seed=0)
     pairs = make_pairs(tok, a.pairs, a.prompt, a.short, a.long, seed=2)
     rows = torch.randint(10, len(tok), (a.lm_rows, a.lm_row), generator=torch.Generator().manual_seed(1))

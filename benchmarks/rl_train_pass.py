@@ -87,6 +87,32 @@ def padded_layout():
         forward.packable = packable
 
 
+def tiny_model_dir() -> str:
+    """A tiny random Llama folder (the smoke tests' model)."""
+    import tempfile
+
+    from thinkforge import tiny
+    from thinkforge.config import InitConfig
+
+    return str(tiny.init_model(Path(tempfile.mkdtemp()) / "tiny", InitConfig(arch="llama", hidden=64, layers=2)))
+
+
+def training_model(path: str, base_dtype: str = "float32"):
+    """(model, tokenizer) as the real-model recipes train it: LoRA r 16 on q/k/v/o in float32 on a `base_dtype` base,
+    dropout off (as in every DPO and RL pass), the training stages' attention, train mode."""
+    from thinkforge import models
+    from thinkforge.train.attention import use_document_attention
+
+    model, tok = models.load(path, dtype=base_dtype, device="cpu")
+    model = models.add_lora(model, 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    for w in model.parameters():  # as loop.load_for_training: the adapter trains in float32 on any base
+        if w.requires_grad:
+            w.data = w.data.float()
+    models.disable_dropout(model)
+    use_document_attention(model)  # as loop.load_for_training sets every training stage up
+    return model.train(), tok
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up
     seconds = []
@@ -99,9 +125,6 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     import torch
-
-    from thinkforge import models
-    from thinkforge.train.attention import use_document_attention
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
@@ -119,21 +142,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.tiny:
-        import tempfile
-
-        from thinkforge import tiny
-        from thinkforge.config import InitConfig
-
-        a.model = str(tiny.init_model(Path(tempfile.mkdtemp()) / "tiny", InitConfig(arch="llama", hidden=64, layers=2)))
+        a.model = tiny_model_dir()
         a.prompt, a.short, a.long, a.lm_row, a.repeats = 12, 4, 20, 32, 1
-    model, tok = models.load(a.model, dtype=a.base_dtype, device="cpu")
-    model = models.add_lora(model, 16, 32, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    for w in model.parameters():  # as loop.load_for_training: the adapter trains in float32 on any base
-        if w.requires_grad:
-            w.data = w.data.float()
-    models.disable_dropout(model)
-    use_document_attention(model)  # as loop.load_for_training sets every training stage up
-    model.train()
+    model, tok = training_model(a.model, a.base_dtype)
     batch = rollout(tok, a.prompts, a.group, a.prompt, a.short, a.long, seed=0)
     real = int(batch.prompt_mask.sum()) + int(batch.completion_mask.sum())
     padded_positions = a.prompts * a.prompt + batch.completion_ids.numel()
