@@ -68,7 +68,7 @@ def lm_pass(model, rows):
     from thinkforge.train.head import final, hidden_states
 
     with torch.autocast("cpu", dtype=torch.bfloat16), hidden_states(model) as head:
-        states = final(model(input_ids=rows))[:, :-1]
+        states = final(model(input_ids=rows, use_cache=False))[:, :-1]  # as sft.forward_loss: no KV cache made
         targets = rows[:, 1:].masked_fill(rows[:, 1:] < 0, IGNORE)
         logp, _ = head.logprobs(states, targets)
     (-logp.sum() / logp.numel()).backward()

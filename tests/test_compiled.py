@@ -13,34 +13,52 @@ def test_auto_compiles_where_the_planned_tokens_repay_the_measured_compile_time(
 
     sft = MEASURED["cpu", "sft"]
     need = sft.compile_seconds / (1 / sft.eager_rate - 1 / sft.compiled_rate)
-    assert 50_000 < need < 1_000_000  # SFT on this CPU: 1.17x after 38 s
+    assert 10_000 < need < 1_000_000  # SFT on this CPU: 1.19x after 15 s
     assert decide("auto", "cpu", "sft", need * 1.01)[0] and not decide("auto", "cpu", "sft", need * 0.99)[0]
-    on, why = decide("auto", "cpu", "rl", 1e12)
-    assert not on and "never repays" in why  # RL's passes measured no faster compiled
+    assert decide("auto", "cpu", "rl", 1e12)[0] and not decide("auto", "cpu", "rl", 1e3)[0]
     on, why = decide("auto", "cuda:0", "sft", 1e12)
     assert not on and "no compile figures" in why
     assert decide("on", "cuda", "rl", 0)[0] and not decide("off", "cpu", "sft", 1e12)[0]
 
 
-def test_passes_without_gradients_run_the_eager_layers(tiny_loaded):
-    """Generation and the reference / old log-prob passes never compile (the decode loop's cache cannot be)."""
-    from torch._dynamo.utils import counters
+@pytest.fixture
+def restored_attention():
+    """compile_layers registers the attention un-traced and raises dynamo's graph limit: put both back after."""
+    from transformers import AttentionInterface
 
+    from thinkforge.train import attention
+
+    limit = torch._dynamo.config.recompile_limit
+    yield
+    torch._dynamo.config.recompile_limit = limit
+    AttentionInterface.register(attention.NAME, attention.document_attention)
+
+
+def test_passes_without_gradients_or_over_a_cache_run_the_eager_layers(tiny_model, restored_attention):
+    """Generation, the reference / old log-prob passes and a prompt pass over a KV cache never compile (the decode
+    loop's cache cannot be; a cached pass would be one graph per layer); a pass that takes gradients does."""
+    from torch._dynamo.utils import counters
+    from transformers import DynamicCache
+
+    from thinkforge import models
     from thinkforge.train.compiled import compile_layers
 
-    model, tok = tiny_loaded
+    model, tok = models.load(tiny_model)  # its own copy: the session's model stays eager
     torch._dynamo.reset()
     counters.clear()
-    assert compile_layers(model) == model.config.num_hidden_layers
+    assert compile_layers(model, backend="eager") == model.config.num_hidden_layers
     ids = torch.tensor([tok.encode("1 + 2 =")])
     with torch.no_grad():
         model(input_ids=ids)
         model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    models.forward_cached(model, DynamicCache(config=model.config), input_ids=ids)
     assert counters["stats"]["unique_graphs"] == 0
+    model(input_ids=ids, use_cache=False).logits.sum().backward()
+    assert counters["stats"]["unique_graphs"] > 0
 
 
 @pytest.mark.slow
-def test_a_compiled_lora_stage_trains_as_the_eager_one_within_bf16_rounding(tiny_model, tmp_path):
+def test_a_compiled_lora_stage_trains_as_the_eager_one_within_bf16_rounding(tiny_model, tmp_path, restored_attention):
     """sft.main with model.compile=on (packed rows, LoRA, bf16 autocast) logs the losses and gradient norms of
     model.compile=off within bf16 rounding, and its start row says it compiled and why."""
     from torch._dynamo.utils import counters
@@ -59,7 +77,7 @@ def test_a_compiled_lora_stage_trains_as_the_eager_one_within_bf16_rounding(tiny
         runs[setting] = [json.loads(x) for x in (tmp_path / setting / "metrics.jsonl").read_text().splitlines()]
         assert (counters["stats"]["unique_graphs"] > 0) == (setting == "on")
     start = runs["on"][0]
-    assert start["compile"] is True and start["compile_rule"] == "model.compile=on"
+    assert start["compile"] is True and start["compile_rule"].startswith("model.compile=on; the no-grad passes")
     assert runs["off"][0]["compile"] is False
     eager, compiled = ([r for r in runs[s] if "loss" in r] for s in ("off", "on"))
     assert len(eager) == len(compiled) == 3
@@ -76,8 +94,24 @@ def test_compile_with_gradient_checkpointing_is_refused_on_and_skipped_on_auto(t
 
     with pytest.raises(UserError, match="gradient_checkpointing"):
         load_config(None, ["model.compile=on", "model.gradient_checkpointing=true"])
-    assert load_config(None, ["model.compile=off"]).model.compile == "off"  # YAML's bare off (false) is the word
-    over = {"model.gradient_checkpointing": "true", "midtrain.max_steps": 1}
+    assert load_config(None, ["model.compile=on"]).model.compile == "on"  # YAML's bare on (true) is the word
+    assert load_config(None, []).model.compile == "off"
+    over = {"model.gradient_checkpointing": "true", "midtrain.max_steps": 1, "model.compile": "auto"}
     sft.main(_recipe(tiny_model, _data(tmp_path, 4), "midtrain", **over), "midtrain", tmp_path / "auto", progress=False)
     start = json.loads((tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["compile"] is False and "gradient checkpointing" in start["compile_rule"]
+
+
+def test_what_cannot_compile_is_refused_on_and_declined_with_its_reason_on_auto(tiny_loaded, monkeypatch):
+    import shutil
+
+    from thinkforge.errors import UserError
+    from thinkforge.train import compiled
+
+    model, _ = tiny_loaded
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="no C\\+\\+ compiler"):
+        compiled.setup(model, "on", "cpu", "sft", 1e12)
+    assert compiled.setup(model, "auto", "cpu", "sft", 1e12) == {
+        "compile": False, "compile_rule": "auto: no C++ compiler on PATH (torch.compile's inductor builds C++ on a CPU); install g++"}
+    assert compiled.setup(torch.nn.Linear(2, 2), "auto", "cuda", "sft", 1e12)["compile_rule"].startswith("auto: Linear has no")

@@ -380,3 +380,26 @@ def test_models_whose_attention_is_more_than_sdpa_keep_their_own(how):
         model.config._attn_implementation_internal = attention.NAME
         with pytest.raises(RuntimeError, match="s_aux"):
             model(input_ids=torch.randint(2, VOCAB, (1, 6)), use_cache=False)
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_the_temperature_on_the_hidden_state_only_where_the_output_layer_is_linear_without_a_bias(lora_bias):
+    """W (h / T) = (W h) / T for a bias-free output layer, LoRA on it included; an adapter with a bias of its own
+    (peft's lora_bias) is not: it takes the logits' division, and both give the tempered log-probs."""
+    from peft import LoraConfig, get_peft_model
+
+    from thinkforge.train.head import Head
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("out", torch.nn.Linear(8, 16, bias=False))
+    net = get_peft_model(net, LoraConfig(r=2, target_modules=["out"], lora_bias=lora_bias))
+    layer = net.base_model.model.out
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))  # B (and the adapter's bias) away from zero
+    head = Head(layer, 16)
+    assert head.linear_without_bias is not lora_bias
+    h, t = torch.randn(1, 5, 8), torch.randint(0, 16, (1, 5))
+    want = torch.log_softmax(layer(h) / 0.5, -1).gather(-1, t[..., None])[..., 0]
+    assert torch.allclose(head.logprobs(h, t, 0.5)[0], want, atol=1e-5)

@@ -63,9 +63,10 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     attn_implementation: str | None = Field(None, description="eager, sdpa or flash_attention_2; None lets transformers choose.")
     compile: Annotated[Literal["off", "on", "auto"], BeforeValidator(_on_off)] = Field(
-        "auto", description="torch.compile each decoder layer for the training passes (train/compiled.py). auto: when "
-        "the stage's planned tokens repay the compile time measured for its kind of pass on this device kind (the rule "
-        "and its numbers go in the stage's start row); on: always; off: never.")
+        "off", description="torch.compile each decoder layer for the passes that take gradients (train/compiled.py; "
+        "the no-grad passes stay eager, so step-1 KL reads ~bf16 rounding, not 0). auto: when the stage's planned "
+        "tokens repay the compile time measured for its kind of pass on this device kind, SmolLM2-135M's figures (the "
+        "rule and its numbers go in the stage's start row); on: always; off: never.")
     prompt_format: Literal["auto", "phi2", "phi4", "chat_template", "plain"] = Field(
         "auto", description="auto = the tokenizer's chat template if it has one, else phi2."
     )

@@ -1,10 +1,10 @@
-"""Compiled training where it pays: `model.compile` = off | on | auto.
+"""Compiled training where it pays: `model.compile` = off (the default) | on | auto.
 
 - Regional: each decoder layer's forward is compiled (torch.compile, inductor), not the whole model. The layers
   run one code object, so one graph serves all of them, and it is compiled with dynamic shapes: rows of any
   length and count reuse it (a handful of graphs a stage, not one per length; a shape dynamo specialises, such as
   a single row, adds one). Attention (train/attention.py, whose layout depends on the data) runs eagerly between
-  the compiled regions.
+  the compiled regions, and so does a pass over a KV cache (RL's and DPO's prompt pass).
 - Only where gradients are taken: generation and the no-grad log-prob passes (reference, old policy) run the
   eager layers. The decode loop's reserved cache cannot be compiled (AOTAutograd rejects inputs that are views
   of one buffer), and a no-grad graph would be a second compile. So the training pass and a reference pass
@@ -14,8 +14,10 @@
       planned tokens x (1 / eager rate - 1 / compiled rate) > compile seconds
 
   from the figures measured for the kind of pass on the device kind (`MEASURED`, by benchmarks/compile_train.py).
-  A pair without measurements does not compile on auto (on: always). On this project's CPU only SFT's passes gain
-  (1.17x, 38 s to compile: from ~140K planned tokens); DPO's and RL's are attention- and cache-bound (1.00x).
+  A pair without measurements does not compile on auto (on: always). On this project's CPU: SFT 1.19x after 15 s
+  (from ~38K planned tokens), DPO 1.06x after 29 s (~143K), RL 1.09x (~102K). The figures are one model's
+  (SmolLM2-135M, LoRA, bf16 autocast): a model that runs at another rate breaks even elsewhere (a tiny fp32 model:
+  ~1M tokens), which is why model.compile defaults to off.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ class Measured:
 
 
 RECOMPILE_LIMIT = 32
-# (device kind, pass kind) -> figures; benchmarks/compile_train.py on SmolLM2-135M (BENCHMARKS.md, 2026-12-07)
-MEASURED = {("cpu", "sft"): Measured(compile_seconds=37.8, eager_rate=545.1, compiled_rate=639.3),
-            ("cpu", "dpo"): Measured(compile_seconds=25.2, eager_rate=359.6, compiled_rate=360.2),
-            ("cpu", "rl"): Measured(compile_seconds=6.6, eager_rate=366.5, compiled_rate=363.0)}
+CACHE_ARGUMENTS = ("past_key_values", "cache")  # the KV cache's name in a layer's forward (transformers 5.24 renamed it)
+# (device kind, pass kind) -> figures; benchmarks/compile_train.py on SmolLM2-135M (BENCHMARKS.md, 2026-12-07, second
+# run). The script compiles SFT's pass, then DPO's, then GRPO's in one process: RL's compile seconds are DPO's first
+# call (the same graphs: the packed completions, the prompt pass eager), not GRPO's 8.3 s after it.
+MEASURED = {("cpu", "sft"): Measured(compile_seconds=14.7, eager_rate=420.4, compiled_rate=501.5),
+            ("cpu", "dpo"): Measured(compile_seconds=29.0, eager_rate=268.3, compiled_rate=283.7),
+            ("cpu", "rl"): Measured(compile_seconds=29.0, eager_rate=280.5, compiled_rate=304.8)}
 
 
 def decide(setting: str, device: str, kind: str, planned_tokens: float) -> tuple[bool, str]:
@@ -81,11 +86,10 @@ def compile_layers(model, backend: str = "inductor") -> int:
 
     layers = decoder_layers(model)
     # Graphs a stage makes: the first layer (its input needs no gradient under an adapter) and the rest, a single
-    # row (packed completions) and several, with and without a prompt's cache: 8 and their resumes after the
-    # eager attention, where dynamo's default stops at 8 and runs the rest eagerly.
+    # row (packed completions) and several, and their resumes after the eager attention; dynamo's default stops at
+    # 8 and runs the rest eagerly. A pass over a KV cache (a prompt's, before its completions) runs eager: dynamo
+    # guards on each layer's cache entry, one graph per layer.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    if not layers:
-        raise RuntimeError(f"{type(model).__name__} has no transformers decoder layers to compile; set model.compile=off")
     AttentionInterface.register(attention.NAME, torch.compiler.disable(attention.document_attention))
     for layer in layers:
         if getattr(layer, "thinkforge_compiled", False):
@@ -94,7 +98,8 @@ def compile_layers(model, backend: str = "inductor") -> int:
         compiled = torch.compile(eager, dynamic=True, backend=backend)
 
         def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
-            return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kwargs)
+            cached = any(kwargs.get(k) is not None for k in CACHE_ARGUMENTS)  # a prompt pass: one graph per layer
+            return (_compiled if torch.is_grad_enabled() and not cached else _eager)(*args, **kwargs)
 
         layer.forward = forward
         layer.thinkforge_compiled = True
@@ -103,13 +108,34 @@ def compile_layers(model, backend: str = "inductor") -> int:
 
 def setup(model, setting: str, device: str, kind: str, planned_tokens: float) -> dict:
     """Compile the model's layers when `decide` says so; -> the start row's entries (compile, compile_rule).
-    Not with gradient checkpointing: dynamo gives up on transformers' checkpointing wrapper (no graph is made,
-    measured with torch 2.13); the recipe refuses on with it, auto says why it does not compile."""
+    What cannot compile is refused under on and declined, with its reason, under auto: gradient checkpointing
+    (dynamo makes no graph of transformers' checkpointing wrapper, torch 2.13; the recipe refuses on with it), a
+    model without transformers' decoder layers, a CPU without a C++ compiler (inductor writes C++)."""
+    from thinkforge.errors import UserError
     from thinkforge.train.forward import uses_checkpointing
 
+    if setting == "off":
+        return {"compile": False, "compile_rule": "model.compile=off"}
+    why = cannot_compile(model, device)
+    if why:
+        if setting == "on":
+            raise UserError(f"model.compile=on: {why}; set model.compile=off")
+        return {"compile": False, "compile_rule": f"auto: {why}"}
     if setting == "auto" and uses_checkpointing(model):
         return {"compile": False, "compile_rule": "auto: not with gradient checkpointing"}
     on, rule = decide(setting, device, kind, planned_tokens)
     if on:
         compile_layers(model)
+        rule += "; the no-grad passes (reference, old log-probs) run eager: step-1 KL and ratio differ from 0 and 1 by bf16 rounding"
     return {"compile": on, "compile_rule": rule}
+
+
+def cannot_compile(model, device: str) -> str | None:
+    """Why this model cannot be compiled here, or None."""
+    import shutil
+
+    if not decoder_layers(model):
+        return f"{type(model).__name__} has no transformers decoder layers to compile"
+    if device.startswith("cpu") and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        return "no C++ compiler on PATH (torch.compile's inductor builds C++ on a CPU); install g++"
+    return None

@@ -114,7 +114,8 @@ def packed_states(model, prompts: Prompts, comp: torch.Tensor, c_mask: torch.Ten
     layers = hf_model(model).config.get_text_config().num_hidden_layers
     if packed.calls != layers:  # a model whose layers do not all call the attention interface: never silently
         raise RuntimeError(f"{type(hf_model(model)).__name__}: {packed.calls} of {layers} layers ran thinkforge's "
-                           "packed attention; train with model.attn_implementation=eager (the padded layout)")
+                           "packed attention (the others are not attention layers over a KV cache); train it with "
+                           "model.gradient_checkpointing=true (each row's prompt and completion in one pass)")
     h = final(out)[0]  # (N, D)
     before = torch.cat([h.new_zeros(1, h.shape[-1]), h[:-1]])  # (N, D): each token's predecessor in the row
     starts = offsets[lengths > 0]

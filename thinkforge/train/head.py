@@ -42,7 +42,8 @@ class Head:
     def __init__(self, layer: torch.nn.Module, vocab: int, chunk: int | None = None):
         self.layer, self.vocab, self.chunk = layer, vocab, chunk_tokens(vocab, chunk)
         base = getattr(layer, "base_layer", layer)  # under a LoRA adapter on the output layer: its own sum is linear too
-        self.linear_without_bias = isinstance(base, torch.nn.Linear) and base.bias is None
+        lora_bias = any(getattr(layer, "lora_bias", {}).values())  # unless the adapter adds a bias of its own
+        self.linear_without_bias = isinstance(base, torch.nn.Linear) and base.bias is None and not lora_bias
 
     def logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                  with_entropy: bool = False) -> tuple[torch.Tensor, ...]:

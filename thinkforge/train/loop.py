@@ -199,8 +199,9 @@ def load_for_training(recipe, run_dir: str | Path):
 
 
 def compile_layers(recipe, model, kind: str, planned_tokens: float) -> dict:
-    """model.compile for a stage whose passes are of `kind` ("sft", "dpo", "rl") and plan `planned_tokens` tokens
-    (train/compiled.py); -> the start row's entries saying what was decided and why."""
+    """model.compile for a stage whose passes are of `kind` ("sft", "dpo", "rl") and plan `planned_tokens` tokens in
+    all (train/compiled.py; the whole stage's, so a resumed run decides as the first did); -> the start row's entries
+    saying what was decided and why."""
     from thinkforge.train import compiled
 
     return compiled.setup(model, recipe.model.compile, str(model.device), kind, planned_tokens)

@@ -230,8 +230,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 WeightedRewards(recipe.rewards.weights) if cfg.reward == "weighted" else None)
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     # at most: every completion at max_new_tokens (the prompts, run once a group, left out)
-    compiled = loop.compile_layers(recipe, model, "rl", (cfg.steps - start) * cfg.prompts_per_step * cfg.group_size
-                                   * cfg.max_new_tokens)
+    compiled = loop.compile_layers(recipe, model, "rl", cfg.steps * cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, **compiled, "note": "with mu=1 and beta=0 the loss can read 0 "
                         "while gradients flow: watch pg_loss, kl, clip_fraction (PITFALLS 1)"
@@ -309,7 +308,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
                 continue
             empty = 0
             with loop.autocast(str(model.device), cfg.mixed_precision):  # the precision of the loss's own pass:
-                if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1)
+                if cfg.beta > 0:  # at the start policy and reference then agree exactly (KL 0, ratio 1; with
+                    # model.compile the training pass is compiled and the reference's eager: bf16 rounding apart)
                     batch.ref_logp = reference_logp(model, reference, batch, cfg.micro_batch, cfg.head_chunk, dist)
                     if dist.sharded and reference is not None:  # FSDP2 keeps a root gathered after a no-grad
                         reference.reshard()  # forward (only a backward reshards it): the reference has none
