@@ -10,8 +10,9 @@ stages' attention). Three micro-batches, forward + backward (no optimizer step: 
   run once (train/dpo.py's pair_logprobs), the sigmoid loss;
 - `grpo`: 2 prompts x 8 completions (benchmarks/rl_train_pass.py's micro-batch), the policy loss.
 Eager first (median of --repeats after a warm-up), then the decoder layers compiled (`compile_layers`): each
-pass's first call (compiling, reported apart) and then its median. The compile figures train/compiled.py's
-`auto` uses (`MEASURED`) come from this script's `sft` row. The last line is one JSON object.
+pass's first call (compiling, reported apart) and then its median. The figures train/compiled.py's `auto` uses
+(`MEASURED`) come from this script's rows (a later pass reuses the graphs an earlier one compiled: GRPO's first
+call after DPO's is not a stage's compile time). The last line is one JSON object.
 """
 
 from __future__ import annotations
