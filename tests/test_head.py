@@ -250,13 +250,14 @@ def test_a_soft_capped_attention_keeps_its_own_implementation():
 
 
 @pytest.mark.parametrize("arch", ["phi3", "qwen2", "phi", "llama"])
-@pytest.mark.parametrize("layout", ["packed", "padded on the cache", "one pass"])
+@pytest.mark.parametrize("layout", ["packed", "packed, causal bias", "padded on the cache", "one pass"])
 def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layout, monkeypatch):
     """RL and DPO rows (prompts padded on the left, completions on the right: packed in one row on top of their
     prompt's cache, padded on the cache repeated, or prompt and completion in one pass) through
     train/attention.py give the log-probs and gradients of transformers' (B, 1, Q, K) mask, and no such mask is
     built. The completions' lengths straddle the prompts' (the packed masks' both shapes), two are a single token,
-    and two of a prompt share a length (one packed call for both)."""
+    and two of a prompt share a length (one packed call for both). "causal bias": the packed calls as CUDA runs
+    them (torch's bottom-right CausalBias, grouped heads repeated), here through the bias's CPU fallback."""
     from transformers import AutoModelForCausalLM
 
     from thinkforge.rollout.types import Rollout
@@ -266,6 +267,11 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layo
     share_prompt = layout != "one pass"
     if layout == "padded on the cache":
         monkeypatch.setattr(forward, "packable", lambda *a: False)
+    biases = []
+    if layout == "packed, causal bias":
+        monkeypatch.setattr(attention, "lower_right_kernel", lambda device: True)
+        real_mask = attention.Packed._mask
+        monkeypatch.setattr(attention.Packed, "_mask", lambda *a: biases.append(real_mask(*a)) or biases[-1])
     packed_runs = []
     real_states = forward.packed_states
     monkeypatch.setattr(forward, "packed_states", lambda *a: packed_runs.append(1) or real_states(*a))
@@ -297,9 +303,45 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layo
     assert attention.use_document_attention(model)
     got, g_got = run(model)
     # every layer got the (B, K) valid keys, or (the packed completions) no mask; never a (B, 1, Q, K) mask
-    assert masks and {m for _, m in masks} == ({2, None} if layout == "packed" else {2})
-    assert len(packed_runs) == (layout == "packed")
+    packed = layout.startswith("packed")
+    assert masks and {m for _, m in masks} == ({2, None} if packed else {2})
+    assert len(packed_runs) == packed
+    assert {type(b).__name__ for b in biases} == ({"CausalBias"} if layout == "packed, causal bias" else set())
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
+
+
+def test_the_padded_layout_says_why_the_completions_are_not_packed(monkeypatch):
+    """Each reason the packed layout is refused is named (once per reason, as a warning); a refused layout
+    runs padded, which gives the same numbers (the test above)."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkforge.train import attention
+    from thinkforge.train.forward import packable, unpackable
+
+    def build(**extra):
+        config = tiny_config(InitConfig(arch="phi3", hidden=32, layers=2, heads=4), VOCAB, bos_token_id=0,
+                             eos_token_id=0, pad_token_id=1)
+        for k, v in extra.items():
+            setattr(config, k, v)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        attention.use_document_attention(model)
+        return model
+
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    right = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    model = build()
+    assert unpackable(model, left, right) is None and packable(model, left, right)
+    assert not packable(model, left, torch.zeros_like(right))  # nothing to run: no reason, no warning
+    assert "left-padded" in unpackable(model, left.flip(-1), right)
+    assert "right-padded" in unpackable(model, left, right.flip(-1))
+    assert "sliding window of 5" in unpackable(build(sliding_window=5), left, right)
+    assert unpackable(build(sliding_window=7), left, right) is None  # as long as the rows: plain causal
+    assert "2 layers share" in unpackable(build(num_kv_shared_layers=2), left, right)
+    plain = AutoModelForCausalLM.from_config(model.config.__class__(**{**model.config.to_dict(),
+                                                                       "_attn_implementation": "eager"}))
+    assert "'eager'" in unpackable(plain, left, right)
+    with pytest.warns(UserWarning, match="not packed: the completions are not right-padded"):
+        assert not packable(model, left, right.flip(-1))
 
 
 def test_padded_attention_with_valid_keys_in_several_runs_uses_that_rows_mask():

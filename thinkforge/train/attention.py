@@ -76,12 +76,13 @@ def document_attention(module, query, key, value, attention_mask, *, dropout: fl
 
 
 def _sdpa(query, key, value, mask=None, *, dropout: float, scaling: float | None):
-    """Causal sdpa (or under `mask`), grouped-query heads as transformers' sdpa runs them: repeated where the
-    device's kernel would otherwise fall back to the math kernel (CUDA with a mask)."""
+    """Causal sdpa (or under `mask`: a tensor or torch's `CausalBias`), grouped-query heads as transformers' sdpa
+    runs them: repeated where the device's kernel would otherwise fall back to the math kernel (CUDA with a mask),
+    and under a CausalBias (whose kernels are called without sdpa's grouped-query handling)."""
     from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 
     gqa = query.shape[1] != key.shape[1]
-    if gqa and not use_gqa_in_sdpa(mask, key, value):
+    if gqa and (not isinstance(mask, torch.Tensor | None) or not use_gqa_in_sdpa(mask, key, value)):  # CausalBias: no gqa
         key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // value.shape[1])
         gqa = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
@@ -127,12 +128,25 @@ class Packed:
         self.calls += 1
         return torch.cat([y for y in outs if y is not None], 2).transpose(1, 2).contiguous()
 
-    def _mask(self, prompt: int, length: int, device) -> torch.Tensor:
-        """(length, prompt + length) bool: every prompt key, then causal over the completion's own."""
+    def _mask(self, prompt: int, length: int, device):
+        """Every prompt key, then causal over the completion's own: causal aligned bottom-right. Where the device's
+        kernels take that alignment without a mask (CUDA: flash, else memory-efficient), torch's `CausalBias`;
+        elsewhere a (length, prompt + length) bool mask (CPU: flash with the mask, which CausalBias would build
+        anyway)."""
+        if lower_right_kernel(device):
+            from torch.nn.attention.bias import causal_lower_right
+
+            return causal_lower_right(length, prompt + length)
         if (prompt, length) not in self._masks:
             keys = torch.arange(prompt + length, device=device)
             self._masks[prompt, length] = keys <= torch.arange(prompt, prompt + length, device=device)[:, None]
         return self._masks[prompt, length]
+
+
+def lower_right_kernel(device) -> bool:
+    """Whether sdpa on `device` has kernels for causal attention aligned bottom-right (queries at the end of
+    the keys) without a mask."""
+    return torch.device(device).type == "cuda"
 
 
 def _stack(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ sampler's temperature (PITFALLS 5): `Rollout.temperature`.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -71,18 +72,35 @@ def forward_logp(model, batch: Rollout, rows: slice, value_head=None, *, share_p
 
 
 def packable(model, p_mask: torch.Tensor, c_mask: torch.Tensor) -> bool:
-    """Whether the completions can run packed (`packed_states`): the model runs train/attention.py's attention
-    with no window shorter than the rows, the prompts are left-padded and the completions right-padded."""
+    """Whether the completions can run packed (`packed_states`); where not, the padded layout runs (the same
+    numbers, slower) and why is said once per reason."""
+    why = unpackable(model, p_mask, c_mask)
+    if why:
+        warnings.warn(f"{type(hf_model(model)).__name__}: the completions run right-padded on their prompts' cache, "
+                      f"not packed: {why}", stacklevel=2)
+    return why is None and bool(c_mask.sum())
+
+
+def unpackable(model, p_mask: torch.Tensor, c_mask: torch.Tensor) -> str | None:
+    """Why the completions cannot run packed, or None: the model must run train/attention.py's attention, with
+    no window shorter than the rows and every layer's own keys and values, the prompts left-padded and the
+    completions right-padded."""
     config = hf_model(model).config
     text = config.get_text_config()
-    window = getattr(text, "sliding_window", None)
-    if config._attn_implementation != NAME or (window is not None and window < p_mask.shape[1] + c_mask.shape[1]):
-        return False
     P, C = p_mask.shape[1], c_mask.shape[1]
+    if config._attn_implementation != NAME:
+        return f"its attention is {config._attn_implementation!r}, not {NAME!r} (train/attention.py)"
+    window = getattr(text, "sliding_window", None)  # configs without a window have no such key
+    if window is not None and window < P + C:
+        return f"a sliding window of {window} keys, shorter than some prompt + completion rows"
+    if getattr(text, "num_kv_shared_layers", 0):  # layers that read an earlier layer's keys and values
+        return f"{text.num_kv_shared_layers} layers share another layer's keys and values"
     p_len, c_len = p_mask.sum(-1, keepdim=True), c_mask.sum(-1, keepdim=True)
-    left = torch.equal(p_mask.bool(), torch.arange(P, device=p_mask.device) >= P - p_len)
-    right = torch.equal(c_mask.bool(), torch.arange(C, device=c_mask.device) < c_len)
-    return left and right and bool(c_len.sum())
+    if not torch.equal(p_mask.bool(), torch.arange(P, device=p_mask.device) >= P - p_len):
+        return "the prompts are not left-padded"
+    if not torch.equal(c_mask.bool(), torch.arange(C, device=c_mask.device) < c_len):
+        return "the completions are not right-padded"
+    return None
 
 
 class Prompts(NamedTuple):
