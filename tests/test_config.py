@@ -39,6 +39,24 @@ def test_wrong_type_and_out_of_range_name_the_key():
         load_config(None, ["lora.r=0"])
 
 
+def test_bf16_if_native_follows_the_device(monkeypatch):
+    """bf16_if_native: bf16 autocast on CUDA and on a CPU with AMX or AVX512-BF16, fp32 on other CPUs (where bf16
+    products are several times slower); explicit bf16 on such a CPU is kept and said."""
+    import torch
+
+    from thinkforge.train import loop
+
+    for amx, avx512_bf16, want in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert loop.uses_bf16("cpu", "bf16_if_native") is want
+        assert loop.compute_dtype("cpu", "bf16_if_native", torch.nn.Linear(2, 2)) == ("bfloat16" if want else "float32")
+        assert loop.uses_bf16("cuda:0", "bf16_if_native") and not loop.uses_bf16("cpu", "auto")
+    with pytest.warns(UserWarning, match="without native bf16"):
+        assert loop.uses_bf16("cpu", "bf16")
+    assert load_config(None, ["rl.mixed_precision=bf16_if_native"]).rl.mixed_precision == "bf16_if_native"
+
+
 def test_mixed_precision_no_survives_yaml(tmp_path):
     # YAML 1.1 reads a bare `no` as false; on the command line and in a recipe it means "no"
     assert load_config(None, ["sft.mixed_precision=no"]).sft.mixed_precision == "no"

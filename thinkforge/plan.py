@@ -170,11 +170,11 @@ def settings_for(recipe, stage: str, device: str, config=None) -> Setting:
     import torch
 
     from thinkforge.engine.cache import kv_dtype
-    from thinkforge.train.loop import weights_dtype
+    from thinkforge.train.loop import uses_bf16, weights_dtype
 
     cfg = getattr(recipe, stage)
     m = recipe.model
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device == "cuda")
+    bf16 = uses_bf16(device, cfg.mixed_precision)
     text = config.get_text_config().to_dict() if config is not None else {}
     weights = weights_dtype(recipe, device)
     stream = torch.float32 if m.load_in_4bit else getattr(torch, weights)  # the embedding's: the first weight

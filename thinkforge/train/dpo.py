@@ -137,7 +137,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     pairs = load_pairs(data, tok, recipe, cfg.max_len)
     ref_path = run_dir / "reference_logps.safetensors"
     key = reference_key(pairs, model_identity(loop.start_model(recipe, run_dir)),
-                        f"{cfg.mixed_precision}|{loop.weights_dtype(recipe, str(model.device))}")
+                        f"{'bf16' if loop.uses_bf16(str(model.device), cfg.mixed_precision) else 'no'}|"
+                        f"{loop.weights_dtype(recipe, str(model.device))}")  # the precision computed, not asked
     ref = None
     if ref_path.is_file():
         with safe_open(str(ref_path), "pt") as f:
