@@ -4,9 +4,10 @@
     python benchmarks/dpo_vs_trl.py --model models/smollm2-135m-instruct --lora --autocast --pairs 64
 
 Both precompute the reference log-probs before training (TRL: precompute_ref_log_probs=True) and train one
-epoch, sigmoid loss, beta 0.1, fp32 weights (--autocast: bf16 autocast on both sides; --lora: r 16, alpha 32,
-dropout 0.05 on the same modules, the reference being the base without the adapter on both sides). Pairs/s counts training only (thinkforge: the sum of step times in
-metrics.jsonl; TRL: trainer.train()). Prints a table, then one JSON line.
+epoch, sigmoid loss, beta 0.1, fp32 weights, no gradient checkpointing (TRL's default is on), every dropout off
+(thinkforge's DPO and TRL's disable_dropout alike). --autocast: bf16 autocast on both sides; --lora: r 16, alpha
+32 on the same modules, the reference being the base without the adapter on both sides. Pairs/s counts
+training only (thinkforge: the sum of step times in metrics.jsonl; TRL: trainer.train()). Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def run_trl(model_dir, data, work, batch, lora: bool = False, autocast: bool = F
     rows = [{"prompt": render_prompt(r["question"], "auto", SYSTEM, tok), "chosen": r["chosen"], "rejected": r["rejected"]}
             for r in read_jsonl(data)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # TRL 1.16 defaults gradient_checkpointing (and bf16) to True; thinkforge runs without: same settings both sides
     args = DPOConfig(output_dir=str(work / "trl"), beta=0.1, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
                      learning_rate=1e-5, num_train_epochs=1, report_to="none", save_strategy="no", use_cpu=True,
                      precompute_ref_log_probs=True, disable_tqdm=True, logging_steps=10, seed=0, max_length=512,
-                     bf16=autocast)
+                     bf16=autocast,
+        gradient_checkpointing=False)
     peft_config = None
     if lora:
         from peft import LoraConfig
@@ -107,8 +110,8 @@ def main() -> None:
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {shape}, {n} pairs, batch {a.batch}, "
           f"one epoch, lora {a.lora}, autocast {a.autocast}")
     print("| run | seconds | steps | pairs/s |\n|---|---|---|---|")
-    print(f"| thinkforge dpo | {tf['seconds']:.1f} | {tf['steps']} | {rate['tf']:.1f} |")
-    print(f"| TRL DPOTrainer | {trl['seconds']:.1f} | {trl['steps']} | {rate['trl']:.1f} |")
+    print(f"| thinkforge dpo | {tf['seconds']:.1f} | {tf['steps']} | {rate['tf']:.3g} |")
+    print(f"| TRL DPOTrainer | {trl['seconds']:.1f} | {trl['steps']} | {rate['trl']:.3g} |")
     print(json.dumps({"metric": "dpo_pairs_per_s", "thinkforge": round(rate["tf"], 2), "peer": round(rate["trl"], 2),
                       "ratio": round(rate["tf"] / rate["trl"], 3)}))
 

@@ -4,7 +4,7 @@
     python benchmarks/rl_train_pass.py --tiny      # the smoke test's size
 
 One GRPO micro-batch as the Infused SmolLM2 recipe trains it (recipes/smollm2-infused.yaml: LoRA r 16 on q/k/v/o,
-bf16 autocast, 2 prompts x 8 completions per micro-batch, dropout off as in every RL pass): prompts of --prompt
+bf16 autocast where the CPU computes bf16 natively (--precision), 2 prompts x 8 completions per micro-batch, dropout off as in every RL pass): prompts of --prompt
 tokens, completions of --short..--long tokens (seeded random ids; the recipe's rollouts ran 66-186 after a
 150-token prompt). Timed: forward (train/forward.py's forward_logp: the prompt once, the completions on its
 cache), the policy loss and its backward, the median of --repeats after a warm-up, three ways:
@@ -46,28 +46,26 @@ def rollout(tok, prompts: int, group: int, prompt_len: int, short: int, long: in
                          [i // group for i in range(prompts * group)], tok.pad_token_id, rewards=rewards, temperature=0.8)
 
 
-def rl_pass(model, batch, group: int, entropy: bool):
-    import torch
-
+def rl_pass(model, batch, group: int, entropy: bool, precision: str = "bf16"):
     from thinkforge.losses import grpo_advantages, normaliser, policy_loss
     from thinkforge.train.forward import forward_logp
+    from thinkforge.train.loop import autocast
 
     n = len(batch.texts)
     mask = batch.completion_mask.float()
     adv = grpo_advantages(batch.rewards, group)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast("cpu", precision):  # as the stages decide it
         logp, _, _ = forward_logp(model, batch, slice(0, n), with_entropy=entropy)
     loss, _ = policy_loss(logp, logp.detach(), adv, mask, normaliser(mask, "sequence"))
     loss.backward()
 
 
-def lm_pass(model, rows):
-    import torch
-
+def lm_pass(model, rows, precision: str = "bf16"):
     from thinkforge.losses import IGNORE
     from thinkforge.train.head import final, hidden_states
+    from thinkforge.train.loop import autocast
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), hidden_states(model) as head:
+    with autocast("cpu", precision), hidden_states(model) as head:
         states = final(model(input_ids=rows, use_cache=False))[:, :-1]  # as sft.forward_loss: no KV cache made
         targets = rows[:, 1:].masked_fill(rows[:, 1:] < 0, IGNORE)
         logp, _ = head.logprobs(states, targets)
@@ -139,7 +137,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the frozen base's weights (model.dtype); the adapter trains in float32 either way")
+    ap.add_argument("--precision", default="bf16_if_native", choices=["bf16_if_native", "bf16", "no"],
+                    help="mixed_precision as the recipe's stages read it (bf16_if_native: fp32 on a CPU without native bf16)")
     a = ap.parse_args()
+    from thinkforge.train.loop import uses_bf16
+
     torch.set_num_threads(a.threads)
     if a.tiny:
         a.model = tiny_model_dir()
@@ -152,16 +154,16 @@ def main() -> None:
     rows = torch.randint(10, len(tok), (max(1, real // a.lm_row), a.lm_row), generator=g)
     lm_tokens = rows.numel()
     rate = {
-        "rl": real / timed(lambda: rl_pass(model, batch, a.group, True), a.repeats),
-        "rl without entropy": real / timed(lambda: rl_pass(model, batch, a.group, False), a.repeats),
+        "rl": real / timed(lambda: rl_pass(model, batch, a.group, True, a.precision), a.repeats),
+        "rl without entropy": real / timed(lambda: rl_pass(model, batch, a.group, False, a.precision), a.repeats),
     }
     with padded_layout():
-        rate["rl without entropy, completions padded"] = real / timed(lambda: rl_pass(model, batch, a.group, False),
+        rate["rl without entropy, completions padded"] = real / timed(lambda: rl_pass(model, batch, a.group, False, a.precision),
                                                                       a.repeats)
-    rate["lm"] = lm_tokens / timed(lambda: lm_pass(model, rows), a.repeats)
+    rate["lm"] = lm_tokens / timed(lambda: lm_pass(model, rows, a.precision), a.repeats)
     params = sum(p.numel() for p in model.parameters())
     print(f"CPU, {a.threads} threads, torch {torch.__version__}, {Path(a.model).name} ({params / 1e6:.1f}M parameters), "
-          f"LoRA r 16 q/k/v/o, bf16 autocast; {a.prompts} prompts x {a.group} completions, prompt {a.prompt}, "
+          f"LoRA r 16 q/k/v/o, {'bf16 autocast' if uses_bf16('cpu', a.precision) else 'fp32'}; {a.prompts} prompts x {a.group} completions, prompt {a.prompt}, "
           f"completions {a.short}-{a.long}: {real} real tokens ({real / padded_positions:.0%} of the pass's positions)")
     print("| pass | real tokens/s | of LM training |")
     print("|---|---|---|")

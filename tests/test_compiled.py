@@ -1,6 +1,7 @@
 """model.compile: the auto rule, which passes run compiled, and a compiled stage against the eager one."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -11,14 +12,16 @@ from tests.test_sft import _data, _recipe
 def test_auto_compiles_where_the_planned_tokens_repay_the_measured_compile_time():
     from thinkforge.train.compiled import MEASURED, decide
 
-    sft = MEASURED["cpu", "sft"]
+    sft = MEASURED["cpu", "bf16", "sft"]
     need = sft.compile_seconds / (1 / sft.eager_rate - 1 / sft.compiled_rate)
     assert 10_000 < need < 1_000_000  # SFT on this CPU: 1.19x after 15 s
-    assert decide("auto", "cpu", "sft", need * 1.01)[0] and not decide("auto", "cpu", "sft", need * 0.99)[0]
-    assert decide("auto", "cpu", "rl", 1e12)[0] and not decide("auto", "cpu", "rl", 1e3)[0]
-    on, why = decide("auto", "cuda:0", "sft", 1e12)
+    assert decide("auto", "cpu", "sft", need * 1.01, "bf16")[0] and not decide("auto", "cpu", "sft", need * 0.99, "bf16")[0]
+    assert decide("auto", "cpu", "rl", 1e12, "bf16")[0] and not decide("auto", "cpu", "rl", 1e3, "bf16")[0]
+    on, why = decide("auto", "cuda:0", "sft", 1e12, "bf16")
     assert not on and "no compile figures" in why
-    assert decide("on", "cuda", "rl", 0)[0] and not decide("off", "cpu", "sft", 1e12)[0]
+    assert decide("on", "cuda", "rl", 0, "bf16")[0] and not decide("off", "cpu", "sft", 1e12, "bf16")[0]
+    on, why = decide("auto", "cpu", "sft", 1e12, "fp32")  # the figures are bf16 autocast's: an fp32 pass has none
+    assert not on and "no compile figures measured for fp32 sft passes" in why
 
 
 @pytest.fixture
@@ -111,7 +114,26 @@ def test_what_cannot_compile_is_refused_on_and_declined_with_its_reason_on_auto(
     model, _ = tiny_loaded
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="no C\\+\\+ compiler"):
-        compiled.setup(model, "on", "cpu", "sft", 1e12)
-    assert compiled.setup(model, "auto", "cpu", "sft", 1e12) == {
+        compiled.setup(model, "on", "cpu", "sft", 1e12, "bf16")
+    assert compiled.setup(model, "auto", "cpu", "sft", 1e12, "bf16") == {
         "compile": False, "compile_rule": "auto: no C++ compiler on PATH (torch.compile's inductor builds C++ on a CPU); install g++"}
-    assert compiled.setup(torch.nn.Linear(2, 2), "auto", "cuda", "sft", 1e12)["compile_rule"].startswith("auto: Linear has no")
+    assert compiled.setup(torch.nn.Linear(2, 2), "auto", "cuda", "sft", 1e12, "bf16")["compile_rule"].startswith("auto: Linear has no")
+
+
+def test_the_start_row_names_the_precision_and_a_resume_under_another_is_told(tiny_loaded, tmp_path, monkeypatch):
+    """bf16_if_native is decided on each host: the start row records what was computed, and a run resumed where
+    the decision differs says so (its loss curve shifts there)."""
+    from thinkforge.config import load_config
+    from thinkforge.train import loop
+
+    model, _ = tiny_loaded
+    recipe = load_config(None, [])
+    got = loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path)
+    assert got == {"precision": "fp32", "compile": False, "compile_rule": "model.compile=off"}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "event": "start", "precision": "bf16"}) + "\n")
+    with pytest.warns(UserWarning, match="started under bf16, resumed under fp32"):
+        loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path)
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)  # an AMX host: bf16_if_native computes bf16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert loop.start_entries(recipe, model, "sft", 1e3, "bf16_if_native", tmp_path)["precision"] == "bf16"

@@ -49,11 +49,15 @@ def test_bf16_if_native_follows_the_device(monkeypatch):
     for amx, avx512_bf16, want in [(True, False, True), (False, True, True), (False, False, False)]:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(loop, "_cpu_features", set)  # not an Arm CPU with bf16 either
         assert loop.uses_bf16("cpu", "bf16_if_native") is want
         assert loop.compute_dtype("cpu", "bf16_if_native", torch.nn.Linear(2, 2)) == ("bfloat16" if want else "float32")
         assert loop.uses_bf16("cuda:0", "bf16_if_native") and not loop.uses_bf16("cpu", "auto")
-    with pytest.warns(UserWarning, match="without native bf16"):
-        assert loop.uses_bf16("cpu", "bf16")
+        assert not loop.uses_bf16("mps", "bf16_if_native")
+    monkeypatch.setattr(loop, "_SAID_BF16", set())
+    with pytest.warns(UserWarning, match="without native bf16") as said:
+        assert loop.uses_bf16("cpu", "bf16") and loop.uses_bf16("cpu", "bf16")
+    assert len([w for w in said if "native bf16" in str(w.message)]) == 1  # once a process, not every call
     assert load_config(None, ["rl.mixed_precision=bf16_if_native"]).rl.mixed_precision == "bf16_if_native"
 
 

@@ -310,6 +310,33 @@ def test_long_padded_rows_equal_the_masked_ones_without_a_q_by_k_mask(arch, layo
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(g_got, g_want, atol=1e-5)
 
 
+def test_a_causal_bias_gets_autocasts_dtype_and_repeated_heads(monkeypatch):
+    """The packed calls' CausalBias (CUDA) reaches its kernels past autocast and past sdpa's grouped-query handling:
+    `_sdpa` hands it q/k/v in autocast's dtype with the key/value heads repeated, and it computes what the bool
+    mask computes (bottom-right causal: every prompt key, then the completion's own causally)."""
+    from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+    from thinkforge.train.attention import _sdpa
+
+    seen = []
+    real = CausalBias._dispatch
+    monkeypatch.setattr(CausalBias, "_dispatch", staticmethod(lambda q, k, v, *a, **kw: seen.append(
+        (q.dtype, k.dtype, v.dtype, k.shape[1])) or real(q, k, v, *a, **kw)))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 3, 8, generator=g)
+    k, v = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    keys = torch.arange(7) <= torch.arange(4, 7)[:, None]  # 4 prompt keys, then causal over 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _sdpa(q, k, v, causal_lower_right(3, 7), dropout=0.0, scaling=None)
+        want = _sdpa(q, k, v, keys, dropout=0.0, scaling=None)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 4)]
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), atol=2e-2)
+    seen.clear()
+    got = _sdpa(q, k, v, causal_lower_right(3, 7), dropout=0.0, scaling=None)  # no autocast: as given
+    assert seen == [(torch.float32, torch.float32, torch.float32, 4)]
+    assert torch.allclose(got, _sdpa(q, k, v, keys, dropout=0.0, scaling=None), atol=1e-6)
+
+
 def test_the_padded_layout_says_why_the_completions_are_not_packed(monkeypatch):
     """Each reason the packed layout is refused is named (once per reason, as a warning); a refused layout
     runs padded, which gives the same numbers (the test above)."""

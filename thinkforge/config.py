@@ -30,8 +30,9 @@ from thinkforge.errors import UserError
 # YAML reads a bare `no` (in a recipe or `KEY=no` on the command line) as false: that is the "no" it means.
 Precision = Annotated[Literal["auto", "no", "bf16", "bf16_if_native"], BeforeValidator(lambda v: "no" if v is False else v)]
 PRECISION = ("auto = bf16 autocast on CUDA, fp32 on CPU; bf16_if_native = bf16 autocast on CUDA and on a CPU that "
-             "computes bf16 natively (AMX or AVX512-BF16), fp32 on other CPUs (which convert every bf16 operand: "
-             "~8x slower than fp32, measured on an AVX2 EPYC); bf16 = bf16 autocast everywhere.")
+             "computes bf16 natively (x86 AMX or AVX512-BF16, Arm bf16), fp32 on other CPUs (which convert every bf16 "
+             "operand: ~8x slower than fp32, measured on an AVX2 EPYC) and on MPS; bf16 = bf16 autocast everywhere. "
+             "The precision computed is in each stage's start row.")
 
 
 def _no_bare_low_precision(v):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 NAME = "thinkforge_documents"
 SMALL_MASK = 2**24  # batch x queries x keys below which transformers' own mask is used (128 MB as a float mask)
@@ -78,11 +79,16 @@ def document_attention(module, query, key, value, attention_mask, *, dropout: fl
 def _sdpa(query, key, value, mask=None, *, dropout: float, scaling: float | None):
     """Causal sdpa (or under `mask`: a tensor or torch's `CausalBias`), grouped-query heads as transformers' sdpa
     runs them: repeated where the device's kernel would otherwise fall back to the math kernel (CUDA with a mask),
-    and under a CausalBias (whose kernels are called without sdpa's grouped-query handling)."""
+    and under a CausalBias (whose kernels are called without sdpa's grouped-query handling, and past autocast:
+    its inputs are cast here as autocast would cast them for sdpa)."""
     from transformers.integrations.sdpa_attention import repeat_kv, use_gqa_in_sdpa
 
+    if isinstance(mask, CausalBias):  # its kernels are called past autocast: the inputs in the dtype autocast gives
+        device = query.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     gqa = query.shape[1] != key.shape[1]
-    if gqa and (not isinstance(mask, torch.Tensor | None) or not use_gqa_in_sdpa(mask, key, value)):  # CausalBias: no gqa
+    if gqa and (isinstance(mask, CausalBias) or not use_gqa_in_sdpa(mask, key, value)):  # CausalBias: no gqa
         key, value = repeat_kv(key, query.shape[1] // key.shape[1]), repeat_kv(value, query.shape[1] // value.shape[1])
         gqa = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,

@@ -46,21 +46,23 @@ CACHE_ARGUMENTS = ("past_key_values", "cache")  # the KV cache's name in a layer
 # (device kind, pass kind) -> figures; benchmarks/compile_train.py on SmolLM2-135M (BENCHMARKS.md, 2026-12-07, second
 # run). The script compiles SFT's pass, then DPO's, then GRPO's in one process: RL's compile seconds are DPO's first
 # call (the same graphs: the packed completions, the prompt pass eager), not GRPO's 8.3 s after it.
-MEASURED = {("cpu", "sft"): Measured(compile_seconds=14.7, eager_rate=420.4, compiled_rate=501.5),
-            ("cpu", "dpo"): Measured(compile_seconds=29.0, eager_rate=268.3, compiled_rate=283.7),
-            ("cpu", "rl"): Measured(compile_seconds=29.0, eager_rate=280.5, compiled_rate=304.8)}
+# Measured under bf16 autocast (an AMX CPU): a pass that computes fp32 has no figures (auto does not compile).
+MEASURED = {("cpu", "bf16", "sft"): Measured(compile_seconds=14.7, eager_rate=420.4, compiled_rate=501.5),
+            ("cpu", "bf16", "dpo"): Measured(compile_seconds=29.0, eager_rate=268.3, compiled_rate=283.7),
+            ("cpu", "bf16", "rl"): Measured(compile_seconds=29.0, eager_rate=280.5, compiled_rate=304.8)}
 
 
-def decide(setting: str, device: str, kind: str, planned_tokens: float) -> tuple[bool, str]:
-    """(compile, the reason in words) for a stage whose passes are of `kind` planning `planned_tokens` on `device`."""
+def decide(setting: str, device: str, kind: str, planned_tokens: float, precision: str) -> tuple[bool, str]:
+    """(compile, the reason in words) for a stage whose passes are of `kind` planning `planned_tokens` on `device`,
+    computing in `precision` ("bf16" under autocast, else "fp32")."""
     if setting == "off":
         return False, "model.compile=off"
     if setting == "on":
         return True, "model.compile=on"
     where = device.split(":")[0]
-    figures = MEASURED.get((where, kind))
+    figures = MEASURED.get((where, precision, kind))
     if figures is None:
-        return False, f"auto: no compile figures measured for {kind} passes on {where}"
+        return False, f"auto: no compile figures measured for {precision} {kind} passes on {where}"
     speed = figures.compiled_rate / figures.eager_rate
     need = figures.break_even()
     if need == float("inf"):
@@ -106,7 +108,7 @@ def compile_layers(model, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def setup(model, setting: str, device: str, kind: str, planned_tokens: float) -> dict:
+def setup(model, setting: str, device: str, kind: str, planned_tokens: float, precision: str) -> dict:
     """Compile the model's layers when `decide` says so; -> the start row's entries (compile, compile_rule).
     What cannot compile is refused under on and declined, with its reason, under auto: gradient checkpointing
     (dynamo makes no graph of transformers' checkpointing wrapper, torch 2.13; the recipe refuses on with it), a
@@ -123,10 +125,11 @@ def setup(model, setting: str, device: str, kind: str, planned_tokens: float) ->
         return {"compile": False, "compile_rule": f"auto: {why}"}
     if setting == "auto" and uses_checkpointing(model):
         return {"compile": False, "compile_rule": "auto: not with gradient checkpointing"}
-    on, rule = decide(setting, device, kind, planned_tokens)
+    on, rule = decide(setting, device, kind, planned_tokens, precision)
     if on:
         compile_layers(model)
-        rule += "; the no-grad passes (reference, old log-probs) run eager: step-1 KL and ratio differ from 0 and 1 by bf16 rounding"
+        rule += ("; the no-grad passes (reference, old log-probs) run eager: step-1 KL and ratio differ from 0 and 1 by "
+                 f"{precision} rounding")
     return {"compile": on, "compile_rule": rule}
 
 

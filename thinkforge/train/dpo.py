@@ -166,7 +166,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     start = loop.restore(ckpt, optimizer, model, dist)["step"] if ckpt else 0
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     pair_tokens = sum(len(c) + len(r.completion) for c, r in pairs)  # a pair's prompt runs once
-    compiled = loop.compile_layers(recipe, model, "dpo", pair_tokens / loop.total_steps(len(pairs), per_step, 1) * n_steps)
+    compiled = loop.start_entries(recipe, model, "dpo", pair_tokens / loop.total_steps(len(pairs), per_step, 1) * n_steps,
+                                   cfg.mixed_precision, run_dir)
     if start == 0:
         metrics.log(0, {"event": "start", "pairs": len(pairs), "steps": n_steps, **compiled})
     checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)
