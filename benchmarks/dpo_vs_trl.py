@@ -68,7 +68,7 @@ def run_trl(model_dir, data, work, batch, lora: bool = False, autocast: bool = F
                      learning_rate=1e-5, num_train_epochs=1, report_to="none", save_strategy="no", use_cpu=True,
                      precompute_ref_log_probs=True, disable_tqdm=True, logging_steps=10, seed=0, max_length=512,
                      bf16=autocast,
-        gradient_checkpointing=False)
+                     gradient_checkpointing=False)
     peft_config = None
     if lora:
         from peft import LoraConfig

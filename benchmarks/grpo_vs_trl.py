@@ -106,13 +106,13 @@ def run_trl(model_dir: str, work: Path, a) -> dict:
             self.times.append(time.time() - self.t0)
 
     timer = Timer()
-    # TRL 1.16 defaults gradient_checkpointing (and bf16) to True; thinkforge runs without: same settings both sides
+    # TRL 1.16 defaults gradient_checkpointing (and bf16) to True and GRPO's disable_dropout to False: set as thinkforge runs
     args = GRPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=64, num_generations=8,
                       gradient_accumulation_steps=1, max_completion_length=a.max_new_tokens, num_iterations=1,
                       beta=0.04, learning_rate=1e-5, temperature=1.0, top_p=1.0, max_steps=a.steps, logging_steps=1,
                       report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=a.bf16 or a.autocast,
                       generation_kwargs={"min_new_tokens": a.max_new_tokens}, disable_tqdm=True, seed=0,
-        gradient_checkpointing=False)
+                      gradient_checkpointing=False, disable_dropout=True)  # thinkforge's RL turns every dropout off
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if a.bf16 else torch.float32)
     peft_config = None
     if a.lora:

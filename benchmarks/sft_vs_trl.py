@@ -67,7 +67,7 @@ def run_trl(model_dir, data, work, max_len, batch, system, autocast=False):
                      gradient_accumulation_steps=1, learning_rate=1e-3, warmup_steps=0.05, num_train_epochs=1,
                      lr_scheduler_type="cosine", logging_steps=1, report_to="none", save_strategy="no",
                      dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0, bf16=autocast,
-        gradient_checkpointing=False)
+                     gradient_checkpointing=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     start = time.time()

@@ -122,18 +122,27 @@ def test_what_cannot_compile_is_refused_on_and_declined_with_its_reason_on_auto(
 
 def test_the_start_row_names_the_precision_and_a_resume_under_another_is_told(tiny_loaded, tmp_path, monkeypatch):
     """bf16_if_native is decided on each host: the start row records what was computed, and a run resumed where
-    the decision differs says so (its loss curve shifts there)."""
+    the decision differs says so (its loss curve shifts there), against the last start row; a fresh start over an
+    old metrics file (a run cut before its first checkpoint) is not a resume."""
     from thinkforge.config import load_config
     from thinkforge.train import loop
 
     model, _ = tiny_loaded
     recipe = load_config(None, [])
-    got = loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path)
+    got = loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path, resumed=False)
     assert got == {"precision": "fp32", "compile": False, "compile_rule": "model.compile=off"}
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "event": "start", "precision": "bf16"}) + "\n")
+    rows = [{"step": 0, "event": "start", "precision": "fp32"}, {"step": 0, "event": "start", "precision": "bf16"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')  # cut
     with pytest.warns(UserWarning, match="started under bf16, resumed under fp32"):
-        loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path)
+        loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path, resumed=True)
     monkeypatch.setattr(loop, "native_bf16", lambda device: True)  # an AMX host: bf16_if_native computes bf16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert loop.start_entries(recipe, model, "sft", 1e3, "bf16_if_native", tmp_path)["precision"] == "bf16"
+        assert loop.start_entries(recipe, model, "sft", 1e3, "bf16_if_native", tmp_path, resumed=True)["precision"] == "bf16"
+        assert loop.start_entries(recipe, model, "sft", 1e3, "no", tmp_path, resumed=False)["precision"] == "fp32"
+    # auto's compile figures were measured under native bf16: emulated bf16 finds none
+    monkeypatch.setattr(loop, "native_bf16", lambda device: False)
+    monkeypatch.setattr(loop, "_SAID_BF16", {"cpu"})
+    recipe = load_config(None, ["model.compile=auto"])
+    rule = loop.start_entries(recipe, model, "sft", 1e12, "bf16", tmp_path, resumed=False)["compile_rule"]
+    assert rule == "auto: no compile figures measured for emulated bf16 sft passes on cpu"

@@ -54,6 +54,11 @@ def test_bf16_if_native_follows_the_device(monkeypatch):
         assert loop.compute_dtype("cpu", "bf16_if_native", torch.nn.Linear(2, 2)) == ("bfloat16" if want else "float32")
         assert loop.uses_bf16("cuda:0", "bf16_if_native") and not loop.uses_bf16("cpu", "auto")
         assert not loop.uses_bf16("mps", "bf16_if_native")
+    monkeypatch.setattr(loop.platform, "machine", lambda: "aarch64")  # an Arm CPU: its feature list decides
+    monkeypatch.setattr(loop, "_cpu_features", lambda: frozenset({"fp", "asimd", "bf16"}))
+    assert loop.uses_bf16("cpu", "bf16_if_native")
+    monkeypatch.setattr(loop, "_cpu_features", lambda: frozenset({"fp", "asimd"}))
+    assert not loop.uses_bf16("cpu", "bf16_if_native")
     monkeypatch.setattr(loop, "_SAID_BF16", set())
     with pytest.warns(UserWarning, match="without native bf16") as said:
         assert loop.uses_bf16("cpu", "bf16") and loop.uses_bf16("cpu", "bf16")

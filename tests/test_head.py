@@ -332,6 +332,10 @@ def test_a_causal_bias_gets_autocasts_dtype_and_repeated_heads(monkeypatch):
     assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 4)]
     assert got.dtype == want.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), atol=2e-2)
     seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on CUDA: q, k fp32 after the rotation, v from a bf16 cache
+        mixed = _sdpa(q, k, v.bfloat16(), causal_lower_right(3, 7), dropout=0.0, scaling=None)
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, 4)] and torch.allclose(mixed.float(), want.float(), atol=2e-2)
+    seen.clear()
     got = _sdpa(q, k, v, causal_lower_right(3, 7), dropout=0.0, scaling=None)  # no autocast: as given
     assert seen == [(torch.float32, torch.float32, torch.float32, 4)]
     assert torch.allclose(got, _sdpa(q, k, v, keys, dropout=0.0, scaling=None), atol=1e-6)

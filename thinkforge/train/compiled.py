@@ -14,7 +14,7 @@
       planned tokens x (1 / eager rate - 1 / compiled rate) > compile seconds
 
   from the figures measured for the kind of pass on the device kind (`MEASURED`, by benchmarks/compile_train.py).
-  A pair without measurements does not compile on auto (on: always). On this project's CPU: SFT 1.19x after 15 s
+  A pair without measurements does not compile on auto (on: always). On an AMX CPU under bf16 autocast: SFT 1.19x after 15 s
   (from ~38K planned tokens), DPO 1.06x after 29 s (~143K), RL 1.09x (~102K). The figures are one model's
   (SmolLM2-135M, LoRA, bf16 autocast): a model that runs at another rate breaks even elsewhere (a tiny fp32 model:
   ~1M tokens), which is why model.compile defaults to off.
@@ -43,7 +43,7 @@ class Measured:
 
 RECOMPILE_LIMIT = 32
 CACHE_ARGUMENTS = ("past_key_values", "cache")  # the KV cache's name in a layer's forward (transformers 5.24 renamed it)
-# (device kind, pass kind) -> figures; benchmarks/compile_train.py on SmolLM2-135M (BENCHMARKS.md, 2026-12-07, second
+# (device kind, precision, pass kind) -> figures; benchmarks/compile_train.py on SmolLM2-135M (BENCHMARKS.md, 2026-12-07, second
 # run). The script compiles SFT's pass, then DPO's, then GRPO's in one process: RL's compile seconds are DPO's first
 # call (the same graphs: the packed completions, the prompt pass eager), not GRPO's 8.3 s after it.
 # Measured under bf16 autocast (an AMX CPU): a pass that computes fp32 has no figures (auto does not compile).

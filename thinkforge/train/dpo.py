@@ -136,9 +136,9 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
 
     pairs = load_pairs(data, tok, recipe, cfg.max_len)
     ref_path = run_dir / "reference_logps.safetensors"
+    precision = "bf16" if loop.uses_bf16(str(model.device), cfg.mixed_precision) else "fp32"  # computed, not asked
     key = reference_key(pairs, model_identity(loop.start_model(recipe, run_dir)),
-                        f"{'bf16' if loop.uses_bf16(str(model.device), cfg.mixed_precision) else 'no'}|"
-                        f"{loop.weights_dtype(recipe, str(model.device))}")  # the precision computed, not asked
+                        f"{precision}|{loop.weights_dtype(recipe, str(model.device))}")
     ref = None
     if ref_path.is_file():
         with safe_open(str(ref_path), "pt") as f:
@@ -146,8 +146,10 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
         if made_for == key:
             ref = load_file(str(ref_path))["logps"]
         elif ckpt:
-            raise UserError(f"{ref_path} was computed for other pairs (or another start model, or by an older thinkforge) than {data}, and "
-                            f"{run_dir} has checkpoints trained on them; use a new run folder")
+            raise UserError(f"{ref_path} was computed for other pairs (or another start model, another precision: "
+                            f"this host computes {precision} under {stage}.mixed_precision={cfg.mixed_precision}, or by an "
+                            f"older thinkforge) than {data}, and {run_dir} has checkpoints trained on them; use a new run "
+                            "folder, or resume on a host that computes as the first did")
     if ref is None:
         if ckpt:
             raise UserError(f"{run_dir} has checkpoints but no reference log-probs; use a new run folder")
@@ -167,7 +169,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     pair_tokens = sum(len(c) + len(r.completion) for c, r in pairs)  # a pair's prompt runs once
     compiled = loop.start_entries(recipe, model, "dpo", pair_tokens / loop.total_steps(len(pairs), per_step, 1) * n_steps,
-                                   cfg.mixed_precision, run_dir)
+                                   cfg.mixed_precision, run_dir, resumed=start > 0)
     if start == 0:
         metrics.log(0, {"event": "start", "pairs": len(pairs), "steps": n_steps, **compiled})
     checkpoints = loop.Checkpoints(run_dir, stage, n_steps, cfg.checkpoints.every, cfg.checkpoints.keep, stop_after, dist)

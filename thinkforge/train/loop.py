@@ -8,6 +8,7 @@ nothing and skips nothing (PITFALLS 7).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -110,24 +111,29 @@ def seed_everything(seed: int) -> None:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether `device` computes bf16 matrix products natively: CUDA; an x86 CPU with AMX or AVX512-BF16; an Arm
+    """Whether `device` computes bf16 matrix products natively: CUDA from compute capability 8 (Ampere; assumed
+    where this host has no CUDA, as `thinkforge plan` for a GPU run); an x86 CPU with AMX or AVX512-BF16; an Arm
     CPU whose Linux feature list names bf16. Other CPUs convert every bf16 operand: a bf16 product ran 8x slower
     than fp32 on an AVX2 EPYC (19 vs 160 GFLOP/s). MPS: no (fp32), not measured."""
     kind = device.split(":")[0]
+    if kind == "cuda":
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
     if kind != "cpu":
-        return kind == "cuda"
+        return False
     if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
         return True
     return platform.machine() in ("aarch64", "arm64") and "bf16" in _cpu_features()
 
 
-def _cpu_features() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+@functools.cache
+def _cpu_features() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere), read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+        return frozenset()
+    return frozenset(flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+                     for flag in line.split(":", 1)[1].split())
 
 
 _SAID_BF16: set[str] = set()  # devices told that explicit bf16 runs slow there
@@ -136,7 +142,7 @@ _SAID_BF16: set[str] = set()  # devices told that explicit bf16 runs slow there
 def uses_bf16(device: str, mixed_precision: str) -> bool:
     """Whether a stage with this `mixed_precision` computes under bf16 autocast on `device` (config.PRECISION);
     explicit bf16 on a CPU without native bf16 is kept, and said once a process."""
-    if mixed_precision == "bf16" and not native_bf16(device) and device not in _SAID_BF16:
+    if mixed_precision == "bf16" and device.startswith("cpu") and not native_bf16(device) and device not in _SAID_BF16:
         _SAID_BF16.add(device)
         warnings.warn("mixed_precision=bf16 on a CPU without native bf16 (no AMX, no AVX512-BF16): its matrix products "
                       "run several times slower than fp32 here; <stage>.mixed_precision=bf16_if_native computes fp32 "
@@ -236,28 +242,38 @@ def load_for_training(recipe, run_dir: str | Path):
     return model, tok, ckpt
 
 
-def start_entries(recipe, model, kind: str, planned_tokens: float, mixed_precision: str, run_dir: str | Path) -> dict:
+def start_entries(recipe, model, kind: str, planned_tokens: float, mixed_precision: str, run_dir: str | Path, *,
+                  resumed: bool) -> dict:
     """The start row's entries of a stage whose passes are of `kind` ("sft", "dpo", "rl"): the precision it computes
-    in (`uses_bf16`, decided on this host: a run resumed on a host that decides otherwise is told) and what
-    model.compile decided, and why, for `planned_tokens` tokens in all (train/compiled.py; the whole stage's, so a
-    resumed run decides as the first did)."""
+    in (`uses_bf16`, decided on this host: a run `resumed` on a host that decides otherwise is told, against the
+    last start row) and what model.compile decided, and why, for `planned_tokens` tokens in all
+    (train/compiled.py; the whole stage's, so a resumed run decides as the first did)."""
     from thinkforge.train import compiled
 
     device = str(model.device)
     precision = "bf16" if uses_bf16(device, mixed_precision) else "fp32"
-    started = [r for r in _rows(Path(run_dir) / "metrics.jsonl") if r.get("event") == "start"]
-    if started and started[0].get("precision", precision) != precision:
-        warnings.warn(f"{run_dir}: started under {started[0]['precision']}, resumed under {precision} "
+    started = [r for r in _rows(Path(run_dir) / "metrics.jsonl") if r.get("event") == "start"] if resumed else []
+    if started and started[-1].get("precision", precision) != precision:
+        warnings.warn(f"{run_dir}: started under {started[-1]['precision']}, resumed under {precision} "
                       f"(mixed_precision={mixed_precision} on this host): the loss curve shifts here", stacklevel=2)
+    # the compile figures were measured under native bf16: emulated bf16 has none
+    measured_as = precision if precision == "fp32" or native_bf16(device) else "emulated bf16"
     return {"precision": precision,
-            **compiled.setup(model, recipe.model.compile, device, kind, planned_tokens, precision)}
+            **compiled.setup(model, recipe.model.compile, device, kind, planned_tokens, measured_as)}
 
 
 def _rows(path: Path) -> list[dict]:
-    """A metrics.jsonl's rows ([] where there is none yet)."""
+    """A metrics.jsonl's parsable rows ([] where there is none yet; another rank may be rewriting it, and a cut
+    run may have left half a line)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -231,7 +231,7 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     # at most: every completion at max_new_tokens (the prompts, run once a group, left out)
     compiled = loop.start_entries(recipe, model, "rl", cfg.steps * cfg.prompts_per_step * cfg.group_size * cfg.max_new_tokens,
-                                   cfg.mixed_precision, run_dir)
+                                   cfg.mixed_precision, run_dir, resumed=start > 0)
     if start == 0:
         metrics.log(0, {"event": "start", "algo": cfg.algo, **compiled, "note": "with mu=1 and beta=0 the loss can read 0 "
                         "while gradients flow: watch pg_loss, kl, clip_fraction (PITFALLS 1)"

@@ -99,7 +99,8 @@ def main(recipe: Recipe, stage: str, run_dir: str | Path, data: str | None = Non
     metrics = loop.Metrics(run_dir, resume_step=start, write=dist.main)
     n_tok = sum(len(e) for e in examples)
     steps_per_epoch = loop.total_steps(len(rows), per_step, 1)
-    compiled = loop.start_entries(recipe, model, "sft", n_tok / steps_per_epoch * n_steps, cfg.mixed_precision, run_dir)  # the whole stage's: a resumed run decides alike
+    compiled = loop.start_entries(recipe, model, "sft", n_tok / steps_per_epoch * n_steps, cfg.mixed_precision, run_dir,
+                                   resumed=start > 0)  # the whole stage's: a resumed run decides alike
     if start == 0:
         metrics.log(0, {"event": "start", "documents": len(examples), "rows": len(rows), "steps": n_steps,
                         "tokens": n_tok, "packing": cfg.packing, **compiled})
