@@ -125,7 +125,7 @@ def test_two_steps_of_sft_and_grpo_on_the_real_model(tmp_path, capsys):
     distill.main(tasks.load("synthetic").problems("train", 16, 0, [2]), distill.SyntheticTeacher(0.0, 0), 1, data, progress=False)
     code, _, err = run_cli(["sft", "-m", str(MODEL), "--data", str(data), "--out", str(tmp_path / "sft"), "--lora",
                             "sft.max_steps=2", "sft.batch_size=8", "sft.grad_accum=1", "sft.max_len=192",
-                            "sft.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
+                            "sft.mixed_precision=bf16_if_native", "model.prompt_format=chat_template"], capsys)
     assert code == 0, err
     events = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in events if "loss" in r]
@@ -134,7 +134,7 @@ def test_two_steps_of_sft_and_grpo_on_the_real_model(tmp_path, capsys):
     assert sum(r["tokens"] for r in rows) == events[0]["tokens"]
     code, _, err = run_cli(["rl", "-m", str(tmp_path / "sft" / "final"), "--out", str(tmp_path / "rl"), "--lora",
                             "rl.steps=2", "rl.preflight=false", "rl.prompts_per_step=2", "rl.group_size=4", "rl.max_new_tokens=24",
-                            "rl.difficulties=[2]", "rl.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
+                            "rl.difficulties=[2]", "rl.mixed_precision=bf16_if_native", "model.prompt_format=chat_template"], capsys)
     assert code == 0, err
     rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert len(rows) == 2 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # refers to the SFT policy
@@ -148,7 +148,7 @@ def test_the_rl_preflight_stops_the_base_instruct_model_that_never_uses_the_tags
 
     code, _, err = run_cli(["rl", "-m", str(MODEL), "--out", str(tmp_path / "rl"), "rl.reward=weighted",
                             "rl.preflight_groups=2", "rl.group_size=4", "rl.max_new_tokens=256", "rl.difficulties=[2]",
-                            "rl.mixed_precision=bf16", "model.prompt_format=chat_template"], capsys)
+                            "rl.mixed_precision=bf16_if_native", "model.prompt_format=chat_template"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "rl preflight: the format and reasoning rewards are 0 for all 8 samples" in err and "cold-start SFT" in err
     assert not (tmp_path / "rl").exists()  # a run stopped before its first step leaves no folder
