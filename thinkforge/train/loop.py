@@ -252,7 +252,7 @@ def start_entries(recipe, model, kind: str, planned_tokens: float, mixed_precisi
 
     device = str(model.device)
     precision = "bf16" if uses_bf16(device, mixed_precision) else "fp32"
-    started = [r for r in _rows(Path(run_dir) / "metrics.jsonl") if r.get("event") == "start"] if resumed else []
+    started = [r for r in metrics_rows(Path(run_dir) / "metrics.jsonl") if r.get("event") == "start"] if resumed else []
     if started and started[-1].get("precision", precision) != precision:
         warnings.warn(f"{run_dir}: started under {started[-1]['precision']}, resumed under {precision} "
                       f"(mixed_precision={mixed_precision} on this host): the loss curve shifts here", stacklevel=2)
@@ -262,7 +262,7 @@ def start_entries(recipe, model, kind: str, planned_tokens: float, mixed_precisi
             **compiled.setup(model, recipe.model.compile, device, kind, planned_tokens, measured_as)}
 
 
-def _rows(path: Path) -> list[dict]:
+def metrics_rows(path: Path) -> list[dict]:
     """A metrics.jsonl's parsable rows ([] where there is none yet; another rank may be rewriting it, and a cut
     run may have left half a line)."""
     if not path.is_file():

@@ -22,7 +22,6 @@ the critic's values and log-probs before the update (its targets).
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from pathlib import Path
@@ -421,9 +420,8 @@ def _stop_line(steps: int, why: str, stats: dict, cfg: RLConfig) -> str:
 
 def _past_rows(run_dir: Path, upto: int, events: tuple[str, ...] = ()) -> list[dict]:
     """The logged steps up to `upto` (a resumed run's history): the training rows, and the `events` rows named."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists() or upto == 0:
+    if upto == 0:
         return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [r for r in rows if r["step"] <= upto and (("think_words" in r and r.get("event") is None)
+    rows = loop.metrics_rows(run_dir / "metrics.jsonl")  # a cut run's half line, another rank's rewrite: skipped
+    return [r for r in rows if r.get("step", upto + 1) <= upto and (("think_words" in r and r.get("event") is None)
                                                      or r.get("event") in events)]
