@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from thinkforge.rollout.hf import HFGenerator
@@ -217,6 +218,48 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded)
     assert both[0] == first[:3]
     expect = alone[0][: alone[0].index(stop) + 1] if stop in alone[0] else alone[0]
     assert both[1] == expect
+
+
+def _reference_pick(logits, params, u):
+    """The draw as one full sort and one float64 cumulative sum over the whole row (pick's definition)."""
+    import torch
+
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs > params.top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+    cdf = logits.softmax(-1, dtype=torch.float64).cumsum(-1)
+    return torch.searchsorted(cdf, u.double().view(-1, 1) * cdf[:, -1:], right=True).squeeze(-1)
+
+
+@pytest.mark.parametrize("V", [7, 1024, 3000, 5000])
+def test_pick_draws_the_tokens_a_full_sort_and_cumulative_sum_draw(V):
+    """pick's two-level inverse CDF and its top-k-first nucleus give the very tokens of the full-row definition,
+    for vocabularies below, at and past its block, flat rows (the nucleus past its first top-k) and peaked ones."""
+    import torch
+
+    from thinkforge.engine.decode import pick
+
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(600, V, generator=g) * torch.tensor([0.3, 3.0, 12.0]).repeat(200)[:, None]
+    u = torch.rand(600, generator=g, dtype=torch.float64)
+    for params in (SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=0.6, top_p=0.95),
+                   SamplingParams(temperature=0.8, top_p=0.5, top_k=40), SamplingParams(temperature=1.3, top_p=0.999)):
+        got, want = pick(logits, params, u), _reference_pick(logits, params, u)
+        assert torch.equal(got, want), (params, int((got != want).sum()))
+    # all of a row's mass on one token at a block's end, in the last block; the uniform close to 1, or rounded
+    # to 1 (float32 draws): that token, never a zero-width one past it
+    for at in (0, 1023, V - 1):
+        if at < V:
+            row = torch.full((1, V), -1e4)
+            row[0, at] = 0.0
+            for near_one in (torch.tensor([1 - 1e-12], dtype=torch.float64), torch.tensor([1.0])):
+                assert int(pick(row, SamplingParams(temperature=1.0, top_p=1.0), near_one)) == at
 
 
 def test_sampling_filters_and_min_new_tokens(tiny_loaded):

@@ -75,15 +75,68 @@ def pick(logits, params: SamplingParams, u):
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        beyond = probs.cumsum(-1) - probs > params.top_p  # the smallest prefix whose mass reaches top_p stays
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
-    # Inverse-CDF draw: one uniform per row (torch.multinomial draws one exponential per vocabulary entry,
-    # a tenth of a small model's decode step on CPU). Masked tokens have zero width and are never drawn.
-    cdf = logits.softmax(-1, dtype=draw_dtype(logits.device)).cumsum(-1)
-    target = u.to(cdf.device, cdf.dtype).view(-1, 1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        logits = nucleus(logits, params.top_p)
+    return inverse_cdf(logits, u)
+
+
+def nucleus(logits, top_p: float, first: int = 256):
+    """logits (B, V) with -inf outside each row's nucleus: the smallest set of the most likely tokens whose
+    mass reaches top_p (a token stays when the mass before it, in descending order, is at most top_p).
+
+    The nucleus of a trained model's next token is a few tokens of its vocabulary: the `first` most likely are
+    taken (topk: one pass over the row) and, where some row's nucleus is wider, 16 times as many, then all
+    (a sort). The full sort at 49,152 tokens took 68 ms at 32 rows on our 2-core CPU, as long as a model step;
+    a first top-256 3.6 ms."""
+    import torch
+
+    V = logits.shape[-1]
+    probs = logits.softmax(-1)
+    k = min(V, first)
+    while True:
+        values, order = probs.topk(k, dim=-1)  # (B, k), descending
+        mass = values.cumsum(-1)
+        if k == V or bool((mass[:, -1] > top_p).all()):  # past the k-th, every token has more than top_p before it
+            break
+        k = min(V, 16 * k)
+    kept = logits.gather(-1, order).masked_fill(mass - values > top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
+
+
+def inverse_cdf(logits, u, block: int = 1024):
+    """The token (B,) at which each row's cumulative probability (vocabulary order) first exceeds its uniform u
+    (B,): the row's softmax sampled; -inf logits have zero width and are never drawn.
+
+    Two levels, in float64 (`draw_dtype`; a 200k vocabulary's cumulative sum stays exact): the mass of each block of
+    `block` tokens, their running sum, the block the uniform falls in, then the running sum inside that block
+    only. One float64 softmax and cumulative sum over the whole row took 22 ms a step at 32 rows x 49,152 tokens
+    on our CPU (as much as a tenth of the model's step); this takes ~4 ms. One uniform per row: torch.multinomial
+    draws one exponential per vocabulary entry, a tenth of a small model's decode step on CPU."""
+    import torch
+
+    dtype = draw_dtype(logits.device)
+    B, V = logits.shape
+    weights = (logits - logits.amax(-1, keepdim=True)).exp()  # (B, V), the largest 1
+    if V % block:
+        weights = torch.nn.functional.pad(weights, (0, block - V % block))
+    blocks = weights.view(B, -1, block)
+    sums = blocks.sum(-1, dtype=dtype)  # (B, nb)
+    ends = sums.cumsum(-1)
+    target = u.to(logits.device, dtype).view(-1, 1) * ends[:, -1:]  # (B, 1)
+    # the block holding it (B, 1); a uniform rounded to 1 (float32 draws) lands past the end: the last block with mass
+    b = torch.minimum(torch.searchsorted(ends, target, right=True), _last(sums > 0))
+    inside = blocks[torch.arange(B, device=logits.device), b.squeeze(-1)]  # (B, block)
+    running = inside.to(dtype).cumsum(-1) + (ends.gather(-1, b) - sums.gather(-1, b))
+    j = torch.searchsorted(running, target, right=True)
+    # rounding can leave the target at or past the block's own running total: its last token with mass, never a
+    # zero-width one (the block has mass)
+    return (b * block + torch.minimum(j, _last(inside > 0))).squeeze(-1)
+
+
+def _last(has_mass):
+    """(B, n) bool -> (B, 1): the index of each row's last True."""
+    import torch
+
+    return torch.where(has_mass, torch.arange(has_mass.shape[-1], device=has_mass.device), -1).amax(-1, keepdim=True)
 
 
 @dataclass(frozen=True)
