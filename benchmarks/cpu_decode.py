@@ -3,11 +3,13 @@
     make real-model llama-cpp
     python benchmarks/cpu_decode.py [--model models/smollm2-135m-instruct] [--new 128] [--rows 1 32] [--threads 2]
     python benchmarks/cpu_decode.py --random phi     # Phi-2's layers, random weights, SmolLM2's size and tokenizer
+    python benchmarks/cpu_decode.py --top-p 0.95     # nucleus sampling on both sides (chat's and evaluation's default)
 
 For each precision (f32, bf16): the model is exported with `thinkforge export --gguf` at that precision and
 llama.cpp (llama-cpp-python in .venv-llamacpp, its own sampler chain per row) decodes R rows of the same chat
 prompt for --new tokens, all rows in one llama_decode per step; thinkforge decodes the same prompt x R rows with
-its HF backend's loop (`engine.decode.decode`, per-sample streams, temperature 1.0), once with the fast step
+its HF backend's loop (`engine.decode.decode`, per-sample streams, temperature 1.0; --top-p below 1: the nucleus
+first, on both sides), once with the fast step
 (`engine/fast.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
 Every row runs all --new steps (no stop token) on both sides; rates are rows x new / wall seconds, prefill
 included, the best of --repeats. The Q4_1 GGUF of `make real-model` runs in llama.cpp for context.
@@ -45,20 +47,21 @@ def bandwidth() -> float:
     return x.numel() * 4 / best
 
 
-def llama_cpp(gguf: Path, ids: list[int], rows: int, new: int, threads: int, repeats: int) -> float:
-    request = {"do": "rate", "model": str(gguf), "ids": ids, "rows": rows, "new": new, "threads": threads, "repeats": repeats}
+def llama_cpp(gguf: Path, ids: list[int], rows: int, new: int, threads: int, repeats: int, top_p: float = 1.0) -> float:
+    request = {"do": "rate", "model": str(gguf), "ids": ids, "rows": rows, "new": new, "threads": threads, "repeats": repeats,
+               "top_p": top_p}
     done = subprocess.run([str(LLAMA_PYTHON), str(ROOT / "thinkforge" / "_llamacpp_worker.py")], input=json.dumps(request),
                           capture_output=True, text=True, check=True)
     return max(json.loads(done.stdout.strip().splitlines()[-1])["tok_per_s"])
 
 
-def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, fast: bool) -> float:
+def thinkforge_rate(model, ids: list[int], rows: int, new: int, repeats: int, fast: bool, top_p: float = 1.0) -> float:
     import torch
 
     from thinkforge.engine.decode import Prompts, RowStreams, decode
     from thinkforge.rollout.types import SamplingParams
 
-    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=1.0)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=top_p)
     best = 0.0
     held = {} if fast else None
     for repeat in range(repeats + 1):  # the first call packs the weights (once per weight version): not timed
@@ -111,6 +114,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass on both sides (1.0: none)")
     ap.add_argument("--random", choices=sorted(RANDOM), help="instead of --model's weights: a random-init model of this "
                     "architecture in SmolLM2-135M's size class, with --model's tokenizer (no such checkpoint here)")
     a = ap.parse_args()
@@ -124,7 +128,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     bw = bandwidth()
     print(f"CPU, {a.threads} threads, torch {torch.__version__}, {Path(a.model).name} ({params / 1e6:.1f}M parameters), "
-          f"prompt {len(ids)} tokens, {a.new} new tokens per row, temperature 1.0; measured read bandwidth {bw / 1e9:.1f} GB/s")
+          f"prompt {len(ids)} tokens, {a.new} new tokens per row, temperature 1.0, top_p {a.top_p}; measured read bandwidth {bw / 1e9:.1f} GB/s")
     print("| precision | weights MB | 1-row bound tok/s | rows | llama.cpp tok/s | thinkforge tok/s | ratio | "
           "thinkforge via transformers' forward tok/s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -139,15 +143,15 @@ def main() -> None:
             weights = params * (4 if precision == "f32" else 2)
             m = model.to(dtype)
             for rows in a.rows:
-                theirs = llama_cpp(gguf, ids, rows, a.new, a.threads, a.repeats)
-                ours = thinkforge_rate(m, ids, rows, a.new, a.repeats, fast=True)
-                plain = thinkforge_rate(m, ids, rows, a.new, 1, fast=False)
+                theirs = llama_cpp(gguf, ids, rows, a.new, a.threads, a.repeats, a.top_p)
+                ours = thinkforge_rate(m, ids, rows, a.new, a.repeats, fast=True, top_p=a.top_p)
+                plain = thinkforge_rate(m, ids, rows, a.new, 1, fast=False, top_p=a.top_p)
                 results[(precision, rows)] = (ours, theirs)
                 print(f"| {precision} | {weights / 1e6:.0f} | {bw / weights:.0f} | {rows} | {theirs:.0f} | {ours:.0f} | "
                       f"{ours / theirs:.2f} | {plain:.0f} |", flush=True)
             gguf.unlink()
     if Path(a.q4).is_file():
-        q4 = {rows: llama_cpp(Path(a.q4), ids, rows, a.new, a.threads, a.repeats) for rows in a.rows}
+        q4 = {rows: llama_cpp(Path(a.q4), ids, rows, a.new, a.threads, a.repeats, a.top_p) for rows in a.rows}
         size = Path(a.q4).stat().st_size
         print(f"| Q4_1 (llama.cpp only, for context) | {size / 1e6:.0f} | {bw / size:.0f} | "
               + ", ".join(f"{r}: {v:.0f}" for r, v in q4.items()) + " | | | | |")

@@ -38,7 +38,7 @@ SMOKE = {
             f'"{k}": ' + r'\{"eager": ' + N + ', "compiled": ' + N + ', "first_call_s": ' + N + r"\}"
             for k in ("sft", "dpo", "grpo")) + r"\}"),
     "benchmarks/cpu_decode.py": Smoke(
-        ("--model", "{llama}", "--new", "4", "--rows", "1", "--repeats", "1"),
+        ("--model", "{llama}", "--new", "4", "--rows", "1", "--repeats", "1", "--top-p", "0.9"),
         # bf16 where the CPU computes it natively, else f32 (the bf16 rows are not run)
         _json("cpu_decode_tok_per_s_bf16_1_row", "thinkforge", "peer", "ratio").replace("bf16", "(bf16|f32)"),
         needs=("llama-cpp",)),
@@ -97,6 +97,9 @@ SMOKE = {
         r'\{"metric": "rollout_tokens_per_s", "hf": ' + N + ', "vllm": ' + N + ', "ratio": ' + N
         + r', "grpo_step_seconds": \{"hf": ' + N + ', "vllm": ' + N + r'\}, "vllm_sync_seconds": ' + N + r"\}",
         needs=("vllm",)),
+    "benchmarks/sampling.py": Smoke(
+        ("--vocab", "3000", "--rows", "2", "--top-p", "0.9", "--repeats", "2"),
+        _json("sampling_ms_2_rows_top_p_0.9", "thinkforge", "peer", "ratio")),
     "benchmarks/serve_concurrency.py": Smoke(
         ("--requests", "2", "--tokens", "4", "--clients", "1,2"),
         r'\{"model": ".*", "requests": 2, "tokens": 4, "results": \{"after": \[\{"clients": 1, .*"failed": 0, .*\}, '

@@ -81,6 +81,8 @@ def rate(req: dict) -> dict:
         samplers = []
         for r in range(rows):
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            if req.get("top_p", 1.0) < 1.0:  # the nucleus first, then the draw (llama.cpp's own chain)
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(req["top_p"], 1))
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(1000 * repeat + r))
             samplers.append(chain)
         lc.llama_memory_clear(memory, True)
