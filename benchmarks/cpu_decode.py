@@ -157,7 +157,8 @@ def main() -> None:
               + ", ".join(f"{r}: {v:.0f}" for r, v in q4.items()) + " | | | | |")
     precision = "bf16" if ("bf16", a.rows[0]) in results else "f32"
     ours, theirs = results[(precision, a.rows[0])]
-    print(json.dumps({"metric": f"cpu_decode_tok_per_s_{precision}_{a.rows[0]}_row", "thinkforge": round(ours, 1),
+    nucleus = f"_top_p_{a.top_p}" if a.top_p < 1 else ""
+    print(json.dumps({"metric": f"cpu_decode_tok_per_s_{precision}_{a.rows[0]}_row{nucleus}", "thinkforge": round(ours, 1),
                       "peer": round(theirs, 1), "ratio": round(ours / theirs, 3)}))
 
 

@@ -221,7 +221,8 @@ def test_rows_that_stop_leave_the_batch_without_changing_the_others(tiny_loaded)
 
 
 def _reference_pick(logits, params, u):
-    """The draw as one full sort and one float64 cumulative sum over the whole row (pick's definition)."""
+    """pick's definition, with one full sort and one float64 cumulative sum over the whole row: the nucleus cut
+    by value at its last token's probability (softmax in vocabulary order), then the inverse CDF."""
     import torch
 
     logits = logits / params.temperature
@@ -229,37 +230,87 @@ def _reference_pick(logits, params, u):
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        beyond = probs.cumsum(-1) - probs > params.top_p
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(beyond, float("-inf")))
+        probs = logits.softmax(-1)
+        ordered = torch.sort(probs, dim=-1, descending=True).values
+        last = (ordered.cumsum(-1) - ordered <= params.top_p).sum(-1, keepdim=True) - 1
+        logits = logits.masked_fill(probs < ordered.gather(-1, last), float("-inf"))
     cdf = logits.softmax(-1, dtype=torch.float64).cumsum(-1)
     return torch.searchsorted(cdf, u.double().view(-1, 1) * cdf[:, -1:], right=True).squeeze(-1)
 
 
-@pytest.mark.parametrize("V", [7, 1024, 3000, 5000])
+@pytest.mark.parametrize("V", [7, 1024, 3000, 5000, 49152])
 def test_pick_draws_the_tokens_a_full_sort_and_cumulative_sum_draw(V):
     """pick's two-level inverse CDF and its top-k-first nucleus give the very tokens of the full-row definition,
-    for vocabularies below, at and past its block, flat rows (the nucleus past its first top-k) and peaked ones."""
+    for vocabularies below, at and past its block, flat rows (the nucleus past its first top-k), peaked ones,
+    and bf16-valued logits (ties at the nucleus's edge)."""
     import torch
 
     from thinkforge.engine.decode import pick
 
     g = torch.Generator().manual_seed(V)
-    logits = torch.randn(600, V, generator=g) * torch.tensor([0.3, 3.0, 12.0]).repeat(200)[:, None]
-    u = torch.rand(600, generator=g, dtype=torch.float64)
-    for params in (SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=0.6, top_p=0.95),
-                   SamplingParams(temperature=0.8, top_p=0.5, top_k=40), SamplingParams(temperature=1.3, top_p=0.999)):
-        got, want = pick(logits, params, u), _reference_pick(logits, params, u)
-        assert torch.equal(got, want), (params, int((got != want).sum()))
-    # all of a row's mass on one token at a block's end, in the last block; the uniform close to 1, or rounded
-    # to 1 (float32 draws): that token, never a zero-width one past it
-    for at in (0, 1023, V - 1):
+    rows = 300 if V > 5000 else 600
+    logits = torch.randn(rows, V, generator=g) * torch.tensor([0.3, 3.0, 12.0]).repeat(rows // 3)[:, None]
+    u = torch.rand(rows, generator=g, dtype=torch.float64)
+    for x in (logits, logits.bfloat16().float()):
+        for params in (SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=0.6, top_p=0.95),
+                       SamplingParams(temperature=0.8, top_p=0.5, top_k=40), SamplingParams(temperature=1.3, top_p=0.999)):
+            got, want = pick(x, params, u), _reference_pick(x, params, u)
+            assert torch.equal(got, want), (params, int((got != want).sum()))
+    # a row's token depends on neither its batch nor whether a row beside it had a wide nucleus
+    nucleus = SamplingParams(temperature=0.6, top_p=0.95)
+    alone = pick(logits[1::3], nucleus, u[1::3])
+    assert torch.equal(alone, pick(logits, nucleus, u)[1::3])
+    # all of a row's mass on one token at a block's start or end, in the last block; the uniform close to 1, or
+    # rounded to 1 (float32 draws): that token, never a zero-width one past it
+    for at in (0, 1023, 1024, V - 1):
         if at < V:
             row = torch.full((1, V), -1e4)
             row[0, at] = 0.0
             for near_one in (torch.tensor([1 - 1e-12], dtype=torch.float64), torch.tensor([1.0])):
                 assert int(pick(row, SamplingParams(temperature=1.0, top_p=1.0), near_one)) == at
+
+
+def test_float32_draws_never_take_a_token_outside_the_nucleus(monkeypatch):
+    """Where the draw runs in float32 (MPS), a block's start is its predecessors' running sum, not its own end minus
+    its mass, which can round above it: a uniform falling between the two drew the block's first token, zero width
+    or not. Rows where the two differ are searched for (seeded), and a uniform is put in that gap."""
+    import torch
+
+    from thinkforge.engine import decode
+
+    monkeypatch.setattr(decode, "draw_dtype", lambda device: torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tried = 0
+    for _ in range(2000):
+        row = torch.randn(1, 3072, generator=g) * 2
+        row[0, 1024:1032] = float("-inf")  # the second block starts with tokens outside the nucleus
+        sums = (row - row.amax()).exp().view(1, -1, 1024).sum(-1)
+        ends = sums.cumsum(-1)
+        if ends[0, 1] - sums[0, 1] <= ends[0, 0]:
+            continue
+        u = (ends[0, 0] / ends[0, -1]).reshape(1)
+        for _ in range(64):  # the float32 uniforms just past the first block's end
+            if ends[0, 0] <= u[0] * ends[0, -1] < ends[0, 1] - sums[0, 1]:
+                tried += 1
+                token = int(decode.pick(row, SamplingParams(temperature=1.0, top_p=1.0), u))
+                assert torch.isfinite(row[0, token]), token
+                break
+            u = torch.nextafter(u, torch.tensor([2.0]))
+        if tried >= 3:
+            break
+    assert tried >= 3  # the gap was found: the test exercises it
+
+
+def test_a_row_without_finite_logits_is_an_error_not_a_token():
+    import torch
+
+    from thinkforge.engine.decode import pick
+
+    logits = torch.zeros(3, 50)
+    logits[1, 7] = float("nan")
+    for params in (SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=1.0, top_p=0.9)):
+        with pytest.raises(ValueError, match=r"no token to draw in rows \[1\]"):
+            pick(logits, params, torch.rand(3))
 
 
 def test_sampling_filters_and_min_new_tokens(tiny_loaded):

@@ -40,7 +40,7 @@ SMOKE = {
     "benchmarks/cpu_decode.py": Smoke(
         ("--model", "{llama}", "--new", "4", "--rows", "1", "--repeats", "1", "--top-p", "0.9"),
         # bf16 where the CPU computes it natively, else f32 (the bf16 rows are not run)
-        _json("cpu_decode_tok_per_s_bf16_1_row", "thinkforge", "peer", "ratio").replace("bf16", "(bf16|f32)"),
+        _json("cpu_decode_tok_per_s_bf16_1_row_top_p_0.9", "thinkforge", "peer", "ratio").replace("bf16", "(bf16|f32)"),
         needs=("llama-cpp",)),
     "benchmarks/cpu_precision.py": Smoke(
         ("--model", "{llama}", "--tiny", "--threads", "2"),
@@ -98,8 +98,8 @@ SMOKE = {
         + r', "grpo_step_seconds": \{"hf": ' + N + ', "vllm": ' + N + r'\}, "vllm_sync_seconds": ' + N + r"\}",
         needs=("vllm",)),
     "benchmarks/sampling.py": Smoke(
-        ("--vocab", "3000", "--rows", "2", "--top-p", "0.9", "--repeats", "2"),
-        _json("sampling_ms_2_rows_top_p_0.9", "thinkforge", "peer", "ratio")),
+        ("--vocab", "3000", "--rows", "2", "--top-p", "0.9", "--scale", "1", "4", "--repeats", "2"),
+        _json("sampling_ms_2_rows_top_p_0.9_logits_x4", "thinkforge", "peer", "ratio")),
     "benchmarks/serve_concurrency.py": Smoke(
         ("--requests", "2", "--tokens", "4", "--clients", "1,2"),
         r'\{"model": ".*", "requests": 2, "tokens": 4, "results": \{"after": \[\{"clients": 1, .*"failed": 0, .*\}, '

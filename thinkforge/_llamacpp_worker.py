@@ -6,9 +6,10 @@ llama_cpp and numpy, never thinkforge or torch. The request is one JSON object; 
   {"do": "logits", "model": F, "ids": [...], "out": F.npy, "f32_cache": B}
       -> the (len(ids), vocab) float32 logits in F.npy (f32_cache: the KV cache in float32, not llama.cpp's f16)
   {"do": "chat", "model": F, "messages": [...], "max_tokens": N}  -> {"text": ...} (greedy; the GGUF's template)
-  {"do": "rate", "model": F, "ids": [...], "rows": R, "new": N, "threads": K, "repeats": 3}
+  {"do": "rate", "model": F, "ids": [...], "rows": R, "new": N, "threads": K, "repeats": 3, "top_p": P}
       -> {"tok_per_s": [...]} (one per repeat, prefill included): R sequences of the prompt decoded together, one token per
-         row per llama_decode, sampled at temperature 1.0 by llama.cpp's own sampler (a chain per row)
+         row per llama_decode, sampled at temperature 1.0 by llama.cpp's own sampler (a chain per row: its top-p
+         sampler first where P < 1, then the draw)
 """
 
 from __future__ import annotations

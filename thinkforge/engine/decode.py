@@ -80,35 +80,38 @@ def pick(logits, params: SamplingParams, u):
 
 
 def nucleus(logits, top_p: float, first: int = 256):
-    """logits (B, V) with -inf outside each row's nucleus: the smallest set of the most likely tokens whose
-    mass reaches top_p (a token stays when the mass before it, in descending order, is at most top_p).
+    """logits (B, V) with -inf outside each row's nucleus: its most likely tokens, in descending order, up to the
+    first whose mass before it is at most top_p and with it more than top_p; cut by value, so a token as likely as
+    the last kept one stays too (ties at the edge, as top-k keeps them), whatever order a sort would give them.
 
     The nucleus of a trained model's next token is a few tokens of its vocabulary: each row's `first` most likely
-    are taken (topk: one pass over the row) and, for the rows whose nucleus is wider, 16 times as many, then all
-    (a sort). A row is done once its top k hold more than top_p: every token past them has more than top_p
-    before it. The full sort at 49,152 tokens took 68 ms at 32 rows on our 2-core CPU, as long as a model step;
-    a top-256 3 ms."""
-    import torch
+    are taken (topk: one pass over the row); a row whose top `first` do not hold more than top_p is sorted whole
+    (every token past a top k that holds more has more than top_p before it). The full sort at 49,152 tokens took
+    68 ms at 32 rows on our 2-core CPU, as long as a model step; a top-256 3 ms."""
 
     V = logits.shape[-1]
     k = min(V, first)
-    values, order = logits.softmax(-1).topk(k, dim=-1)  # (B, k), descending
+    probs = logits.softmax(-1)  # in vocabulary order, as the draw's
+    values = probs.topk(k, dim=-1).values  # (B, k), descending
     mass = values.cumsum(-1)
-    kept = logits.gather(-1, order).masked_fill(mass - values > top_p, float("-inf"))
-    out = torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
-    wide = (mass[:, -1] <= top_p).nonzero().squeeze(-1) if k < V else order.new_zeros(0)  # rows not done
+    last = (mass - values <= top_p).sum(-1, keepdim=True).clamp(min=1) - 1  # the last kept, (B, 1)
+    out = logits.masked_fill(probs < values.gather(-1, last), float("-inf"))
+    wide = (mass[:, -1] <= top_p).nonzero().squeeze(-1) if k < V else last.new_zeros(0)  # rows not done
     if wide.numel():
-        out[wide] = nucleus(logits[wide], top_p, 16 * k)
+        out[wide] = nucleus(logits[wide], top_p, V)
     return out
 
 
 def inverse_cdf(logits, u, block: int = 1024):
     """The token (B,) at which each row's cumulative probability (vocabulary order) first exceeds its uniform u
-    (B,): the row's softmax sampled; -inf logits have zero width and are never drawn.
+    (B,): the row's softmax sampled; -inf logits have zero width and are never drawn. A row with no finite mass
+    (NaN or +inf logits, every logit -inf) is an error, not a token.
 
-    Two levels, in float64 (`draw_dtype`; a 200k vocabulary's cumulative sum stays exact): the mass of each block of
-    `block` tokens, their running sum, the block the uniform falls in, then the running sum inside that block
-    only. One float64 softmax and cumulative sum over the whole row took 22 ms a step at 32 rows x 49,152 tokens
+    Two levels: the mass of each block of `block` tokens, their running sum, the block the uniform falls in, then
+    the running sum inside that block only, carried in `draw_dtype` (float64: a 200k vocabulary's cumulative sum
+    stays exact; float32 on MPS). The weights and the block masses are float32 sums (a float64 copy of the whole
+    row cost more than the rest of the draw): their rounding, ~1e-7 relative, moves a boundary between tokens by as
+    much. One float64 softmax and cumulative sum over the whole row took 22 ms a step at 32 rows x 49,152 tokens
     on our CPU (as much as a tenth of the model's step); this takes ~4 ms. One uniform per row: torch.multinomial
     draws one exponential per vocabulary entry, a tenth of a small model's decode step on CPU."""
     import torch
@@ -119,16 +122,21 @@ def inverse_cdf(logits, u, block: int = 1024):
     if V % block:
         weights = torch.nn.functional.pad(weights, (0, block - V % block))
     blocks = weights.view(B, -1, block)
-    # each block's mass summed in float32 (a float64 copy of the row cost more than the rest of the draw), then
-    # carried in float64: its rounding is that of the float32 weights themselves
     sums = blocks.sum(-1).to(dtype)  # (B, nb)
     ends = sums.cumsum(-1)
-    target = u.to(logits.device, dtype).view(-1, 1) * ends[:, -1:]  # (B, 1)
+    total = ends[:, -1]
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        bad = (~(torch.isfinite(total) & (total > 0))).nonzero().squeeze(-1).tolist()
+        raise ValueError(f"no token to draw in rows {bad[:8]}: their logits are NaN, +inf or all -inf (the model's "
+                         "output overflowed or is broken)")
+    target = u.to(logits.device, dtype).view(-1, 1) * total[:, None]  # (B, 1)
     # the block holding it (B, 1); a uniform rounded to 1 (float32 draws) lands past the end: the last block with mass
     b = torch.minimum(torch.searchsorted(ends, target, right=True), _last(sums > 0))
     inside = blocks[torch.arange(B, device=logits.device), b.squeeze(-1)]  # (B, block)
-    running = inside.to(dtype).cumsum(-1) + (ends.gather(-1, b) - sums.gather(-1, b))
-    j = torch.searchsorted(running, target, right=True)
+    # from the running sum before the block itself (not its end minus its mass, which can round above it and draw
+    # a zero-width token first in the block): searchsorted put the target at or past it
+    before = torch.cat([ends.new_zeros(B, 1), ends[:, :-1]], -1).gather(-1, b)
+    j = torch.searchsorted(inside.to(dtype).cumsum(-1) + before, target, right=True)
     # rounding can leave the target at or past the block's own running total: its last token with mass, never a
     # zero-width one (the block has mass)
     return (b * block + torch.minimum(j, _last(inside > 0))).squeeze(-1)
