@@ -270,6 +270,23 @@ def test_pick_draws_the_tokens_a_full_sort_and_cumulative_sum_draw(V):
                 assert int(pick(row, SamplingParams(temperature=1.0, top_p=1.0), near_one)) == at
 
 
+def test_the_nucleus_past_its_first_top_k_when_top_p_sits_on_the_edge():
+    """top_p equal to the float32 mass before the 257th most likely token: a full sort keeps 257 tokens; the
+    top-256 shortcut must see that the row may keep more and sort it, not stop at 256."""
+    import torch
+
+    from thinkforge.engine.decode import nucleus
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        row = torch.randn(1, 4096, generator=g) * 3
+        probs = row.softmax(-1)
+        ordered = torch.sort(probs, dim=-1, descending=True).values
+        top_p = float((ordered.cumsum(-1) - ordered)[0, 256])  # the 257th token's mass before it
+        want = int((ordered.cumsum(-1) - ordered <= top_p).sum())
+        assert int(torch.isfinite(nucleus(row, top_p)).sum()) == want >= 257
+
+
 def test_float32_draws_never_take_a_token_outside_the_nucleus(monkeypatch):
     """Where the draw runs in float32 (MPS), a block's start is its predecessors' running sum, not its own end minus
     its mass, which can round above it: a uniform falling between the two drew the block's first token, zero width
