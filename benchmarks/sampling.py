@@ -14,19 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from functools import partial
 
-
-def timed(f, repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from rl_train_pass import timed  # a median of timed calls after one warm-up
 
 
 def transformers_draw(logits, warpers):
