@@ -37,7 +37,7 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
         step = choose(model, cache, ids.shape[1] + steps, {}) if fast else None
         assert (step is not None) == fast
         if step is not None:
-            step_logits.dtype = step.dtype
+            step_logits.dtype, step_logits.plain = step.dtype, step.plain
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
             if step is not None:
@@ -65,15 +65,34 @@ def test_a_streamed_sample_is_the_generated_one(tmp_path):
     assert len(pieces) > 1 and "".join(pieces) == gen.generate(["Mia has 3 apples"], 1, params)[0].text
 
 
+@pytest.fixture(params=["kernels", "onednn"])
+def layout(request, monkeypatch):
+    """Both layouts of the fast step's weights: plain ones for engine/kernels.py's products (a decode of at most
+    kernels.ROWS rows, these tests' 1-3), and oneDNN's blocked one (more rows: here ROWS set to 0)."""
+    from thinkforge.engine import kernels
+
+    if request.param == "kernels":
+        assert kernels.ops() is not None, f"the CPU kernels did not build: {kernels.why_not()}"
+    else:
+        monkeypatch.setattr(kernels, "ROWS", 0)
+    return request.param
+
+
+def ran(layout: str) -> bool:
+    """After step_logits: the step ran the layout asked for."""
+    return step_logits.plain == (layout == "kernels")
+
+
 @pytest.mark.parametrize("arch", FAST)
 @pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["left-padded", "one-prompt"])
-def test_the_fast_step_gives_transformers_logits(tmp_path, arch, prompts):
-    model, _ = tiny(tmp_path, arch)
+def test_the_fast_step_gives_transformers_logits(tmp_path, arch, prompts, layout):
+    model = _random_biases_and_norms(tiny(tmp_path, arch)[0])
     ours, theirs = step_logits(model, prompts, 6, True), step_logits(model, prompts, 6, False)
+    assert ran(layout)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
-def test_partial_rotary_and_wide_heads(tmp_path):
+def test_partial_rotary_and_wide_heads(tmp_path, layout):
     """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor) and has more query heads than kv heads."""
     from transformers import AutoModelForCausalLM, Phi3Config
 
@@ -82,6 +101,7 @@ def test_partial_rotary_and_wide_heads(tmp_path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     ours, theirs = step_logits(model, PROMPTS, 6, True), step_logits(model, PROMPTS, 6, False)
+    assert ran(layout)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
@@ -97,13 +117,14 @@ def _random_biases_and_norms(model):
     return model
 
 
-def test_phi2_layers_with_their_biases_norms_and_half_rotated_heads(tmp_path):
+def test_phi2_layers_with_their_biases_norms_and_half_rotated_heads(tmp_path, layout):
     """Phi-2's layer: one LayerNorm (weight and bias) feeding attention and the GELU MLP in parallel, a bias on
     q/k/v, dense, fc1, fc2 and the output layer, rotary on half of each head (the tiny model's 0.5; Phi-2: 0.4)."""
     model, _ = tiny(tmp_path, "phi")
     assert model.config.rope_parameters["partial_rotary_factor"] < 1 and model.lm_head.bias is not None
     model = _random_biases_and_norms(model)
     ours, theirs = step_logits(model, PROMPTS, 6, True), step_logits(model, PROMPTS, 6, False)
+    assert ran(layout)
     # tighter than the other tests' 1e-4: the exact GELU in place of Phi-2's tanh one moves these logits by 1e-5
     assert (ours - theirs).abs().max() < 2e-6 * theirs.abs().max()
 
@@ -119,7 +140,7 @@ def test_under_bf16_autocast_the_step_packs_bf16(tmp_path, arch):
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
-def test_biases_on_some_projections_only(tmp_path):
+def test_biases_on_some_projections_only(tmp_path, layout):
     """A bias on k and up but not on q, v, gate: the stacked products keep them (zeros where there are none)."""
     model, _ = tiny(tmp_path, "llama")
     for layer in model.model.layers:
@@ -130,16 +151,18 @@ def test_biases_on_some_projections_only(tmp_path):
                 new.bias.normal_(0, 0.5)
             setattr(parent, name, new)
     ours, theirs = step_logits(model, PROMPTS, 4, True), step_logits(model, PROMPTS, 4, False)
+    assert ran(layout)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi"])
-def test_a_lora_adapter_is_merged_in(tmp_path, arch):
+def test_a_lora_adapter_is_merged_in(tmp_path, arch, layout):
     from tests.conftest import random_lora
 
     model, _ = tiny(tmp_path, arch)
     model = random_lora(model, r=4, alpha=8, std=0.5).eval()
     ours, theirs = step_logits(model, PROMPTS, 4, True), step_logits(model, PROMPTS, 4, False)
+    assert ran(layout)
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 

@@ -31,6 +31,7 @@ import warnings
 import weakref
 
 from thinkforge.arch import ARCHS, row_of
+from thinkforge.engine import kernels
 
 
 def _unwrapped(model):
@@ -168,7 +169,7 @@ class FastStep:
     """`step(ids (B,), positions (B,), keys (B, K) bool, cache)` -> logits (B, V) float32, writing each layer's new
     key and value into the reserved cache layers (`engine.cache.reserved_layer()`) at their current length."""
 
-    def __init__(self, model, dtype):
+    def __init__(self, model, dtype, plain: bool = False):
         import torch
 
         base = _unwrapped(model)
@@ -176,6 +177,10 @@ class FastStep:
         row = row_of(base)
         self.dtype = dtype
         self.key = key(model, dtype)
+        # plain: float32 weights in their own layout for engine/kernels.py's matrix-vector products (a decode of
+        # a few rows), else oneDNN's blocked layout
+        self.plain = plain
+        self.kernels = kernels.ops() if plain else None
         inner = base.model
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads or self.heads
@@ -216,15 +221,34 @@ class FastStep:
         import torch
 
         weight = weight.detach().to(self.dtype).contiguous()
-        bias = bias.detach().to(self.dtype) if bias is not None else None
+        bias = bias.detach().to(self.dtype).contiguous() if bias is not None else None
+        if self.plain:  # a plain float32 parameter is read where it is (no copy)
+            return weight, bias
         return torch.ops.mkldnn._reorder_linear_weight(weight, 32), bias
 
-    @staticmethod
-    def _linear(x, packed):
+    def _linear(self, x, packed, residual=None, norm=None):
+        """x @ weight.T + bias, plus `residual` (added as `residual + product`) where given; x the residual stream,
+        normed first (`_normed`), where `norm` is given."""
         import torch
 
         weight, bias = packed
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if self.plain:
+            if norm is not None and self.parallel:  # a LayerNorm: not fused
+                x, norm = self._normed(x, norm), None
+            return self.kernels.linear(x.contiguous(), weight, bias, residual, norm and norm[0], self.eps)
+        if norm is not None:
+            x = self._normed(x, norm)
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return y if residual is None else residual + y
+
+    def _gated(self, h, norm, packed):
+        """SiLU(gate) x up of a Llama MLP's stacked gate/up product, of the residual stream h's `norm`."""
+        import torch.nn.functional as F
+
+        if self.plain and packed[1] is None:
+            return self.kernels.gated_silu(h.contiguous(), packed[0], norm[0], self.eps)
+        gate, up = self._linear(h, packed, norm=norm).chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def __call__(self, ids, positions, keys, cache):
         import torch
@@ -232,8 +256,8 @@ class FastStep:
         # inference mode: ~5% at one row (no version counters); the step's tensors never reach autograd
         with torch.autocast("cpu", enabled=False):  # the weights are in self.dtype already
             with torch.inference_mode():
-                last = self._step(ids, positions, keys, cache)
-            return self._linear(last, self.head).float()  # outside: the decode loop edits the logits in place
+                h = self._step(ids, positions, keys, cache)
+            return self._linear(h, self.head, norm=self.norm).float()  # outside: the decode loop edits the logits in place
 
     @staticmethod
     def _rotation(cos, sin, d: int):
@@ -262,15 +286,24 @@ class FastStep:
             return F.layer_norm(h, (h.shape[-1],), weight, bias, self.eps).to(self.dtype)
         return F.rms_norm(h, (h.shape[-1],), weight, self.eps).to(self.dtype)
 
-    def _attend(self, qkv, rotation, layer, hidden):
+    def _attend(self, qkv, rotation, layer, keys, hidden):
         """(B, heads x head_dim) attention output of one layer for its fused q/k/v projection (B, ...): q and k
-        rotated, the new key and value written at the cache layer's length, every cached position attended but
-        the left padding (`hidden`, (B, 1, 1, T) or None)."""
+        rotated (`rotation`: `_rotation`'s matrices, or the (cos, sin) they are made of), the new key and value
+        written at the cache layer's length, every cached position attended but the left padding (`keys` (B, T) true
+        where a position counts, None when all do; `hidden`, its negation (B, 1, 1, T))."""
         import torch
         import torch.nn.functional as F
 
         b = qkv.shape[0]
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
+        if self.plain and layer.k_buf.dtype == torch.float32 and layer.k_buf.is_contiguous():  # one op: kernels.py's
+            at = layer.length
+            o = self.kernels.attend(qkv, *rotation, layer.k_buf, layer.v_buf, at, keys, hq, hkv, self.scale)
+            layer.length = at + 1
+            layer.keys, layer.values = layer.k_buf[:, :, : at + 1], layer.v_buf[:, :, : at + 1]
+            return o
+        if isinstance(rotation, tuple):
+            rotation = self._rotation(*rotation, d)
         qk = torch.bmm(qkv[:, : (hq + hkv) * d].view(b, hq + hkv, d).float(), rotation)  # query heads, then key heads
         at = layer.length
         layer.k_buf[:, :, at] = qk[:, hq:]
@@ -294,20 +327,22 @@ class FastStep:
         # their input in the weights' dtype.
         h = F.embedding(ids, self.embed).float()  # (B, H)
         cos, sin = self.rotary(h, positions.view(b, 1))  # (B, 1, rotated), the model's own rope and its scaling
-        rotation = self._rotation(cos.view(b, -1).float(), sin.view(b, -1).float(), self.head_dim)  # (B, d, d)
-        hidden = None if bool(keys.all()) else ~keys.view(b, 1, 1, -1)  # left padding
+        rotation = cos.view(b, -1).float().contiguous(), sin.view(b, -1).float().contiguous()
+        if not self.plain:
+            rotation = self._rotation(*rotation, self.head_dim)  # (B, d, d)
+        keys = None if bool(keys.all()) else keys.contiguous()
+        hidden = None if keys is None else ~keys.view(b, 1, 1, -1)  # left padding
         if self.parallel:  # Phi-2: h + attention(x) + fc2(gelu(fc1(x))), x = one LayerNorm of h
             for (n, qkv_w, dense_w, fc1_w, fc2_w), layer in zip(self.layers, cache.layers, strict=True):
                 x = self._normed(h, n)
-                o = self._attend(self._linear(x, qkv_w), rotation, layer, hidden)
-                h = h + self._linear(o, dense_w) + self._linear(F.gelu(self._linear(x, fc1_w), approximate=self.gelu), fc2_w)
+                o = self._attend(self._linear(x, qkv_w), rotation, layer, keys, hidden)
+                h = self._linear(F.gelu(self._linear(x, fc1_w), approximate=self.gelu), fc2_w, self._linear(o, dense_w, h))
         else:  # Llama: h + attention(norm1(h)), then + down(silu(gate) * up) of norm2 of that
             for (n1, qkv_w, o_w, n2, gu_w, down_w), layer in zip(self.layers, cache.layers, strict=True):
-                o = self._attend(self._linear(self._normed(h, n1), qkv_w), rotation, layer, hidden)
-                h = h + self._linear(o, o_w)
-                gate, up = self._linear(self._normed(h, n2), gu_w).chunk(2, dim=-1)
-                h = h + self._linear(F.silu(gate) * up, down_w)
-        return self._normed(h, self.norm)
+                o = self._attend(self._linear(h, qkv_w, norm=n1), rotation, layer, keys, hidden)
+                h = self._linear(o, o_w, h)
+                h = self._linear(self._gated(h, n2, gu_w), down_w, h)
+        return h  # the final norm: in the head's product
 
 
 def _norm(module) -> tuple:
@@ -325,7 +360,10 @@ def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> F
     """The fast step for this decode: `held`'s when it was made from the model's current weights in the dtype
     it computes in, a new one otherwise (an outdated one is dropped before the new one is packed: one extra copy
     at most); None where `refuses` names a reason, told once per model when it is on a CPU (where transformers'
-    forward is the slow path). held: where the step is kept between calls."""
+    forward is the slow path). held: where the step is kept between calls. A float32 decode that starts with at most
+    `kernels.ROWS` rows (the cache's) reads plain weights with engine/kernels.py's products; more rows, oneDNN's."""
+    import torch
+
     why = refuses(model, capacity, cache, lockstep)
     if why is not None:
         if _unwrapped(model).device.type == "cpu" and model not in _TOLD:  # once: a reason may name a length
@@ -334,9 +372,11 @@ def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> F
                           f"step: {why}", stacklevel=3)
         return None
     dtype = compute_dtype(model)
+    rows = getattr(cache.layers[0], "k_buf", None).shape[0] if cache is not None and cache.layers else kernels.ROWS + 1
+    plain = dtype == torch.float32 and rows <= kernels.ROWS and kernels.ops() is not None
     step = held.pop("step", None)
-    if step is None or step.key != key(model, dtype):
+    if step is None or step.key != key(model, dtype) or step.plain != plain:
         del step
-        step = FastStep(model, dtype)
+        step = FastStep(model, dtype, plain)
     held["step"] = step
     return step
