@@ -10,7 +10,9 @@ llama.cpp (llama-cpp-python in .venv-llamacpp, its own sampler chain per row) de
 prompt for --new tokens, all rows in one llama_decode per step; thinkforge decodes the same prompt x R rows with
 its HF backend's loop (`engine.decode.decode`, per-sample streams, temperature 1.0; --top-p below 1: the nucleus
 first, on both sides), once with the fast step
-(`engine/fast.py`, what chat, serve, eval and rollouts run) and once through transformers' forward (before it).
+(`engine/fast.py`, what chat, serve, eval and rollouts run), in float32 at up to `kernels.ROWS` rows once more with
+oneDNN's products in place of engine/kernels.py's (the A/B of that change), and once through transformers' forward
+(before it all).
 Every row runs all --new steps (no stop token) on both sides; rates are rows x new / wall seconds, prefill
 included, the best of --repeats. The Q4_1 GGUF of `make real-model` runs in llama.cpp for context.
 
@@ -104,6 +106,7 @@ def main() -> None:
     import torch
 
     from thinkforge import models
+    from thinkforge.engine import kernels
     from thinkforge.export import export_gguf
     from thinkforge.train.loop import native_bf16
 
@@ -130,13 +133,13 @@ def main() -> None:
     print(f"CPU, {a.threads} threads, torch {torch.__version__}, {Path(a.model).name} ({params / 1e6:.1f}M parameters), "
           f"prompt {len(ids)} tokens, {a.new} new tokens per row, temperature 1.0, top_p {a.top_p}; measured read bandwidth {bw / 1e9:.1f} GB/s")
     print("| precision | weights MB | 1-row bound tok/s | rows | llama.cpp tok/s | thinkforge tok/s | ratio | "
-          "thinkforge via transformers' forward tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+          "thinkforge, oneDNN's products tok/s | thinkforge via transformers' forward tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
             if dtype == torch.bfloat16 and not native_bf16("cpu"):  # both engines would convert every weight
-                print("| bf16 | not run: this CPU has no native bf16 (no AMX, no AVX512-BF16) | | | | | | |")
+                print("| bf16 | not run: this CPU has no native bf16 (no AMX, no AVX512-BF16) | | | | | | | |")
                 continue
             gguf = Path(tmp) / f"m-{precision}.gguf"
             export_gguf(a.model, gguf, precision)
@@ -145,16 +148,23 @@ def main() -> None:
             for rows in a.rows:
                 theirs = llama_cpp(gguf, ids, rows, a.new, a.threads, a.repeats, a.top_p)
                 ours = thinkforge_rate(m, ids, rows, a.new, a.repeats, fast=True, top_p=a.top_p)
+                onednn = "same"  # where the kernels do not run (more rows, bf16, not built), the step is oneDNN's
+                if dtype == torch.float32 and rows <= kernels.ROWS and kernels.ops() is not None:
+                    at_most, kernels.ROWS = kernels.ROWS, 0
+                    try:
+                        onednn = f"{thinkforge_rate(m, ids, rows, a.new, a.repeats, fast=True, top_p=a.top_p):.0f}"
+                    finally:
+                        kernels.ROWS = at_most
                 plain = thinkforge_rate(m, ids, rows, a.new, 1, fast=False, top_p=a.top_p)
                 results[(precision, rows)] = (ours, theirs)
                 print(f"| {precision} | {weights / 1e6:.0f} | {bw / weights:.0f} | {rows} | {theirs:.0f} | {ours:.0f} | "
-                      f"{ours / theirs:.2f} | {plain:.0f} |", flush=True)
+                      f"{ours / theirs:.2f} | {onednn} | {plain:.0f} |", flush=True)
             gguf.unlink()
     if Path(a.q4).is_file():
         q4 = {rows: llama_cpp(Path(a.q4), ids, rows, a.new, a.threads, a.repeats, a.top_p) for rows in a.rows}
         size = Path(a.q4).stat().st_size
         print(f"| Q4_1 (llama.cpp only, for context) | {size / 1e6:.0f} | {bw / size:.0f} | "
-              + ", ".join(f"{r}: {v:.0f}" for r, v in q4.items()) + " | | | | |")
+              + ", ".join(f"{r}: {v:.0f}" for r, v in q4.items()) + " | | | | | |")
     precision = "bf16" if ("bf16", a.rows[0]) in results else "f32"
     ours, theirs = results[(precision, a.rows[0])]
     nucleus = f"_top_p_{a.top_p}" if a.top_p < 1 else ""

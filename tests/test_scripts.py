@@ -92,6 +92,9 @@ SMOKE = {
     "benchmarks/rl_train_pass.py": Smoke(
         ("--tiny",), _json("rl_train_pass_tokens_per_s", "rl", "rl_without_entropy", "lm", "rl_padded_without_entropy",
                            "of_lm")),
+    "benchmarks/gemv.py": Smoke(
+        ("--hidden", "40", "--inner", "72", "--kv", "8", "--layers", "1", "--vocab", "100", "--rows", "1", "3", "--repeats", "1"),
+        r'\{"metric": "gemv_ms_1_rows", "thinkforge": ' + N + ', "onednn": ' + N + ', "ratio": ' + N + r"\}"),
     "benchmarks/rollout_backends.py": Smoke(  # vLLM's CPU attention: a head size of 32, 64, 80, ...
         ("--hidden", "64", "--layers", "1", "--heads", "2", "--max-new-tokens", "4", "--rounds", "1"),
         r'\{"metric": "rollout_tokens_per_s", "hf": ' + N + ', "vllm": ' + N + ', "ratio": ' + N

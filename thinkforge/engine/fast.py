@@ -216,6 +216,12 @@ class FastStep:
                     _norm(layer.input_layernorm), self._pack(*qkv), self._pack(*_linear_weight(attn.o_proj)),
                     _norm(layer.post_attention_layernorm), self._pack(*gate_up), self._pack(*_linear_weight(mlp.down_proj)),
                 ))
+        # the layers' tensors as kernels.llama_layers takes them: the whole step's layers in one call (no gate/up bias)
+        self.lists = None
+        if self.plain and all(gu[1] is None for _, _, _, _, gu, _ in self.layers):
+            n1, qkv, o, n2, gu, down = zip(*self.layers, strict=True)
+            self.lists = ([n[0] for n in n1], [w for w, _ in qkv], [b for _, b in qkv], [w for w, _ in o], [b for _, b in o],
+                          [n[0] for n in n2], [w for w, _ in gu], [w for w, _ in down], [b for _, b in down])
 
     def _pack(self, weight, bias):
         import torch
@@ -319,6 +325,15 @@ class FastStep:
             o = torch.matmul(scores.softmax(-1).to(values.dtype), values)  # (B, hkv, group, d)
         return o.reshape(b, hq * d).to(self.dtype)
 
+    @staticmethod
+    def _one_call(cache) -> bool:
+        """Every cache layer can be written by kernels.py's attention at one position: float32, contiguous."""
+        import torch
+
+        at = cache.layers[0].length
+        return all(x.length == at and x.k_buf.dtype == torch.float32 and x.k_buf.is_contiguous() and x.v_buf.is_contiguous()
+                   for x in cache.layers)
+
     def _step(self, ids, positions, keys, cache):
         import torch.nn.functional as F
 
@@ -337,6 +352,14 @@ class FastStep:
                 x = self._normed(h, n)
                 o = self._attend(self._linear(x, qkv_w), rotation, layer, keys, hidden)
                 h = self._linear(F.gelu(self._linear(x, fc1_w), approximate=self.gelu), fc2_w, self._linear(o, dense_w, h))
+        elif self.lists is not None and self._one_call(cache):  # Llama, the whole step in one kernels.py call
+            at = cache.layers[0].length
+            h = self.kernels.llama_layers(h, *self.lists, *rotation, [x.k_buf for x in cache.layers],
+                                          [x.v_buf for x in cache.layers], at, keys, self.heads, self.kv_heads,
+                                          self.scale, self.eps)
+            for layer in cache.layers:
+                layer.length = at + 1
+                layer.keys, layer.values = layer.k_buf[:, :, : at + 1], layer.v_buf[:, :, : at + 1]
         else:  # Llama: h + attention(norm1(h)), then + down(silu(gate) * up) of norm2 of that
             for (n1, qkv_w, o_w, n2, gu_w, down_w), layer in zip(self.layers, cache.layers, strict=True):
                 o = self._attend(self._linear(h, qkv_w, norm=n1), rotation, layer, keys, hidden)

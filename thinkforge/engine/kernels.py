@@ -46,24 +46,36 @@ inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; 
 inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // out[c * R + r] = dot(w row r, x row c) for the R consecutive rows of w (K wide) starting at w and the C rows of x
-// (K wide) starting at x: R x C sums in registers, each weight load used C times.
+// (K wide) starting at x: R x C x U sums in registers (U = 4 / R independent sums per pair, for the loads in flight),
+// each weight load used C times.
 template <int R, int C>
 inline void dots(const float* w, int64_t K, const float* x, float* out) {
-  v8 acc[C][R];
+  constexpr int U = R >= 4 ? 1 : 4 / R;
+  v8 acc[C][R][U];
   for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) acc[c][r] = v8{};
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[c][r][u] = v8{};
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    v8 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load8(w + r * K + k);
+  for (; k + 8 * U <= K; k += 8 * U) {
+    v8 wv[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) wv[r][u] = load8(w + r * K + k + 8 * u);
+    for (int c = 0; c < C; ++c)
+      for (int u = 0; u < U; ++u) {
+        const v8 xv = load8(x + c * K + k + 8 * u);
+        for (int r = 0; r < R; ++r) acc[c][r][u] += wv[r][u] * xv;
+      }
+  }
+  for (; k + 8 <= K; k += 8)
     for (int c = 0; c < C; ++c) {
       const v8 xv = load8(x + c * K + k);
-      for (int r = 0; r < R; ++r) acc[c][r] += wv[r] * xv;
+      for (int r = 0; r < R; ++r) acc[c][r][0] += load8(w + r * K + k) * xv;
     }
-  }
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) {
-      float s = sum8(acc[c][r]);
+      v8 total = acc[c][r][0];
+      for (int u = 1; u < U; ++u) total += acc[c][r][u];
+      float s = sum8(total);
       for (int64_t j = k; j < K; ++j) s += w[r * K + j] * x[c * K + j];
       out[c * R + r] = s;
     }
@@ -101,7 +113,8 @@ const float* normed(const at::Tensor& x, const std::optional<at::Tensor>& norm, 
   return buf.data();
 }
 
-constexpr int64_t BLOCK = 4;   // weight rows read together (4 streams), kept in L1 across the input rows
+constexpr int64_t BLOCK = 4;   // weight rows read together, kept in L1 across the input rows (1 row with 4 sums in
+                               // flight: no faster at one input row, slower at several; dev/LOG.md 2026-12-08)
 constexpr int64_t GRAIN = 8;   // blocks a thread takes at least
 
 // [rms_norm(]x (B, K)[, norm, eps)] @ w (N, K).T [+ bias (N)] [+ residual (B, N)] -> (B, N)
@@ -281,6 +294,28 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   return out;
 }
 
+// A Llama step's layers in one call (no Python between the products): for each layer l,
+//   h = h + o_l(attend(qkv_l(rms(h) n1_l)));  h = h + down_l(silu(gate) x up of gate_up_l(rms(h) n2_l))
+// every layer's cache at the same position `at`; a gate/up bias is not taken (the caller runs the ops one by one).
+at::Tensor llama_layers(const at::Tensor& h0, at::TensorList norm1, at::TensorList qkv, const c10::List<std::optional<at::Tensor>>& qkv_bias,
+                        at::TensorList o, const c10::List<std::optional<at::Tensor>>& o_bias, at::TensorList norm2, at::TensorList gate_up,
+                        at::TensorList down, const c10::List<std::optional<at::Tensor>>& down_bias, const at::Tensor& cos,
+                        const at::Tensor& sin, at::TensorList k_bufs, at::TensorList v_bufs, int64_t at_,
+                        const std::optional<at::Tensor>& keys, int64_t heads, int64_t kv_heads, double scale, double eps) {
+  const size_t L = qkv.size();
+  TORCH_CHECK(norm1.size() == L && qkv_bias.size() == L && o.size() == L && o_bias.size() == L && norm2.size() == L &&
+              gate_up.size() == L && down.size() == L && down_bias.size() == L && k_bufs.size() == L && v_bufs.size() == L,
+              "thinkforge_cpu.llama_layers: every list must have one entry per layer");
+  at::Tensor h = h0;
+  for (size_t l = 0; l < L; ++l) {
+    const at::Tensor mixed = linear(h, qkv[l], qkv_bias.get(l), std::nullopt, norm1[l], eps);
+    const at::Tensor attended = attend(mixed, cos, sin, k_bufs[l], v_bufs[l], at_, keys, heads, kv_heads, scale);
+    h = linear(attended, o[l], o_bias.get(l), h, std::nullopt, eps);
+    h = linear(gated_silu(h, gate_up[l], norm2[l], eps), down[l], down_bias.get(l), h, std::nullopt, eps);
+  }
+  return h;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(thinkforge_cpu, m) {
@@ -288,12 +323,17 @@ TORCH_LIBRARY(thinkforge_cpu, m) {
   m.def("gated_silu(Tensor x, Tensor w, Tensor? norm, float eps) -> Tensor");
   m.def("attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_buf, Tensor(b!) v_buf, int at, Tensor? keys, "
         "int heads, int kv_heads, float scale) -> Tensor");
+  m.def("llama_layers(Tensor h, Tensor[] norm1, Tensor[] qkv, Tensor?[] qkv_bias, Tensor[] o, Tensor?[] o_bias, "
+        "Tensor[] norm2, Tensor[] gate_up, Tensor[] down, Tensor?[] down_bias, Tensor cos, Tensor sin, "
+        "Tensor(a!)[] k_bufs, Tensor(b!)[] v_bufs, int at, Tensor? keys, int heads, int kv_heads, float scale, "
+        "float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(thinkforge_cpu, CPU, m) {
   m.impl("linear", &linear);
   m.impl("gated_silu", &gated_silu);
   m.impl("attend", &attend);
+  m.impl("llama_layers", &llama_layers);
 }
 """
 
