@@ -29,9 +29,12 @@ def test_linear_with_its_norm_bias_and_residual(ops, rows, width, out):
     torch.manual_seed(rows * 1000 + width)
     x, w = torch.randn(rows, width), torch.randn(out, width)
     bias, residual, norm = torch.randn(out), torch.randn(rows, out), torch.rand(width) + 0.5
-    close(ops.linear(x, w, None, None, None, 0.0), x @ w.T)
-    close(ops.linear(x, w, bias, residual, None, 0.0), residual + F.linear(x, w, bias))
-    close(ops.linear(x * 30, w, None, None, norm, 1e-5), F.rms_norm(x * 30, (width,), norm, 1e-5) @ w.T)
+    close(ops.linear(x, [w], None, None, None, 0.0), x @ w.T)
+    close(ops.linear(x, [w], bias, residual, None, 0.0), residual + F.linear(x, w, bias))
+    close(ops.linear(x * 30, [w], None, None, norm, 1e-5), F.rms_norm(x * 30, (width,), norm, 1e-5) @ w.T)
+    # parts stacked by rows (q, k, v read where they are): each part's own tail of rows
+    parts = [torch.randn(n, width) for n in (out, 5, 2 * out + 1)]
+    close(ops.linear(x, parts, None, None, None, 0.0), x @ torch.cat(parts).T)
 
 
 @pytest.mark.parametrize("rows, width, inner", [(1, 64, 96), (3, 45, 7), (4, 576, 1536)])
@@ -39,9 +42,9 @@ def test_gated_silu_is_silu_of_gate_times_up(ops, rows, width, inner):
     torch.manual_seed(inner)
     x, w, norm = torch.randn(rows, width), torch.randn(2 * inner, width) / width**0.5, torch.rand(width) + 0.5
     gate, up = (x @ w.T).chunk(2, dim=-1)
-    close(ops.gated_silu(x, w, None, 0.0), F.silu(gate) * up)
+    close(ops.gated_silu(x, w[:inner], w[inner:], None, 0.0), F.silu(gate) * up)
     gate, up = (F.rms_norm(x, (width,), norm, 1e-6) @ w.T).chunk(2, dim=-1)
-    close(ops.gated_silu(x, w, norm, 1e-6), F.silu(gate) * up)
+    close(ops.gated_silu(x, w[:inner], w[inner:], norm, 1e-6), F.silu(gate) * up)
 
 
 def _rotate(x, cos, sin, rotated):
@@ -103,11 +106,11 @@ def test_attend_at_a_long_context_runs_on_threads_and_agrees(ops):
 
 def test_bad_inputs_are_refused_with_a_reason(ops):
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        ops.linear(torch.randn(1, 8, dtype=torch.float64), torch.randn(4, 8), None, None, None, 0.0)
+        ops.linear(torch.randn(1, 8, dtype=torch.float64), [torch.randn(4, 8)], None, None, None, 0.0)
     with pytest.raises(RuntimeError, match="x is 8 wide, w 9"):
-        ops.linear(torch.randn(1, 8), torch.randn(4, 9), None, None, None, 0.0)
+        ops.linear(torch.randn(1, 8), [torch.randn(4, 9)], None, None, None, 0.0)
     with pytest.raises(RuntimeError, match="contiguous float32"):
-        ops.linear(torch.randn(8, 2).T, torch.randn(4, 8), None, None, None, 0.0)
+        ops.linear(torch.randn(8, 2).T, [torch.randn(4, 8)], None, None, None, 0.0)
     with pytest.raises(RuntimeError, match="outside a cache of 4"):
         ops.attend(torch.randn(1, 48), torch.ones(1, 16), torch.zeros(1, 16), torch.zeros(1, 1, 4, 16),
                    torch.zeros(1, 1, 4, 16), 4, None, 1, 1, 0.25)
@@ -130,7 +133,9 @@ def test_turned_off_the_fast_step_keeps_onednn(tmp_path, fresh, monkeypatch):
     assert (ours - theirs).abs().max() < 1e-4 * theirs.abs().max()
 
 
-def test_a_failed_build_is_told_once_and_keeps_onednn(fresh, monkeypatch):
+def test_a_failed_build_is_told_once_kept_and_keeps_onednn(fresh, monkeypatch, tmp_path, capsys):
+    """A compiler's failure: told once a process, with the folder to delete to retry; later processes read it
+    there instead of compiling again. The build line is said once, on stderr."""
     import warnings
 
     import torch.utils.cpp_extension
@@ -138,10 +143,49 @@ def test_a_failed_build_is_told_once_and_keeps_onednn(fresh, monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension 'thinkforge_cpu': c++: command not found\nmore lines")
 
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
     with warnings.catch_warnings(record=True) as told:
         warnings.simplefilter("always")
         assert kernels.ops() is None and kernels.ops() is None
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert [str(w.message) for w in told] == [
-        "thinkforge: one-row decode keeps oneDNN's products: the CPU kernels did not build (Error building extension "
-        "'thinkforge_cpu': c++: command not found)"]
+        "thinkforge: decoding a few rows keeps oneDNN's products: the CPU kernels did not build (Error building "
+        f"extension 'thinkforge_cpu': c++: command not found); delete {folder} to retry"]
+    assert "building the CPU decode kernels once" in capsys.readouterr().err
+    monkeypatch.setattr(kernels, "_STATE", {})  # a new process: not compiled again
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", lambda *a, **k: pytest.fail("compiled again"))
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        assert kernels.ops() is None
+    assert len(told) == 1 and "c++: command not found" in str(told[0].message)
+
+
+def test_a_lock_left_by_a_killed_build_is_not_waited_on(ops, fresh):
+    """torch's builder waits, without end, on a lock file that a build killed midway left behind: with ours held
+    (released by the OS when a process dies), that file is stale and removed. (The built folder itself: a second
+    copy of the library in one process would register its ops twice.)"""
+    from pathlib import Path
+
+    folder = Path(kernels._root()) / kernels._name(kernels._vector_unit())
+    (folder / "lock").write_text("")
+    assert kernels.ops() is not None and not (folder / "lock").exists()
+
+
+def test_without_avx2_the_products_stay_onednn(fresh, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    if kernels.platform.machine().lower() in ("x86_64", "amd64"):
+        assert kernels.ops() is None and "no AVX2" in kernels.why_not()
+
+
+def test_ninja_is_found_in_the_venv_without_it_on_path(monkeypatch):
+    """`.venv/bin/python -m thinkforge ...` (the Makefile, a service) has no venv on PATH, where pip put ninja."""
+    import os
+    import shutil
+    import sys
+
+    if not os.path.isfile(os.path.join(os.path.dirname(sys.executable), "ninja")):
+        pytest.skip("ninja is not installed in this venv")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    kernels._ninja_on_path()
+    assert shutil.which("ninja") == os.path.join(os.path.dirname(sys.executable), "ninja")

@@ -9,6 +9,11 @@ blocked layout (`mkldnn._reorder_linear_weight`: read 1.5-2.8x faster than by `F
 model computes in (autocast's bf16 where it is on: converted once, not at every step); the residual stream and
 the norms stay float32; attention is two batched products per layer (sdpa where no row is padded).
 
+A float32 decode that starts with at most `kernels.ROWS` rows (chat, serve's single requests, a one-row eval) runs
+engine/kernels.py's C++ instead: matrix-vector products over the weights where they are (no copy), the norms, the
+residual adds, the SiLU gate and the attention step fused, a Llama step's layers in one call (1.4-1.5x the oneDNN
+step at one row, BENCHMARKS.md). Both layouts are kept once made (`choose`).
+
 The packed copy is keyed (`key`) by every parameter's identity, storage and in-place version (an optimizer
 step, `load_state_dict`, `copy_` bump it) and by every adapter layer's state, so a step does not run on weights
 older than the model's: no sync to forget. A LoRA adapter is merged into the packed copy (delta W = B A scale);
@@ -142,14 +147,20 @@ def _linear_weight(module):
 
 
 def _stacked(parts):
-    """One (weight, bias) of Linears stacked by output rows; a part without a bias adds zeros (never drops the
-    others' biases)."""
+    """One (weight, bias) of Linears stacked by output rows (`_stacked_bias`)."""
     import torch
 
-    weight = torch.cat([w for w, _ in parts])
+    return torch.cat([w for w, _ in parts]), _stacked_bias(parts)
+
+
+def _stacked_bias(parts):
+    """The biases of Linears ((weight, bias) each) stacked by output rows, or None where none has one; a part
+    without a bias adds zeros (never drops the others' biases)."""
+    import torch
+
     if all(b is None for _, b in parts):
-        return weight, None
-    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
+        return None
+    return torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
 
 
 def key(model, dtype) -> tuple:
@@ -188,7 +199,7 @@ class FastStep:
         self.scale = self.head_dim**-0.5
         self.rotary = inner.rotary_emb
         self.embed = inner.embed_tokens.weight.detach()  # gathered as stored (fp32 under autocast), no copy
-        self.head = self._pack(*_linear_weight(base.lm_head))
+        self.head = self._product([_linear_weight(base.lm_head)])
         self.layers = []
         self.parallel = row.fast_step == "phi"
         with torch.no_grad():
@@ -198,38 +209,51 @@ class FastStep:
                 self.norm = _norm(inner.final_layernorm)
                 for layer in inner.layers:
                     attn, mlp = layer.self_attn, layer.mlp
-                    qkv = _stacked([_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-                    self.layers.append((_norm(layer.input_layernorm), self._pack(*qkv),
-                                        self._pack(*_linear_weight(attn.dense)), self._pack(*_linear_weight(mlp.fc1)),
-                                        self._pack(*_linear_weight(mlp.fc2))))
+                    qkv = self._product([_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+                    self.layers.append((_norm(layer.input_layernorm), qkv, self._product([_linear_weight(attn.dense)]),
+                                        self._product([_linear_weight(mlp.fc1)]), self._product([_linear_weight(mlp.fc2)])))
                 return
             self.eps = config.rms_norm_eps
             self.norm = _norm(inner.norm)
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 if row.fused_qkv:  # Phi-3: q/k/v and gate/up are one matrix each in the checkpoint already
-                    qkv, gate_up = _linear_weight(attn.qkv_proj), _linear_weight(mlp.gate_up_proj)
+                    qkv = [_linear_weight(attn.qkv_proj)]
+                    gate_up = _linear_weight(mlp.gate_up_proj)
+                    half = gate_up[0].shape[0] // 2
+                    bias = gate_up[1]
+                    gate_up = [(gate_up[0][:half], None if bias is None else bias[:half]),
+                               (gate_up[0][half:], None if bias is None else bias[half:])]
                 else:
-                    qkv = _stacked([_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
-                    gate_up = _stacked([_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)])
+                    qkv = [_linear_weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+                    gate_up = [_linear_weight(mlp.gate_proj), _linear_weight(mlp.up_proj)]
                 self.layers.append((
-                    _norm(layer.input_layernorm), self._pack(*qkv), self._pack(*_linear_weight(attn.o_proj)),
-                    _norm(layer.post_attention_layernorm), self._pack(*gate_up), self._pack(*_linear_weight(mlp.down_proj)),
+                    _norm(layer.input_layernorm), self._product(qkv), self._product([_linear_weight(attn.o_proj)]),
+                    _norm(layer.post_attention_layernorm), self._product(gate_up),
+                    self._product([_linear_weight(mlp.down_proj)]),
                 ))
-        # the layers' tensors as kernels.llama_layers takes them: the whole step's layers in one call (no gate/up bias)
+        # the layers' tensors as kernels.llama_layers takes them: the whole step's layers in one call (no MLP biases)
         self.lists = None
-        if self.plain and all(gu[1] is None for _, _, _, _, gu, _ in self.layers):
+        if self.plain and all(gu[1] is None and down[1] is None for _, _, _, _, gu, down in self.layers):
             n1, qkv, o, n2, gu, down = zip(*self.layers, strict=True)
-            self.lists = ([n[0] for n in n1], [w for w, _ in qkv], [b for _, b in qkv], [w for w, _ in o], [b for _, b in o],
-                          [n[0] for n in n2], [w for w, _ in gu], [w for w, _ in down], [b for _, b in down])
+            parts = len(qkv[0][0])
+            self.lists = ([n[0] for n in n1], [w for ws, _ in qkv for w in ws], parts, [b for _, b in qkv],
+                          [ws[0] for ws, _ in o], [b for _, b in o], [n[0] for n in n2], [ws[0] for ws, _ in gu],
+                          [ws[1] for ws, _ in gu], [ws[0] for ws, _ in down])
 
-    def _pack(self, weight, bias):
+    def _product(self, parts):
+        """One matrix product of Linears stacked by output rows ((weight, bias) each): plain, the weights as they are
+        (a float32 parameter is read where it is: no copy) and their biases stacked; else one matrix packed for
+        oneDNN."""
         import torch
 
+        if self.plain:
+            bias = _stacked_bias(parts)
+            return ([w.detach().to(self.dtype).contiguous() for w, _ in parts],
+                    None if bias is None else bias.detach().to(self.dtype).contiguous())
+        weight, bias = _stacked(parts)
         weight = weight.detach().to(self.dtype).contiguous()
-        bias = bias.detach().to(self.dtype).contiguous() if bias is not None else None
-        if self.plain:  # a plain float32 parameter is read where it is (no copy)
-            return weight, bias
+        bias = bias.detach().to(self.dtype) if bias is not None else None
         return torch.ops.mkldnn._reorder_linear_weight(weight, 32), bias
 
     def _linear(self, x, packed, residual=None, norm=None):
@@ -252,7 +276,7 @@ class FastStep:
         import torch.nn.functional as F
 
         if self.plain and packed[1] is None:
-            return self.kernels.gated_silu(h.contiguous(), packed[0], norm[0], self.eps)
+            return self.kernels.gated_silu(h.contiguous(), *packed[0], norm[0], self.eps)
         gate, up = self._linear(h, packed, norm=norm).chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -381,8 +405,7 @@ _TOLD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the r
 
 def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> FastStep | None:
     """The fast step for this decode: `held`'s when it was made from the model's current weights in the dtype
-    it computes in, a new one otherwise (an outdated one is dropped before the new one is packed: one extra copy
-    at most); None where `refuses` names a reason, told once per model when it is on a CPU (where transformers'
+    it computes in, a new one otherwise (outdated ones are dropped before the new one is packed); None where `refuses` names a reason, told once per model when it is on a CPU (where transformers'
     forward is the slow path). held: where the step is kept between calls. A float32 decode that starts with at most
     `kernels.ROWS` rows (the cache's) reads plain weights with engine/kernels.py's products; more rows, oneDNN's."""
     import torch
@@ -397,9 +420,10 @@ def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> F
     dtype = compute_dtype(model)
     rows = getattr(cache.layers[0], "k_buf", None).shape[0] if cache is not None and cache.layers else kernels.ROWS + 1
     plain = dtype == torch.float32 and rows <= kernels.ROWS and kernels.ops() is not None
-    step = held.pop("step", None)
-    if step is None or step.key != key(model, dtype) or step.plain != plain:
-        del step
-        step = FastStep(model, dtype, plain)
-    held["step"] = step
-    return step
+    now = key(model, dtype)
+    for outdated in [s for s, step in held.items() if step.key != now]:  # dropped before anything is packed anew
+        del held[outdated]
+    slot = "plain" if plain else "packed"  # both kept: a server's batches cross kernels.ROWS back and forth
+    if slot not in held:
+        held[slot] = FastStep(model, dtype, plain)
+    return held[slot]

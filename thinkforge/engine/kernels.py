@@ -1,19 +1,23 @@
-"""Matrix-vector products for the fast CPU decode step at a few rows: float32 weights streamed once at the memory's
-rate, with the step's norms and epilogues fused (an RMS norm before, a bias, the residual add, SiLU(gate) x up after).
+"""The fast CPU decode step's arithmetic at a few rows, in C++: float32 matrix-vector products that stream the weights
+once at the memory's rate, with the step's norms and epilogues fused (an RMS norm before; a bias, the residual add,
+SiLU(gate) x up after), the step's attention in one op, and a Llama step's layers in one call.
 
 Why (dev/LOG.md 2026-12-08): at one row a decode step reads every weight once, so its time is the weights' bytes over
-the read bandwidth. oneDNN's products over its packed layout read SmolLM2's 538 MB at 15-19 GB/s on a 2-core AVX2
-EPYC whose plain read (`x.sum()`) runs at 26; these loops run at 26, the bound. At 32 rows the products are
-arithmetic-bound and oneDNN's blocked kernels win, so the fast step keeps them there (`ROWS`).
+the read bandwidth. On a 2-core AVX2 EPYC oneDNN's products over its packed layout read SmolLM2's 538 MB at 15-21 GB/s
+where a plain read (`sum()`) runs at 24-31; these loops run at 85-95% of the plain read (benchmarks/gemv.py). Past
+~8 rows the products are arithmetic-bound and oneDNN's blocked kernels win, so the fast step keeps them there (`ROWS`).
+The weights are read where they are: q, k, v (and gate, up) as separate parts of one product, no stacked copy.
 
-The kernels are C++ built once per machine with torch's extension builder (a C++ compiler and ninja; ~20-40 s, kept
-in torch's extensions folder, `TORCH_EXTENSIONS_DIR`) and registered as `torch.ops.thinkforge_cpu.*`. Where they
-cannot build (no compiler, another platform's toolchain), `ops()` says why once and the fast step keeps oneDNN.
-`THINKFORGE_CPU_KERNELS=0` turns them off (the benchmarks' A/B). The loops are GCC/Clang vector extensions, 8 floats
-wide: AVX2 + FMA where torch's own CPU capability is AVX2 or AVX-512, NEON on Arm, SSE2 elsewhere; Linux only (threaded by OpenMP, as torch is there).
+Built once per machine with torch's extension builder (a C++ compiler and ninja, a dependency; ~10 s, one line on
+stderr says so), kept in torch's extensions folder (`TORCH_EXTENSIONS_DIR`) under a name that carries a hash of the
+source, and registered as `torch.ops.thinkforge_cpu.*`. Where they cannot run (`ops()`: not Linux, no AVX2 or NEON,
+no compiler) the fast step keeps oneDNN and a failed build is told once. `THINKFORGE_CPU_KERNELS=0` turns them off
+(read once a process). The loops are GCC/Clang vector extensions, 8 floats wide: AVX2 + FMA on x86, NEON on Arm;
+threaded by ATen's `parallel_for` (OpenMP: torch's own libgomp serves both).
 
 Each output is one row's dot product with the input, summed in 8 lanes then across them: a different order from
-oneDNN's, so results agree to float32 rounding (tests/test_fast_step.py compares both with transformers' forward).
+oneDNN's, so results agree to float32 rounding (tests/test_kernels.py against torch; tests/test_fast_step.py runs
+both layouts against transformers' forward to 1e-5).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import os
 import platform
 import warnings
 
-# A decode that starts with at most this many rows runs these kernels (over weights in their plain layout); more rows
-# run oneDNN's blocked products. Measured in benchmarks/gemv.py (BENCHMARKS.md): at 1-4 rows these read the weights at
-# the memory's rate and oneDNN does not; from ~8 rows oneDNN's blocked products are faster.
+# A float32 decode that starts with at most this many rows runs these kernels (over weights in their plain layout);
+# more rows run oneDNN's blocked products. Measured (BENCHMARKS.md): the products alone (benchmarks/gemv.py) 1.2x
+# oneDNN's at 1-4 rows, even at 8, 0.85-0.94x at 16-32; the decode step (fusions included) 1.2-1.5x at 1-8 rows,
+# about even at 16.
 ROWS = 8
 
 SOURCE = r"""
@@ -117,13 +122,44 @@ constexpr int64_t BLOCK = 4;   // weight rows read together, kept in L1 across t
                                // flight: no faster at one input row, slower at several; dev/LOG.md 2026-12-08)
 constexpr int64_t GRAIN = 8;   // blocks a thread takes at least
 
-// [rms_norm(]x (B, K)[, norm, eps)] @ w (N, K).T [+ bias (N)] [+ residual (B, N)] -> (B, N)
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+// One weight row block of a product: BLOCK (or fewer, at a part's end) rows of one part, at output column n0.
+struct Block { const float* w; int64_t n0, rows; };
+
+// The blocks of the parts stacked by rows (q, k, v read where they are, not copied into one matrix).
+std::vector<Block> blocks_of(at::TensorList parts, int64_t K, int64_t& N) {
+  std::vector<Block> blocks;
+  N = 0;
+  for (const at::Tensor& w : parts) {
+    check(w, "w", 2);
+    TORCH_CHECK(w.size(1) == K, "thinkforge_cpu.linear: x is ", K, " wide, w ", w.size(1));
+    const float* W = w.data_ptr<float>();
+    for (int64_t r = 0; r < w.size(0); r += BLOCK) blocks.push_back({W + r * K, N + r, std::min(BLOCK, w.size(0) - r)});
+    N += w.size(0);
+  }
+  return blocks;
+}
+
+// out (B, BLOCK): the block's rows against every row of X
+inline void block_dots(const Block& blk, int64_t K, const float* X, int64_t B, float* out, std::vector<float>& one) {
+  if (blk.rows == BLOCK) {
+    dots_rows<BLOCK>(blk.w, K, X, B, out);
+    return;
+  }
+  one.resize(B);
+  for (int64_t r = 0; r < blk.rows; ++r) {  // a part's last rows, one at a time
+    dots_rows<1>(blk.w + r * K, K, X, B, one.data());
+    for (int64_t b = 0; b < B; ++b) out[b * BLOCK + r] = one[b];
+  }
+}
+
+// [rms_norm(]x (B, K)[, norm, eps)] @ cat(parts).T [+ bias (N)] [+ residual (B, N)] -> (B, N), parts (N_i, K)
+// stacked by rows
+at::Tensor linear(const at::Tensor& x, at::TensorList parts, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& norm, double eps) {
   check(x, "x", 2);
-  check(w, "w", 2);
-  const int64_t B = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K, "thinkforge_cpu.linear: x is ", K, " wide, w ", w.size(1));
+  const int64_t B = x.size(0), K = x.size(1);
+  int64_t N = 0;
+  const std::vector<Block> blocks = blocks_of(parts, K, N);
   const float* bp = nullptr;
   const float* rp = nullptr;
   if (bias.has_value()) { check(*bias, "bias", 1); TORCH_CHECK(bias->size(0) == N, "bias size"); bp = bias->data_ptr<float>(); }
@@ -135,25 +171,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   at::Tensor y = at::empty({B, N}, x.options());
   std::vector<float> buf;
   const float* X = normed(x, norm, eps, buf);
-  const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, blocks, GRAIN, [&](int64_t s, int64_t e) {
-    std::vector<float> out(B * BLOCK);
-    for (int64_t blk = s; blk < e; ++blk) {
-      const int64_t n0 = blk * BLOCK, rows = std::min(BLOCK, N - n0);
-      if (rows == BLOCK) dots_rows<BLOCK>(W + n0 * K, K, X, B, out.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        if (rows < BLOCK) {  // the last rows of w, one at a time: out[b * BLOCK + r]
-          std::vector<float> one(B);
-          dots_rows<1>(W + (n0 + r) * K, K, X, B, one.data());
-          for (int64_t b = 0; b < B; ++b) out[b * BLOCK + r] = one[b];
-        }
+  at::parallel_for(0, int64_t(blocks.size()), GRAIN, [&](int64_t s, int64_t e) {
+    std::vector<float> out(B * BLOCK), one;
+    for (int64_t i = s; i < e; ++i) {
+      const Block& blk = blocks[i];
+      block_dots(blk, K, X, B, out.data(), one);
+      for (int64_t r = 0; r < blk.rows; ++r) {
+        const int64_t n = blk.n0 + r;
         for (int64_t b = 0; b < B; ++b) {
           float v = out[b * BLOCK + r];
-          if (bp) v += bp[n0 + r];
-          if (rp) v = rp[b * N + n0 + r] + v;
-          Y[b * N + n0 + r] = v;
+          if (bp) v += bp[n];
+          if (rp) v = rp[b * N + n] + v;
+          Y[b * N + n] = v;
         }
       }
     }
@@ -161,39 +191,29 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return y;
 }
 
-// silu(x @ w[:I].T) * (x @ w[I:].T) for w (2I, K): a Llama MLP's gate and up products stacked -> (B, I); x RMS-normed
-// first where norm is given, as in linear
-at::Tensor gated_silu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& norm, double eps) {
+// silu(x @ gate.T) * (x @ up.T) for gate and up (I, K): a Llama MLP's -> (B, I); x RMS-normed first where norm is
+// given, as in linear
+at::Tensor gated_silu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up,
+                      const std::optional<at::Tensor>& norm, double eps) {
   check(x, "x", 2);
-  check(w, "w", 2);
-  const int64_t B = x.size(0), K = x.size(1), I = w.size(0) / 2;
-  TORCH_CHECK(w.size(1) == K && w.size(0) == 2 * I, "thinkforge_cpu.gated_silu: w must be (2I, K) for x (B, K)");
+  const int64_t B = x.size(0), K = x.size(1);
+  int64_t I = 0, I2 = 0;
+  const std::vector<Block> gates = blocks_of({gate}, K, I), ups = blocks_of({up}, K, I2);
+  TORCH_CHECK(I == I2, "thinkforge_cpu.gated_silu: gate has ", I, " rows, up ", I2);
   at::Tensor y = at::empty({B, I}, x.options());
   std::vector<float> buf;
   const float* X = normed(x, norm, eps, buf);
-  const float* W = w.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  const int64_t blocks = (I + BLOCK - 1) / BLOCK;
-  at::parallel_for(0, blocks, GRAIN, [&](int64_t s, int64_t e) {
-    std::vector<float> g(B * BLOCK), u(B * BLOCK);
-    for (int64_t blk = s; blk < e; ++blk) {
-      const int64_t n0 = blk * BLOCK, rows = std::min(BLOCK, I - n0);
-      if (rows == BLOCK) {
-        dots_rows<BLOCK>(W + n0 * K, K, X, B, g.data());
-        dots_rows<BLOCK>(W + (I + n0) * K, K, X, B, u.data());
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        if (rows < BLOCK) {
-          std::vector<float> g1(B), u1(B);
-          dots_rows<1>(W + (n0 + r) * K, K, X, B, g1.data());
-          dots_rows<1>(W + (I + n0 + r) * K, K, X, B, u1.data());
-          for (int64_t b = 0; b < B; ++b) g[b * BLOCK + r] = g1[b], u[b * BLOCK + r] = u1[b];
-        }
+  at::parallel_for(0, int64_t(gates.size()), GRAIN, [&](int64_t s, int64_t e) {
+    std::vector<float> g(B * BLOCK), u(B * BLOCK), one;
+    for (int64_t i = s; i < e; ++i) {
+      block_dots(gates[i], K, X, B, g.data(), one);
+      block_dots(ups[i], K, X, B, u.data(), one);
+      for (int64_t r = 0; r < gates[i].rows; ++r)
         for (int64_t b = 0; b < B; ++b) {
           const float gv = g[b * BLOCK + r];
-          Y[b * I + n0 + r] = gv / (1.0f + std::exp(-gv)) * u[b * BLOCK + r];
+          Y[b * I + gates[i].n0 + r] = gv / (1.0f + std::exp(-gv)) * u[b * BLOCK + r];
         }
-      }
     }
   });
   return y;
@@ -295,23 +315,25 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
 }
 
 // A Llama step's layers in one call (no Python between the products): for each layer l,
-//   h = h + o_l(attend(qkv_l(rms(h) n1_l)));  h = h + down_l(silu(gate) x up of gate_up_l(rms(h) n2_l))
-// every layer's cache at the same position `at`; a gate/up bias is not taken (the caller runs the ops one by one).
-at::Tensor llama_layers(const at::Tensor& h0, at::TensorList norm1, at::TensorList qkv, const c10::List<std::optional<at::Tensor>>& qkv_bias,
-                        at::TensorList o, const c10::List<std::optional<at::Tensor>>& o_bias, at::TensorList norm2, at::TensorList gate_up,
-                        at::TensorList down, const c10::List<std::optional<at::Tensor>>& down_bias, const at::Tensor& cos,
-                        const at::Tensor& sin, at::TensorList k_bufs, at::TensorList v_bufs, int64_t at_,
-                        const std::optional<at::Tensor>& keys, int64_t heads, int64_t kv_heads, double scale, double eps) {
-  const size_t L = qkv.size();
-  TORCH_CHECK(norm1.size() == L && qkv_bias.size() == L && o.size() == L && o_bias.size() == L && norm2.size() == L &&
-              gate_up.size() == L && down.size() == L && down_bias.size() == L && k_bufs.size() == L && v_bufs.size() == L,
-              "thinkforge_cpu.llama_layers: every list must have one entry per layer");
+//   h = h + o_l(attend(qkv_l(rms(h) n1_l)));  h = h + down_l(silu(gate_l(rms(h) n2_l)) x up_l(...))
+// qkv: `parts` tensors a layer (q, k, v; or one fused), stacked by rows; every layer's cache at position `at`.
+// Biases on gate/up/down (mlp_bias) are not taken: the caller runs such a model op by op.
+at::Tensor llama_layers(const at::Tensor& h0, at::TensorList norm1, at::TensorList qkv, int64_t parts,
+                        const c10::List<std::optional<at::Tensor>>& qkv_bias, at::TensorList o,
+                        const c10::List<std::optional<at::Tensor>>& o_bias, at::TensorList norm2, at::TensorList gate,
+                        at::TensorList up, at::TensorList down, const at::Tensor& cos, const at::Tensor& sin,
+                        at::TensorList k_bufs, at::TensorList v_bufs, int64_t at_, const std::optional<at::Tensor>& keys,
+                        int64_t heads, int64_t kv_heads, double scale, double eps) {
+  const size_t L = norm1.size();
+  TORCH_CHECK(parts >= 1 && qkv.size() == L * size_t(parts) && qkv_bias.size() == L && o.size() == L && o_bias.size() == L &&
+              norm2.size() == L && gate.size() == L && up.size() == L && down.size() == L && k_bufs.size() == L &&
+              v_bufs.size() == L, "thinkforge_cpu.llama_layers: every list must have one entry per layer (qkv: parts)");
   at::Tensor h = h0;
   for (size_t l = 0; l < L; ++l) {
-    const at::Tensor mixed = linear(h, qkv[l], qkv_bias.get(l), std::nullopt, norm1[l], eps);
+    const at::Tensor mixed = linear(h, qkv.slice(l * parts, parts), qkv_bias.get(l), std::nullopt, norm1[l], eps);
     const at::Tensor attended = attend(mixed, cos, sin, k_bufs[l], v_bufs[l], at_, keys, heads, kv_heads, scale);
-    h = linear(attended, o[l], o_bias.get(l), h, std::nullopt, eps);
-    h = linear(gated_silu(h, gate_up[l], norm2[l], eps), down[l], down_bias.get(l), h, std::nullopt, eps);
+    h = linear(attended, {o[l]}, o_bias.get(l), h, std::nullopt, eps);
+    h = linear(gated_silu(h, gate[l], up[l], norm2[l], eps), {down[l]}, std::nullopt, h, std::nullopt, eps);
   }
   return h;
 }
@@ -319,12 +341,12 @@ at::Tensor llama_layers(const at::Tensor& h0, at::TensorList norm1, at::TensorLi
 }  // namespace
 
 TORCH_LIBRARY(thinkforge_cpu, m) {
-  m.def("linear(Tensor x, Tensor w, Tensor? bias, Tensor? residual, Tensor? norm, float eps) -> Tensor");
-  m.def("gated_silu(Tensor x, Tensor w, Tensor? norm, float eps) -> Tensor");
+  m.def("linear(Tensor x, Tensor[] parts, Tensor? bias, Tensor? residual, Tensor? norm, float eps) -> Tensor");
+  m.def("gated_silu(Tensor x, Tensor gate, Tensor up, Tensor? norm, float eps) -> Tensor");
   m.def("attend(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_buf, Tensor(b!) v_buf, int at, Tensor? keys, "
         "int heads, int kv_heads, float scale) -> Tensor");
-  m.def("llama_layers(Tensor h, Tensor[] norm1, Tensor[] qkv, Tensor?[] qkv_bias, Tensor[] o, Tensor?[] o_bias, "
-        "Tensor[] norm2, Tensor[] gate_up, Tensor[] down, Tensor?[] down_bias, Tensor cos, Tensor sin, "
+  m.def("llama_layers(Tensor h, Tensor[] norm1, Tensor[] qkv, int parts, Tensor?[] qkv_bias, Tensor[] o, "
+        "Tensor?[] o_bias, Tensor[] norm2, Tensor[] gate, Tensor[] up, Tensor[] down, Tensor cos, Tensor sin, "
         "Tensor(a!)[] k_bufs, Tensor(b!)[] v_bufs, int at, Tensor? keys, int heads, int kv_heads, float scale, "
         "float eps) -> Tensor");
 }
@@ -337,23 +359,53 @@ TORCH_LIBRARY_IMPL(thinkforge_cpu, CPU, m) {
 }
 """
 
-_STATE: dict = {}  # "ops": torch.ops.thinkforge_cpu once built, or "why": the reason it is not
+_STATE: dict = {}  # "ops": torch.ops.thinkforge_cpu once loaded, or "why": the reason it is not
 
 
-def _flags() -> list[str]:
-    """Compiler flags for this CPU: OpenMP (torch's `at::parallel_for` threads by it: the process's one OpenMP
-    runtime, torch's own libgomp, serves both); AVX2 + FMA where torch itself runs AVX2 or AVX-512 kernels."""
+def _vector_unit() -> str | None:
+    """The 8-float vector unit the loops compile to here ("avx2" or "neon"), or None where they would be SSE2 only
+    (oneDNN picks AVX there itself, and its products were faster than SSE2 loops: 0.48-0.91x, dev/LOG.md)."""
     import torch
 
-    flags = ["-O3", "-ffp-contract=fast", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return flags
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else None
+    return "neon" if machine in ("aarch64", "arm64") else None
+
+
+def _flags(unit: str) -> list[str]:
+    """Compiler flags: OpenMP (torch's `at::parallel_for` threads by it: the process's one OpenMP runtime, torch's
+    own libgomp, serves both); AVX2 + FMA on x86 (NEON is Arm's baseline)."""
+    return ["-O3", "-ffp-contract=fast", "-fopenmp"] + (["-mavx2", "-mfma"] if unit == "avx2" else [])
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the `ninja` package's binary is in the venv's bin folder, which a
+    process started as `.venv/bin/python` (the Makefile, a service) does not have on PATH."""
+    import shutil
+    import sys
+
+    if shutil.which("ninja") is None:
+        for folder in (os.path.dirname(sys.executable), getattr(_import_ninja(), "BIN_DIR", None)):
+            if folder and os.path.isfile(os.path.join(folder, "ninja")):
+                os.environ["PATH"] = folder + os.pathsep + os.environ.get("PATH", "")
+                return
+
+
+def _import_ninja():
+    try:
+        import ninja
+
+        return ninja
+    except ImportError:
+        return None
 
 
 def ops():
-    """`torch.ops.thinkforge_cpu` (`linear`, `gated_silu`), built on first use, or None: turned off
-    (`THINKFORGE_CPU_KERNELS=0`) or not buildable here, which is told once a process with the reason."""
+    """`torch.ops.thinkforge_cpu` (`linear`, `gated_silu`, `attend`, `llama_layers`), built on first use (one line on
+    stderr says so), or None: turned off (`THINKFORGE_CPU_KERNELS=0`, read once a process), not Linux, no AVX2 /
+    NEON, or the build failed: told once a process, with the folder to delete to retry (a failed build is not
+    retried by every process)."""
     if "ops" in _STATE or "why" in _STATE:
         return _STATE.get("ops")
     if os.environ.get("THINKFORGE_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -364,18 +416,79 @@ def ops():
         return None
     import torch
 
+    unit = _vector_unit()
+    if unit is None:
+        _STATE["why"] = (f"this CPU has no AVX2 (torch's capability: {torch.backends.cpu.get_cpu_capability()}): "
+                         "oneDNN's products are faster than SSE2 loops")
+        return None
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        # One build per CPU capability: a folder shared by machines of two kinds never runs the other's code.
-        load_inline(f"thinkforge_cpu_{torch.backends.cpu.get_cpu_capability().lower()}", [SOURCE],
-                    extra_cflags=_flags(), extra_ldflags=["-fopenmp"], is_python_module=False, no_implicit_headers=True, verbose=False)
-        _STATE["ops"] = torch.ops.thinkforge_cpu
+        _STATE["ops"] = _build(unit)
     except Exception as e:  # no compiler or ninja, an unsupported toolchain: oneDNN's products stay
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        _STATE["why"] = f"the CPU kernels did not build ({first[:200]})"
-        warnings.warn(f"thinkforge: one-row decode keeps oneDNN's products: {_STATE['why']}", stacklevel=2)
+        _STATE["why"] = first[:300]
+        warnings.warn(f"thinkforge: decoding a few rows keeps oneDNN's products: {_STATE['why']}", stacklevel=3)
     return _STATE.get("ops")
+
+
+def _build(unit: str):
+    """Build (or load, when built) the kernels in torch's extensions folder, under a name that carries a hash of the
+    source and flags (two versions sharing the folder never load each other's), holding a lock of ours that the OS
+    releases if the process dies (torch's own lock file, left behind by a build killed midway, would make every
+    later process wait forever: it is removed while ours is held)."""
+    import fcntl
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import load_inline
+
+    flags, name = _flags(unit), _name(unit)
+    folder = os.path.join(_root(), name)
+    os.makedirs(folder, exist_ok=True)
+    failed = os.path.join(folder, "failed.txt")
+    with open(os.path.join(_root(), f"{name}.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"the CPU kernels did not build ({f.read().strip()}); delete {folder} to retry")
+        torch_lock = os.path.join(folder, "lock")
+        if os.path.exists(torch_lock):  # only a build of ours takes it, and none runs while we hold ours
+            os.remove(torch_lock)
+        if not os.path.exists(os.path.join(folder, f"{name}.so")):
+            print(f"thinkforge: building the CPU decode kernels once for this machine (~10 s) in {folder}",
+                  file=sys.stderr, flush=True)
+        _ninja_on_path()
+        try:
+            load_inline(name, [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=folder,
+                        is_python_module=False, no_implicit_headers=True, verbose=False)
+        except Exception as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            if "Error building extension" not in first:  # no ninja, an unwritable folder: this process's setting
+                raise
+            with open(failed, "w") as f:  # the compiler's own failure: the same in every process, kept
+                f.write(first[:300])
+            raise RuntimeError(f"the CPU kernels did not build ({first[:300]}); delete {folder} to retry") from e
+    return torch.ops.thinkforge_cpu
+
+
+def _name(unit: str) -> str:
+    """The build's name: the vector unit and a hash of the source, the flags and torch's version."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256((SOURCE + " ".join(_flags(unit)) + torch.__version__).encode()).hexdigest()[:12]
+    return f"thinkforge_cpu_{unit}_{digest}"
+
+
+def _root() -> str:
+    """torch's extensions folder, as its builder names it: TORCH_EXTENSIONS_DIR, else its cache folder's
+    py<version>_cpu."""
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
 
 
 def why_not() -> str | None:
