@@ -38,6 +38,7 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
         assert (step is not None) == fast
         if step is not None:
             step_logits.dtype, step_logits.plain = step.dtype, step.plain
+            step_logits.one_call = getattr(step, "lists", None) is not None  # kernels.llama_layers
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
             if step is not None:
@@ -89,6 +90,7 @@ def test_the_fast_step_gives_transformers_logits(tmp_path, arch, prompts, layout
     model = _random_biases_and_norms(tiny(tmp_path, arch)[0])
     ours, theirs = step_logits(model, prompts, 6, True), step_logits(model, prompts, 6, False)
     assert ran(layout)
+    assert step_logits.one_call == (layout == "kernels" and ARCHS[arch].fast_step == "llama")  # Llama's layers in one call
     assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()
 
 

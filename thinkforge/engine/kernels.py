@@ -4,14 +4,14 @@ SiLU(gate) x up after), the step's attention in one op, and a Llama step's layer
 
 Why (dev/LOG.md 2026-12-08): at one row a decode step reads every weight once, so its time is the weights' bytes over
 the read bandwidth. On a 2-core AVX2 EPYC oneDNN's products over its packed layout read SmolLM2's 538 MB at 15-21 GB/s
-where a plain read (`sum()`) runs at 24-31; these loops run at 85-95% of the plain read (benchmarks/gemv.py). Past
+where a plain read (`sum()`) runs at 24-31; these loops run at 75-95% of the plain read (benchmarks/gemv.py). Past
 ~8 rows the products are arithmetic-bound and oneDNN's blocked kernels win, so the fast step keeps them there (`ROWS`).
 The weights are read where they are: q, k, v (and gate, up) as separate parts of one product, no stacked copy.
 
-Built once per machine with torch's extension builder (a C++ compiler and ninja, a dependency; ~10 s, one line on
-stderr says so), kept in torch's extensions folder (`TORCH_EXTENSIONS_DIR`) under a name that carries a hash of the
+Built once per machine with torch's extension builder (a C++ compiler and ninja, a dependency; ~10 s, a line on a
+terminal's stderr says so), kept in torch's extensions folder (`TORCH_EXTENSIONS_DIR`) under a name that carries a hash of the
 source, and registered as `torch.ops.thinkforge_cpu.*`. Where they cannot run (`ops()`: not Linux, no AVX2 or NEON,
-no compiler) the fast step keeps oneDNN and a failed build is told once. `THINKFORGE_CPU_KERNELS=0` turns them off
+no compiler) the fast step keeps oneDNN; a failed build is warned once a process. `THINKFORGE_CPU_KERNELS=0` turns them off
 (read once a process). The loops are GCC/Clang vector extensions, 8 floats wide: AVX2 + FMA on x86, NEON on Arm;
 threaded by ATen's `parallel_for` (OpenMP: torch's own libgomp serves both).
 
@@ -27,7 +27,7 @@ import platform
 import warnings
 
 # A float32 decode that starts with at most this many rows runs these kernels (over weights in their plain layout);
-# more rows run oneDNN's blocked products. Measured (BENCHMARKS.md): the products alone (benchmarks/gemv.py) 1.2x
+# more rows run oneDNN's blocked products. Measured (BENCHMARKS.md): the products alone (benchmarks/gemv.py) 1.1-1.2x
 # oneDNN's at 1-4 rows, even at 8, 0.85-0.94x at 16-32; the decode step (fusions included) 1.2-1.5x at 1-8 rows,
 # about even at 16.
 ROWS = 8
@@ -402,10 +402,10 @@ def _import_ninja():
 
 
 def ops():
-    """`torch.ops.thinkforge_cpu` (`linear`, `gated_silu`, `attend`, `llama_layers`), built on first use (one line on
-    stderr says so), or None: turned off (`THINKFORGE_CPU_KERNELS=0`, read once a process), not Linux, no AVX2 /
-    NEON, or the build failed: told once a process, with the folder to delete to retry (a failed build is not
-    retried by every process)."""
+    """`torch.ops.thinkforge_cpu` (`linear`, `gated_silu`, `attend`, `llama_layers`), built on first use (a line on a
+    terminal's stderr says so), or None: turned off (`THINKFORGE_CPU_KERNELS=0`, read once a process), not Linux,
+    no AVX2 / NEON (`why_not()` says which), or the build failed: warned once a process; a compiler's error is kept
+    with the folder to delete to retry (not compiled again by every process)."""
     if "ops" in _STATE or "why" in _STATE:
         return _STATE.get("ops")
     if os.environ.get("THINKFORGE_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -425,18 +425,18 @@ def ops():
         _STATE["ops"] = _build(unit)
     except Exception as e:  # no compiler or ninja, an unsupported toolchain: oneDNN's products stay
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        _STATE["why"] = first[:300]
-        warnings.warn(f"thinkforge: decoding a few rows keeps oneDNN's products: {_STATE['why']}", stacklevel=3)
+        _STATE["why"] = first
+        warnings.warn(f"thinkforge: decoding a few rows keeps oneDNN's products: {_STATE['why']}", stacklevel=2)
     return _STATE.get("ops")
 
 
 def _build(unit: str):
     """Build (or load, when built) the kernels in torch's extensions folder, under a name that carries a hash of the
-    source and flags (two versions sharing the folder never load each other's), holding a lock of ours that the OS
-    releases if the process dies (torch's own lock file, left behind by a build killed midway, would make every
-    later process wait forever: it is removed while ours is held)."""
+    source, flags and torch install (two versions or venvs sharing the folder never load each other's), holding a
+    lock of ours that the OS releases if the process dies (torch's own lock file, left behind by a build killed
+    midway, would make every later process wait forever: it is removed while ours is held). What is said while
+    waiting or building goes to stderr where it is a terminal (a CLI's error stays its one line elsewhere)."""
     import fcntl
-    import sys
 
     import torch
     from torch.utils.cpp_extension import load_inline
@@ -446,43 +446,74 @@ def _build(unit: str):
     os.makedirs(folder, exist_ok=True)
     failed = os.path.join(folder, "failed.txt")
     with open(os.path.join(_root(), f"{name}.lock"), "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process's build of the CPU decode kernels in {folder}")
+            fcntl.flock(held, fcntl.LOCK_EX)
         if os.path.exists(failed):
             with open(failed) as f:
-                raise RuntimeError(f"the CPU kernels did not build ({f.read().strip()}); delete {folder} to retry")
+                raise RuntimeError(f"the CPU kernels did not build ({_diagnostic(f.read())}); see {failed}, delete "
+                                   f"{folder} to retry")
         torch_lock = os.path.join(folder, "lock")
         if os.path.exists(torch_lock):  # only a build of ours takes it, and none runs while we hold ours
             os.remove(torch_lock)
         if not os.path.exists(os.path.join(folder, f"{name}.so")):
-            print(f"thinkforge: building the CPU decode kernels once for this machine (~10 s) in {folder}",
-                  file=sys.stderr, flush=True)
+            _say(f"building the CPU decode kernels once for this machine (~10 s) in {folder}")
         _ninja_on_path()
         try:
             load_inline(name, [SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=folder,
                         is_python_module=False, no_implicit_headers=True, verbose=False)
         except Exception as e:
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            if "Error building extension" not in first:  # no ninja, an unwritable folder: this process's setting
-                raise
-            with open(failed, "w") as f:  # the compiler's own failure: the same in every process, kept
-                f.write(first[:300])
-            raise RuntimeError(f"the CPU kernels did not build ({first[:300]}); delete {folder} to retry") from e
+            output = str(e)
+            # Kept only for the compiler's own diagnostic, the same in every process; not for what may pass (ninja
+            # interrupted by Ctrl-C, a compiler killed or missing for now, a full disk): those are retried.
+            if "Error building extension" not in output or not _compiler_error(output):
+                raise RuntimeError(f"the CPU kernels did not build ({_diagnostic(output)})") from e
+            with open(failed, "w") as f:
+                f.write(output)
+            raise RuntimeError(f"the CPU kernels did not build ({_diagnostic(output)}); see {failed}, delete "
+                               f"{folder} to retry") from e
     return torch.ops.thinkforge_cpu
 
 
+def _say(line: str) -> None:
+    import sys
+
+    if sys.stderr.isatty():
+        print(f"thinkforge: {line}", file=sys.stderr, flush=True)
+
+
+def _compiler_error(output: str) -> bool:
+    """A compiler's diagnostic in a failed build's output (`file:line:col: error: ...`), ninja not interrupted."""
+    import re
+
+    return "interrupted" not in output and re.search(r":\d+:(\d+:)? (fatal )?error: ", output) is not None
+
+
+def _diagnostic(output: str) -> str:
+    """The line of a failed build's output that says what failed: its first `error` line, else its first line (torch
+    puts ninja's whole compile command first)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    said = next((line for line in lines if "error" in line.lower() and "Error building extension" not in line), None)
+    return (said or (lines[0] if lines else "no output"))[:300]
+
+
 def _name(unit: str) -> str:
-    """The build's name: the vector unit and a hash of the source, the flags and torch's version."""
+    """The build's name: the vector unit and a hash of the source, the flags, torch's version and install (a build
+    names its venv's paths: two venvs sharing the folder would rebuild at every switch)."""
     import hashlib
 
     import torch
 
-    digest = hashlib.sha256((SOURCE + " ".join(_flags(unit)) + torch.__version__).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("\n".join([SOURCE, " ".join(_flags(unit)), torch.__version__, torch.__file__]).encode())
+    digest = digest.hexdigest()[:12]
     return f"thinkforge_cpu_{unit}_{digest}"
 
 
 def _root() -> str:
-    """torch's extensions folder, as its builder names it: TORCH_EXTENSIONS_DIR, else its cache folder's
-    py<version>_cpu."""
+    """Where the kernels are built: TORCH_EXTENSIONS_DIR, else torch's extensions cache folder's py<version>_cpu
+    (torch's own name for a CPU build; the build folder is passed to it explicitly)."""
     import sys
 
     from torch.utils.cpp_extension import get_default_build_root
