@@ -38,7 +38,7 @@ def step_logits(model, prompts, steps: int, fast: bool, autocast: bool = False):
         assert (step is not None) == fast
         if step is not None:
             step_logits.dtype, step_logits.plain = step.dtype, step.plain
-            step_logits.one_call = getattr(step, "lists", None) is not None  # kernels.llama_layers
+            step_logits.one_call = step.lists is not None  # kernels.llama_layers
         for _ in range(steps):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], -1)
             if step is not None:

@@ -192,6 +192,7 @@ class FastStep:
         # a few rows), else oneDNN's blocked layout
         self.plain = plain
         self.kernels = kernels.ops() if plain else None
+        self.lists = None  # a Llama step's tensors for kernels.llama_layers, where it runs (below)
         inner = base.model
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads or self.heads
@@ -233,7 +234,6 @@ class FastStep:
                     self._product([_linear_weight(mlp.down_proj)]),
                 ))
         # the layers' tensors as kernels.llama_layers takes them: the whole step's layers in one call (no MLP biases)
-        self.lists = None
         if self.plain and all(gu[1] is None and down[1] is None for _, _, _, _, gu, down in self.layers):
             n1, qkv, o, n2, gu, down = zip(*self.layers, strict=True)
             parts = len(qkv[0][0])
@@ -418,7 +418,7 @@ def choose(model, cache, capacity: int, held: dict, lockstep: bool = False) -> F
                           f"step: {why}", stacklevel=3)
         return None
     dtype = compute_dtype(model)
-    rows = getattr(cache.layers[0], "k_buf", None).shape[0] if cache is not None and cache.layers else kernels.ROWS + 1
+    rows = cache.layers[0].k_buf.shape[0]  # after the prefill (refuses: every layer a reserved one)
     plain = dtype == torch.float32 and rows <= kernels.ROWS and kernels.ops() is not None
     now = key(model, dtype)
     for outdated in [s for s, step in held.items() if step.key != now]:  # dropped before anything is packed anew
